@@ -1,0 +1,14 @@
+"""LoRA Studio's Streamlit frame: page config and navigation over the page modules in studio/ui.
+
+Pages only read state, call the library and render; no training, registry or diffusion logic lives
+here or in studio/ui. Start it with ``lora-studio ui`` (binds 127.0.0.1).
+"""
+
+import streamlit as st
+
+st.set_page_config(page_title="LoRA Studio", page_icon="🎨", layout="wide")
+
+pages = [
+    st.Page("studio/ui/generate_page.py", title="Generate", icon="🖼️", default=True),
+]
+st.navigation(pages).run()

@@ -1,0 +1,287 @@
+"""Resolve a base-model reference to a loaded diffusers pipeline, offline-aware and cached.
+
+References users type (``--base``, the UI's base-model box, recipes):
+
+- ``tiny`` - the embedded tiny SD-1 model (the default; ships inside the package).
+- a local diffusers folder (has ``model_index.json``).
+- a single-file SD-1.x checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component
+  configs ship in ``studio/families/configs/sd1`` so this needs no network.
+- a Hugging Face Hub id ``owner/name`` (optionally ``owner/name@revision``). Offline
+  (``HF_HUB_OFFLINE=1``) a Hub id fails fast, unless the Hub cache already holds it.
+
+Only safetensors weights are ever loaded: ``.ckpt``/``.pt``/``.bin``/``.pth`` files are pickles that can
+run code when loaded, and are refused. Pipelines are kept in a small cache keyed by reference, so a
+grid of prompts or a Streamlit session costs one model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from studio.errors import (
+    BaseModelNotFoundError,
+    CorruptWeightsError,
+    InvalidRequestError,
+    OfflineError,
+    UnsafeWeightsError,
+)
+from studio.families import Family, family_for_pipeline_class, get_family
+from studio.settings import get_settings
+from studio.tiny import TINY_MODEL_DIR
+
+TINY = "tiny"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,200})?$")
+PIPELINE_CACHE_SIZE = 2  # a real SD-1 pipeline is ~4 GB in float32: keep the cache small
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """A resolved reference: what kind of source it is and where, plus its family."""
+
+    ref: str
+    kind: str  # "tiny" | "diffusers" | "single_file" | "hub"
+    location: str
+    family: str
+    revision: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeWeightsError(
+            f"{path} is a pickle file ({path.suffix}): pickles can run code when loaded, so the studio loads "
+            f"safetensors only. Convert it to .safetensors with a tool you trust, then pass that file."
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of a .safetensors file, so a damaged file fails with a clear message."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise CorruptWeightsError(
+            f"{path} cannot be read as safetensors ({e}); the file is damaged or not a weights file: "
+            f"download or export it again"
+        ) from None
+
+
+def _diffusers_family(folder: Path) -> Family:
+    index = folder / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptWeightsError(f"{index} is not a valid diffusers model_index.json ({e})") from None
+    return family_for_pipeline_class(class_name)
+
+
+def _check_folder_weights(folder: Path) -> None:
+    """Refuse folders whose weights are pickles only; check every safetensors header."""
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in component.iterdir() if p.is_file()]
+        safetensors = [p for p in files if p.suffix == ".safetensors"]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not safetensors:
+            raise UnsafeWeightsError(
+                f"{component} has only pickle weights ({pickles[0].name}); the studio loads safetensors only. "
+                f"Re-save the model with save_pretrained(..., safe_serialization=True)."
+            )
+        for f in safetensors:
+            _check_safetensors(f)
+
+
+def resolve(ref: str | None = None) -> BaseModelRef:
+    """Turn what a user typed into a :class:`BaseModelRef`, without loading any weights."""
+    ref = (ref or get_settings().default_base_model).strip()
+    if not ref:
+        raise InvalidRequestError("empty base-model reference: use 'tiny', a local folder or file, or a Hub id")
+    if ref == TINY:
+        return BaseModelRef(ref=TINY, kind="tiny", location=str(TINY_MODEL_DIR), family="sd1")
+    path = Path(ref).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise BaseModelNotFoundError(
+                    f"{path} is a folder but not a diffusers pipeline (no model_index.json): pass the folder "
+                    f"that pipe.save_pretrained() wrote, or a single .safetensors checkpoint"
+                )
+            return BaseModelRef(ref=ref, kind="diffusers", location=str(path), family=_diffusers_family(path).name)
+        _refuse_pickle(path)
+        if path.suffix.lower() != ".safetensors":
+            raise InvalidRequestError(
+                f"{path} is not a .safetensors checkpoint or a diffusers folder: pass one of those"
+            )
+        return BaseModelRef(ref=ref, kind="single_file", location=str(path), family="sd1")
+    _refuse_pickle(path)
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        repo_id, _, revision = ref.partition("@")
+        return BaseModelRef(ref=ref, kind="hub", location=repo_id, family="sd1", revision=revision or None)
+    raise BaseModelNotFoundError(
+        f"base model {ref!r} not found: use 'tiny', a local diffusers folder, a .safetensors checkpoint, "
+        f"or a Hub id like owner/name"
+    )
+
+
+class _PipelineCache:
+    """A small LRU of loaded pipelines, keyed by reference; loading is serialised by a lock."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, load):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            pipe = load()
+            self._items[key] = pipe
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return pipe
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_CACHE = _PipelineCache(PIPELINE_CACHE_SIZE)
+
+
+def device_and_dtype():
+    """CUDA in float16 where there is a GPU, else CPU in float32 (float16 on CPU is slow and lossy)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+def _load(resolved: BaseModelRef):
+    import torch  # noqa: F401  (diffusers needs it; imported here to keep CLI start-up light)
+
+    family = get_family(resolved.family)
+    cls = family.pipeline_class("text2img")
+    device, dtype = device_and_dtype()
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if resolved.kind in ("tiny", "diffusers"):
+        folder = Path(resolved.location)
+        _check_folder_weights(folder)
+        pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **common)
+    elif resolved.kind == "single_file":
+        path = Path(resolved.location)
+        _check_safetensors(path)
+        from transformers import CLIPTokenizer
+
+        # SD-1's tokenizer is the embedded model's (the real vocabulary): no download needed.
+        tokenizer = CLIPTokenizer.from_pretrained(TINY_MODEL_DIR / "tokenizer")
+        try:
+            pipe = cls.from_single_file(
+                str(path), config=str(family.single_file_config_dir), tokenizer=tokenizer, local_files_only=True,
+                **common,
+            )
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CorruptWeightsError(
+                f"{path} is not a {family.display_name} checkpoint the studio can read ({type(e).__name__}: {e})"
+            ) from None
+    else:
+        if get_settings().offline:
+            raise OfflineError(
+                f"{resolved.ref!r} is a Hugging Face Hub id and the studio is offline (HF_HUB_OFFLINE=1). "
+                f"Download it on a connected machine (huggingface-cli download {resolved.location}) and pass the "
+                f"local folder: --base /path/to/folder"
+            )
+        pipe = cls.from_pretrained(resolved.location, revision=resolved.revision, use_safetensors=True, **common)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_pipeline(ref: str | None = None):
+    """The text-to-image pipeline for ``ref``, loaded once and then served from the cache."""
+    resolved = resolve(ref)
+    key = f"{resolved.kind}:{resolved.location}@{resolved.revision or ''}"
+    return _CACHE.get(key, lambda: _load(resolved))
+
+
+def clear_pipeline_cache() -> None:
+    _CACHE.clear()
+
+
+def native_resolution(pipe) -> int:
+    """The side the pipeline's UNet was trained at: ``sample_size * vae_scale_factor``."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def model_hash(resolved: BaseModelRef) -> str:
+    """A short hash (10 hex, A1111's "Model hash" length) identifying the base weights.
+
+    Single files hash the whole file (Civitai's AutoV2); folders hash the denoiser's weights file.
+    Hub ids that are not downloaded have no local bytes to hash and return "".
+    """
+    if resolved.kind == "single_file":
+        target = Path(resolved.location)
+    elif resolved.kind in ("tiny", "diffusers"):
+        candidates = sorted((Path(resolved.location) / "unet").glob("*.safetensors"))
+        if not candidates:
+            return ""
+        target = candidates[0]
+    else:
+        return ""
+    return _file_sha256(str(target), target.stat().st_mtime_ns)[:10]
+
+
+_HASHES: dict[tuple[str, int], str] = {}
+
+
+def _file_sha256(path: str, mtime_ns: int) -> str:
+    key = (path, mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """One row of ``lora-studio base-models list``."""
+
+    ref: str
+    kind: str
+    family: str
+    location: str
+    description: str
+
+
+def list_base_models() -> list[BaseModelInfo]:
+    """The embedded model plus every diffusers folder / .safetensors file in ``$LORA_STUDIO_HOME/models``."""
+    rows = [BaseModelInfo(ref=TINY, kind="tiny", family="sd1", location=str(TINY_MODEL_DIR),
+                          description="embedded tiny SD-1 model (32 px scenes), works offline")]
+    models_dir = get_settings().home / "models"
+    if models_dir.is_dir():
+        for entry in sorted(models_dir.iterdir()):
+            if entry.is_dir() and (entry / "model_index.json").exists():
+                try:
+                    fam = _diffusers_family(entry).name
+                except Exception as e:  # an unsupported folder is listed with its reason, not hidden
+                    rows.append(BaseModelInfo(str(entry), "diffusers", "?", str(entry), f"unsupported: {e}"))
+                    continue
+                rows.append(BaseModelInfo(str(entry), "diffusers", fam, str(entry), "diffusers folder"))
+            elif entry.suffix.lower() == ".safetensors":
+                rows.append(BaseModelInfo(str(entry), "single_file", "sd1", str(entry), "single-file checkpoint"))
+    return rows

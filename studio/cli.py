@@ -1,0 +1,229 @@
+"""The ``lora-studio`` command: a thin face over the library, like the Streamlit app.
+
+Every subcommand parses its arguments, calls one library function and prints the result (``--json``
+for machines). A :class:`~studio.errors.StudioError` becomes one line on stderr and exit status 2,
+never a traceback. Heavy imports (torch, diffusers) happen inside the commands that need them, so
+``lora-studio --help`` and ``base-models list`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from studio.errors import StudioError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one line and the usage hint, exit status 2 (as argparse does)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _quiet_libraries() -> None:
+    """Silence progress bars and advisory warnings of diffusers/transformers on the console."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-image with a base model; PNGs carry their recipe")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file / --recipe)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--base", default=None, help="base model: tiny (default), a folder, a .safetensors file, a Hub id")
+    p.add_argument("--seed", type=_int, default=None, help="seed of the first image (random if omitted)")
+    p.add_argument("--num-images", type=_int, default=1, help="images per prompt; image i uses seed + i")
+    p.add_argument("--steps", type=_int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=_float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--width", type=_int, default=None, help="width in pixels (multiple of 8)")
+    p.add_argument("--height", type=_int, default=None, help="height in pixels (multiple of 8)")
+    p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'Euler a', 'DPM++ 2M', 'UniPC'")
+    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, prompt, seed}")
+    p.set_defaults(func=cmd_generate)
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    from studio.errors import InvalidRequestError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"cannot read prompts file {path}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InvalidRequestError(f"prompts file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from studio.errors import InvalidRequestError
+    from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, read_recipe
+
+    sources = sum(x is not None for x in (args.prompt, args.prompts_file, args.recipe))
+    if sources != 1:
+        raise InvalidRequestError("give exactly one of: a PROMPT, --prompts-file FILE, or --recipe IMAGE.png")
+    if args.recipe is not None:
+        requests = [read_recipe(args.recipe)]
+    else:
+        prompts = [args.prompt] if args.prompt is not None else _read_prompts_file(args.prompts_file)
+        requests = [
+            GenerationRequest(
+                prompt=prompt,
+                negative_prompt=args.negative,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                width=args.width,
+                height=args.height,
+                seed=args.seed,
+                num_images=args.num_images,
+                scheduler=args.scheduler or DEFAULT_SCHEDULER,
+                base_model=args.base or "tiny",
+            )
+            for prompt in prompts
+        ]
+    _quiet_libraries()
+    from studio.generate import generate
+
+    rows = []
+    for index, request in enumerate(requests):
+        result = generate(request)  # the pipeline is loaded once and cached for every prompt
+        stem = None if len(requests) == 1 else f"{result.request.seed}-p{index:03d}"
+        for path, out in zip(result.save(args.out, stem=stem), result.outputs):
+            rows.append({"path": str(path), "prompt": out.request.prompt, "seed": out.seed})
+            if not args.json:
+                print(path)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# base-models
+# --------------------------------------------------------------------------------------------
+
+
+def _add_base_models(sub) -> None:
+    p = sub.add_parser("base-models", help="base models the studio can use")
+    bsub = p.add_subparsers(dest="base_models_command", required=True, parser_class=_Parser)
+    ls = bsub.add_parser("list", help="list the embedded model and the models in $LORA_STUDIO_HOME/models")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_base_models_list)
+
+
+def cmd_base_models_list(args) -> int:
+    from dataclasses import asdict
+
+    from studio.base_models import list_base_models
+
+    rows = list_base_models()
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows]))
+    else:
+        width = max(len(r.ref) for r in rows)
+        for r in rows:
+            print(f"{r.ref:<{width}}  {r.family:<5} {r.kind:<12} {r.description}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# ui
+# --------------------------------------------------------------------------------------------
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="start the Streamlit studio (binds 127.0.0.1 unless --address is given)")
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int, default=8501)
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.set_defaults(func=cmd_ui)
+
+
+def app_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "app_streamlit.py"
+
+
+def cmd_ui(args) -> int:
+    from studio.errors import StudioError as _E
+
+    app = app_path()
+    if not app.exists():
+        raise _E(f"{app} is missing: install the studio from its source folder (pip install -e .)")
+    argv = [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", args.address,
+        "--server.port", str(args.port),
+        "--browser.gatherUsageStats", "false",
+    ]
+    if args.headless:
+        argv += ["--server.headless", "true"]
+    os.execv(sys.executable, argv)  # replace this process: Ctrl+C reaches Streamlit directly
+    return 0  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lora-studio", description="Train, catalog and combine LoRA adapters for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_ui(sub)
+    _add_generate(sub)
+    _add_base_models(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except StudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

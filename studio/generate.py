@@ -1,0 +1,350 @@
+"""Text-to-image generation: a :class:`GenerationRequest` in, images that carry their recipe out.
+
+This is the one generation path the CLI, the UI, training previews and grids share. Rules:
+
+- Image ``i`` of a request uses seed ``seed + i`` with its own ``torch.Generator``, so each image can
+  be re-made alone from its recipe.
+- Every PNG carries its recipe twice: an A1111-style ``parameters`` text chunk (read by A1111,
+  Civitai and most image browsers) and a ``lora_studio`` JSON chunk with the full request, which
+  ``--recipe`` re-runs bit for bit on the same machine.
+- Schedulers are chosen by their A1111 sampler names (``Euler a``, ``DPM++ 2M``...), built fresh for
+  every call from the pipeline's own scheduler config, so requests never share scheduler state.
+
+Adapter stacks (LoRA composition) extend the request in ``adapters.compose``; this module does not
+load adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from studio.errors import InvalidRequestError, RecipeError
+
+RECIPE_KEY = "lora_studio"
+RECIPE_VERSION = 1
+MAX_SEED = 2**32 - 1
+MAX_SIDE = 4096
+MAX_IMAGES = 64
+
+# A1111 sampler name -> (diffusers scheduler class, extra config). "Karras" variants use Karras sigmas.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+DEFAULT_SCHEDULER = "Euler"
+
+
+def scheduler_names() -> list[str]:
+    return list(SCHEDULERS)
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler called ``name`` built from a pipeline's scheduler config."""
+    import diffusers
+
+    try:
+        class_name, extra = SCHEDULERS[name]
+    except KeyError:
+        raise InvalidRequestError(
+            f"unknown scheduler {name!r}: choose one of {', '.join(repr(n) for n in SCHEDULERS)}"
+        ) from None
+    return getattr(diffusers, class_name).from_config(base_config, **extra)
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that determines a generated image (with the base weights and the machine).
+
+    ``width``/``height`` of ``None`` mean the base model's native resolution; ``seed`` of ``None``
+    means a random seed, chosen when the request runs and recorded in every image's recipe.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = field(default=20, metadata={"help": "denoising steps"})
+    guidance_scale: float = field(default=6.0, metadata={"help": "classifier-free guidance scale (CFG)"})
+    width: int | None = field(default=None, metadata={"help": "image width in pixels, a multiple of 8"})
+    height: int | None = field(default=None, metadata={"help": "image height in pixels, a multiple of 8"})
+    seed: int | None = field(default=None, metadata={"help": "seed of the first image; image i uses seed + i"})
+    num_images: int = field(default=1, metadata={"help": "images per prompt"})
+    scheduler: str = field(default=DEFAULT_SCHEDULER, metadata={"help": "sampler, by its A1111 name"})
+    base_model: str = field(default="tiny", metadata={"help": "base model reference"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise InvalidRequestError("prompt must be text")
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise InvalidRequestError(f"steps must be a whole number >= 1, got {self.num_inference_steps!r}")
+        if self.num_inference_steps > 1000:
+            raise InvalidRequestError(f"steps must be at most 1000, got {self.num_inference_steps}")
+        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= MAX_IMAGES:
+            raise InvalidRequestError(f"number of images must be between 1 and {MAX_IMAGES}, got {self.num_images!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or value < 8 or value > MAX_SIDE or value % 8:
+                raise InvalidRequestError(
+                    f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value!r}: "
+                    f"try {max(8, min(MAX_SIDE, round((value if isinstance(value, int) else 0) / 8) * 8))}"
+                )
+        if not isinstance(self.guidance_scale, (int, float)) or not 0 <= self.guidance_scale <= 50:
+            raise InvalidRequestError(f"guidance scale must be between 0 and 50, got {self.guidance_scale!r}")
+        self.guidance_scale = float(self.guidance_scale)
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(f"seed must be a whole number between 0 and {MAX_SEED}, got {self.seed!r}")
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise InvalidRequestError(f"seed + number of images must stay below {MAX_SEED + 1}")
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidRequestError(
+                f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(repr(n) for n in SCHEDULERS)}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationRequest:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"recipe has unknown fields {unknown}: it was written by a newer studio")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise RecipeError(f"recipe is incomplete: {e}") from None
+
+
+@dataclass
+class GeneratedImage:
+    """One image with the exact single-image request that re-makes it."""
+
+    image: object  # PIL.Image.Image
+    request: GenerationRequest  # num_images=1, seed = this image's seed, sizes resolved
+    parameters: str  # the A1111 "parameters" text
+    model_hash: str
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    def pnginfo(self):
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", self.parameters)
+        info.add_text(RECIPE_KEY, json.dumps(recipe_payload(self.request, self.model_hash), ensure_ascii=False))
+        return info
+
+    def save(self, path: str | Path) -> Path:
+        """Write the PNG with its recipe atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.image.save(f, format="PNG", pnginfo=self.pnginfo())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest  # resolved: seed and sizes filled in
+    outputs: list[GeneratedImage]
+    seconds: float
+
+    @property
+    def images(self) -> list:
+        return [o.image for o in self.outputs]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [o.seed for o in self.outputs]
+
+    def save(self, out_dir: str | Path, stem: str | None = None) -> list[Path]:
+        """Save every image under ``out_dir`` as ``<stem>-<seed>.png`` without overwriting files."""
+        out_dir = Path(out_dir)
+        stem = stem or time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for out in self.outputs:
+            path = out_dir / f"{stem}-{out.seed}.png"
+            n = 1
+            while path.exists():
+                path = out_dir / f"{stem}-{out.seed}-{n}.png"
+                n += 1
+            paths.append(out.save(path))
+        return paths
+
+
+def recipe_payload(request: GenerationRequest, model_hash: str = "") -> dict:
+    import diffusers
+    import torch
+
+    return {
+        "version": RECIPE_VERSION,
+        "request": request.to_dict(),
+        "model_hash": model_hash,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+
+
+def a1111_parameters(request: GenerationRequest, model_hash: str = "") -> str:
+    """The ``parameters`` text A1111 writes: prompt, ``Negative prompt:`` line, then settings."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    settings = [
+        f"Steps: {request.num_inference_steps}",
+        f"Sampler: {request.scheduler}",
+        f"CFG scale: {request.guidance_scale:g}",
+        f"Seed: {request.seed}",
+        f"Size: {request.width}x{request.height}",
+    ]
+    if model_hash:
+        settings.append(f"Model hash: {model_hash}")
+    settings.append(f"Model: {_a1111_value(request.base_model)}")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def _a1111_value(value: str) -> str:
+    # A1111 quotes values that contain its separators.
+    return json.dumps(value) if re.search(r"[,:\n\"]", value) else value
+
+
+def read_recipe(path: str | Path) -> GenerationRequest:
+    """The request stored in a PNG written by the studio (``lora_studio`` chunk)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist: pass a PNG the studio wrote")
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            text = dict(getattr(im, "text", {}) or {})
+    except (UnidentifiedImageError, OSError) as e:
+        raise RecipeError(f"{path} is not a readable image ({e}): pass a PNG the studio wrote") from None
+    if fmt != "PNG":
+        raise RecipeError(f"{path} is a {fmt} image, not a PNG: recipes are stored in PNG files only")
+    if RECIPE_KEY not in text:
+        hint = " (it has A1111 parameters, which do not pin every setting)" if "parameters" in text else ""
+        raise RecipeError(f"{path} carries no LoRA Studio recipe{hint}: pass a PNG the studio wrote")
+    try:
+        payload = json.loads(text[RECIPE_KEY])
+        request = payload["request"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"the recipe in {path} is damaged ({e})") from None
+    if not isinstance(request, dict):
+        raise RecipeError(f"the recipe in {path} is damaged (request is not an object)")
+    return GenerationRequest.from_dict(request)
+
+
+# One lock per pipeline object: the studio shares cached pipelines between threads (Streamlit
+# sessions), and anything that changes pipeline state (adapters, later) must happen under it
+# together with the generation that depends on it.
+_LOCKS: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def pipeline_lock(pipe) -> threading.RLock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(id(pipe), threading.RLock())
+
+
+def resolve_request(request: GenerationRequest, pipe) -> GenerationRequest:
+    """Fill in what ``None`` left open: the native size and a random seed."""
+    from studio.base_models import native_resolution
+
+    native = native_resolution(pipe)
+    seed = request.seed
+    if seed is None:
+        seed = random.SystemRandom().randrange(0, MAX_SEED - request.num_images + 1)
+    return GenerationRequest(
+        **{**request.to_dict(), "width": request.width or native, "height": request.height or native, "seed": seed}
+    )
+
+
+def generate(request: GenerationRequest, progress=None) -> GenerationResult:
+    """Run ``request`` on its base model; ``progress(step, total)`` is called after each step."""
+    from studio.base_models import load_pipeline, model_hash, resolve
+
+    resolved = resolve(request.base_model)
+    pipe = load_pipeline(request.base_model)
+    return generate_with_pipeline(pipe, request, model_hash=model_hash(resolved), progress=progress)
+
+
+def generate_with_pipeline(pipe, request: GenerationRequest, model_hash: str = "", progress=None) -> GenerationResult:
+    """Generate with an already loaded pipeline (training previews use the training components).
+
+    Images are generated one per denoising batch: batch composition changes CPU kernels' summation
+    order, and one image at a time is what makes every image bit-identical to its recipe re-run alone.
+    """
+    request = resolve_request(request, pipe)
+    t0 = time.perf_counter()
+    # Schedulers keep per-run state (step index, model outputs): each image gets a fresh one, and
+    # the pipeline's own scheduler is put back afterwards, all under the pipeline's lock.
+    with pipeline_lock(pipe):
+        original_scheduler = pipe.scheduler
+        try:
+            outputs = _run(pipe, request, original_scheduler.config, model_hash, progress)
+        finally:
+            pipe.scheduler = original_scheduler
+    return GenerationResult(request=request, outputs=outputs, seconds=time.perf_counter() - t0)
+
+
+def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, progress) -> list[GeneratedImage]:
+    import torch
+
+    outputs: list[GeneratedImage] = []
+    total = request.num_images * request.num_inference_steps
+    for i in range(request.num_images):
+        seed = request.seed + i
+        pipe.scheduler = make_scheduler(request.scheduler, scheduler_config)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        def on_step(_pipe, step, _t, kwargs, _i=i):
+            if progress is not None:
+                progress(_i * request.num_inference_steps + step + 1, total)
+            return kwargs
+
+        image = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            width=request.width,
+            height=request.height,
+            generator=generator,
+            num_images_per_prompt=1,
+            callback_on_step_end=on_step,
+        ).images[0]
+        single = GenerationRequest(**{**request.to_dict(), "seed": seed, "num_images": 1})
+        outputs.append(
+            GeneratedImage(
+                image=image, request=single, model_hash=model_hash, parameters=a1111_parameters(single, model_hash)
+            )
+        )
+    return outputs

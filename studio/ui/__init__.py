@@ -1,0 +1,1 @@
+"""Streamlit pages, one module per page: widgets only; the logic lives in the library."""

@@ -1,0 +1,32 @@
+"""Test-wide settings: offline, a private studio home per test session, one torch thread pool."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def studio_home(tmp_path, monkeypatch):
+    """Every test gets an empty LORA_STUDIO_HOME, so nothing leaks between tests or into ~."""
+    from studio.settings import reload_settings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reload_settings()
+    yield home
+    reload_settings()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from studio.base_models import load_pipeline
+
+    return load_pipeline("tiny")

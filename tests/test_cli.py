@@ -1,0 +1,78 @@
+"""The lora-studio command: generate, recipes, prompts files, listings, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from studio.cli import main
+
+
+def test_generate_writes_pngs_and_json(tmp_path, capsys):
+    code = main(["generate", "a red circle on a blue background", "--seed", "1", "--num-images", "2",
+                 "--steps", "4", "--out", str(tmp_path / "out"), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["seed"] for r in rows] == [1, 2]
+    assert all(Image.open(r["path"]).format == "PNG" for r in rows)
+
+
+def test_recipe_rerun_is_bit_exact(tmp_path, capsys):
+    main(["generate", "a green square on a white background", "--seed", "5", "--steps", "6",
+          "--scheduler", "DPM++ 2M", "--out", str(tmp_path / "a"), "--json"])
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["path"]
+    main(["generate", "--recipe", first, "--out", str(tmp_path / "b"), "--json"])
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["path"]
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_prompts_file_applies_the_seed_rule_per_prompt(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n\n# a comment\na black square on a yellow background\n")
+    main(["generate", "--prompts-file", str(prompts), "--seed", "3", "--num-images", "2", "--steps", "3",
+          "--out", str(tmp_path / "grid"), "--json"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["prompt"].split()[1], r["seed"]) for r in rows] == [("red", 3), ("red", 4), ("black", 3), ("black", 4)]
+    assert len({r["path"] for r in rows}) == 4
+
+
+def test_base_models_list_json(capsys):
+    assert main(["base-models", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["ref"] == "tiny" and rows[0]["family"] == "sd1"
+
+
+def _run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
+    not_png = tmp_path / "x.jpg"
+    Image.new("RGB", (8, 8)).save(not_png)
+    cases = [
+        (["generate", "x", "--width", "30", "--out", str(tmp_path)], "multiple of 8"),
+        (["generate", "x", "--steps", "0", "--out", str(tmp_path)], "steps must be"),
+        (["generate", "x", "--base", "nowhere/at-all", "--out", str(tmp_path)], "offline"),
+        (["generate", "x", "--base", "./missing-model", "--out", str(tmp_path)], "not found"),
+        (["generate", "--recipe", str(not_png), "--out", str(tmp_path)], "not a PNG"),
+        (["generate", "--recipe", str(tmp_path / "none.png"), "--out", str(tmp_path)], "does not exist"),
+        (["generate", "x", "--scheduler", "Fast", "--out", str(tmp_path)], "unknown scheduler"),
+        (["generate", "x", "--seed", "abc", "--out", str(tmp_path)], "not a whole number"),
+    ]
+    for argv, message in cases:
+        proc = _run_cli(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert message in proc.stderr, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_corrupt_weights_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    proc = _run_cli("generate", "x", "--base", str(bad), "--out", str(tmp_path))
+    assert proc.returncode == 2 and "cannot be read as safetensors" in proc.stderr and "Traceback" not in proc.stderr
