@@ -5,7 +5,8 @@ References users type (``--base``, the UI's base-model box, recipes):
 - ``tiny`` - the embedded tiny SD-1 model (the default; ships inside the package).
 - a local diffusers folder (has ``model_index.json``).
 - a single-file SD-1.x checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component
-  configs ship in ``studio/families/configs/sd1`` so this needs no network.
+  configs ship in ``studio/families/configs/sd1`` so this needs no network. Files written by
+  ``studio.single_file.export_single_file`` carry their own configs in their metadata and use those.
 - a Hugging Face Hub id ``owner/name`` (optionally ``owner/name@revision``). Offline
   (``HF_HUB_OFFLINE=1``) a Hub id fails fast, unless the Hub cache already holds it.
 
@@ -184,19 +185,24 @@ def _load(resolved: BaseModelRef):
     elif resolved.kind == "single_file":
         path = Path(resolved.location)
         _check_safetensors(path)
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
         from transformers import CLIPTokenizer
+
+        from studio.single_file import single_file_config_dir
 
         # SD-1's tokenizer is the embedded model's (the real vocabulary): no download needed.
         tokenizer = CLIPTokenizer.from_pretrained(TINY_MODEL_DIR / "tokenizer")
-        try:
-            pipe = cls.from_single_file(
-                str(path), config=str(family.single_file_config_dir), tokenizer=tokenizer, local_files_only=True,
-                **common,
-            )
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CorruptWeightsError(
-                f"{path} is not a {family.display_name} checkpoint the studio can read ({type(e).__name__}: {e})"
-            ) from None
+        # Files the studio exported carry their own component configs (any SD-1 shape, the tiny
+        # model's included); other files are read with SD-1.5's.
+        with single_file_config_dir(path, family.single_file_config_dir) as config_dir:
+            try:
+                pipe = cls.from_single_file(
+                    str(path), config=str(config_dir), tokenizer=tokenizer, local_files_only=True, **common,
+                )
+            except (KeyError, ValueError, RuntimeError, SingleFileComponentError) as e:
+                raise CorruptWeightsError(
+                    f"{path} is not a {family.display_name} checkpoint the studio can read ({type(e).__name__}: {e})"
+                ) from None
     else:
         if get_settings().offline:
             raise OfflineError(

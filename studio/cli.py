@@ -148,6 +148,15 @@ def _add_base_models(sub) -> None:
     ls = bsub.add_parser("list", help="list the embedded model and the models in $LORA_STUDIO_HOME/models")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_base_models_list)
+    from studio.single_file import DTYPES  # no torch: cheap at start-up
+
+    ex = bsub.add_parser("export", help="write a base model as one .safetensors file in the A1111/ComfyUI layout")
+    ex.add_argument("src", help="base model: tiny, a folder, a .safetensors file, a Hub id")
+    ex.add_argument("out", type=Path, help="the .safetensors file to write")
+    ex.add_argument("--dtype", choices=DTYPES, default=None, help="convert the weights (default: as loaded)")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--json", action="store_true", help="print {path, size_bytes}")
+    ex.set_defaults(func=cmd_base_models_export)
 
 
 def cmd_base_models_list(args) -> int:
@@ -162,6 +171,24 @@ def cmd_base_models_list(args) -> int:
         width = max(len(r.ref) for r in rows)
         for r in rows:
             print(f"{r.ref:<{width}}  {r.family:<5} {r.kind:<12} {r.description}")
+    return 0
+
+
+def cmd_base_models_export(args) -> int:
+    from studio.errors import InvalidRequestError
+
+    # Checked before loading anything: a checkpoint can take minutes to load, and replacing a
+    # multi-GB file by mistake is worse.
+    if args.out.exists() and not args.force:
+        raise InvalidRequestError(f"{args.out} already exists: pass --force to replace it")
+    _quiet_libraries()
+    from studio.single_file import export_single_file
+
+    path = export_single_file(args.src, args.out, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"path": str(path), "size_bytes": path.stat().st_size}))
+    else:
+        print(path)
     return 0
 
 

@@ -12,8 +12,8 @@ bottom of this file. Nothing here imports torch or diffusers at import time.
 
 from __future__ import annotations
 
-from studio.families.base import Family
 from studio.errors import InvalidRequestError
+from studio.families.base import Family
 
 FAMILIES: dict[str, Family] = {}
 

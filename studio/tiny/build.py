@@ -112,7 +112,7 @@ def _components(vocab_size: int):
     return text_encoder, vae, unet, scheduler
 
 
-def _to_tensor(images) -> "torch.Tensor":  # noqa: F821
+def _to_tensor(images) -> torch.Tensor:  # noqa: F821
     import torch
 
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0

@@ -44,7 +44,8 @@ def measure_quality(base: str | Path = "tiny", seeds=(1, 2, 3), steps: int = 20,
             reading = read_scene(image)
             readings.append(reading)
             expected.append(want)
-            if (reading.colour, reading.background, reading.shape) != (want["colour"], want["background"], want["shape"]):
-                failures.append({"prompt": prompt, "seed": seed, "saw": [reading.colour, reading.background, reading.shape]})
+            saw = [reading.colour, reading.background, reading.shape]
+            if saw != [want["colour"], want["background"], want["shape"]]:
+                failures.append({"prompt": prompt, "seed": seed, "saw": saw})
     rates = score(readings, expected)
     return {**rates, "images": len(readings), "failures": failures}
