@@ -25,7 +25,7 @@ PROMPT = "a red circle on a blue background"
 def batched(pipe, n: int, steps: int, size: int, seed: int):
     pipe.scheduler = make_scheduler("Euler", pipe.scheduler.config)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=6.0, width=size, height=size,
+    return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=2.0, width=size, height=size,
                 generator=gens, num_images_per_prompt=n).images
 
 

@@ -180,8 +180,14 @@ def _load(resolved: BaseModelRef):
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if resolved.kind in ("tiny", "diffusers"):
         folder = Path(resolved.location)
+        if not (folder / "model_index.json").exists():
+            hint = "rebuild it with: python -m studio.tiny.build" if resolved.kind == "tiny" else "check the folder"
+            raise BaseModelNotFoundError(f"{folder} has no model_index.json: {hint}")
         _check_folder_weights(folder)
-        pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **common)
+        try:
+            pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **common)
+        except (OSError, ValueError) as e:
+            raise CorruptWeightsError(f"{folder} is not a complete {family.display_name} pipeline: {e}") from None
     elif resolved.kind == "single_file":
         path = Path(resolved.location)
         _check_safetensors(path)
@@ -210,7 +216,13 @@ def _load(resolved: BaseModelRef):
                 f"Download it on a connected machine (huggingface-cli download {resolved.location}) and pass the "
                 f"local folder: --base /path/to/folder"
             )
-        pipe = cls.from_pretrained(resolved.location, revision=resolved.revision, use_safetensors=True, **common)
+        try:
+            pipe = cls.from_pretrained(resolved.location, revision=resolved.revision, use_safetensors=True, **common)
+        except OSError as e:  # huggingface_hub's not-found and network errors are OSErrors
+            raise BaseModelNotFoundError(
+                f"could not load {resolved.ref!r} from the Hub ({type(e).__name__}: {e}); check the id and revision, "
+                f"or pass a local folder"
+            ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -224,6 +236,28 @@ def load_pipeline(ref: str | None = None):
 
 def clear_pipeline_cache() -> None:
     _CACHE.clear()
+
+
+RECOMMENDED_SETTINGS_FILE = "lora_studio.json"
+
+
+def recommended_settings(resolved: BaseModelRef) -> dict:
+    """Sampling defaults the model's maker measured to work best (``lora_studio.json`` in its folder).
+
+    The embedded tiny model ships one (its shapes are sharpest at CFG 2); other models fall back to
+    their family's defaults. Unknown keys are ignored, so the file can grow.
+    """
+    settings = {"guidance_scale": get_family(resolved.family).default_guidance_scale}
+    if resolved.kind in ("tiny", "diffusers"):
+        path = Path(resolved.location) / RECOMMENDED_SETTINGS_FILE
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text()).get("recommended", {})
+            except (OSError, ValueError, AttributeError):
+                data = {}
+            if isinstance(data.get("guidance_scale"), (int, float)):
+                settings["guidance_scale"] = float(data["guidance_scale"])
+    return settings
 
 
 def native_resolution(pipe) -> int:

@@ -71,7 +71,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=_int, default=None, help="seed of the first image (random if omitted)")
     p.add_argument("--num-images", type=_int, default=1, help="images per prompt; image i uses seed + i")
     p.add_argument("--steps", type=_int, default=20, help="denoising steps")
-    p.add_argument("--guidance", type=_float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=_float, default=None,
+                   help="classifier-free guidance scale (default: the base model's recommendation; tiny: 2)")
     p.add_argument("--width", type=_int, default=None, help="width in pixels (multiple of 8)")
     p.add_argument("--height", type=_int, default=None, help="height in pixels (multiple of 8)")
     p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'Euler a', 'DPM++ 2M', 'UniPC'")
@@ -193,6 +194,121 @@ def cmd_base_models_export(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------
+
+
+def _add_adapters(sub) -> None:
+    p = sub.add_parser("adapters", help="the adapter registry: versions, aliases, search")
+    asub = p.add_subparsers(dest="adapters_command", required=True, parser_class=_Parser)
+    ls = asub.add_parser("list", help="list adapter versions, filtered, sorted and paged")
+    ls.add_argument("--family", help="base-model family, e.g. sd1")
+    ls.add_argument("--tag", help="only versions with this tag (case-insensitive)")
+    ls.add_argument("--search", help="words that must all appear in the name or description")
+    ls.add_argument("--type", dest="adapter_type", choices=("lora", "dora", "loha", "lokr"), help="adapter type")
+    ls.add_argument("--trigger", help="only versions with this trigger word or phrase")
+    ls.add_argument("--sort", choices=("name", "created", "newest"), default="name", help="order (default name)")
+    ls.add_argument("--limit", type=_int, default=50, help="page size (default 50)")
+    ls.add_argument("--offset", type=_int, default=0, help="rows to skip (default 0)")
+    ls.add_argument("--json", action="store_true", help="print {total, limit, offset, items}")
+    ls.set_defaults(func=cmd_adapters_list)
+    show = asub.add_parser("show", help="show one version: name, name@3, name@alias or sha256:<prefix>")
+    show.add_argument("ref", help="adapter reference")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_adapters_show)
+    tag = asub.add_parser("tag", help="point an alias (e.g. prod) at a version; moves it if already set")
+    tag.add_argument("ref", help="adapter reference, e.g. mystyle@3")
+    tag.add_argument("alias", help="alias name (not a number, not 'latest')")
+    tag.set_defaults(func=cmd_adapters_tag)
+    untag = asub.add_parser("untag", help="remove an alias from an adapter")
+    untag.add_argument("name", help="adapter name")
+    untag.add_argument("alias", help="alias to remove")
+    untag.set_defaults(func=cmd_adapters_untag)
+    rm = asub.add_parser("delete", help="delete a version (name@3, name@alias, sha256:...) or a whole adapter (name)")
+    rm.add_argument("ref", help="a version reference, or a bare NAME to delete the adapter with all its versions")
+    rm.add_argument("--force", action="store_true", help="also when a user alias (e.g. prod) points at it")
+    rm.set_defaults(func=cmd_adapters_delete)
+
+
+def cmd_adapters_list(args) -> int:
+    from adapters.registry import Registry
+
+    with Registry() as reg:
+        page = reg.list_versions(search=args.search, tag=args.tag, family=args.family, trigger=args.trigger,
+                                 adapter_type=args.adapter_type, sort=args.sort, limit=args.limit, offset=args.offset)
+    if args.json:
+        print(json.dumps(page.to_dict()))
+        return 0
+    if not page.items:
+        print(f"no adapter versions match ({page.total} in total with these filters)")
+        return 0
+    rows = [(v.ref, v.adapter_type, str(v.rank or "?"), v.family, ",".join(v.aliases), ",".join(v.tags),
+             ", ".join(v.trigger_words)) for v in page.items]
+    header = ("REF", "TYPE", "RANK", "FAMILY", "ALIASES", "TAGS", "TRIGGER WORDS")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for r in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])
+    print(f"showing {page.offset + 1}-{page.offset + len(page.items)} of {page.total}")
+    return 0
+
+
+def cmd_adapters_show(args) -> int:
+    from adapters.registry import Registry
+
+    with Registry() as reg:
+        v = reg.get(args.ref)
+    if args.json:
+        print(json.dumps(v.to_dict()))
+        return 0
+    d = v.to_dict()
+    lines = [
+        ("ref", v.ref), ("aliases", ", ".join(v.aliases)), ("family", v.family), ("type", v.adapter_type),
+        ("rank", v.rank), ("alpha", v.alpha), ("components", ", ".join(v.components)),
+        ("target modules", ", ".join(v.target_modules)), ("trigger words", ", ".join(v.trigger_words)),
+        ("tags", ", ".join(v.tags)), ("description", v.description), ("license", v.license), ("author", v.author),
+        ("base model", v.base_model), ("base model sha256", v.base_model_sha256), ("origin", v.origin),
+        ("parents", ", ".join(f"{p.ref}{'' if p.present else ' (deleted)'}" for p in v.parents)),
+        ("created", d["created_at"]), ("sha256", v.weights_sha256), ("tensor sha256", v.tensor_sha256),
+        ("AutoV2", v.autov2), ("A1111 legacy hash", v.a1111_legacy), ("size", f"{v.size_bytes} bytes"),
+        ("file", str(v.path)), ("samples", len(v.samples)), ("metadata keys", len(v.safetensors_metadata)),
+    ]
+    for key, value in lines:
+        if value not in (None, "", ()):
+            print(f"{key + ':':<19} {value}")
+    return 0
+
+
+def cmd_adapters_tag(args) -> int:
+    from adapters.registry import Registry
+
+    with Registry() as reg:
+        v = reg.set_alias(args.ref, args.alias)
+    print(f"{v.name}@{args.alias} -> {v.ref}")
+    return 0
+
+
+def cmd_adapters_untag(args) -> int:
+    from adapters.registry import Registry
+
+    with Registry() as reg:
+        number = reg.remove_alias(args.name, args.alias)
+    print(f"removed {args.name}@{args.alias} (was {args.name}@{number})")
+    return 0
+
+
+def cmd_adapters_delete(args) -> int:
+    from adapters.registry import Registry
+
+    with Registry() as reg:
+        report = reg.delete(args.ref, force=args.force)
+    print(f"deleted {', '.join(report.deleted)}")
+    if report.aliases_removed:
+        print(f"removed aliases {', '.join(report.aliases_removed)}")
+    print(f"freed {len(report.blobs_removed)} blob(s), {report.bytes_freed} bytes")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # ui
 # --------------------------------------------------------------------------------------------
 
@@ -201,7 +317,8 @@ def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="start the Streamlit studio (binds 127.0.0.1 unless --address is given)")
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int, default=8501)
-    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.add_argument("--headless", action="store_true", help="never open a browser (the default unless --browser)")
+    p.add_argument("--browser", action="store_true", help="open the studio in this machine's web browser")
     p.set_defaults(func=cmd_ui)
 
 
@@ -220,9 +337,13 @@ def cmd_ui(args) -> int:
         "--server.address", args.address,
         "--server.port", str(args.port),
         "--browser.gatherUsageStats", "false",
+        # No file watcher: it walks the whole project tree (inotify overflows) and reruns pages
+        # when files change; a studio is not a development server.
+        "--server.fileWatcherType", "none",
+        "--client.toolbarMode", "minimal",
     ]
-    if args.headless:
-        argv += ["--server.headless", "true"]
+    # Headless unless asked: no browser launch and no first-run e-mail prompt on a server.
+    argv += ["--server.headless", "false" if args.browser and not args.headless else "true"]
     os.execv(sys.executable, argv)  # replace this process: Ctrl+C reaches Streamlit directly
     return 0  # pragma: no cover
 
@@ -236,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ui(sub)
     _add_generate(sub)
     _add_base_models(sub)
+    _add_adapters(sub)
     return parser
 
 

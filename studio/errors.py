@@ -34,3 +34,53 @@ class CorruptWeightsError(StudioError, ValueError):
 
 class RecipeError(StudioError, ValueError):
     """An image's recipe is missing or unreadable, so it cannot be re-run."""
+
+
+# ---- adapters: store and registry ----------------------------------------------------------
+
+
+class InvalidNameError(StudioError, ValueError):
+    """An adapter name, alias or reference is malformed (path separators, leading dot, too long...)."""
+
+
+class AdapterNotFoundError(StudioError, KeyError):
+    """A reference names no adapter version; ``candidates`` lists close names or existing versions."""
+
+    def __init__(self, message: str, candidates: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates)
+
+    # KeyError's own __str__ wraps the message in quotes; the CLI prints str(error) as one line.
+    __str__ = Exception.__str__
+
+
+class AmbiguousReferenceError(StudioError, LookupError):
+    """A reference (a short hash prefix) matches several versions; ``candidates`` lists them."""
+
+    def __init__(self, message: str, candidates: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates)
+
+
+class AliasInUseError(StudioError, ValueError):
+    """A delete would remove a version a user alias (e.g. ``prod``) points at; pass ``force=True``."""
+
+    def __init__(self, message: str, aliases: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.aliases = list(aliases)
+
+
+class InputFileNotFoundError(StudioError, FileNotFoundError):
+    """A file the studio was asked to read (weights, a sample image) does not exist."""
+
+
+class BlobNotFoundError(StudioError, FileNotFoundError):
+    """The blob store has no file for a sha256 (never stored, or collected)."""
+
+
+class HashMismatchError(StudioError, ValueError):
+    """Bytes written to the blob store do not hash to what was expected (source changed while copying)."""
+
+
+class RegistryBusyError(StudioError, TimeoutError):
+    """The registry database stayed locked by other writers past the busy timeout and every retry."""

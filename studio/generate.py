@@ -70,14 +70,17 @@ def make_scheduler(name: str, base_config):
 class GenerationRequest:
     """Everything that determines a generated image (with the base weights and the machine).
 
-    ``width``/``height`` of ``None`` mean the base model's native resolution; ``seed`` of ``None``
-    means a random seed, chosen when the request runs and recorded in every image's recipe.
+    ``width``/``height`` of ``None`` mean the base model's native resolution, ``guidance_scale`` of
+    ``None`` the base model's recommended CFG; ``seed`` of ``None`` means a random seed, chosen when
+    the request runs. Every image's recipe records the resolved values.
     """
 
     prompt: str
     negative_prompt: str = ""
     num_inference_steps: int = field(default=20, metadata={"help": "denoising steps"})
-    guidance_scale: float = field(default=6.0, metadata={"help": "classifier-free guidance scale (CFG)"})
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "CFG scale; default: the base model's recommendation"}
+    )
     width: int | None = field(default=None, metadata={"help": "image width in pixels, a multiple of 8"})
     height: int | None = field(default=None, metadata={"help": "image height in pixels, a multiple of 8"})
     seed: int | None = field(default=None, metadata={"help": "seed of the first image; image i uses seed + i"})
@@ -103,9 +106,10 @@ class GenerationRequest:
                     f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value!r}: "
                     f"try {max(8, min(MAX_SIDE, round((value if isinstance(value, int) else 0) / 8) * 8))}"
                 )
-        if not isinstance(self.guidance_scale, (int, float)) or not 0 <= self.guidance_scale <= 50:
-            raise InvalidRequestError(f"guidance scale must be between 0 and 50, got {self.guidance_scale!r}")
-        self.guidance_scale = float(self.guidance_scale)
+        if self.guidance_scale is not None:
+            if not isinstance(self.guidance_scale, (int, float)) or not 0 <= self.guidance_scale <= 50:
+                raise InvalidRequestError(f"guidance scale must be between 0 and 50, got {self.guidance_scale!r}")
+            self.guidance_scale = float(self.guidance_scale)
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(f"seed must be a whole number between 0 and {MAX_SEED}, got {self.seed!r}")
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
@@ -274,35 +278,48 @@ def pipeline_lock(pipe) -> threading.RLock:
         return _LOCKS.setdefault(id(pipe), threading.RLock())
 
 
-def resolve_request(request: GenerationRequest, pipe) -> GenerationRequest:
-    """Fill in what ``None`` left open: the native size and a random seed."""
+def resolve_request(request: GenerationRequest, pipe, recommended: dict | None = None) -> GenerationRequest:
+    """Fill in what ``None`` left open: native size, recommended guidance and a random seed."""
     from studio.base_models import native_resolution
 
     native = native_resolution(pipe)
     seed = request.seed
     if seed is None:
         seed = random.SystemRandom().randrange(0, MAX_SEED - request.num_images + 1)
+    guidance = request.guidance_scale
+    if guidance is None:
+        guidance = (recommended or {}).get("guidance_scale", 7.5)
     return GenerationRequest(
-        **{**request.to_dict(), "width": request.width or native, "height": request.height or native, "seed": seed}
+        **{
+            **request.to_dict(),
+            "width": request.width or native,
+            "height": request.height or native,
+            "seed": seed,
+            "guidance_scale": guidance,
+        }
     )
 
 
 def generate(request: GenerationRequest, progress=None) -> GenerationResult:
     """Run ``request`` on its base model; ``progress(step, total)`` is called after each step."""
-    from studio.base_models import load_pipeline, model_hash, resolve
+    from studio.base_models import load_pipeline, model_hash, recommended_settings, resolve
 
     resolved = resolve(request.base_model)
     pipe = load_pipeline(request.base_model)
-    return generate_with_pipeline(pipe, request, model_hash=model_hash(resolved), progress=progress)
+    return generate_with_pipeline(
+        pipe, request, model_hash=model_hash(resolved), progress=progress, recommended=recommended_settings(resolved)
+    )
 
 
-def generate_with_pipeline(pipe, request: GenerationRequest, model_hash: str = "", progress=None) -> GenerationResult:
+def generate_with_pipeline(
+    pipe, request: GenerationRequest, model_hash: str = "", progress=None, recommended: dict | None = None
+) -> GenerationResult:
     """Generate with an already loaded pipeline (training previews use the training components).
 
     Images are generated one per denoising batch: batch composition changes CPU kernels' summation
     order, and one image at a time is what makes every image bit-identical to its recipe re-run alone.
     """
-    request = resolve_request(request, pipe)
+    request = resolve_request(request, pipe, recommended)
     t0 = time.perf_counter()
     # Schedulers keep per-run state (step index, model outputs): each image gets a fresh one, and
     # the pipeline's own scheduler is put back afterwards, all under the pipeline's lock.

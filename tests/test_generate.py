@@ -77,7 +77,7 @@ def test_png_carries_a1111_parameters(tmp_path):
     lines = text["parameters"].splitlines()
     assert lines[0] == PROMPT
     assert lines[1] == "Negative prompt: blurry"
-    assert lines[2].startswith("Steps: 5, Sampler: Euler, CFG scale: 6, Seed: 3, Size: 32x32, Model hash: ")
+    assert lines[2].startswith("Steps: 5, Sampler: Euler, CFG scale: 2, Seed: 3, Size: 32x32, Model hash: ")
     assert lines[2].endswith("Model: tiny")
     payload = json.loads(text[RECIPE_KEY])
     assert payload["request"]["prompt"] == PROMPT and "torch" in payload["versions"]

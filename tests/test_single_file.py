@@ -109,7 +109,8 @@ def test_single_file_loads_back_exactly(source, exported):
 
 def test_single_file_generates_the_same_pixels(source, exported):
     images = [
-        generate(GenerationRequest(prompt=PROMPT, base_model=base, seed=1, num_inference_steps=4)).images[0]
+        generate(GenerationRequest(prompt=PROMPT, base_model=base, seed=1, num_inference_steps=4, guidance_scale=2.0))
+        .images[0]
         for base in (source, str(exported))
     ]
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))

@@ -29,7 +29,7 @@ def test_generate_shows_images_with_recipes():
     at.number_input(key="num_images").set_value(2)
     at.button[0].click().run()
     assert not at.exception and not at.error
-    assert len(at.get("imgs")) == 2
+    assert len(at.get("image")) == 2
     assert "seed 4" in at.success[0].value
     assert any("Steps: 4, Sampler: Euler" in c.value for c in at.code)
 

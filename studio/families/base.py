@@ -24,6 +24,7 @@ class Family:
     text_encoder_target_modules: tuple[str, ...]
     kohya_base_model_version: str
     modelspec_architecture: str
+    default_guidance_scale: float = 7.5
     single_file_config_dir: Path | None = None
     extra_pipeline_class_names: tuple[str, ...] = field(default=())
 

@@ -53,7 +53,9 @@ class BuildConfig:
     empty_caption_rate: float = 0.1
     scenes_per_combo: int = 48
     eval_steps: int = 20
-    eval_guidance: float = 6.0
+    # CFG the model is evaluated at and recommends (lora_studio.json). Measured on the committed
+    # weights, 72 images, Euler 20 steps: shape rate 96% at CFG 2, 85% at 3, 81% at 4, 69% at 6.
+    eval_guidance: float = 2.0
 
 
 def _components(vocab_size: int):
@@ -280,6 +282,9 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True) -> 
     # save_pretrained rewrites the tokenizer with a 3.6 MB tokenizer.json that vocab.json and
     # merges.txt already describe; keep the folder small.
     (tok_dir / "tokenizer.json").unlink(missing_ok=True)
+    recommended = {"recommended": {"guidance_scale": cfg.eval_guidance, "num_inference_steps": cfg.eval_steps,
+                                   "scheduler": "Euler"}}
+    (out_dir / "lora_studio.json").write_text(json.dumps(recommended, indent=2) + "\n")
     params = {
         name: sum(p.numel() for p in module.parameters())
         for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))

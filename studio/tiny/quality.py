@@ -26,7 +26,7 @@ QUALITY_PROMPTS: tuple[str, ...] = (
 )
 
 
-def measure_quality(base: str | Path = "tiny", seeds=(1, 2, 3), steps: int = 20, guidance_scale: float = 6.0,
+def measure_quality(base: str | Path = "tiny", seeds=(1, 2, 3), steps: int = 20, guidance_scale: float | None = None,
                     scheduler: str = "Euler", prompts=QUALITY_PROMPTS) -> dict:
     """Rates of images whose object colour, background colour and shape match the prompt.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import streamlit as st
+from PIL import Image
 
 from studio.errors import StudioError
 from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, scheduler_names
@@ -34,7 +35,9 @@ with st.form("generate"):
     scheduler = c2.selectbox("Sampler", scheduler_names(), index=scheduler_names().index(DEFAULT_SCHEDULER),
                              key="scheduler")
     steps = c3.number_input("Steps", min_value=1, max_value=150, value=20, key="steps")
-    guidance = c4.number_input("CFG scale", min_value=0.0, max_value=30.0, value=6.0, step=0.5, key="guidance")
+    guidance = c4.number_input("CFG scale (0 = model default)", min_value=0.0, max_value=30.0, value=0.0, step=0.5,
+                               key="guidance", help="classifier-free guidance; 0 uses the base model's recommendation "
+                               "(tiny: 2, SD-1: 7.5)")
     c5, c6, c7, c8 = st.columns(4)
     seed_text = c5.text_input("Seed", value="1", key="seed", help="a whole number, or empty for a random seed")
     num_images = c6.number_input("Images", min_value=1, max_value=16, value=2, key="num_images")
@@ -50,32 +53,41 @@ if submitted:
         st.stop()
     try:
         request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps), guidance_scale=float(guidance),
+            prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps),
+            guidance_scale=float(guidance) or None,
             width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
             scheduler=scheduler, base_model=base.strip() or "tiny",
         )
-        from studio.base_models import model_hash, resolve
+        from studio.base_models import model_hash, recommended_settings, resolve
         from studio.generate import generate_with_pipeline
 
         with st.spinner("Loading the base model..."):
             pipe = _pipeline(request.base_model)
         bar = st.progress(0.0, text="Generating...")
+        resolved = resolve(request.base_model)
         result = generate_with_pipeline(
-            pipe, request, model_hash=model_hash(resolve(request.base_model)),
+            pipe, request, model_hash=model_hash(resolved), recommended=recommended_settings(resolved),
             progress=lambda done, total: bar.progress(done / total, text=f"Step {done}/{total}"),
         )
         bar.empty()
         st.session_state["last_result"] = result
     except StudioError as e:
         st.error(str(e))
+    except Exception as e:  # an unexpected failure still gets a message, never a raw traceback
+        st.error(f"Generation failed: {type(e).__name__}: {e}")
 
 result = st.session_state.get("last_result")
 if result is not None:
     st.success(f"{len(result.outputs)} image(s) in {result.seconds:.2f} s, seed {result.request.seed}")
-    cols = st.columns(min(4, len(result.outputs)))
+    cols = st.columns(4)
     for i, out in enumerate(result.outputs):
         with cols[i % len(cols)]:
-            st.image(out.image, caption=f"seed {out.seed}", width=192)
+            # Small images are shown enlarged with hard pixel edges, as they are, not blurred.
+            shown = out.image
+            if shown.width < 192:
+                factor = max(1, 192 // shown.width)
+                shown = shown.resize((shown.width * factor, shown.height * factor), Image.Resampling.NEAREST)
+            st.image(shown, caption=f"seed {out.seed}")
             st.download_button("Download PNG", data=_png_bytes(out), file_name=f"lora-studio-{out.seed}.png",
                                mime="image/png", key=f"download-{i}")
             with st.expander("Recipe"):

@@ -1,0 +1,1243 @@
+"""The adapter registry: named adapters with immutable numbered versions, movable aliases, lineage.
+
+Holds :class:`Registry` (the client), the records it returns (:class:`AdapterVersion`,
+:class:`VersionPage`, :class:`AdapterInfo`, :class:`DeleteReport`, :class:`GcReport`), the input of a
+registration (:class:`VersionInfo`, :class:`SampleImage`), the database schema (SQLAlchemy Core
+tables on :data:`METADATA`) and the name/alias/reference rules.
+
+Does not hold: reading or converting adapter files (``adapters/formats.py`` fills a
+:class:`VersionInfo` from a file's keys and metadata), applying adapters to a pipeline
+(``adapters/compose.py``), the Hub. Weights bytes live in the blob store (``adapters/store.py``);
+the database holds only records and hashes.
+
+The model is MLflow's model registry: versions 1, 2, 3... per name, never renumbered and never reused
+while the adapter exists; aliases (``prod``) point at versions and move; ``latest`` is an alias the
+registry keeps on the highest number. References users type::
+
+    mystyle            the newest version (what ``latest`` points at)
+    mystyle@3          version 3
+    mystyle@prod       what the alias ``prod`` points at
+    sha256:0123abcd    the version whose weights file's sha256 starts with these (>= 8) hex digits
+
+Storage: SQLite at ``$LORA_STUDIO_HOME/registry.db`` by default (WAL, so readers never wait for a
+writer; a busy timeout, so writers queue instead of failing), or any SQLAlchemy URL in
+``LORA_STUDIO_REGISTRY_URL``. The SQL is portable (PostgreSQL runs it unchanged); SQLite-only
+statements are limited to the connection pragmas and ``BEGIN IMMEDIATE``.
+
+Safety rules, each relied on by a test:
+
+- A registration is: blob(s) into the store first, then ONE transaction that takes the next number
+  and writes every row. A crash between the two leaves an unreferenced blob that :meth:`Registry.gc`
+  removes, never half a version.
+- Numbers come from a per-adapter counter bumped inside that transaction, with UNIQUE(adapter,
+  number) behind it; SQLite writers take the write lock up front (``BEGIN IMMEDIATE``), PostgreSQL
+  writers lock the adapter row (``SELECT ... FOR UPDATE``). Conflicts and lock timeouts are retried.
+- Blob lifetime: a blob file may be unlinked only by a transaction that holds its ``blobs`` row and
+  found no reference to it; a reference may be added only by a transaction that holds the row and
+  checked that the file exists (re-storing it if a collection got there first). So a garbage
+  collection running beside a registration can never leave a version without its weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.dialects import postgresql
+
+from adapters.hashes import hash_weights
+from adapters.store import BlobStore
+from studio.errors import (
+    AdapterNotFoundError,
+    AliasInUseError,
+    AmbiguousReferenceError,
+    InputFileNotFoundError,
+    InvalidNameError,
+    InvalidRequestError,
+    RegistryBusyError,
+    StudioError,
+    UnsafeWeightsError,
+)
+
+SCHEMA_VERSION = 1
+LATEST = "latest"
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
+ORIGINS = ("trained", "imported", "merged", "pulled")
+# Pipeline components an adapter can patch; sdxl/sd3/flux add the last three when their families land.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+SORTS = ("name", "created", "newest")
+MIN_HASH_PREFIX = 8  # 8 hex = 32 bits: a chance collision needs ~65,000 versions (birthday bound, 2**16)
+MAX_NAME = 64
+MAX_TAG = 100
+MAX_TRIGGER = 256
+# Letters, digits, '-', '_', '.'. The first character is not a dot (no hidden files, no '..') and not a
+# dash (``lora-studio adapters show -x`` would read it as an option).
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_FAMILY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+_HEX = re.compile(r"[0-9a-f]+")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # same list as studio.base_models
+_IN_CHUNK = 500  # ids per IN (...) list: far below SQLite's 32,766 bound-parameter limit
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# names, aliases, references
+# --------------------------------------------------------------------------------------------
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    """Return ``name`` if it is a valid adapter name (or alias, with ``what``), else raise InvalidNameError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:77] + "...")
+        raise InvalidNameError(
+            f"{shown} is not a valid {what}: use 1-{MAX_NAME} letters, digits, '-', '_' or '.', "
+            f"not starting with '.' or '-' (no '/', '\\', '@', ':' or spaces)"
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    """Aliases follow the name rules and are never all digits (``name@3`` always means version 3)."""
+    check_name(alias, "alias")
+    if alias.isdigit():
+        raise InvalidNameError(f"{alias!r} is not a valid alias: an alias cannot be a number (name@{alias} means "
+                               f"version {int(alias)})")
+    return alias
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed reference: ``kind`` is 'name', 'number', 'alias' or 'hash'."""
+
+    kind: str
+    name: str | None = None
+    number: int | None = None
+    alias: str | None = None
+    hash_prefix: str | None = None
+
+
+def parse_reference(ref: str) -> Reference:
+    """Parse ``name``, ``name@3``, ``name@alias`` or ``sha256:<hex prefix>``; raise InvalidNameError otherwise."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidNameError(f"{ref!r} is not an adapter reference: use name, name@3, name@alias or sha256:<hex>")
+    if ref.lower().startswith("sha256:"):
+        prefix = ref[len("sha256:"):].lower()
+        if not (MIN_HASH_PREFIX <= len(prefix) <= 64 and _HEX.fullmatch(prefix)):
+            raise InvalidNameError(
+                f"{ref!r}: a hash reference needs {MIN_HASH_PREFIX} to 64 hex digits after 'sha256:'")
+        return Reference("hash", hash_prefix=prefix)
+    name, at, selector = ref.partition("@")
+    check_name(name)
+    if not at:
+        return Reference("name", name=name)
+    if selector.isdigit() and selector.isascii():
+        number = int(selector)
+        if number < 1:
+            raise InvalidNameError(f"{ref!r}: versions are numbered from 1")
+        return Reference("number", name=name, number=number)
+    return Reference("alias", name=name, alias=check_alias(selector))
+
+
+# --------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleImage:
+    """A sample image to store with a new version."""
+
+    image: str | Path | bytes = _help("the image: a file path, or its encoded bytes (PNG, JPEG, WebP)")
+    recipe: dict = _help("how it was made (prompt, seed, steps, adapter weights...); JSON", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A stored sample image: the blob holding it and the recipe that made it."""
+
+    sha256: str
+    path: Path
+    recipe: dict
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """One parent in a version's lineage. The name, number and hash are recorded at registration, so
+    the lineage still says where a version came from after its parent is deleted (``present`` False)."""
+
+    name: str
+    number: int
+    sha256: str
+    present: bool
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.number}"
+
+
+@dataclass
+class VersionInfo:
+    """What a new version records besides its weights (the registry computes hashes and metadata).
+
+    Only ``family`` is required. Lists keep their order (trigger words are shown as given).
+    ``adapters/formats.py`` fills one of these from a file's keys and kohya/ModelSpec metadata.
+    """
+
+    family: str = _help("base-model family the adapter was trained for: 'sd1', 'sdxl', 'flux'...")
+    adapter_type: str = _help("adapter method: lora, dora, loha or lokr", default="lora")
+    rank: int | None = _help("rank (network dim) of the adapter; None when unknown", default=None)
+    alpha: float | None = _help("alpha (peft lora_alpha, kohya network_alpha); strength scale = alpha / rank",
+                                default=None)
+    target_modules: list[str] = _help("module names the adapter patches, e.g. to_q, to_k, to_v, to_out.0",
+                                      default_factory=list)
+    components: list[str] = _help(f"pipeline components it patches: {', '.join(COMPONENTS)}", default_factory=list)
+    trigger_words: list[str] = _help("words or phrases that activate it in a prompt", default_factory=list)
+    description: str = _help("free text shown in listings and searched by text search", default="")
+    tags: list[str] = _help("labels to filter by (matched case-insensitively)", default_factory=list)
+    license: str | None = _help("license identifier, e.g. 'openrail++' or 'cc-by-4.0'", default=None)
+    author: str | None = _help("who made it", default=None)
+    base_model: str | None = _help("the base model it was trained on: 'tiny', a Hub id, a file", default=None)
+    base_model_sha256: str | None = _help("hash of the base model's weights (8 to 64 hex digits)", default=None)
+    training_config: dict | None = _help("the training config it ran with (JSON), when trained here", default=None)
+    dataset_fingerprint: str | None = _help("fingerprint of the training data, when trained here", default=None)
+    origin: str = _help(f"how it entered the registry: {', '.join(ORIGINS)}", default="imported")
+    source: dict | None = _help("where it came from (JSON): a path, a URL, a Hub repo and revision, a run dir",
+                                default=None)
+    parents: list[str] = _help("references of the versions it was trained from or merged from", default_factory=list)
+    metrics: dict | None = _help("evaluation numbers (JSON), e.g. validation loss", default=None)
+    samples: list[SampleImage] = _help("sample images with their recipes", default_factory=list)
+    weights_format: str | None = _help("key layout of the weights file, e.g. 'peft' or 'kohya'", default=None)
+
+    def __post_init__(self) -> None:
+        def bad(option: str, why: str) -> InvalidRequestError:
+            return InvalidRequestError(f"VersionInfo.{option}: {why}")
+
+        if not isinstance(self.family, str) or not _FAMILY.fullmatch(self.family):
+            raise bad("family", f"{self.family!r} is not a family name like 'sd1' or 'sdxl' (lowercase, <= 32)")
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise bad("adapter_type", f"{self.adapter_type!r} is not one of {', '.join(ADAPTER_TYPES)}")
+        if self.origin not in ORIGINS:
+            raise bad("origin", f"{self.origin!r} is not one of {', '.join(ORIGINS)}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise bad("rank", f"{self.rank!r} is not a whole number >= 1")
+        if self.alpha is not None:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+                    math.isfinite(self.alpha) and self.alpha > 0):
+                raise bad("alpha", f"{self.alpha!r} is not a finite number > 0")
+        for option, limit in (("target_modules", 256), ("components", 32), ("trigger_words", MAX_TRIGGER),
+                              ("tags", MAX_TAG), ("parents", 200)):
+            values = getattr(self, option)
+            if isinstance(values, str) or not isinstance(values, (list, tuple)):
+                raise bad(option, f"must be a list of strings, not {type(values).__name__}")
+            for v in values:
+                if not isinstance(v, str) or not v.strip() or v != v.strip() or len(v) > limit:
+                    raise bad(option, f"{v!r} must be a non-empty string without surrounding spaces, <= {limit} chars")
+            keys = [v.lower() for v in values] if option in ("tags", "trigger_words") else list(values)
+            if len(set(keys)) != len(keys):
+                raise bad(option, f"has duplicates: {values!r}")
+        for c in self.components:
+            if c not in COMPONENTS:
+                raise bad("components", f"{c!r} is not one of {', '.join(COMPONENTS)}")
+        for option in ("description",):
+            if not isinstance(getattr(self, option), str):
+                raise bad(option, "must be a string")
+        for option, limit in (("license", 128), ("author", 256), ("base_model", 1024), ("dataset_fingerprint", 128)):
+            v = getattr(self, option)
+            if v is not None and (not isinstance(v, str) or len(v) > limit):
+                raise bad(option, f"must be a string of at most {limit} characters or None")
+        if self.base_model_sha256 is not None and not (
+                isinstance(self.base_model_sha256, str) and 8 <= len(self.base_model_sha256) <= 64
+                and _HEX.fullmatch(self.base_model_sha256)):
+            raise bad("base_model_sha256", f"{self.base_model_sha256!r} is not 8 to 64 lowercase hex digits")
+        if self.weights_format is not None and not (
+                isinstance(self.weights_format, str) and _FAMILY.fullmatch(self.weights_format)):
+            raise bad("weights_format", f"{self.weights_format!r} is not a short lowercase name like 'peft'")
+        for option in ("training_config", "source", "metrics"):
+            _check_json(getattr(self, option), f"VersionInfo.{option}", optional=True)
+        for s in self.samples:
+            if not isinstance(s, SampleImage):
+                raise bad("samples", f"items must be SampleImage, not {type(s).__name__}")
+            if not isinstance(s.image, (str, Path, bytes)):
+                raise bad("samples", "SampleImage.image must be a path or bytes")
+            _check_json(s.recipe, "SampleImage.recipe", optional=False)
+
+
+def _check_json(value, what: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{what}: must be a dict (JSON object), not {type(value).__name__}")
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON, and PostgreSQL's JSON type refuses them.
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(f"{what}: must hold only JSON values (str, number, bool, None, list, dict): {e}") \
+            from None
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One registered version: immutable except for the aliases pointing at it."""
+
+    name: str
+    number: int
+    aliases: tuple[str, ...]  # sorted; includes 'latest' on the newest version
+    family: str
+    adapter_type: str
+    rank: int | None
+    alpha: float | None
+    target_modules: tuple[str, ...]
+    components: tuple[str, ...]
+    trigger_words: tuple[str, ...]
+    description: str
+    tags: tuple[str, ...]
+    license: str | None
+    author: str | None
+    base_model: str | None
+    base_model_sha256: str | None
+    training_config: dict | None
+    dataset_fingerprint: str | None
+    origin: str
+    source: dict | None
+    parents: tuple[ParentRef, ...]
+    metrics: dict | None
+    samples: tuple[Sample, ...]
+    weights_format: str | None
+    weights_sha256: str  # sha256 of the stored file; the blob's name
+    tensor_sha256: str  # sha256 of the tensor bytes only (kohya sshs_model_hash)
+    autov2: str  # Civitai AutoV2: first 10 hex of weights_sha256
+    a1111_legacy: str  # A1111 legacy model hash (8 hex)
+    size_bytes: int
+    safetensors_metadata: dict  # the file's raw __metadata__ (str -> str), as stored
+    created_at: datetime  # UTC
+    path: Path  # the weights blob in the store; read-only, never modify it
+
+    @property
+    def ref(self) -> str:
+        """``name@number``: the reference that always means exactly this version."""
+        return f"{self.name}@{self.number}"
+
+    def to_dict(self) -> dict:
+        """JSON-ready: datetimes as ISO 8601, paths as strings, tuples as lists."""
+        d = asdict(self)
+        d["ref"] = self.ref
+        d["created_at"] = self.created_at.isoformat()
+        d["path"] = str(self.path)
+        for s in d["samples"]:
+            s["path"] = str(s["path"])
+        for p, parent in zip(d["parents"], self.parents):
+            p["ref"] = parent.ref
+        return _jsonable(d)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class VersionPage:
+    """One page of a listing: ``items`` plus the ``total`` that matched the filters."""
+
+    items: tuple[AdapterVersion, ...]
+    total: int
+    limit: int | None
+    offset: int
+
+    @property
+    def has_more(self) -> bool:
+        return self.offset + len(self.items) < self.total
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "limit": self.limit, "offset": self.offset,
+                "items": [v.to_dict() for v in self.items]}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter: its name, version numbers (ascending) and aliases (alias -> number)."""
+
+    name: str
+    versions: tuple[int, ...]
+    aliases: dict[str, int]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeleteReport:
+    """What a delete removed: version references, aliases (``name@alias``) and collected blobs."""
+
+    deleted: tuple[str, ...]
+    aliases_removed: tuple[str, ...]
+    blobs_removed: tuple[str, ...]
+    bytes_freed: int
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`Registry.gc` removed."""
+
+    blobs_removed: tuple[str, ...]
+    bytes_freed: int
+    temp_files_removed: int
+
+
+# --------------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------------
+
+METADATA = sa.MetaData()
+# JSON everywhere; JSONB on PostgreSQL. none_as_null: a Python None is SQL NULL, not the JSON 'null'.
+_JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+
+registry_info = sa.Table(
+    "registry_info", METADATA,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+blobs = sa.Table(
+    "blobs", METADATA,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+adapters = sa.Table(
+    "adapters", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(MAX_NAME), nullable=False, unique=True),
+    # The highest number ever given, so a deleted newest version's number is not handed out again.
+    sa.Column("last_number", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+versions = sa.Table(
+    "versions", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("adapters.id"), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("weights_sha256", sa.String(64), sa.ForeignKey("blobs.sha256"), nullable=False),
+    sa.Column("tensor_sha256", sa.String(64), nullable=False),
+    sa.Column("autov2", sa.String(10), nullable=False),
+    sa.Column("a1111_legacy", sa.String(8), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("family", sa.String(32), nullable=False),
+    sa.Column("base_model", sa.String(1024)),
+    sa.Column("base_model_sha256", sa.String(64)),
+    sa.Column("adapter_type", sa.String(16), nullable=False),
+    sa.Column("rank", sa.Integer),
+    sa.Column("alpha", sa.Float),
+    sa.Column("target_modules", _JSON, nullable=False),
+    sa.Column("components", _JSON, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("license", sa.String(128)),
+    sa.Column("author", sa.String(256)),
+    sa.Column("training_config", _JSON),
+    sa.Column("dataset_fingerprint", sa.String(128)),
+    sa.Column("origin", sa.String(16), nullable=False),
+    sa.Column("source", _JSON),
+    sa.Column("metrics", _JSON),
+    sa.Column("weights_format", sa.String(32)),
+    sa.Column("safetensors_metadata", _JSON, nullable=False),
+    # lower(name + "\n" + description): text search is one LIKE on one column, the same on every backend.
+    sa.Column("search_text", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("adapter_id", "number", name="uq_versions_adapter_number"),
+    sa.Index("ix_versions_adapter_tensor", "adapter_id", "tensor_sha256"),
+    sa.Index("ix_versions_weights_sha256", "weights_sha256"),
+    sa.Index("ix_versions_family_created", "family", "created_at"),
+    sa.Index("ix_versions_type_created", "adapter_type", "created_at"),
+    sa.Index("ix_versions_created", "created_at", "id"),
+)
+
+# Tags and trigger words are rows, not JSON, so "tag = anime" is an index lookup; key = lower(value).
+version_tags = sa.Table(
+    "version_tags", METADATA,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("tag", sa.String(MAX_TAG), nullable=False),
+    sa.Column("tag_key", sa.String(MAX_TAG), nullable=False),
+    sa.Index("ix_version_tags_key", "tag_key", "version_id"),
+)
+
+version_triggers = sa.Table(
+    "version_triggers", METADATA,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("word", sa.String(MAX_TRIGGER), nullable=False),
+    sa.Column("word_key", sa.String(MAX_TRIGGER), nullable=False),
+    sa.Index("ix_version_triggers_key", "word_key", "version_id"),
+)
+
+aliases = sa.Table(
+    "aliases", METADATA,
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("adapters.id"), primary_key=True),
+    sa.Column("alias", sa.String(MAX_NAME), primary_key=True),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
+    sa.Index("ix_aliases_version", "version_id", "alias"),
+)
+
+version_parents = sa.Table(
+    "version_parents", METADATA,
+    sa.Column("child_id", sa.Integer, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("versions.id")),  # NULL once the parent is deleted
+    sa.Column("parent_name", sa.String(MAX_NAME), nullable=False),
+    sa.Column("parent_number", sa.Integer, nullable=False),
+    sa.Column("parent_sha256", sa.String(64), nullable=False),
+    sa.Index("ix_version_parents_parent", "parent_id"),
+)
+
+version_samples = sa.Table(
+    "version_samples", METADATA,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("blob_sha256", sa.String(64), sa.ForeignKey("blobs.sha256"), nullable=False),
+    sa.Column("recipe", _JSON, nullable=False),
+    sa.Index("ix_version_samples_blob", "blob_sha256"),
+)
+
+_CHILD_TABLES = (version_tags, version_triggers, version_samples)
+
+
+def _utcnow() -> datetime:
+    # Stored naive (UTC by convention): SQLite has no time zones, and one convention keeps both backends equal.
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _escape_like(term: str) -> str:
+    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    for i in range(0, len(ids), _IN_CHUNK):
+        yield ids[i:i + _IN_CHUNK]
+
+
+def _retryable(error: exc.DBAPIError) -> bool:
+    text = str(error.orig).lower() if error.orig is not None else str(error).lower()
+    # SQLite: "database is locked/busy" past the busy timeout; PostgreSQL: deadlock or serialization failure.
+    return any(s in text for s in ("locked", "busy", "deadlock", "could not serialize"))
+
+
+# --------------------------------------------------------------------------------------------
+# the client
+# --------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """The adapter registry client.
+
+    Args:
+        url: a SQLAlchemy database URL; default ``LORA_STUDIO_REGISTRY_URL``, else SQLite at
+            ``<home>/registry.db``.
+        home: the studio home holding ``registry.db`` and ``blobs/``; default ``$LORA_STUDIO_HOME``.
+        store: the blob store; default ``<home>/blobs``.
+        busy_timeout_s: how long a writer waits for another writer's lock before retrying.
+        retries: attempts for a transaction that hits a lock timeout or a uniqueness race.
+        echo: log every SQL statement (debugging).
+
+    One client per process; it is cheap to create and holds a small connection pool. Close it (or use
+    ``with Registry() as reg:``) to release the pool.
+    """
+
+    def __init__(self, url: str | None = None, *, home: str | Path | None = None, store: BlobStore | None = None,
+                 busy_timeout_s: float = 30.0, retries: int = 8, echo: bool = False) -> None:
+        from studio.settings import get_settings
+
+        settings = get_settings()
+        home = Path(home) if home is not None else settings.home
+        if url is None:
+            url = settings.registry_url if home == settings.home and settings.registry_url else \
+                f"sqlite:///{home / 'registry.db'}"
+        self.url = sa.engine.make_url(url)
+        self.store = store if store is not None else BlobStore(home / "blobs")
+        self._retries = max(1, retries)
+        self._engine = self._make_engine(busy_timeout_s, echo)
+        self._ensure_schema()
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url.render_as_string(hide_password=True)!r}, store={self.store.root})"
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the connection pool (the client can still be used; it reconnects)."""
+        self._engine.dispose()
+
+    # ---- engine and transactions ----------------------------------------------------------
+
+    def _make_engine(self, busy_timeout_s: float, echo: bool) -> sa.Engine:
+        kwargs: dict[str, Any] = {"echo": echo}
+        sqlite = self.url.get_backend_name() == "sqlite"
+        if sqlite:
+            database = self.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": busy_timeout_s}
+        engine = sa.create_engine(self.url, **kwargs)
+        if sqlite:
+            busy_ms = int(busy_timeout_s * 1000)
+
+            @event.listens_for(engine, "connect")
+            def _on_connect(dbapi_connection, _record) -> None:
+                # We emit BEGIN ourselves (below): sqlite3's implicit transactions would start writes
+                # as read transactions that fail to upgrade under contention.
+                dbapi_connection.isolation_level = None
+                cursor = dbapi_connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+                cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+                cursor.execute("PRAGMA foreign_keys=ON")  # enforce the REFERENCES that PostgreSQL enforces
+                cursor.close()
+
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn) -> None:
+                # Writers take the database write lock at BEGIN, so two registrations queue on the busy
+                # timeout instead of both reading the counter and one failing at commit.
+                write = conn.get_execution_options().get("registry_write", False)
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+
+    @contextmanager
+    def _read(self):
+        with self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _write(self):
+        with self._engine.connect() as conn:
+            conn.execution_options(registry_write=True)
+            with conn.begin():
+                yield conn
+
+    def _transact(self, work: Callable[[sa.Connection], Any]) -> Any:
+        """Run ``work(conn)`` in one write transaction, retrying lock timeouts and uniqueness races.
+
+        ``work`` must be safe to run again from the start: it only touches the database, plus
+        idempotent blob puts. Studio errors it raises (not found, alias in use) are not retried.
+        """
+        delay = 0.02
+        last: Exception | None = None
+        for _attempt in range(self._retries):
+            try:
+                with self._write() as conn:
+                    return work(conn)
+            except exc.IntegrityError as e:
+                # Two writers created the same adapter name or blob row at once (PostgreSQL): the
+                # second sees the first's row when it runs again.
+                last = e
+            except exc.OperationalError as e:
+                if not _retryable(e):
+                    raise
+                last = e
+            time.sleep(delay * (1 + random.random()))  # jitter: writers that collided do not collide again
+            delay = min(delay * 2, 1.0)
+        raise RegistryBusyError(f"the registry {self.url.render_as_string(hide_password=True)} stayed busy through "
+                                f"{self._retries} attempts ({last}); try again") from last
+
+    def _ensure_schema(self) -> None:
+        try:
+            with self._read() as conn:
+                if sa.inspect(conn).has_table("registry_info"):
+                    version = conn.execute(sa.select(registry_info.c.value)
+                                           .where(registry_info.c.key == "schema_version")).scalar()
+                    if version is not None:
+                        self._check_schema_version(int(version))
+                        return
+        except exc.OperationalError as e:
+            raise StudioError(f"cannot open the registry {self.url.render_as_string(hide_password=True)}: "
+                              f"{e.orig}") from None
+
+        def create(conn) -> None:
+            METADATA.create_all(conn)  # checkfirst: a second process finds the tables and skips them
+            if conn.execute(sa.select(registry_info.c.value).where(registry_info.c.key == "schema_version")).first():
+                return
+            conn.execute(sa.insert(registry_info).values(key="schema_version", value=str(SCHEMA_VERSION)))
+
+        try:
+            self._transact(create)
+        except exc.ProgrammingError:
+            self._transact(create)  # PostgreSQL: another process created a table between check and CREATE
+
+    def _check_schema_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StudioError(f"the registry was written by a newer LoRA Studio (schema {version}, this one reads "
+                              f"{SCHEMA_VERSION}): upgrade lora-studio")
+
+    # ---- resolving references -------------------------------------------------------------
+
+    def _resolve(self, conn: sa.Connection, ref: str) -> sa.Row:
+        """The version row (id, adapter_id, name, number, weights_sha256) a reference names, or raise."""
+        parsed = parse_reference(ref)
+        cols = (versions.c.id, versions.c.adapter_id, adapters.c.name, versions.c.number, versions.c.weights_sha256)
+        joined = versions.join(adapters, versions.c.adapter_id == adapters.c.id)
+        if parsed.kind == "hash":
+            prefix = parsed.hash_prefix
+            # Hex digits all sort below 'g', so [prefix, prefix + 'g') is exactly the hashes starting with
+            # prefix: a range scan on the index, where LIKE 'prefix%' would not use it on every backend.
+            rows = conn.execute(sa.select(*cols).select_from(joined)
+                                .where(versions.c.weights_sha256 >= prefix, versions.c.weights_sha256 < prefix + "g")
+                                .order_by(adapters.c.name, versions.c.number).limit(21)).all()
+            if not rows:
+                raise AdapterNotFoundError(f"no adapter version has a weights sha256 starting with {prefix}")
+            if len(rows) > 1:
+                shown = [f"{r.name}@{r.number} (sha256:{r.weights_sha256[:16]})" for r in rows[:20]]
+                raise AmbiguousReferenceError(
+                    f"sha256:{prefix} matches {len(rows) if len(rows) <= 20 else 'more than 20'} versions: "
+                    f"{', '.join(shown)}; use name@number or a longer hash", shown)
+            return rows[0]
+        adapter = conn.execute(sa.select(adapters.c.id).where(adapters.c.name == parsed.name)).first()
+        if adapter is None:
+            raise self._unknown_name(conn, parsed.name)
+        if parsed.kind == "number":
+            row = conn.execute(sa.select(*cols).select_from(joined)
+                               .where(versions.c.adapter_id == adapter.id, versions.c.number == parsed.number)).first()
+        else:
+            alias = parsed.alias or LATEST
+            row = conn.execute(sa.select(*cols).select_from(
+                joined.join(aliases, aliases.c.version_id == versions.c.id))
+                .where(aliases.c.adapter_id == adapter.id, aliases.c.alias == alias)).first()
+        if row is not None:
+            return row
+        numbers = conn.execute(sa.select(versions.c.number).where(versions.c.adapter_id == adapter.id)
+                               .order_by(versions.c.number)).scalars().all()
+        names = conn.execute(sa.select(aliases.c.alias).where(aliases.c.adapter_id == adapter.id)
+                             .order_by(aliases.c.alias)).scalars().all()
+        candidates = [f"{parsed.name}@{n}" for n in numbers[-20:]] + [f"{parsed.name}@{a}" for a in names]
+        what = f"version {parsed.number}" if parsed.kind == "number" else f"alias {parsed.alias or LATEST!r}"
+        raise AdapterNotFoundError(f"{parsed.name} has no {what}; it has: {', '.join(candidates)}", candidates)
+
+    def _unknown_name(self, conn: sa.Connection, name: str) -> AdapterNotFoundError:
+        names = conn.execute(sa.select(adapters.c.name)).scalars().all()
+        lowered = name.lower()
+        close = [n for n in names if n.lower() == lowered]
+        close += [n for n in difflib.get_close_matches(name, names, n=5, cutoff=0.6) if n not in close]
+        close += [n for n in names if lowered in n.lower() and n not in close][: max(0, 8 - len(close))]
+        hint = f"; did you mean: {', '.join(close)}?" if close else "; `lora-studio adapters list` shows what exists"
+        return AdapterNotFoundError(f"no adapter named {name!r}{hint}", close)
+
+    def _adapter_id(self, conn: sa.Connection, name: str) -> int:
+        check_name(name)
+        row = conn.execute(sa.select(adapters.c.id).where(adapters.c.name == name)).first()
+        if row is None:
+            raise self._unknown_name(conn, name)
+        return row.id
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def get(self, ref: str) -> AdapterVersion:
+        """The version a reference names (``name``, ``name@3``, ``name@prod``, ``sha256:0123abcd``)."""
+        with self._read() as conn:
+            return self._load(conn, [self._resolve(conn, ref).id])[0]
+
+    def adapter(self, name: str) -> AdapterInfo:
+        """An adapter's version numbers and aliases."""
+        with self._read() as conn:
+            adapter_id = self._adapter_id(conn, name)
+            row = conn.execute(sa.select(adapters.c.created_at).where(adapters.c.id == adapter_id)).one()
+            numbers = conn.execute(sa.select(versions.c.number).where(versions.c.adapter_id == adapter_id)
+                                   .order_by(versions.c.number)).scalars().all()
+            alias_rows = conn.execute(sa.select(aliases.c.alias, versions.c.number)
+                                      .join(versions, aliases.c.version_id == versions.c.id)
+                                      .where(aliases.c.adapter_id == adapter_id).order_by(aliases.c.alias)).all()
+        return AdapterInfo(name=name, versions=tuple(numbers), aliases={a: n for a, n in alias_rows},
+                           created_at=_aware(row.created_at))
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        """Every version of one adapter, oldest first."""
+        with self._read() as conn:
+            adapter_id = self._adapter_id(conn, name)
+            ids = conn.execute(sa.select(versions.c.id).where(versions.c.adapter_id == adapter_id)
+                               .order_by(versions.c.number)).scalars().all()
+            return self._load(conn, ids)
+
+    def children(self, ref: str) -> list[AdapterVersion]:
+        """Versions that list ``ref`` among their parents (trained from it, merged from it)."""
+        with self._read() as conn:
+            parent = self._resolve(conn, ref)
+            ids = conn.execute(sa.select(version_parents.c.child_id).where(version_parents.c.parent_id == parent.id)
+                               .order_by(version_parents.c.child_id)).scalars().all()
+            return self._load(conn, list(dict.fromkeys(ids)))
+
+    def list_versions(self, *, search: str | None = None, tag: str | None = None, family: str | None = None,
+                      trigger: str | None = None, adapter_type: str | None = None, name: str | None = None,
+                      latest_only: bool = False, sort: str = "name", limit: int | None = 50,
+                      offset: int = 0) -> VersionPage:
+        """Filter, sort and page versions; every filter is an indexed lookup or one LIKE on one column.
+
+        Args:
+            search: words that must all appear in the name or description (case-insensitive substrings).
+            tag: versions carrying this tag (case-insensitive).
+            family: base-model family, e.g. 'sd1'.
+            trigger: versions with this trigger word or phrase (case-insensitive, whole phrase).
+            adapter_type: lora, dora, loha or lokr.
+            name: versions of this adapter only.
+            latest_only: only the newest version of each adapter.
+            sort: 'name' (then number), 'created' (oldest first) or 'newest' (newest first).
+            limit: page size (None: everything); offset: rows to skip.
+        """
+        if sort not in SORTS:
+            raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}")
+        if adapter_type is not None and adapter_type not in ADAPTER_TYPES:
+            raise InvalidRequestError(f"adapter type must be one of {', '.join(ADAPTER_TYPES)}, not {adapter_type!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidRequestError(f"limit must be a whole number >= 0, not {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequestError(f"offset must be a whole number >= 0, not {offset!r}")
+        conds = []
+        for term in (search or "").lower().split():
+            conds.append(versions.c.search_text.like(f"%{_escape_like(term)}%", escape="\\"))
+        if tag:
+            conds.append(versions.c.id.in_(sa.select(version_tags.c.version_id)
+                                           .where(version_tags.c.tag_key == tag.strip().lower())))
+        if trigger:
+            conds.append(versions.c.id.in_(sa.select(version_triggers.c.version_id)
+                                           .where(version_triggers.c.word_key == trigger.strip().lower())))
+        if family:
+            conds.append(versions.c.family == family)
+        if adapter_type:
+            conds.append(versions.c.adapter_type == adapter_type)
+        if name is not None:
+            conds.append(adapters.c.name == check_name(name))
+        if latest_only:
+            conds.append(versions.c.id.in_(sa.select(aliases.c.version_id).where(aliases.c.alias == LATEST)))
+        joined = versions.join(adapters, versions.c.adapter_id == adapters.c.id)
+        order = {
+            "name": (adapters.c.name, versions.c.number),
+            "created": (versions.c.created_at, versions.c.id),
+            "newest": (versions.c.created_at.desc(), versions.c.id.desc()),
+        }[sort]
+        query = sa.select(versions.c.id).select_from(joined).where(*conds).order_by(*order).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(joined).where(*conds)).scalar_one()
+            ids = conn.execute(query).scalars().all() if limit != 0 else []
+            items = self._load(conn, ids)
+        return VersionPage(items=tuple(items), total=total, limit=limit, offset=offset)
+
+    def _load(self, conn: sa.Connection, ids: Sequence[int]) -> list[AdapterVersion]:
+        """Full records for ``ids``, in that order: one query per table, never one per version."""
+        if not ids:
+            return []
+        rows, tags, triggers, alias_map, parents, samples = {}, {}, {}, {}, {}, {}
+        for chunk in _chunks(list(ids)):
+            for r in conn.execute(sa.select(versions, adapters.c.name.label("adapter_name"))
+                                  .join(adapters, versions.c.adapter_id == adapters.c.id)
+                                  .where(versions.c.id.in_(chunk))):
+                rows[r.id] = r
+            for vid, tag in conn.execute(sa.select(version_tags.c.version_id, version_tags.c.tag)
+                                         .where(version_tags.c.version_id.in_(chunk))
+                                         .order_by(version_tags.c.version_id, version_tags.c.position)):
+                tags.setdefault(vid, []).append(tag)
+            for vid, word in conn.execute(sa.select(version_triggers.c.version_id, version_triggers.c.word)
+                                          .where(version_triggers.c.version_id.in_(chunk))
+                                          .order_by(version_triggers.c.version_id, version_triggers.c.position)):
+                triggers.setdefault(vid, []).append(word)
+            for vid, alias in conn.execute(sa.select(aliases.c.version_id, aliases.c.alias)
+                                           .where(aliases.c.version_id.in_(chunk))
+                                           .order_by(aliases.c.version_id, aliases.c.alias)):
+                alias_map.setdefault(vid, []).append(alias)
+            for p in conn.execute(sa.select(version_parents).where(version_parents.c.child_id.in_(chunk))
+                                  .order_by(version_parents.c.child_id, version_parents.c.position)):
+                parents.setdefault(p.child_id, []).append(
+                    ParentRef(name=p.parent_name, number=p.parent_number, sha256=p.parent_sha256,
+                              present=p.parent_id is not None))
+            for s in conn.execute(sa.select(version_samples).where(version_samples.c.version_id.in_(chunk))
+                                  .order_by(version_samples.c.version_id, version_samples.c.position)):
+                samples.setdefault(s.version_id, []).append(
+                    Sample(sha256=s.blob_sha256, path=self.store.path(s.blob_sha256), recipe=s.recipe))
+        out = []
+        for vid in ids:
+            r = rows[vid]
+            out.append(AdapterVersion(
+                name=r.adapter_name, number=r.number, aliases=tuple(alias_map.get(vid, ())), family=r.family,
+                adapter_type=r.adapter_type, rank=r.rank, alpha=r.alpha, target_modules=tuple(r.target_modules),
+                components=tuple(r.components), trigger_words=tuple(triggers.get(vid, ())),
+                description=r.description, tags=tuple(tags.get(vid, ())), license=r.license, author=r.author,
+                base_model=r.base_model, base_model_sha256=r.base_model_sha256, training_config=r.training_config,
+                dataset_fingerprint=r.dataset_fingerprint, origin=r.origin, source=r.source,
+                parents=tuple(parents.get(vid, ())), metrics=r.metrics, samples=tuple(samples.get(vid, ())),
+                weights_format=r.weights_format, weights_sha256=r.weights_sha256, tensor_sha256=r.tensor_sha256,
+                autov2=r.autov2, a1111_legacy=r.a1111_legacy, size_bytes=r.size_bytes,
+                safetensors_metadata=r.safetensors_metadata, created_at=_aware(r.created_at),
+                path=self.store.path(r.weights_sha256),
+            ))
+        return out
+
+    # ---- registering ------------------------------------------------------------------------
+
+    def register(self, name: str, weights: str | Path, info: VersionInfo) -> AdapterVersion:
+        """Store a ``.safetensors`` adapter file as the next version of ``name``.
+
+        The file is validated, hashed and copied into the blob store, then one transaction takes the
+        next number and writes the record. If ``name`` already has a version with the same tensors
+        (same tensor-only sha256, whatever the metadata), that version is returned and nothing new is
+        recorded.
+        """
+        check_name(name)
+        if not isinstance(info, VersionInfo):
+            raise InvalidRequestError(f"info must be a VersionInfo, not {type(info).__name__}")
+        weights = Path(weights)
+        if weights.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeWeightsError(
+                f"{weights} is a pickle file ({weights.suffix}): pickles can run code when loaded, so the registry "
+                f"stores safetensors only. Convert it to .safetensors with a tool you trust, then register that.")
+        header, hashes = hash_weights(weights)
+        # Blobs first. Killed after this line, the store holds bytes no row references: gc() removes them.
+        self.store.put_file(weights, sha256=hashes.sha256)
+        sample_blobs = [self._put_sample(s.image) for s in info.samples]
+        now = _utcnow()
+
+        def work(conn: sa.Connection) -> tuple[int, bool]:
+            adapter_id = self._lock_adapter(conn, name, now)
+            existing = conn.execute(sa.select(versions.c.id)
+                                    .where(versions.c.adapter_id == adapter_id,
+                                           versions.c.tensor_sha256 == hashes.tensor_sha256)
+                                    .order_by(versions.c.number).limit(1)).scalar()
+            if existing is not None:
+                return existing, False
+            parent_rows = [self._resolve(conn, ref) for ref in info.parents]
+            if len({p.id for p in parent_rows}) != len(parent_rows):
+                raise InvalidRequestError(f"parents {info.parents!r} name the same version twice")
+            self._hold_blob(conn, hashes.sha256, hashes.size_bytes,
+                            lambda: self.store.put_file(weights, sha256=hashes.sha256), now)
+            for (sha, size, image) in sample_blobs:
+                self._hold_blob(conn, sha, size, lambda image=image: self._put_sample(image), now)
+            conn.execute(sa.update(adapters).where(adapters.c.id == adapter_id)
+                         .values(last_number=adapters.c.last_number + 1))
+            number = conn.execute(sa.select(adapters.c.last_number).where(adapters.c.id == adapter_id)).scalar_one()
+            version_id = self._insert_version(conn, adapter_id, name, number, info, header.metadata, hashes,
+                                              parent_rows, sample_blobs, now)
+            self._point_latest(conn, adapter_id)
+            return version_id, True
+
+        version_id, created = self._transact(work)
+        if not created:
+            # Same tensors as an existing version: the bytes just stored may differ (other metadata)
+            # and would be unreferenced; collect them now rather than at the next gc().
+            self._collect([hashes.sha256, *(sha for sha, _, _ in sample_blobs)])
+        with self._read() as conn:
+            return self._load(conn, [version_id])[0]
+
+    def _put_sample(self, image: str | Path | bytes) -> tuple[str, int, str | Path | bytes]:
+        if isinstance(image, bytes):
+            return self.store.put_bytes(image), len(image), image
+        path = Path(image)
+        if not path.is_file():
+            raise InputFileNotFoundError(f"sample image {path} does not exist")
+        return self.store.put_file(path), path.stat().st_size, image
+
+    def _lock_adapter(self, conn: sa.Connection, name: str, now: datetime) -> int:
+        """The adapter's id, created if new, with its row locked until commit (PostgreSQL FOR UPDATE;
+        SQLite's BEGIN IMMEDIATE already holds the whole database)."""
+        query = sa.select(adapters.c.id).where(adapters.c.name == name).with_for_update()
+        row = conn.execute(query).first()
+        if row is not None:
+            return row.id
+        try:
+            with conn.begin_nested():
+                return conn.execute(sa.insert(adapters).values(name=name, last_number=0, created_at=now)) \
+                    .inserted_primary_key[0]
+        except exc.IntegrityError:
+            return conn.execute(query).scalar_one()  # created by another writer since our SELECT
+
+    def _hold_blob(self, conn: sa.Connection, sha256: str, size: int, restore: Callable[[], Any],
+                   now: datetime) -> None:
+        """Lock (creating if needed) the blob's row, then make sure its file exists: a collection that ran
+        between our put and this transaction may have removed it, and ``restore`` puts it back."""
+        query = sa.select(blobs.c.sha256).where(blobs.c.sha256 == sha256).with_for_update()
+        if conn.execute(query).first() is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.insert(blobs).values(sha256=sha256, size_bytes=size, created_at=now))
+            except exc.IntegrityError:
+                conn.execute(query).first()
+        if not self.store.exists(sha256):
+            restore()
+
+    def _insert_version(self, conn: sa.Connection, adapter_id: int, name: str, number: int, info: VersionInfo,
+                        metadata: dict, hashes, parent_rows: list, sample_blobs: list, now: datetime) -> int:
+        version_id = conn.execute(sa.insert(versions).values(
+            adapter_id=adapter_id, number=number, weights_sha256=hashes.sha256, tensor_sha256=hashes.tensor_sha256,
+            autov2=hashes.autov2, a1111_legacy=hashes.a1111_legacy, size_bytes=hashes.size_bytes,
+            family=info.family, base_model=info.base_model, base_model_sha256=info.base_model_sha256,
+            adapter_type=info.adapter_type, rank=info.rank,
+            alpha=float(info.alpha) if info.alpha is not None else None,
+            target_modules=list(info.target_modules), components=list(info.components),
+            description=info.description, license=info.license, author=info.author,
+            training_config=info.training_config, dataset_fingerprint=info.dataset_fingerprint,
+            origin=info.origin, source=info.source, metrics=info.metrics, weights_format=info.weights_format,
+            safetensors_metadata=dict(metadata), search_text=f"{name}\n{info.description}".lower(), created_at=now,
+        )).inserted_primary_key[0]
+        if info.tags:
+            conn.execute(sa.insert(version_tags), [
+                {"version_id": version_id, "position": i, "tag": t, "tag_key": t.lower()}
+                for i, t in enumerate(info.tags)])
+        if info.trigger_words:
+            conn.execute(sa.insert(version_triggers), [
+                {"version_id": version_id, "position": i, "word": w, "word_key": w.lower()}
+                for i, w in enumerate(info.trigger_words)])
+        if parent_rows:
+            conn.execute(sa.insert(version_parents), [
+                {"child_id": version_id, "position": i, "parent_id": p.id, "parent_name": p.name,
+                 "parent_number": p.number, "parent_sha256": p.weights_sha256}
+                for i, p in enumerate(parent_rows)])
+        if sample_blobs:
+            conn.execute(sa.insert(version_samples), [
+                {"version_id": version_id, "position": i, "blob_sha256": sha, "recipe": s.recipe}
+                for i, ((sha, _, _), s) in enumerate(zip(sample_blobs, info.samples))])
+        return version_id
+
+    def _point_latest(self, conn: sa.Connection, adapter_id: int) -> None:
+        """Move ``latest`` to the highest remaining number (or drop it when no version is left)."""
+        top = conn.execute(sa.select(versions.c.id).where(versions.c.adapter_id == adapter_id)
+                           .order_by(versions.c.number.desc()).limit(1)).scalar()
+        where = (aliases.c.adapter_id == adapter_id, aliases.c.alias == LATEST)
+        if top is None:
+            conn.execute(sa.delete(aliases).where(*where))
+        elif conn.execute(sa.update(aliases).where(*where).values(version_id=top)).rowcount == 0:
+            conn.execute(sa.insert(aliases).values(adapter_id=adapter_id, alias=LATEST, version_id=top))
+
+    # ---- aliases ----------------------------------------------------------------------------
+
+    def set_alias(self, ref: str, alias: str) -> AdapterVersion:
+        """Point ``alias`` (e.g. 'prod') of the referenced version's adapter at that version; moves it if set."""
+        check_alias(alias)
+        if alias == LATEST:
+            raise InvalidNameError(f"{LATEST!r} is kept on the newest version automatically and cannot be set")
+
+        def work(conn: sa.Connection) -> int:
+            target = self._resolve(conn, ref)
+            where = (aliases.c.adapter_id == target.adapter_id, aliases.c.alias == alias)
+            if conn.execute(sa.update(aliases).where(*where).values(version_id=target.id)).rowcount == 0:
+                conn.execute(sa.insert(aliases).values(adapter_id=target.adapter_id, alias=alias,
+                                                       version_id=target.id))
+            return target.id
+
+        version_id = self._transact(work)
+        with self._read() as conn:
+            return self._load(conn, [version_id])[0]
+
+    def remove_alias(self, name: str, alias: str) -> int:
+        """Remove ``alias`` from adapter ``name``; returns the version number it pointed at."""
+        check_alias(alias)
+        if alias == LATEST:
+            raise InvalidNameError(f"{LATEST!r} is kept on the newest version automatically and cannot be removed")
+
+        def work(conn: sa.Connection) -> int:
+            row = self._resolve(conn, f"{name}@{alias}")
+            conn.execute(sa.delete(aliases).where(aliases.c.adapter_id == row.adapter_id, aliases.c.alias == alias))
+            return row.number
+
+        return self._transact(work)
+
+    # ---- deleting and collecting ------------------------------------------------------------
+
+    def delete(self, ref: str, *, force: bool = False) -> DeleteReport:
+        """Delete what ``ref`` names: a bare ``name`` is the whole adapter; ``name@3``, ``name@prod`` and
+        ``sha256:...`` are one version. See :meth:`delete_adapter` and :meth:`delete_version`."""
+        if parse_reference(ref).kind == "name":
+            return self.delete_adapter(ref, force=force)
+        return self.delete_version(ref, force=force)
+
+    def delete_version(self, ref: str, *, force: bool = False) -> DeleteReport:
+        """Delete one version. Refused (:class:`AliasInUseError`) when a user alias points at it, unless
+        ``force`` (which removes those aliases too). ``latest`` moves to the next-highest number; the
+        last version's delete removes the adapter. Blobs no other version uses are removed."""
+
+        def work(conn: sa.Connection):
+            target = self._resolve(conn, ref)
+            held = conn.execute(sa.select(aliases.c.alias).where(aliases.c.version_id == target.id,
+                                                                 aliases.c.alias != LATEST)
+                                .order_by(aliases.c.alias)).scalars().all()
+            if held and not force:
+                shown = [f"{target.name}@{a}" for a in held]
+                raise AliasInUseError(
+                    f"{target.name}@{target.number} is what {', '.join(shown)} points at: move the alias "
+                    f"(lora-studio adapters tag), remove it (adapters untag), or pass --force", shown)
+            freed = self._delete_versions(conn, [target.id])
+            self._finish_adapter(conn, target.adapter_id)
+            return ([f"{target.name}@{target.number}"], [f"{target.name}@{a}" for a in held], freed)
+
+        deleted, removed_aliases, freed = self._transact(work)
+        removed, size = self._collect(freed)
+        return DeleteReport(tuple(deleted), tuple(removed_aliases), tuple(removed), size)
+
+    def delete_adapter(self, name: str, *, force: bool = False) -> DeleteReport:
+        """Delete an adapter and every version of it; refused while it has user aliases unless ``force``."""
+
+        def work(conn: sa.Connection):
+            adapter_id = self._adapter_id(conn, name)
+            held = conn.execute(sa.select(aliases.c.alias).where(aliases.c.adapter_id == adapter_id,
+                                                                 aliases.c.alias != LATEST)
+                                .order_by(aliases.c.alias)).scalars().all()
+            if held and not force:
+                shown = [f"{name}@{a}" for a in held]
+                raise AliasInUseError(f"{name} has aliases {', '.join(shown)}: remove them (lora-studio adapters "
+                                      f"untag) or pass --force to delete every version anyway", shown)
+            rows = conn.execute(sa.select(versions.c.id, versions.c.number).where(versions.c.adapter_id == adapter_id)
+                                .order_by(versions.c.number)).all()
+            freed = self._delete_versions(conn, [r.id for r in rows])
+            self._finish_adapter(conn, adapter_id)
+            return [f"{name}@{r.number}" for r in rows], [f"{name}@{a}" for a in held], freed
+
+        deleted, removed_aliases, freed = self._transact(work)
+        removed, size = self._collect(freed)
+        return DeleteReport(tuple(deleted), tuple(removed_aliases), tuple(removed), size)
+
+    def _delete_versions(self, conn: sa.Connection, ids: list[int]) -> list[str]:
+        """Delete version rows and everything hanging off them; return the blob hashes they referenced."""
+        freed: list[str] = []
+        for chunk in _chunks(ids):
+            freed += conn.execute(sa.select(versions.c.weights_sha256).where(versions.c.id.in_(chunk))).scalars()
+            freed += conn.execute(sa.select(version_samples.c.blob_sha256)
+                                  .where(version_samples.c.version_id.in_(chunk))).scalars()
+            for table in _CHILD_TABLES:
+                conn.execute(sa.delete(table).where(table.c.version_id.in_(chunk)))
+            conn.execute(sa.delete(aliases).where(aliases.c.version_id.in_(chunk)))
+            conn.execute(sa.delete(version_parents).where(version_parents.c.child_id.in_(chunk)))
+            # Children keep the parent's name, number and hash; only the live link goes.
+            conn.execute(sa.update(version_parents).where(version_parents.c.parent_id.in_(chunk))
+                         .values(parent_id=None))
+            conn.execute(sa.delete(versions).where(versions.c.id.in_(chunk)))
+        return list(dict.fromkeys(freed))
+
+    def _finish_adapter(self, conn: sa.Connection, adapter_id: int) -> None:
+        """After deleting versions: move ``latest``, or remove the adapter when none is left."""
+        if conn.execute(sa.select(versions.c.id).where(versions.c.adapter_id == adapter_id).limit(1)).first():
+            self._point_latest(conn, adapter_id)
+        else:
+            conn.execute(sa.delete(aliases).where(aliases.c.adapter_id == adapter_id))
+            conn.execute(sa.delete(adapters).where(adapters.c.id == adapter_id))
+
+    def _referenced(self, conn: sa.Connection, sha256: str) -> bool:
+        return (conn.execute(sa.select(versions.c.id).where(versions.c.weights_sha256 == sha256).limit(1)).first()
+                is not None
+                or conn.execute(sa.select(version_samples.c.version_id)
+                                .where(version_samples.c.blob_sha256 == sha256).limit(1)).first() is not None)
+
+    def _collect(self, shas: Iterable[str]) -> tuple[list[str], int]:
+        """Remove the blobs among ``shas`` that nothing references (see the blob-lifetime rule above):
+        rows whose versions were deleted, and files stored by a registration that never recorded them."""
+        shas = sorted(set(shas))  # a fixed lock order: two collectors never wait on each other in a cycle
+        if not shas:
+            return [], 0
+        now = _utcnow()
+
+        def work(conn: sa.Connection) -> tuple[list[str], int]:
+            removed, freed = [], 0
+            for sha in shas:
+                row = conn.execute(sa.select(blobs.c.size_bytes).where(blobs.c.sha256 == sha).with_for_update()).first()
+                if row is not None:
+                    if self._referenced(conn, sha):
+                        continue
+                    size = row.size_bytes
+                else:
+                    try:
+                        size = self.store.size(sha)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        # A file without a row: take the row ourselves, so a registration of these bytes
+                        # waits for us, then finds the file gone and stores it again (see _hold_blob).
+                        with conn.begin_nested():
+                            conn.execute(sa.insert(blobs).values(sha256=sha, size_bytes=size, created_at=now))
+                    except exc.IntegrityError:
+                        continue  # a registration recorded it meanwhile
+                # Unlinked under the row lock, before commit. Should the commit fail, the row outlives its
+                # file; nothing references it, and a later registration of these bytes puts them back.
+                self.store.delete(sha)
+                conn.execute(sa.delete(blobs).where(blobs.c.sha256 == sha))
+                removed.append(sha)
+                freed += size
+            return removed, freed
+
+        return self._transact(work)
+
+    def gc(self, *, temp_older_than_s: float = 3600.0) -> GcReport:
+        """Remove blobs no version references: rows left by deletes, files left by an interrupted
+        registration (stored, never recorded), and temporary files of interrupted copies older than
+        ``temp_older_than_s`` (younger ones may belong to a copy still running)."""
+        with self._read() as conn:
+            unreferenced = conn.execute(sa.select(blobs.c.sha256).where(
+                ~sa.exists().where(versions.c.weights_sha256 == blobs.c.sha256),
+                ~sa.exists().where(version_samples.c.blob_sha256 == blobs.c.sha256),
+            )).scalars().all()
+            known = set(conn.execute(sa.select(blobs.c.sha256)).scalars())
+        # One folder walk for the files; every decision is re-checked under the lock in _collect.
+        orphans = [sha for sha in self.store if sha not in known]
+        removed, freed = self._collect([*unreferenced, *orphans])
+        temps = self.store.stale_temp_files(temp_older_than_s)
+        for path in temps:
+            path.unlink(missing_ok=True)
+        return GcReport(blobs_removed=tuple(removed), bytes_freed=freed, temp_files_removed=len(temps))
+
+    def check(self) -> list[str]:
+        """Consistency problems, one line each (empty when sound): versions whose blobs are missing,
+        a wrong or missing ``latest``, numbers above an adapter's counter, adapters with no versions.
+        Unreferenced blobs are not problems (``gc()`` removes them)."""
+        problems = []
+        with self._read() as conn:
+            for name, number, sha in conn.execute(
+                    sa.select(adapters.c.name, versions.c.number, versions.c.weights_sha256)
+                    .join(adapters, versions.c.adapter_id == adapters.c.id).order_by(adapters.c.name)):
+                if not self.store.exists(sha):
+                    problems.append(f"{name}@{number}: weights blob {sha} is missing")
+            for name, number, sha in conn.execute(
+                    sa.select(adapters.c.name, versions.c.number, version_samples.c.blob_sha256)
+                    .join(versions, version_samples.c.version_id == versions.c.id)
+                    .join(adapters, versions.c.adapter_id == adapters.c.id)):
+                if not self.store.exists(sha):
+                    problems.append(f"{name}@{number}: sample blob {sha} is missing")
+            top = (sa.select(versions.c.adapter_id, sa.func.max(versions.c.number).label("top"),
+                             sa.func.count().label("n"))
+                   .group_by(versions.c.adapter_id).subquery())
+            latest = (sa.select(aliases.c.adapter_id, versions.c.number.label("number"))
+                      .join(versions, aliases.c.version_id == versions.c.id)
+                      .where(aliases.c.alias == LATEST).subquery())
+            for r in conn.execute(sa.select(adapters.c.name, adapters.c.last_number, top.c.top, top.c.n,
+                                            latest.c.number)
+                                  .outerjoin(top, top.c.adapter_id == adapters.c.id)
+                                  .outerjoin(latest, latest.c.adapter_id == adapters.c.id)):
+                if r.n is None:
+                    problems.append(f"{r.name}: has no versions")
+                    continue
+                if r.number != r.top:
+                    problems.append(f"{r.name}: latest points at {r.number}, the newest version is {r.top}")
+                if r.top > r.last_number:
+                    problems.append(f"{r.name}: version {r.top} is above the counter {r.last_number}")
+        return problems
+
+
+def version_info_fields() -> dict[str, str]:
+    """Field name -> help text of :class:`VersionInfo` (for CLI help, TOML docs and UI tooltips)."""
+    return {f.name: f.metadata.get("help", "") for f in fields(VersionInfo)}

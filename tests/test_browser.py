@@ -1,0 +1,204 @@
+"""End to end in a real browser: start the studio as a user would, generate from the Generate page.
+
+Needs Chromium at /usr/bin/chromium (Debian: ``apt-get install chromium``) and the ``playwright``
+Python package (the ``test`` extra); never ``playwright install``. Skipped when either is missing.
+``LORA_STUDIO_E2E_BASE`` picks the base model typed into the page (default ``tiny``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+BASE_MODEL = os.environ.get("LORA_STUDIO_E2E_BASE", "tiny")
+SERVER_START_TIMEOUT_S = 60
+GENERATE_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop the server and anything it started (it runs in its own session / process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the studio exited with {proc.returncode} before answering:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"the studio did not answer {url} within {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def _listening_addresses(port: int, pid: int) -> list[tuple[str, bool]]:
+    """(local address, owned by pid) for every TCP socket listening on ``port``, from /proc/net/tcp{,6}."""
+    owned: set[str] = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owned.add(target[8:-1])
+    except OSError:
+        pass
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            addr_hex, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:  # 0A = TCP_LISTEN
+                found.append((_decode_addr(addr_hex), inode in owned))
+    return found
+
+
+def _decode_addr(addr_hex: str) -> str:
+    # /proc/net/tcp{,6} print the address as 32-bit words in host byte order (little-endian here).
+    raw = b"".join(bytes.fromhex(addr_hex[i:i + 8])[::-1] for i in range(0, len(addr_hex), 8))
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _is_loopback(addr: str) -> bool:
+    return addr.startswith("127.") or addr in ("::1", "::ffff:127.0.0.1") or addr.startswith("::ffff:127.")
+
+
+def _non_loopback_ipv4() -> str | None:
+    """This machine's outward IPv4 address, if it has one (a UDP connect sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+@pytest.fixture
+def studio_server(tmp_path):
+    """``python -m studio.cli ui --headless --port P`` with a private home; yields (url, port, pid)."""
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LORA_STUDIO_HOME=str(tmp_path / "home"))
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "studio.cli", "ui", "--headless", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_up(proc, url, log)
+        yield url, port, proc.pid
+    finally:
+        _kill_group(proc)
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_generate_in_a_real_browser(browser, studio_server, tmp_path):
+    url, port, pid = studio_server
+
+    # Bound to loopback only: every listener on the port is 127.0.0.1 (or ::1), and one is the server's.
+    listeners = _listening_addresses(port, pid)
+    if listeners:
+        assert all(_is_loopback(addr) for addr, _ in listeners), f"studio listens beyond loopback: {listeners}"
+        assert any(mine for _, mine in listeners), f"no listener on port {port} belongs to the studio: {listeners}"
+    outward = _non_loopback_ipv4()
+    if outward is not None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            assert s.connect_ex((outward, port)) != 0, f"the studio answers on {outward}:{port}"
+    if not listeners and outward is None:
+        pytest.fail("could not check the bind address: no /proc/net/tcp and no outward address")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    shot = tmp_path / "generate.png"
+    try:
+        page.goto(url, wait_until="domcontentloaded", timeout=30_000)
+        page.wait_for_selector('[data-testid="stApp"]', timeout=30_000)
+        prompt = page.locator('[data-testid="stTextArea"] textarea').first
+        prompt.wait_for(timeout=30_000)
+        prompt.fill("a yellow triangle on a green background")
+        seed = page.locator('[data-testid="stTextInput"] input[aria-label="Seed"]')
+        seed.fill("7")
+        if BASE_MODEL != "tiny":
+            page.locator('[data-testid="stTextInput"] input[aria-label="Base model"]').fill(BASE_MODEL)
+        page.locator('[data-testid="stFormSubmitButton"] button, [data-testid="stButton"] button').filter(
+            has_text="Generate").first.click()
+
+        page.wait_for_selector('[data-testid="stAlertContentSuccess"], [data-testid="stAlertContentError"], '
+                               '[data-testid="stException"]', timeout=GENERATE_TIMEOUT_S * 1000)
+        errors = page.locator('[data-testid="stAlertContentError"], [data-testid="stException"]')
+        assert errors.count() == 0, f"the page shows an error: {errors.first.inner_text()}"
+        success = page.locator('[data-testid="stAlertContentSuccess"]').first.inner_text()
+        assert "image(s)" in success and "seed 7" in success, success
+
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('[data-testid="stImage"] img')]
+                     .some(img => img.complete && img.naturalWidth > 0)""",
+            timeout=30_000,
+        )
+        page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=30_000)
+        images = page.locator('[data-testid="stImage"] img')
+        assert images.count() >= 1
+    finally:
+        page.screenshot(path=str(shot), full_page=True)
+        page.close()
+    assert shot.stat().st_size > 0

@@ -1,0 +1,246 @@
+"""The blob store (atomic, immutable, verified, 0644) and the file hashes (tensor-only, AutoV2, A1111)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+
+import pytest
+
+from adapters import store as store_module
+from adapters.hashes import (
+    A1111_LENGTH,
+    A1111_OFFSET,
+    a1111_legacy_hash,
+    autov2,
+    file_sha256,
+    hash_weights,
+    read_header,
+    tensor_sha256,
+)
+from adapters.store import BlobStore
+from studio.errors import (
+    BlobNotFoundError,
+    CorruptWeightsError,
+    HashMismatchError,
+    InputFileNotFoundError,
+    InvalidRequestError,
+    StudioError,
+)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _save(path, tensors: dict, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _tensors(seed: int = 0, n: int = 3, size: int = 8) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"lora_unet_block_{i}.lora_down.weight": torch.randn(size, size, generator=g) for i in range(n)}
+
+
+# ---- the store ---------------------------------------------------------------------------------
+
+
+def test_default_root_is_home_blobs(studio_home):
+    assert BlobStore().root == studio_home / "blobs"
+
+
+def test_put_bytes_round_trip_and_fan_out_layout(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_bytes(b"hello")
+    assert sha == _sha(b"hello")
+    assert store.path(sha) == tmp_path / "blobs" / sha[:2] / sha
+    assert store.path(sha).read_bytes() == b"hello"
+    assert store.exists(sha) and store.size(sha) == 5 and store.verify(sha)
+    assert list(store) == [sha]
+
+
+def test_put_file_from_a_0600_source_gives_a_0644_blob(tmp_path):
+    src = tmp_path / "adapter.safetensors"
+    src.write_bytes(b"x" * 1000)
+    os.chmod(src, 0o600)  # what safetensors' save_file leaves behind
+    old = os.umask(0o077)  # a strict umask must not leak into blobs either
+    try:
+        sha = BlobStore(tmp_path / "blobs").put_file(src)
+    finally:
+        os.umask(old)
+    blob = tmp_path / "blobs" / sha[:2] / sha
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o644
+    assert blob.read_bytes() == src.read_bytes()
+
+
+def test_re_put_is_a_no_op_and_never_rewrites(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    src = tmp_path / "f"
+    src.write_bytes(b"same bytes")
+    sha = store.put_file(src)
+    before = store.path(sha).stat()
+    time.sleep(0.01)
+    assert store.put_file(src) == sha
+    assert store.put_bytes(b"same bytes") == sha
+    after = store.path(sha).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_put_verifies_the_hash_and_leaves_nothing_on_mismatch(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    src = tmp_path / "f"
+    src.write_bytes(b"actual content")
+    wrong = _sha(b"what the caller thought the file held")
+    # As if the source changed between hashing and copying: the copy's hash is checked, not trusted.
+    with pytest.raises(HashMismatchError) as err:
+        store.put_file(src, sha256=wrong)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, StudioError)
+    assert not store.exists(wrong)
+    assert not any(p.is_file() for p in (tmp_path / "blobs").rglob("*"))  # no blob, no temporary file
+    with pytest.raises(HashMismatchError):
+        store.put_bytes(b"abc", sha256=wrong)
+
+
+def test_a_failed_rename_leaves_no_blob_and_no_temp(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "blobs")
+
+    def boom(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_module.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        store.put_bytes(b"payload")
+    assert not store.exists(_sha(b"payload"))
+    assert not any(p.is_file() for p in (tmp_path / "blobs").rglob("*"))
+
+
+def test_writes_fsync_the_folder(tmp_path, monkeypatch):
+    synced = []
+    real = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: (synced.append(p), real(p)))
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_bytes(b"durable")
+    # The new fan-out folder's entry, then the blob's rename; later the unlink.
+    assert synced == [tmp_path / "blobs", store.path(sha).parent]
+    synced.clear()
+    assert store.delete(sha) is True
+    assert synced == [store.path(sha).parent]
+
+
+def test_delete(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_bytes(b"gone soon")
+    assert store.delete(sha) is True
+    assert not store.exists(sha) and store.delete(sha) is False
+    with pytest.raises(BlobNotFoundError):
+        store.size(sha)
+    with pytest.raises(FileNotFoundError):  # also the built-in
+        store.verify(sha)
+
+
+def test_blob_names_are_checked(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    for bad in ("../../etc/passwd", "ab", "A" * 64, "g" * 64, "a" * 64 + "\n", ""):
+        with pytest.raises(InvalidRequestError):
+            store.path(bad)
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(InputFileNotFoundError) as err:
+        BlobStore(tmp_path / "blobs").put_file(tmp_path / "nope.safetensors")
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_damaged_blob_is_replaced_and_verify_catches_corruption(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_bytes(b"0123456789")
+    target = store.path(sha)
+    os.chmod(target, 0o644)
+    target.write_bytes(b"01234")  # truncated behind the store's back
+    assert store.put_bytes(b"0123456789") == sha and target.read_bytes() == b"0123456789"
+    target.write_bytes(b"0123456780")  # same size, flipped byte: only a re-hash notices
+    assert store.verify(sha) is False
+
+
+def test_iteration_skips_temp_files_and_stale_temps_are_found_by_age(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_bytes(b"kept")
+    fresh = store.path(sha).parent / f".{sha[:16]}-abc.tmp"
+    old = store.path(sha).parent / f".{sha[:16]}-def.tmp"
+    fresh.write_bytes(b"in flight")
+    old.write_bytes(b"crashed")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert list(store) == [sha]
+    assert store.stale_temp_files(3600) == [old]
+
+
+# ---- hashes ------------------------------------------------------------------------------------
+
+
+def test_tensor_hash_ignores_metadata_and_matches_the_bytes_after_the_header(tmp_path):
+    tensors = _tensors(1)
+    a = _save(tmp_path / "a.safetensors", tensors, {"ss_output_name": "a"})
+    b = _save(tmp_path / "b.safetensors", tensors, {"ss_output_name": "b", "modelspec.title": "B"})
+    raw = a.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert tensor_sha256(a) == _sha(raw[8 + n:])  # kohya's sshs_model_hash definition
+    assert tensor_sha256(a) == tensor_sha256(b)
+    assert file_sha256(a) != file_sha256(b)
+    assert tensor_sha256(_save(tmp_path / "c.safetensors", _tensors(2))) != tensor_sha256(a)
+
+
+def test_hash_weights_gives_every_hash_in_one_pass(tmp_path):
+    path = _save(tmp_path / "big.safetensors", {"w": __import__("torch").randn(600, 600)}, {"k": "v"})
+    raw = path.read_bytes()
+    assert len(raw) > A1111_OFFSET + A1111_LENGTH  # 600*600*4 bytes = 1.37 MiB
+    header, hashes = hash_weights(path)
+    assert hashes.sha256 == _sha(raw) == file_sha256(path)
+    assert hashes.autov2 == _sha(raw)[:10] == autov2(hashes.sha256)
+    assert hashes.a1111_legacy == _sha(raw[0x100000:0x110000])[:8] == a1111_legacy_hash(path)
+    assert hashes.size_bytes == len(raw)
+    assert header.metadata == {"k": "v"} and header.tensors["w"].shape == (600, 600)
+    assert header.tensors["w"].dtype == "F32" and header.data_offset == 8 + header.header_size
+
+
+def test_a1111_hash_of_a_small_file_is_the_empty_window(tmp_path):
+    path = _save(tmp_path / "small.safetensors", _tensors())
+    assert a1111_legacy_hash(path) == _sha(b"")[:8] == "e3b0c442"  # what A1111 shows for < 1 MiB files
+
+
+def test_damaged_files_are_refused_with_a_reason(tmp_path):
+    good = _save(tmp_path / "good.safetensors", _tensors()).read_bytes()
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + n])
+
+    def with_header(obj) -> bytes:
+        raw = json.dumps(obj).encode()
+        return len(raw).to_bytes(8, "little") + raw + good[8 + n:]
+
+    bad_meta = dict(header, __metadata__={"rank": 4})
+    cases = {
+        "short": (b"\x01\x02", "8-byte header length"),
+        "huge-header": ((10**12).to_bytes(8, "little") + b"{}", "does not fit"),
+        "not-json": (b"\x05\x00\x00\x00\x00\x00\x00\x00{oops", "not JSON"),
+        "truncated": (good[:-10], "truncated"),
+        "trailing": (good + b"junk", "trailing bytes"),
+        "meta-not-str": (with_header(bad_meta), "strings to strings"),
+        "list-header": (with_header([1, 2]), "not a JSON object"),
+    }
+    for label, (data, reason) in cases.items():
+        path = tmp_path / f"{label}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(CorruptWeightsError, match=reason):
+            read_header(path)
+        with pytest.raises(CorruptWeightsError):
+            hash_weights(path)
+    with pytest.raises(InputFileNotFoundError):
+        read_header(tmp_path / "missing.safetensors")
