@@ -234,6 +234,16 @@ def load_pipeline(ref: str | None = None):
     return _CACHE.get(key, lambda: _load(resolved))
 
 
+def load_fresh_pipeline(ref: str | None = None):
+    """A private, uncached copy of the pipeline for ``ref`` (training, adapter experiments, tests).
+
+    The embedded tiny model is stored in float16 to stay small; plain ``from_pretrained(folder)``
+    without ``dtype`` would keep some modules in float16 and fail on CPU with a dtype mismatch.
+    This loads it (and every other model) the studio's way: float32 on CPU, float16 on CUDA.
+    """
+    return _load(resolve(ref))
+
+
 def clear_pipeline_cache() -> None:
     _CACHE.clear()
 

@@ -76,6 +76,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=_int, default=None, help="width in pixels (multiple of 8)")
     p.add_argument("--height", type=_int, default=None, help="height in pixels (multiple of 8)")
     p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'Euler a', 'DPM++ 2M', 'UniPC'")
+    p.add_argument("--adapter", action="append", default=[], metavar="REF[:WEIGHT]",
+                   help="add an adapter to the stack (repeatable): name, name@3, name@prod, sha256:<prefix> or a "
+                        ".safetensors path, with an optional weight, e.g. mystyle@2:0.8")
     p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -97,6 +100,7 @@ def _read_prompts_file(path: Path) -> list[str]:
 
 
 def cmd_generate(args) -> int:
+    from adapters.compose import parse_adapter_arg
     from studio.errors import InvalidRequestError
     from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, read_recipe
 
@@ -119,6 +123,7 @@ def cmd_generate(args) -> int:
                 num_images=args.num_images,
                 scheduler=args.scheduler or DEFAULT_SCHEDULER,
                 base_model=args.base or "tiny",
+                adapters=[parse_adapter_arg(text).to_dict() for text in args.adapter],
             )
             for prompt in prompts
         ]

@@ -33,6 +33,7 @@ RECIPE_VERSION = 1
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
 MAX_IMAGES = 64
+_PINNED_KEYS = ("name", "version", "tensor_sha256")  # what a recipe records of each resolved adapter
 
 # A1111 sampler name -> (diffusers scheduler class, extra config). "Karras" variants use Karras sigmas.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -87,8 +88,23 @@ class GenerationRequest:
     num_images: int = field(default=1, metadata={"help": "images per prompt"})
     scheduler: str = field(default=DEFAULT_SCHEDULER, metadata={"help": "sampler, by its A1111 name"})
     base_model: str = field(default="tiny", metadata={"help": "base model reference"})
+    adapters: list = field(
+        default_factory=list,
+        metadata={"help": "adapter stack: dicts with ref, weight and optional unet, text_encoder, blocks"},
+    )
 
     def __post_init__(self) -> None:
+        from adapters.compose import AdapterSpec
+
+        if not isinstance(self.adapters, (list, tuple)):
+            raise InvalidRequestError("adapters must be a list of {ref, weight} entries")
+        # Normalise to plain dicts (recipes are JSON) after validating each entry.
+        normalised = []
+        for entry in self.adapters:
+            spec = entry if isinstance(entry, AdapterSpec) else AdapterSpec.from_dict(entry)
+            pinned = {k: entry[k] for k in _PINNED_KEYS if isinstance(entry, dict) and k in entry}
+            normalised.append({**spec.to_dict(), **pinned})
+        self.adapters = normalised
         if not isinstance(self.prompt, str):
             raise InvalidRequestError("prompt must be text")
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
@@ -229,6 +245,10 @@ def a1111_parameters(request: GenerationRequest, model_hash: str = "") -> str:
     if model_hash:
         settings.append(f"Model hash: {model_hash}")
     settings.append(f"Model: {_a1111_value(request.base_model)}")
+    if request.adapters:
+        # A1111/Civitai read adapters from 'Lora hashes': name and the first 12 hex of the tensor hash.
+        hashes = ", ".join(f"{a.get('name', a['ref'])}: {a.get('tensor_sha256', '')[:12]}" for a in request.adapters)
+        settings.append(f'Lora hashes: "{hashes}"')
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -323,13 +343,45 @@ def generate_with_pipeline(
     t0 = time.perf_counter()
     # Schedulers keep per-run state (step index, model outputs): each image gets a fresh one, and
     # the pipeline's own scheduler is put back afterwards, all under the pipeline's lock.
+    stack, resolved = _resolve_stack(request)
+    if resolved:
+        # Pin every adapter in the recipe: the exact version and its tensor hash.
+        request = GenerationRequest(**{**request.to_dict(), "adapters": [
+            {**spec.to_dict(), "ref": r.ref, "name": r.name, "version": r.version, "tensor_sha256": r.tensor_sha256}
+            for spec, r in zip(stack, resolved)
+        ]})
     with pipeline_lock(pipe):
+        _apply_stack(pipe, stack, resolved)
         original_scheduler = pipe.scheduler
         try:
             outputs = _run(pipe, request, original_scheduler.config, model_hash, progress)
         finally:
             pipe.scheduler = original_scheduler
     return GenerationResult(request=request, outputs=outputs, seconds=time.perf_counter() - t0)
+
+
+def _resolve_stack(request: GenerationRequest):
+    """Validate and resolve the request's adapter stack before the pipeline is touched."""
+    from adapters.compose import AdapterSpec, resolve_adapter
+
+    stack = [AdapterSpec.from_dict(a) for a in request.adapters]
+    resolved = [resolve_adapter(spec.ref) for spec in stack]
+    for entry, r in zip(request.adapters, resolved):
+        pinned = entry.get("tensor_sha256")
+        if pinned and pinned != r.tensor_sha256:
+            raise RecipeError(
+                f"adapter {entry['ref']} now has tensor hash {r.tensor_sha256[:12]}, the recipe used {pinned[:12]}: "
+                f"the file changed since the image was made"
+            )
+    return stack, resolved
+
+
+def _apply_stack(pipe, stack, resolved) -> None:
+    """Make the stack active on ``pipe`` (an empty stack deactivates what an earlier request left)."""
+    from adapters.compose import engine_for, has_engine
+
+    if stack or has_engine(pipe):
+        engine_for(pipe).apply(stack, resolved)
 
 
 def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, progress) -> list[GeneratedImage]:

@@ -1,0 +1,411 @@
+"""Apply a stack of adapters, each with its own strength, to a cached base pipeline, fast and exactly.
+
+A stack is a list of :class:`AdapterSpec` (reference + weight, optional per-component weights and
+per-block UNet weights in diffusers' dict form). :class:`AdapterEngine` owns the adapter state of ONE
+pipeline and applies stacks to it under this policy:
+
+- Each adapter file is read from disk once and kept loaded, in a bounded LRU; adapters evicted from
+  it are deleted from the pipeline, because inactive adapters still slow ``set_adapters`` down.
+- Changing the weights of loaded adapters never touches disk: only ``set_adapters``.
+- A stack used for two requests in a row is fused into the base weights (no per-step LoRA cost).
+  Unfusing subtracts in floating point and drifts by ~2e-6, so the engine snapshots the exact base
+  weights of every layer it fuses into and copies them back on unfuse: after any sequence of stacks,
+  an empty or all-zero stack gives the base output bit for bit.
+- Nothing partially applied survives an error: references, weights and files are checked before the
+  pipeline is touched, and a failed load removes what it added and restores the previous stack.
+
+The engine does not lock: callers hold ``studio.generate.pipeline_lock(pipe)`` around
+apply-then-generate (Streamlit shares one pipeline object between sessions).
+Adapter references resolve through :func:`resolve_adapter`: a ``.safetensors`` path, or a registry
+reference (``name``, ``name@3``, ``name@prod``, ``sha256:<prefix>``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from studio.errors import InvalidRequestError
+
+MAX_ABS_WEIGHT = 4.0
+DEFAULT_CACHE_SIZE = 8
+_BLOCK_KEYS = {"down", "mid", "up"}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter of a stack: what to load and how strongly.
+
+    ``weight`` scales every component; ``unet`` / ``text_encoder`` override it per component
+    (ComfyUI's strength_model / strength_clip); ``blocks`` gives per-block UNet weights in diffusers'
+    form, e.g. ``{"down": 0.9, "mid": 1.0, "up": {"block_0": 0.6}}`` (it replaces ``unet``).
+    """
+
+    ref: str
+    weight: float = 1.0
+    unet: float | None = None
+    text_encoder: float | None = None
+    blocks: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ref, str) or not self.ref.strip():
+            raise InvalidRequestError("an adapter reference is empty: give a name, name@version or a file path")
+        for label, value in (("weight", self.weight), ("unet weight", self.unet),
+                             ("text-encoder weight", self.text_encoder)):
+            if value is None:
+                continue
+            _check_weight(value, f"{label} of {self.ref}")
+        if self.blocks is not None:
+            _check_blocks(self.blocks, self.ref)
+
+    @property
+    def unet_weight(self):
+        if self.blocks is not None:
+            return self.blocks
+        return self.weight if self.unet is None else self.unet
+
+    @property
+    def text_encoder_weight(self) -> float:
+        return self.weight if self.text_encoder is None else self.text_encoder
+
+    def is_zero(self) -> bool:
+        return _all_zero(self.unet_weight) and self.text_encoder_weight == 0
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterSpec:
+        if not isinstance(data, dict) or "ref" not in data:
+            raise InvalidRequestError(f"adapter entry {data!r} needs at least a 'ref'")
+        unknown = set(data) - {"ref", "weight", "unet", "text_encoder", "blocks", "name", "version", "tensor_sha256"}
+        if unknown:
+            raise InvalidRequestError(f"adapter entry has unknown fields {sorted(unknown)}")
+        return cls(**{k: data[k] for k in ("ref", "weight", "unet", "text_encoder", "blocks") if k in data})
+
+
+def _check_weight(value, label: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"{label} must be a number, got {value!r}")
+    if abs(value) > MAX_ABS_WEIGHT:
+        raise InvalidRequestError(
+            f"{label} is {value}: weights must lie in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]"
+        )
+
+
+def _check_blocks(blocks, ref: str) -> None:
+    if not isinstance(blocks, dict) or not blocks:
+        raise InvalidRequestError(f"per-block weights of {ref} must be a non-empty dict like {{'down': 0.9}}")
+    unknown = set(blocks) - _BLOCK_KEYS
+    if unknown:
+        raise InvalidRequestError(f"per-block weights of {ref} have unknown parts {sorted(unknown)}: use down, mid, up")
+    for part, value in blocks.items():
+        if isinstance(value, dict):
+            for block, w in value.items():
+                if not re.fullmatch(r"block_\d+", str(block)):
+                    raise InvalidRequestError(f"per-block weights of {ref}: {part}.{block} is not 'block_N'")
+                if isinstance(w, list):
+                    for x in w:
+                        _check_weight(x, f"{part}.{block} weight of {ref}")
+                else:
+                    _check_weight(w, f"{part}.{block} weight of {ref}")
+        else:
+            _check_weight(value, f"{part} weight of {ref}")
+
+
+def _all_zero(weight) -> bool:
+    if isinstance(weight, dict):
+        return all(_all_zero(v) for v in weight.values())
+    if isinstance(weight, list):
+        return all(_all_zero(v) for v in weight)
+    return weight == 0
+
+
+def parse_adapter_arg(text: str) -> AdapterSpec:
+    """``REF[:WEIGHT]`` as typed on the command line (``name@3:0.8``, ``sha256:0123abcd:0.5``)."""
+    text = text.strip()
+    ref, sep, tail = text.rpartition(":")
+    if sep and ref:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return AdapterSpec(ref=text)
+        return AdapterSpec(ref=ref, weight=weight)
+    return AdapterSpec(ref=text)
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """Where an adapter's weights are and what identifies them (for recipes and A1111 hashes)."""
+
+    ref: str  # the exact reference that finds these weights again (name@N, or the file path)
+    name: str
+    version: int | None
+    path: Path
+    tensor_sha256: str
+    adapter_type: str = "lora"
+    family: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.tensor_sha256
+
+
+def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
+    """A file path or a registry reference -> :class:`ResolvedAdapter` (no weights are loaded)."""
+    from adapters.hashes import tensor_sha256
+
+    path = Path(ref).expanduser()
+    looks_like_path = ref.endswith(".safetensors") or "/" in ref or path.suffix.lower() in (".ckpt", ".pt", ".bin")
+    if looks_like_path:
+        from studio.base_models import PICKLE_SUFFIXES
+        from studio.errors import UnsafeWeightsError
+
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeWeightsError(f"{path} is a pickle file: the studio loads adapters from .safetensors only")
+        if not path.is_file():
+            raise InvalidRequestError(f"adapter file {path} does not exist")
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:64] or "adapter"
+        return ResolvedAdapter(ref=str(path.resolve()), name=stem, version=None, path=path.resolve(),
+                               tensor_sha256=tensor_sha256(path))
+    if registry is None:
+        from adapters.registry import Registry
+
+        registry = Registry()
+    version = registry.get(ref)
+    return ResolvedAdapter(ref=version.ref, name=version.name, version=version.number, path=version.path,
+                           tensor_sha256=version.tensor_sha256, adapter_type=version.adapter_type,
+                           family=version.family)
+
+
+@dataclass
+class _Loaded:
+    adapter_name: str  # the name inside the pipeline
+    resolved: ResolvedAdapter
+    components: tuple[str, ...]
+
+
+@dataclass
+class EngineStats:
+    """Counters a benchmark or test reads: disk loads, fuses, unfuses, evictions."""
+
+    loads: int = 0
+    fuses: int = 0
+    unfuses: int = 0
+    evictions: int = 0
+    set_adapters_calls: int = 0
+    history: list = field(default_factory=list)
+
+
+class AdapterEngine:
+    """The adapter state of one pipeline; see the module docstring for the policy."""
+
+    def __init__(self, pipe, *, cache_size: int = DEFAULT_CACHE_SIZE, fuse: bool = True) -> None:
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
+        self.pipe = pipe
+        self.cache_size = cache_size
+        self.fuse_enabled = fuse
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # tensor hash -> loaded adapter
+        self._active: tuple = ()  # signature of the stack now set on the pipeline
+        self._previous: tuple | None = None  # signature of the stack of the previous request
+        self._fused: tuple | None = None  # signature of the stack now fused into the base weights
+        self._snapshot: dict = {}  # module -> exact base weight tensors, taken before fusing
+        self.stats = EngineStats()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def apply(self, stack: list[AdapterSpec], resolved: list[ResolvedAdapter]) -> None:
+        """Make ``stack`` the pipeline's active adapters (``resolved`` is ``resolve_adapter`` of each)."""
+        if len(stack) != len(resolved):
+            raise ValueError("apply() needs one resolved adapter per stack entry")
+        keys = [r.key for r in resolved]
+        if len(set(keys)) != len(keys):
+            dup = next(r for r in resolved if keys.count(r.key) > 1)
+            raise InvalidRequestError(f"{dup.name} appears twice in the stack: combine its weights into one entry")
+        signature = tuple((r.key, s.unet_weight if not isinstance(s.unet_weight, dict) else repr(s.unet_weight),
+                           s.text_encoder_weight) for s, r in zip(stack, resolved))
+        live = [(s, r) for s, r in zip(stack, resolved) if not s.is_zero()]
+        if signature == self._fused:
+            self._previous = signature
+            return
+        if self._fused is not None:
+            self._unfuse()
+        self._load_missing([r for _, r in live])
+        self._set(live)
+        self._active = signature
+        repeated = signature == self._previous
+        self._previous = signature
+        if repeated and live and self.fuse_enabled:
+            self._fuse(live, signature)
+
+    def clear(self) -> None:
+        """Deactivate every adapter (base output); loaded adapters stay cached."""
+        self.apply([], [])
+
+    def unload_all(self) -> None:
+        """Unfuse, restore the exact base weights and delete every adapter from the pipeline."""
+        if self._fused is not None:
+            self._unfuse()
+        names = [entry.adapter_name for entry in self._loaded.values()]
+        if names:
+            self.pipe.delete_adapters(names)
+        self._loaded.clear()
+        self._active = ()
+        self._previous = None
+
+    @property
+    def loaded_names(self) -> list[str]:
+        return [entry.resolved.name for entry in self._loaded.values()]
+
+    @property
+    def is_fused(self) -> bool:
+        return self._fused is not None
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _load_missing(self, resolved: list[ResolvedAdapter]) -> None:
+        needed = {r.key for r in resolved}
+        for r in resolved:
+            if r.key in self._loaded:
+                self._loaded.move_to_end(r.key)
+                continue
+            self._evict(keep=needed, room_for=1)
+            adapter_name = f"{re.sub(r'[^A-Za-z0-9_]', '_', r.name)[:40]}_{r.key[:12]}"
+            before = self._adapter_components()
+            try:
+                load_adapter_into(self.pipe, r, adapter_name)
+            except Exception:
+                # Remove whatever the failed load registered, so the pipeline is as it was.
+                if adapter_name in self._adapter_components() and adapter_name not in before:
+                    self.pipe.delete_adapters([adapter_name])
+                self._restore_active_after_error()
+                raise
+            components = tuple(c for c, names in self._adapter_components_by_module().items() if adapter_name in names)
+            self._loaded[r.key] = _Loaded(adapter_name=adapter_name, resolved=r, components=components)
+            self.stats.loads += 1
+
+    def _evict(self, keep: set[str], room_for: int) -> None:
+        while len(self._loaded) + room_for > self.cache_size:
+            victim = next((k for k in self._loaded if k not in keep), None)
+            if victim is None:
+                return  # the stack itself is larger than the cache: keep everything it needs
+            entry = self._loaded.pop(victim)
+            self.pipe.delete_adapters([entry.adapter_name])
+            self.stats.evictions += 1
+
+    def _set(self, live: list[tuple[AdapterSpec, ResolvedAdapter]]) -> None:
+        self.stats.set_adapters_calls += 1
+        if not live:
+            if self._loaded:
+                self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        names, weights = [], []
+        for spec, r in live:
+            entry = self._loaded[r.key]
+            names.append(entry.adapter_name)
+            weight = {}
+            if "unet" in entry.components:
+                weight["unet"] = spec.unet_weight
+            if "text_encoder" in entry.components:
+                weight["text_encoder"] = spec.text_encoder_weight
+            weights.append(weight)
+        self.pipe.set_adapters(names, adapter_weights=weights)
+        # Adapters loaded but not in the stack are inactive after set_adapters; nothing else to do.
+
+    def _restore_active_after_error(self) -> None:
+        self._active = ()
+        self._previous = None
+        if self._loaded:
+            self.pipe.disable_lora()
+
+    def _lora_layers(self, names: list[str]):
+        """(component module, qualified name, peft layer) of every layer one of ``names`` touches."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for component in ("unet", "text_encoder"):
+            model = getattr(self.pipe, component, None)
+            if model is None:
+                continue
+            for qual, module in model.named_modules():
+                if isinstance(module, BaseTunerLayer) and _layer_adapter_names(module) & set(names):
+                    yield component, qual, module
+
+    def _fuse(self, live, signature) -> None:
+        import torch
+
+        names = [self._loaded[r.key].adapter_name for _, r in live]
+        with torch.no_grad():
+            for component, qual, module in self._lora_layers(names):
+                key = (component, qual)
+                if key not in self._snapshot:
+                    base = module.get_base_layer()
+                    self._snapshot[key] = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+        components = sorted({c for _, r in live for c in self._loaded[r.key].components})
+        self.pipe.fuse_lora(components=components, adapter_names=names)
+        self._fused = signature
+        self.stats.fuses += 1
+
+    def _unfuse(self) -> None:
+        import torch
+
+        self.pipe.unfuse_lora(components=["unet", "text_encoder"])
+        # unfuse subtracts the delta again; copy the exact base weights back over the ~2e-6 drift.
+        with torch.no_grad():
+            for (component, qual), params in self._snapshot.items():
+                base = getattr(self.pipe, component).get_submodule(qual).get_base_layer()
+                for n, p in base.named_parameters(recurse=False):
+                    p.copy_(params[n])
+        self._fused = None
+        self.stats.unfuses += 1
+
+    def _adapter_components_by_module(self) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for component, names in (self.pipe.get_list_adapters() or {}).items():
+            found[component] = set(names)
+        return found
+
+    def _adapter_components(self) -> set[str]:
+        return set().union(set(), *self._adapter_components_by_module().values())
+
+
+def _layer_adapter_names(module) -> set[str]:
+    names = set()
+    for attr in ("lora_A", "hada_w1_a", "lokr_w1", "lokr_w1_a"):
+        sub = getattr(module, attr, None)
+        if sub is not None and hasattr(sub, "keys"):
+            names.update(sub.keys())
+    return names
+
+
+def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> None:
+    """Load one adapter file into ``pipe`` under ``adapter_name`` (LoRA and DoRA through diffusers)."""
+    from studio.base_models import _check_safetensors
+
+    _check_safetensors(resolved.path)
+    pipe.load_lora_weights(str(resolved.path.parent), weight_name=resolved.path.name, adapter_name=adapter_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# One engine per pipeline
+# ----------------------------------------------------------------------------------------------
+
+_ENGINES: dict[int, AdapterEngine] = {}
+
+
+def has_engine(pipe) -> bool:
+    engine = _ENGINES.get(id(pipe))
+    return engine is not None and engine.pipe is pipe
+
+
+def engine_for(pipe) -> AdapterEngine:
+    """The engine that owns ``pipe``'s adapter state (created on first use)."""
+    engine = _ENGINES.get(id(pipe))
+    if engine is None or engine.pipe is not pipe:
+        engine = AdapterEngine(pipe)
+        _ENGINES[id(pipe)] = engine
+    return engine

@@ -1,0 +1,174 @@
+"""Adapter stacks on the cached tiny pipeline: exactness, equivalence with diffusers, speed policy, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adapters.compose import AdapterEngine, AdapterSpec, engine_for, parse_adapter_arg, resolve_adapter
+from studio.base_models import load_fresh_pipeline, load_pipeline
+from studio.errors import InvalidRequestError
+from studio.generate import GenerationRequest, generate, generate_with_pipeline
+
+PROMPT = "a red circle on a blue background"
+
+
+def _save_lora(pipe, out_dir, *, seed, rank=4, alpha=8, text_encoder=True):
+    """A random (non-identity) LoRA for the tiny model, saved as diffusers does, alpha metadata kept.
+
+    Text-encoder layers are saved in peft key format: with transformers 5, diffusers'
+    convert_state_dict_to_diffusers output for CLIPTextModel does not load back (no text_model level).
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                     init_lora_weights=False)
+    pipe.unet.add_adapter(cfg, adapter_name=f"new{seed}")
+    kwargs = {}
+    if text_encoder:
+        tcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                          init_lora_weights=False)
+        pipe.text_encoder.add_adapter(tcfg, adapter_name=f"new{seed}")
+        kwargs = {"text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder, adapter_name=f"new{seed}"),
+                  "text_encoder_lora_adapter_metadata": tcfg.to_dict()}
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=f"new{seed}"))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers,
+                                              unet_lora_adapter_metadata=cfg.to_dict(), **kwargs)
+    path = out_dir / "pytorch_lora_weights.safetensors"
+    named = out_dir / f"style{seed}.safetensors"
+    path.rename(named)
+    return named
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return [_save_lora(load_fresh_pipeline("tiny"), root, seed=s, text_encoder=(s != 2)) for s in range(3)]
+
+
+def _px(request) -> np.ndarray:
+    return np.asarray(generate(request).images[0]).astype(int)
+
+
+def _req(adapters=(), **kw):
+    return GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=8, guidance_scale=2.0,
+                             adapters=[a.to_dict() if isinstance(a, AdapterSpec) else a for a in adapters], **kw)
+
+
+def test_parse_adapter_arg():
+    assert parse_adapter_arg("mystyle@2:0.8") == AdapterSpec("mystyle@2", 0.8)
+    assert parse_adapter_arg("sha256:0123abcd") == AdapterSpec("sha256:0123abcd")
+    assert parse_adapter_arg("sha256:0123abcd:-0.5") == AdapterSpec("sha256:0123abcd", -0.5)
+    assert parse_adapter_arg("mystyle") == AdapterSpec("mystyle", 1.0)
+
+
+def test_all_zero_weights_give_the_base_bit_for_bit_even_after_fusing(loras):
+    base = _px(_req())
+    stack = [AdapterSpec(str(p), 0.8) for p in loras]
+    styled = _px(_req(stack))
+    again = _px(_req(stack))  # second use of the same stack: fused
+    assert engine_for(load_pipeline("tiny")).is_fused
+    assert np.abs(styled - base).max() > 20
+    assert np.abs(styled - again).max() <= 1  # fused vs unfused: float rounding only
+    zero = _px(_req([AdapterSpec(str(p), 0.0) for p in loras]))
+    assert np.array_equal(zero, base)
+    assert np.array_equal(_px(_req()), base)  # an empty stack after fusing restores the exact base
+
+
+def test_one_adapter_equals_plain_diffusers(loras):
+    ours = _px(_req([AdapterSpec(str(loras[0]), 1.0)]))
+    ref_pipe = load_fresh_pipeline("tiny")
+    ref_pipe.load_lora_weights(str(loras[0].parent), weight_name=loras[0].name, adapter_name="reference_style")
+    ref_pipe.set_adapters(["reference_style"], adapter_weights=[1.0])
+    theirs = np.asarray(generate_with_pipeline(ref_pipe, _req()).images[0]).astype(int)
+    assert np.array_equal(ours, theirs)
+
+
+def test_text_encoder_part_of_an_adapter_is_applied(loras):
+    base = _px(_req())
+    te_only = _px(_req([AdapterSpec(str(loras[0]), 1.0, unet=0.0)]))
+    assert np.abs(te_only - base).max() > 5  # a silently dropped text-encoder LoRA would be a no-op
+
+
+def test_stacks_are_order_independent(loras):
+    stack = [AdapterSpec(str(p), w) for p, w in zip(loras, (0.6, -0.4, 0.9))]
+    a = _px(_req(stack))
+    b = _px(_req(stack[::-1]))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_changing_weights_reads_no_file_and_loads_each_adapter_once(loras):
+    pipe = load_fresh_pipeline("tiny")
+    engine = AdapterEngine(pipe)
+    resolved = [resolve_adapter(str(p)) for p in loras]
+    for w in (0.2, 0.5, 0.5, 1.0, -1.0):
+        engine.apply([AdapterSpec(str(p), w) for p in loras], resolved)
+    assert engine.stats.loads == 3
+    assert engine.stats.fuses == 1  # 0.5 was used twice in a row
+
+
+def test_cache_bound_evicts_least_recently_used(loras):
+    pipe = load_fresh_pipeline("tiny")
+    engine = AdapterEngine(pipe, cache_size=2)
+    resolved = [resolve_adapter(str(p)) for p in loras]
+    for spec, r in zip(loras, resolved):
+        engine.apply([AdapterSpec(str(spec), 1.0)], [r])
+    assert engine.stats.evictions == 1
+    assert len(set().union(*pipe.get_list_adapters().values())) == 2
+
+
+def test_per_component_and_per_block_weights(loras):
+    base = _px(_req())
+    blocks = _px(_req([AdapterSpec(str(loras[1]), 1.0, blocks={"down": 0.0, "mid": 0.0, "up": 0.0},
+                                   text_encoder=0.0)]))
+    assert np.array_equal(blocks, base)
+    some = _px(_req([AdapterSpec(str(loras[1]), 1.0, blocks={"down": 1.0, "up": {"block_0": 0.5}})]))
+    assert not np.array_equal(some, base)
+
+
+def test_bad_input_is_refused_and_leaves_the_pipeline_clean(loras, tmp_path):
+    base = _px(_req())
+    with pytest.raises(InvalidRequestError, match=r"\[-4, 4\]"):
+        _req([AdapterSpec(str(loras[0]), 5.0)])
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        _px(_req([AdapterSpec(str(tmp_path / "missing.safetensors"), 1.0)]))
+    with pytest.raises(InvalidRequestError, match="unknown parts"):
+        AdapterSpec(str(loras[0]), blocks={"left": 1.0})
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(loras[0].read_bytes()[:5000])
+    with pytest.raises(Exception, match="damaged|safetensors"):
+        _px(_req([AdapterSpec(str(loras[0]), 1.0), AdapterSpec(str(broken), 1.0)]))
+    assert np.array_equal(_px(_req()), base)  # the next request is unaffected
+
+
+def test_recipe_records_adapters_and_reruns_the_same_bytes_in_a_fresh_process(loras, tmp_path):
+    out = generate(_req([AdapterSpec(str(loras[0]), 0.7), AdapterSpec(str(loras[2]), -0.3)]))
+    path = out.save(tmp_path / "a")[0]
+    text = Image.open(path).text
+    assert 'Lora hashes: "style0: ' in text["parameters"] and "style2: " in text["parameters"]
+    recorded = json.loads(text["lora_studio"])["request"]["adapters"]
+    assert [a["weight"] for a in recorded] == [0.7, -0.3] and all(len(a["tensor_sha256"]) == 64 for a in recorded)
+    proc = subprocess.run([sys.executable, "-m", "studio.cli", "generate", "--recipe", str(path),
+                           "--out", str(tmp_path / "b"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout.strip().splitlines()[-1])[0]["path"]
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again)))
+
+
+def test_cli_adapter_flag(loras, tmp_path, capsys):
+    from studio.cli import main
+
+    assert main(["generate", PROMPT, "--seed", "2", "--steps", "4", "--adapter", f"{loras[1]}:0.5",
+                 "--out", str(tmp_path), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert "style1: " in Image.open(row["path"]).text["parameters"]
