@@ -1,0 +1,101 @@
+"""Adapter composition cost on the tiny model, measured side by side in one run.
+
+Per-image time for: the base model, 1 and 3 adapters unfused, 3 adapters fused (ratios to base);
+the time to change the strengths of a loaded stack (and how many files that read); the time to bring
+in an adapter that is not loaded yet.
+
+    .venv/bin/python benchmarks/compose.py [--images 4] [--steps 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.compose import AdapterEngine, AdapterSpec, resolve_adapter
+from studio.base_models import load_fresh_pipeline
+from studio.generate import GenerationRequest, generate_with_pipeline
+
+
+def make_lora(out: Path, seed: int) -> Path:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_fresh_pipeline("tiny")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.unet.add_adapter(cfg)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        unet_lora_adapter_metadata=cfg.to_dict(), weight_name=f"bench{seed}.safetensors")
+    return out / f"bench{seed}.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    paths = [make_lora(tmp, s) for s in range(4)]
+    resolved = [resolve_adapter(str(p)) for p in paths]
+    pipe = load_fresh_pipeline("tiny")
+    request = GenerationRequest(prompt="a red circle on a blue background", seed=1, num_images=args.images,
+                                num_inference_steps=args.steps, guidance_scale=2.0)
+
+    def per_image(engine, stack, res) -> float:
+        engine.apply(stack, res)
+        generate_with_pipeline(pipe, request)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            engine.apply(stack, res)
+            t0 = time.perf_counter()
+            generate_with_pipeline(pipe, request)
+            times.append((time.perf_counter() - t0) / args.images)
+        return statistics.median(times)
+
+    unfused = AdapterEngine(pipe, fuse=False)
+    one = [AdapterSpec(str(paths[0]), 0.8)]
+    three = [AdapterSpec(str(p), w) for p, w in zip(paths[:3], (0.8, 0.5, -0.3))]
+    base = per_image(unfused, [], [])
+    t1 = per_image(unfused, one, resolved[:1])
+    t3 = per_image(unfused, three, resolved[:3])
+    unfused.unload_all()
+    fused_engine = AdapterEngine(pipe, fuse=True)
+    t3f = per_image(fused_engine, three, resolved[:3])
+    assert fused_engine.is_fused
+    print(f"per image ({args.steps} steps, 32 px): base {base * 1000:.1f} ms")
+    print(f"  1 adapter unfused  {t1 * 1000:7.1f} ms  ratio to base {t1 / base:.3f}")
+    print(f"  3 adapters unfused {t3 * 1000:7.1f} ms  ratio to base {t3 / base:.3f}")
+    print(f"  3 adapters fused   {t3f * 1000:7.1f} ms  ratio to base {t3f / base:.3f}  (goal <= 1.02)")
+
+    # Changing strengths of a loaded stack: from fused (unfuse + exact restore + set) and unfused.
+    loads_before = fused_engine.stats.loads
+    change_from_fused, change_unfused = [], []
+    for i in range(10):
+        fused_engine.apply(three, resolved[:3])
+        fused_engine.apply(three, resolved[:3])  # now fused
+        t0 = time.perf_counter()
+        fused_engine.apply([AdapterSpec(s.ref, s.weight * 0.9 ** (i + 1)) for s in three], resolved[:3])
+        change_from_fused.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fused_engine.apply([AdapterSpec(s.ref, s.weight * 0.8 ** (i + 1)) for s in three], resolved[:3])
+        change_unfused.append(time.perf_counter() - t0)
+    reads = fused_engine.stats.loads - loads_before
+    print(f"change strengths of a loaded 3-stack: {statistics.median(change_unfused) * 1000:.1f} ms unfused, "
+          f"{statistics.median(change_from_fused) * 1000:.1f} ms from fused (goal <= 10 ms); files read: {reads}")
+    t0 = time.perf_counter()
+    fused_engine.apply(three + [AdapterSpec(str(paths[3]), 0.5)], resolved)
+    print(f"bring in an adapter not yet loaded: {(time.perf_counter() - t0) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
