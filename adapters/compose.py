@@ -247,12 +247,12 @@ class AdapterEngine:
         self.apply([], [])
 
     def unload_all(self) -> None:
-        """Unfuse, restore the exact base weights and delete every adapter from the pipeline."""
+        """Unfuse, restore the exact base weights and remove every adapter (and its layers) from the pipeline."""
         if self._fused is not None:
             self._unfuse()
-        names = [entry.adapter_name for entry in self._loaded.values()]
-        if names:
-            self.pipe.delete_adapters(names)
+        if self._loaded:
+            # Removes the adapters and peft's wrapper layers: the modules are plain again.
+            self.pipe.unload_lora_weights()
         self._loaded.clear()
         self._active = ()
         self._previous = None

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -521,11 +521,11 @@ _CHILD_TABLES = (version_tags, version_triggers, version_samples)
 
 def _utcnow() -> datetime:
     # Stored naive (UTC by convention): SQLite has no time zones, and one convention keeps both backends equal.
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _escape_like(term: str) -> str:

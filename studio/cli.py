@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC
 from pathlib import Path
 
 from studio.errors import StudioError
@@ -229,6 +230,27 @@ def _add_adapters(sub) -> None:
     untag.add_argument("name", help="adapter name")
     untag.add_argument("alias", help="alias to remove")
     untag.set_defaults(func=cmd_adapters_untag)
+    imp = asub.add_parser("import", help="import a LoRA file (diffusers/peft or kohya .safetensors) as a new version")
+    imp.add_argument("path", type=Path, help="the adapter .safetensors file, or the folder save_lora_weights wrote")
+    imp.add_argument("--name", help="adapter name (default: the file's ss_output_name, modelspec.title or file name)")
+    imp.add_argument("--base", default="tiny",
+                     help="base model the adapter must fit: tiny (default), a folder, a .safetensors file, a Hub id")
+    imp.add_argument("--trigger", dest="triggers", action="extend", nargs="+", metavar="WORD",
+                     help="trigger word or phrase (repeatable; replaces the file's declared ones)")
+    imp.add_argument("--tag", dest="tags", action="extend", nargs="+", metavar="TAG",
+                     help="label to filter by (repeatable; replaces the file's modelspec.tags)")
+    imp.add_argument("--description", help="free text (default: the file's modelspec.description)")
+    imp.add_argument("--json", action="store_true",
+                     help="print the version record plus 'import': {format, warnings, suggested_trigger_words...}")
+    imp.set_defaults(func=cmd_adapters_import)
+    exp = asub.add_parser("export", help="write a version as a diffusers (peft) or kohya (A1111/ComfyUI) file")
+    exp.add_argument("ref", help="adapter reference: name, name@3, name@alias or sha256:<prefix>")
+    exp.add_argument("--format", dest="fmt", choices=("diffusers", "kohya"), required=True,
+                     help="diffusers: peft keys + lora_adapter_metadata; kohya: lora_unet_*/lora_te_* + .alpha")
+    exp.add_argument("--out", type=Path, required=True, help="the .safetensors file to write, or a folder")
+    exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    exp.add_argument("--json", action="store_true", help="print {path, format, size_bytes}")
+    exp.set_defaults(func=cmd_adapters_export)
     rm = asub.add_parser("delete", help="delete a version (name@3, name@alias, sha256:...) or a whole adapter (name)")
     rm.add_argument("ref", help="a version reference, or a bare NAME to delete the adapter with all its versions")
     rm.add_argument("--force", action="store_true", help="also when a user alias (e.g. prod) points at it")
@@ -283,6 +305,55 @@ def cmd_adapters_show(args) -> int:
     return 0
 
 
+def cmd_adapters_import(args) -> int:
+    from datetime import datetime
+
+    _quiet_libraries()
+    from adapters.formats import METHOD_NAMES, detect
+    from adapters.importer import import_adapter
+    from adapters.registry import Registry
+
+    info = detect(args.path)  # header only: its warnings and suggestions are shown with the result
+    started = datetime.now(UTC)
+    with Registry() as reg:
+        v = import_adapter(reg, args.path, name=args.name, base=args.base, trigger_words=args.triggers,
+                           tags=args.tags, description=args.description)
+    existed = v.created_at < started
+    suggested = info.trigger_words if info.trigger_words_suggested and not v.trigger_words else []
+    if args.json:
+        print(json.dumps({**v.to_dict(), "import": {
+            "format": info.format, "key_style": info.key_style, "alpha_source": info.alpha_source,
+            "architecture": info.architecture, "already_registered": existed, "warnings": info.warnings,
+            "suggested_trigger_words": suggested}}))
+        return 0
+    what = (f"{info.format} {METHOD_NAMES[v.adapter_type]}, rank {v.rank}, alpha {v.alpha:g} ({info.alpha_source}), "
+            f"{' + '.join(v.components)}")
+    print(f"{'already registered as' if existed else 'imported'} {v.ref} ({what})")
+    if v.trigger_words:
+        print(f"trigger words: {', '.join(v.trigger_words)}")
+    for warning in info.warnings:
+        if not (info.trigger_words_suggested and "suggested" in warning):
+            print(f"warning: {warning}")
+    if suggested:
+        print(f"suggested trigger words (from the training tags): {', '.join(suggested)}; "
+              f"record them with --trigger")
+    return 0
+
+
+def cmd_adapters_export(args) -> int:
+    _quiet_libraries()
+    from adapters.importer import export_adapter
+    from adapters.registry import Registry
+
+    with Registry() as reg:
+        path = export_adapter(reg, args.ref, format=args.fmt, out=args.out, force=args.force)
+    if args.json:
+        print(json.dumps({"path": str(path), "format": args.fmt, "size_bytes": path.stat().st_size}))
+    else:
+        print(path)
+    return 0
+
+
 def cmd_adapters_tag(args) -> int:
     from adapters.registry import Registry
 
@@ -311,6 +382,80 @@ def cmd_adapters_delete(args) -> int:
         print(f"removed aliases {', '.join(report.aliases_removed)}")
     print(f"freed {len(report.blobs_removed)} blob(s), {report.bytes_freed} bytes")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _add_datasets(sub) -> None:
+    p = sub.add_parser("datasets", help="training datasets: check a folder before training on it")
+    dsub = p.add_subparsers(dest="datasets_command", required=True, parser_class=_Parser)
+    check = dsub.add_parser(
+        "check", help="layout, counts, captions, tags, buckets, duplicates and every skipped file with its reason "
+                      "(exit status 1 when no image is usable)")
+    check.add_argument("dir", type=Path, help="the dataset folder (any layout the trainer reads)")
+    check.add_argument("--resolution", type=_int, default=None,
+                       help="training side in pixels for the buckets (default: the config's, else the base model's "
+                            "native resolution; tiny: 32)")
+    check.add_argument("--bucket-step", type=_int, default=None,
+                       help="bucket sides are multiples of this (default: the base model's latent granularity, 8)")
+    check.add_argument("--config", type=Path, default=None,
+                       help="take the [dataset] options (trigger word, captions, buckets) from this training TOML")
+    check.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    check.set_defaults(func=cmd_datasets_check)
+
+
+def cmd_datasets_check(args) -> int:
+    from dataclasses import replace
+
+    from studio.settings import get_settings
+    from trainer.config import ModelConfig, TrainConfig
+    from trainer.data import check_dataset
+
+    config = TrainConfig.from_toml(args.config) if args.config else TrainConfig(
+        model=ModelConfig(base_model=get_settings().default_base_model))
+    d = config.dataset
+    config.dataset = replace(d, path=str(args.dir), resolution=args.resolution or d.resolution,
+                             bucket_reso_steps=args.bucket_step or d.bucket_reso_steps)
+    dataset = config.resolved().dataset
+    report = check_dataset(args.dir, config=dataset)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        _print_dataset_report(report)
+    return 0 if report.usable_count else 1
+
+
+def _print_dataset_report(report) -> None:
+    def row(label: str, text: str) -> None:
+        print(f"{label:<12} {text}")
+
+    row("dataset", report.path)
+    row("layout", f"{report.layout} ({report.layout_description})")
+    row("images", f"{report.image_count} found, {report.usable_count} usable, {len(report.bad_files)} skipped; "
+                  f"{report.samples_per_epoch} samples per epoch")
+    if report.layout == "kohya" or any(n != 1 for n in report.repeats.values()):
+        row("repeats", ", ".join(f"{folder} x{n}" for folder, n in report.repeats.items()))
+    sources = ", ".join(f"{k} {v}" for k, v in report.caption_sources.items())
+    row("captions", f"{report.captioned_count}/{report.usable_count} ({report.caption_coverage:.0%})"
+                    + (f": {sources}" if sources else ""))
+    row("buckets", (", ".join(f"{b}: {n}" for b, n in report.buckets.items()) or "none")
+        + f"  (resolution {report.resolution}, step {report.bucket_step})")
+    for folder, tags in report.tag_frequency.items():
+        top = list(tags.items())[:8]
+        more = f", ... ({len(tags)} tags)" if len(tags) > len(top) else ""
+        row("tags", f"{folder}: " + ", ".join(f"{t} {n}" for t, n in top) + more)
+    row("duplicates", "; ".join(" = ".join(group) for group in report.duplicates) or "none")
+    row("fingerprint", report.fingerprint)
+    for title, items in (("skipped", report.bad_files), ("ignored", report.ignored_files)):
+        if items:
+            print(f"{title} ({len(items)}):")
+            for item in items:
+                print(f"  {item.path}: {item.reason}")
+    for note in report.notes:
+        print(f"note: {note}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_base_models(sub)
     _add_adapters(sub)
+    _add_datasets(sub)
     return parser
 
 

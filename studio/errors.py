@@ -84,3 +84,51 @@ class HashMismatchError(StudioError, ValueError):
 
 class RegistryBusyError(StudioError, TimeoutError):
     """The registry database stayed locked by other writers past the busy timeout and every retry."""
+
+
+# ---- adapters: file formats ----------------------------------------------------------------
+
+
+class UnsupportedAdapterError(StudioError, ValueError):
+    """A safetensors file is not an adapter layout the studio reads (a full checkpoint, an embedding,
+    unknown keys, LyCORIS/kohya-DoRA keys), or a conversion a format cannot express (DoRA to kohya)."""
+
+
+class IncompatibleAdapterError(StudioError, ValueError):
+    """An adapter does not fit the base model: made for another architecture, shapes that differ, or
+    keys that name no module of the base. ``architecture`` is what it looks made for (None if unknown)."""
+
+    def __init__(self, message: str, architecture: str | None = None) -> None:
+        super().__init__(message)
+        self.architecture = architecture
+
+
+# ---- trainer: configs and datasets -----------------------------------------------------------
+
+
+class ConfigError(StudioError, ValueError):
+    """A training config has an unknown option or a bad value; ``option`` names it (``network.rank``)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class DatasetNotFoundError(StudioError, FileNotFoundError):
+    """A dataset path does not exist or is not a folder."""
+
+
+class DatasetError(StudioError, ValueError):
+    """A dataset folder cannot be read as any layout the studio knows (bad metadata, missing column...)."""
+
+
+class NoUsableImagesError(DatasetError):
+    """A dataset has no image the trainer can use; the message lists what was skipped and why."""
+
+
+class UnusableImageError(DatasetError):
+    """One image cannot be used (corrupt, truncated, empty, a decompression bomb...); ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

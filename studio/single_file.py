@@ -241,9 +241,9 @@ def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | Non
     if dtype is not None and dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(pipeline_or_folder, (str, Path)):
-        from studio.base_models import load_pipeline
+        from studio.base_models import load_fresh_pipeline
 
-        pipe = load_pipeline(str(pipeline_or_folder))
+        pipe = load_fresh_pipeline(str(pipeline_or_folder))
     else:
         pipe = pipeline_or_folder
     _check_pipeline(pipe)

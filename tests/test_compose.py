@@ -53,7 +53,9 @@ def _save_lora(pipe, out_dir, *, seed, rank=4, alpha=8, text_encoder=True):
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
-    return [_save_lora(load_fresh_pipeline("tiny"), root, seed=s, text_encoder=(s != 2)) for s in range(3)]
+    yield [_save_lora(load_fresh_pipeline("tiny"), root, seed=s, text_encoder=(s != 2)) for s in range(3)]
+    # Leave the shared cached pipeline as other tests expect it: no adapter layers, exact base weights.
+    engine_for(load_pipeline("tiny")).unload_all()
 
 
 def _px(request) -> np.ndarray:
@@ -172,3 +174,19 @@ def test_cli_adapter_flag(loras, tmp_path, capsys):
                  "--out", str(tmp_path), "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
     assert "style1: " in Image.open(row["path"]).text["parameters"]
+
+
+def test_unload_all_leaves_plain_modules_and_exact_base(loras):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = load_fresh_pipeline("tiny")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    engine = AdapterEngine(pipe)
+    resolved = [resolve_adapter(str(p)) for p in loras]
+    stack = [AdapterSpec(str(p), 0.9) for p in loras]
+    engine.apply(stack, resolved)
+    engine.apply(stack, resolved)  # fused
+    engine.unload_all()
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

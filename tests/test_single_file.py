@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from studio.base_models import load_pipeline
+from studio.base_models import load_fresh_pipeline, load_pipeline
 from studio.cli import main
 from studio.errors import CorruptWeightsError, InvalidRequestError, UnsafeWeightsError
 from studio.generate import GenerationRequest, generate
@@ -94,7 +94,7 @@ def test_export_writes_one_ldm_layout_file(exported):
 def test_single_file_loads_back_exactly(source, exported):
     import torch
 
-    original, loaded = load_pipeline(source), load_pipeline(str(exported))
+    original, loaded = load_fresh_pipeline(source), load_pipeline(str(exported))
     assert loaded is not original
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()

@@ -1,0 +1,1149 @@
+"""Adapter file formats: detect a LoRA file's layout, check it against a base model, convert it.
+
+Holds:
+
+- :func:`check_safetensors` - refuses pickles (by suffix and by magic bytes) and validates a
+  safetensors header byte by byte before any library parses it.
+- :func:`detect` -> :class:`FormatInfo` - key layout (``diffusers`` or ``kohya``), adapter type
+  (lora, dora, loha, lokr), rank, alpha and where alpha came from, target modules, components,
+  trigger words, the architecture the keys look made for, and every metadata key. Reads the header
+  and the ``.alpha`` scalars only.
+- :func:`validate_against` - every key must name a module of the base pipeline with matching shapes;
+  other architectures are refused by name.
+- :func:`read_adapter` -> :class:`AdapterWeights` - the canonical in-memory form: peft keys
+  (``unet.<module>.lora_A.weight``) plus one peft config per component.
+- :func:`to_diffusers`, :func:`to_kohya`, :func:`build_metadata` - atomic writers of the two
+  formats with kohya ``ss_*`` and Stability ModelSpec ``modelspec.*`` metadata in both.
+
+Does not hold: the registry (``adapters/importer.py`` connects files to it), loading adapters into
+a pipeline for generation (``adapters/compose.py``), hashes (``adapters/hashes.py``).
+
+Key layouts, for the SD-1 module ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``::
+
+    peft (canonical)   unet.down_blocks.0...attn1.to_q.lora_A.weight / .lora_B.weight
+    diffusers, legacy  unet.down_blocks.0...attn1.to_q.lora.down.weight        (read only)
+                       text_encoder.encoder...q_proj.lora_linear_layer.down.weight
+    kohya              lora_unet_down_blocks_0_..._attn1_to_q.lora_down.weight / .lora_up / .alpha
+                       lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight
+
+kohya names replace every '.' of the module path by '_', and module names contain '_' themselves
+(``down_blocks``, ``to_q``), so turning them back into modules needs the base model's module list:
+detection without a model only guesses leaf names (``to_q``) for display.
+
+The strength of a LoRA module is ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA). peft files
+carry alpha in the ``lora_adapter_metadata`` JSON, kohya files as ``.alpha`` scalars. A file with
+neither is read the way every loader reads it (alpha = rank, scale 1) and :class:`FormatInfo`
+says so in ``warnings``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapters.hashes import SafetensorsHeader, read_header
+from studio.errors import (
+    CorruptWeightsError,
+    IncompatibleAdapterError,
+    InputFileNotFoundError,
+    InvalidRequestError,
+    UnsafeWeightsError,
+    UnsupportedAdapterError,
+)
+
+FORMATS = ("diffusers", "kohya")
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # as studio.base_models
+MODELSPEC_VERSION = "1.0.1"
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+MAX_SUGGESTED_TRIGGERS = 5  # A1111 lists every tag by count; five is what fits a prompt box
+
+# Bytes per element of each safetensors dtype (the format's own list; F4/F6 pack two per byte
+# and are not used by adapters, so a file with them is refused as unknown rather than mis-sized).
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+# Pipeline component <- key prefix. Diffusers/peft keys use "<component>."; kohya uses these:
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
+
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+# canonical part -> the suffix it has in a peft key
+PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B.bias": "lora_B.bias",
+               # '.weight' on the magnitude: without it the text encoder's magnitudes are silently
+               # re-initialised on load (FIELD-NOTES); the UNet loads either spelling.
+               "lora_magnitude_vector": "lora_magnitude_vector.weight",
+               **{p: p for p in LOHA_PARTS + LOKR_PARTS}}
+_PEFT_PARTS = sorted([(".lora_magnitude_vector.weight", "lora_magnitude_vector"),
+                      (".lora_magnitude_vector", "lora_magnitude_vector"),
+                      (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".lora_B.bias", "lora_B.bias"),
+                      *[(f".{p}", p) for p in LOHA_PARTS + LOKR_PARTS]], key=lambda x: -len(x[0]))
+_LEGACY_PARTS = ((".lora_linear_layer.down.weight", "lora_A"), (".lora_linear_layer.up.weight", "lora_B"),
+                 (".lora.down.weight", "lora_A"), (".lora.up.weight", "lora_B"))
+# diffusers' attention-processor era: "...attn1.processor.to_q_lora.down.weight"
+_LEGACY_PROCESSOR = re.compile(
+    r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.(?P<d>down|up)\.weight$")
+_LEGACY_UNET_LEAF = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_LEGACY_TE_LEAF = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_KOHYA_PARTS = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B", "alpha": "alpha", "dora_scale": "dora_scale",
+                **{p: p for p in LOHA_PARTS + LOKR_PARTS}}
+
+# Leaf module names, longest first, to show a kohya key's target without the base model.
+_LEAVES = sorted(["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                  "time_emb_proj", "conv_shortcut", "conv1", "conv2", "conv_in", "conv_out", "conv", "q_proj",
+                  "k_proj", "v_proj", "out_proj", "fc1", "fc2", "linear_1", "linear_2", "add_q_proj",
+                  "add_k_proj", "add_v_proj", "to_add_out"], key=len, reverse=True)
+
+ARCHITECTURES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
+                 "dit": "a transformer (DiT) model such as Flux or SD3"}
+# UNet cross-attention width (attn2.to_k/to_v input) and CLIP text width of each SD generation.
+CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+TEXT_ENCODER_WIDTHS = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+# Architectures whose module tree differs from SD-1's: refused by name before any shape check.
+# SD-2 shares SD-1's tree (and its pipeline class), so it is told apart by shapes against the base.
+_OTHER_TREES = ("sdxl", "sd3", "flux", "dit")
+
+
+# --------------------------------------------------------------------------------------------
+# the file itself
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_path(path: str | Path) -> Path:
+    """A file, or the folder ``save_lora_weights`` wrote (holding pytorch_lora_weights.safetensors)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        preferred = path / DIFFUSERS_WEIGHT_NAME
+        if preferred.is_file():
+            return preferred
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        what = f"{len(found)} .safetensors files" if found else "no .safetensors file"
+        hint = f" (only pickles: {', '.join(pickles[:3])}; convert them first)" if pickles and not found else ""
+        raise InputFileNotFoundError(f"{path} is a folder with {what}{hint}: pass the adapter file itself")
+    if not path.exists():
+        raise InputFileNotFoundError(f"{path} does not exist")
+    return path
+
+
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    what = None
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        what = f"a pickle file ({path.suffix})"
+    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        what = f"a pickle (protocol {head[1]}) despite its name"
+    elif head[:4] == b"PK\x03\x04":
+        what = "a zip archive, the layout of torch.save checkpoints (a pickle inside)"
+    if what:
+        raise UnsafeWeightsError(
+            f"{path} is {what}: pickles can run code when loaded, so the studio reads safetensors only. "
+            f"Convert it first with a tool you trust (load it once in an isolated environment, then "
+            f"safetensors.torch.save_file(state_dict, 'adapter.safetensors')) and import the .safetensors file."
+        )
+
+
+def check_safetensors(path: str | Path) -> SafetensorsHeader:
+    """Refuse pickles, then validate ``path``'s safetensors layout without trusting any library.
+
+    Checks, in order: the 8-byte little-endian header length fits the file (and 100 MB), the header
+    is a JSON object of well-formed entries (``adapters.hashes.read_header``), every dtype is known,
+    every tensor's byte range is exactly ``numel * itemsize`` long, and the ranges tile the data
+    section from byte 0 to its end with no gap and no overlap.
+    """
+    path = _resolve_path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except IsADirectoryError:  # pragma: no cover - _resolve_path handles folders
+        raise CorruptWeightsError(f"{path} is a folder, not a weights file") from None
+    _refuse_pickle(path, head)
+    header = read_header(path)
+
+    def corrupt(reason: str) -> CorruptWeightsError:
+        return CorruptWeightsError(f"{path} cannot be read as safetensors ({reason}); the file is damaged or not "
+                                   f"a weights file: download or export it again")
+
+    spans = []
+    for name, entry in header.tensors.items():
+        size = DTYPE_BYTES.get(entry.dtype)
+        if size is None:
+            raise corrupt(f"tensor {name!r} has unknown dtype {entry.dtype!r}")
+        begin, end = entry.data_offsets
+        expected = math.prod(entry.shape) * size
+        if end - begin != expected:
+            raise corrupt(f"tensor {name!r} {entry.dtype}{list(entry.shape)} needs {expected} bytes, its offsets "
+                          f"give {end - begin}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            why = "overlaps the tensor before it" if begin < position else f"leaves {begin - position} bytes unused"
+            raise corrupt(f"tensor {name!r} at data offset {begin} {why}")
+        position = end
+    return header
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Module:
+    """One adapted module as a file spells it: ``name`` is dotted (diffusers) or flat (kohya)."""
+
+    component: str
+    name: str
+    style: str  # "peft" | "legacy" | "kohya"
+    parts: dict[str, str] = field(default_factory=dict)  # canonical part -> the file's key
+
+
+def _split_key(key: str) -> tuple[str, str, str, str] | None:
+    """(style, component, module name, canonical part) of one key, or None when not an adapter key."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if key.startswith(prefix) and "." in key:
+            flat, _, suffix = key.partition(".")
+            part = _KOHYA_PARTS.get(suffix)
+            if part is not None and len(flat) > len(prefix):
+                return "kohya", component, flat[len(prefix):], part
+            return None
+    component, dot, rest = key.partition(".")
+    if not dot or component not in DIFFUSERS_COMPONENTS:
+        return None
+    for suffix, part in _LEGACY_PARTS:
+        if rest.endswith(suffix):
+            return "legacy", component, rest[: -len(suffix)], part
+    m = _LEGACY_PROCESSOR.match(rest)
+    if m:
+        leaves = _LEGACY_UNET_LEAF if component in ("unet", "transformer") else _LEGACY_TE_LEAF
+        return "legacy", component, f"{m['m']}.{leaves[m['p']]}", "lora_A" if m["d"] == "down" else "lora_B"
+    for suffix, part in _PEFT_PARTS:
+        if rest.endswith(suffix) and len(rest) > len(suffix):
+            return "peft", component, rest[: -len(suffix)], part
+    return None
+
+
+def _not_an_adapter(path_text: str, keys: list[str]) -> UnsupportedAdapterError:
+    sample = ", ".join(repr(k) for k in keys[:3])
+    if not keys:
+        return UnsupportedAdapterError(f"{path_text} holds no tensors: it is not an adapter")
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+           for k in keys):
+        return UnsupportedAdapterError(f"{path_text} is a full model checkpoint (keys like {sample}), not an adapter: "
+                                       f"use it as a base model (--base {path_text})")
+    if any(k in ("emb_params", "clip_l", "clip_g", "string_to_param.*") or k.startswith("string_to_param")
+           for k in keys):
+        return UnsupportedAdapterError(f"{path_text} is a textual-inversion embedding (keys like {sample}), "
+                                       f"not a LoRA adapter")
+    return UnsupportedAdapterError(
+        f"{path_text} has no LoRA keys the studio understands (keys like {sample}); it reads diffusers/peft keys "
+        f"(unet.<module>.lora_A.weight) and kohya keys (lora_unet_<module>.lora_down.weight)")
+
+
+def _parse(keys: list[str], path_text: str) -> tuple[str, str, dict[tuple[str, str], _Module]]:
+    """Group keys into modules; return (format, adapter type, modules). Raises on anything unknown."""
+    modules: dict[tuple[str, str], _Module] = {}
+    unknown, styles = [], Counter()
+    for key in keys:
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        style, component, name, part = split
+        styles[style] += 1
+        module = modules.setdefault((component, name), _Module(component, name, style))
+        if part in module.parts:
+            raise UnsupportedAdapterError(f"{path_text}: {key!r} and {module.parts[part]!r} are the same tensor of "
+                                          f"module {name!r}; the file mixes two spellings of one adapter")
+        module.parts[part] = key
+    if not modules:
+        raise _not_an_adapter(path_text, keys)
+    if unknown:
+        raise UnsupportedAdapterError(
+            f"{path_text} has {len(unknown)} key(s) that are not adapter tensors the studio understands, e.g. "
+            f"{', '.join(repr(k) for k in unknown[:3])}; refusing rather than silently dropping them")
+    if styles["kohya"] and (styles["peft"] or styles["legacy"]):
+        raise UnsupportedAdapterError(f"{path_text} mixes kohya keys (lora_unet_...) and diffusers keys (unet....): "
+                                      f"re-export it from the tool that made it in one format")
+    fmt = "kohya" if styles["kohya"] else "diffusers"
+    kinds = set()
+    for m in modules.values():
+        p = set(m.parts)
+        if p & set(LOHA_PARTS):
+            kinds.add("loha")
+        elif p & set(LOKR_PARTS):
+            kinds.add("lokr")
+        elif p & {"lora_magnitude_vector", "dora_scale"}:
+            kinds.add("dora")
+        else:
+            kinds.add("lora")
+    if "loha" in kinds or "lokr" in kinds:
+        if len(kinds) > 1:
+            raise UnsupportedAdapterError(f"{path_text} mixes adapter methods ({', '.join(sorted(kinds))}) in one "
+                                          f"file; the studio stores one method per adapter")
+        adapter_type = kinds.pop()
+    else:
+        adapter_type = "dora" if "dora" in kinds else "lora"  # DoRA files may leave some modules without magnitude
+    return fmt, adapter_type, modules
+
+
+def _check_complete(m: _Module, adapter_type: str, shapes: Mapping[str, tuple], path_text: str) -> int | None:
+    """Check a module has every tensor its method needs with agreeing ranks; return its rank."""
+    def shape(part):
+        return tuple(shapes[m.parts[part]])
+
+    def missing(*parts):
+        return CorruptWeightsError(f"{path_text}: module {m.name!r} ({m.component}) lacks {' and '.join(parts)}: "
+                                   f"the file is incomplete; export it again")
+
+    p = m.parts
+    if adapter_type in ("lora", "dora"):
+        if "lora_A" not in p or "lora_B" not in p:
+            raise missing(*[x for x in ("lora_A", "lora_B") if x not in p])
+        a, b = shape("lora_A"), shape("lora_B")
+        if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
+            raise CorruptWeightsError(f"{path_text}: module {m.name!r}: lora_A {list(a)} and lora_B {list(b)} do not "
+                                      f"share a rank (lora_A rows must equal lora_B columns); the file is damaged")
+        return a[0]
+    if adapter_type == "loha":
+        need = [x for x in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if x not in p]
+        if need:
+            raise missing(*need)
+        return shape("hada_w1_b")[0]
+    for w in ("lokr_w1", "lokr_w2"):
+        if w not in p and not (f"{w}_a" in p and f"{w}_b" in p):
+            raise missing(w)
+    for w in ("lokr_w2", "lokr_w1"):
+        if f"{w}_a" in p:
+            return shape(f"{w}_a")[1]
+    return None  # both factors full matrices: the rank lives in the config only
+
+
+def _leaf(name: str, flat: bool) -> str:
+    for leaf in _LEAVES:
+        spelled = leaf.replace(".", "_") if flat else leaf
+        if name == spelled or name.endswith(("_" if flat else ".") + spelled):
+            return leaf
+    return name.rsplit("_" if flat else ".", 1)[-1]
+
+
+def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """peft's rank_pattern/alpha_pattern lookup: the first key that matches the end of ``name``."""
+    for key in pattern or {}:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return pattern[key]
+        except re.error:
+            if name == key or name.endswith("." + key):
+                return pattern[key]
+    return default
+
+
+def _split_adapter_metadata(metadata: Mapping[str, str], warnings: list[str]) -> dict[str, dict]:
+    """``lora_adapter_metadata`` -> {component: peft config dict} (diffusers packs them as "unet.r")."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except ValueError:
+        warnings.append(f"metadata {ADAPTER_METADATA_KEY!r} is not JSON and was ignored")
+        return {}
+    if not isinstance(packed, dict):
+        warnings.append(f"metadata {ADAPTER_METADATA_KEY!r} is not a JSON object and was ignored")
+        return {}
+    configs: dict[str, dict] = {}
+    loose = []
+    for key, value in packed.items():
+        component, dot, option = key.partition(".")
+        if dot and component in DIFFUSERS_COMPONENTS:
+            configs.setdefault(component, {})[option] = value
+        else:
+            loose.append(key)
+    if loose:
+        warnings.append(f"metadata {ADAPTER_METADATA_KEY!r} has options without a component prefix "
+                        f"({', '.join(loose[:3])}); diffusers ignores those, and so does the studio")
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# detection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FormatInfo:
+    """What :func:`detect` learned from a file's header, ``.alpha`` scalars and metadata."""
+
+    path: str
+    format: str  # "diffusers" | "kohya"
+    key_style: str  # "peft" | "legacy" (old diffusers keys) | "kohya"
+    adapter_type: str  # lora | dora | loha | lokr
+    rank: int | None  # the most common rank; rank_pattern lists modules that differ
+    alpha: float | None  # the most common alpha; strength = alpha / rank
+    alpha_source: str  # "metadata" | "alpha tensors" | "default (alpha = rank)"
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_modules: list[str]  # leaf names: to_q, to_out.0, q_proj...
+    components: list[str]
+    num_modules: int
+    num_tensors: int
+    dtypes: list[str]
+    architecture: str | None  # sd1, sd2, sdxl, sd3, flux, dit, or None when the keys do not tell
+    architecture_evidence: str
+    trigger_words: list[str]
+    trigger_words_source: str | None  # "modelspec.trigger_phrase" | "ssmd_keywords" | "ss_tag_frequency"
+    trigger_words_suggested: bool  # True: guessed from training tags (A1111-style), not declared
+    metadata: dict[str, str]  # every metadata key, verbatim
+    warnings: list[str]
+
+    @property
+    def title(self) -> str | None:
+        return self.metadata.get("ss_output_name") or self.metadata.get("modelspec.title") or None
+
+    @property
+    def base_model_version(self) -> str | None:
+        return self.metadata.get("ss_base_model_version")
+
+    @property
+    def architecture_name(self) -> str | None:
+        return ARCHITECTURES.get(self.architecture) if self.architecture else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _split_words(text: str) -> list[str]:
+    out, seen = [], set()
+    for word in text.split(","):
+        word = word.strip()
+        if word and len(word) <= 256 and word.lower() not in seen:
+            seen.add(word.lower())
+            out.append(word)
+    return out
+
+
+def tag_frequency(metadata: Mapping[str, str]) -> dict[str, int]:
+    """``ss_tag_frequency`` summed over dataset folders: tag -> count (empty when absent or damaged)."""
+    try:
+        folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
+    except ValueError:
+        return {}
+    totals: Counter = Counter()
+    if isinstance(folders, dict):
+        for tags in folders.values():
+            if isinstance(tags, dict):
+                for tag, count in tags.items():
+                    if isinstance(tag, str) and tag.strip() and isinstance(count, (int, float)):
+                        totals[tag.strip()] += int(count)
+    return dict(totals)
+
+
+def trigger_words(metadata: Mapping[str, str]) -> tuple[list[str], str | None, bool]:
+    """(words, source key, suggested): declared ``modelspec.trigger_phrase``, else ``ssmd_keywords``,
+    else the most frequent training tags from ``ss_tag_frequency``, marked as suggested (A1111 shows
+    those tags as hints; nobody declared them as triggers)."""
+    for key in ("modelspec.trigger_phrase", "ssmd_keywords"):
+        words = _split_words(metadata.get(key) or "")
+        if words:
+            return words, key, False
+    counts = tag_frequency(metadata)
+    if counts:
+        # most frequent first; ties keep the order the trainer wrote them in (sorted() is stable)
+        ranked = sorted(counts, key=lambda t: -counts[t])
+        words = _split_words(",".join(ranked[:MAX_SUGGESTED_TRIGGERS]))
+        return words, "ss_tag_frequency", True
+    return [], None, False
+
+
+def guess_architecture(shapes: Mapping[str, tuple]) -> tuple[str | None, str]:
+    """(architecture, evidence) from key names and shapes alone; (None, '') when they do not tell."""
+    keys = list(shapes)
+    for k in keys:
+        if any(s in k for s in ("double_blocks", "single_blocks", "single_transformer_blocks")):
+            return "flux", f"key {k!r} (Flux double/single-stream blocks)"
+        if "joint_blocks" in k:
+            return "sd3", f"key {k!r} (SD3 joint blocks)"
+    for k in keys:
+        if k.startswith(("transformer.", "lora_transformer_")):
+            return "dit", f"key {k!r} (a transformer denoiser, not a UNet)"
+    for k in keys:
+        if k.startswith(("text_encoder_2.", "lora_te2_")):
+            return "sdxl", f"key {k!r} (a second text encoder)"
+        if "add_embedding" in k or k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
+                                                 "lora_unet_middle_block", "lora_unet_label_emb")):
+            return "sdxl", f"key {k!r} (SDXL UNet naming)"
+    for k in keys:
+        split = _split_key(k)
+        if split and split[3] == "lora_A" and len(shapes[k]) >= 2:
+            _, component, name, _ = split
+            width = shapes[k][1]
+            if component == "unet" and re.search(r"attn2[._]to_[kv]$", name) and width in CROSS_ATTENTION_DIMS:
+                arch = CROSS_ATTENTION_DIMS[width]
+                return arch, f"cross-attention dim {width}"
+            if component == "text_encoder" and name.endswith(("q_proj", "k_proj", "v_proj")) \
+                    and width in TEXT_ENCODER_WIDTHS:
+                arch = TEXT_ENCODER_WIDTHS[width]
+                return arch, f"text encoder width {width}"
+    return None, ""
+
+
+def detect(path: str | Path) -> FormatInfo:
+    """Detect the layout, method, rank, alpha, targets, triggers and architecture of an adapter file.
+
+    Reads the header and the ``.alpha`` scalars only. Raises :class:`UnsafeWeightsError` for pickles,
+    :class:`CorruptWeightsError` for damaged files, :class:`UnsupportedAdapterError` for files that are
+    not adapters (or mix layouts/methods).
+    """
+    path = _resolve_path(path)
+    header = check_safetensors(path)
+    shapes = {k: tuple(e.shape) for k, e in header.tensors.items()}
+    fmt, adapter_type, modules = _parse(list(shapes), str(path))
+    warnings: list[str] = []
+    style = next(iter(modules.values())).style if fmt == "kohya" else (
+        "legacy" if all(m.style == "legacy" for m in modules.values()) else "peft")
+    ranks = {key: _check_complete(m, adapter_type, shapes, str(path)) for key, m in modules.items()}
+    configs = _split_adapter_metadata(header.metadata, warnings) if fmt == "diffusers" else {}
+    alphas: dict[tuple[str, str], float | None] = {}
+    if fmt == "kohya":
+        alpha_keys = [m.parts["alpha"] for m in modules.values() if "alpha" in m.parts]
+        values = _read_scalars(path, alpha_keys)
+        for key, m in modules.items():
+            alphas[key] = values.get(m.parts.get("alpha"))
+        present = sum(v is not None for v in alphas.values())
+        alpha_source = "alpha tensors" if present else "default (alpha = rank)"
+        if present and present < len(alphas):
+            warnings.append(f"{len(alphas) - present} of {len(alphas)} modules have no .alpha tensor: they run at "
+                            f"alpha = rank (scale 1), as every kohya loader does")
+        if not present:
+            said = header.metadata.get("ss_network_alpha")
+            warnings.append("no .alpha tensors: alpha defaults to the rank (scale 1), as kohya loaders assume"
+                            + (f"; ss_network_alpha says {said}, but loaders read the tensors, not that key"
+                               if said else ""))
+    else:
+        alpha_key = "alpha" if adapter_type in ("loha", "lokr") else "lora_alpha"
+        for key, m in modules.items():
+            config = configs.get(m.component)
+            if config is not None and config.get(alpha_key) is not None:
+                alphas[key] = float(_pattern_value(config.get("alpha_pattern") or {}, m.name, config[alpha_key]))
+            else:
+                alphas[key] = None
+        without = sorted({m.component for key, m in modules.items() if alphas[key] is None})
+        alpha_source = "metadata" if len(without) < len({m.component for m in modules.values()}) else \
+            "default (alpha = rank)"
+        if without:
+            # diffusers itself assumes alpha = rank only for files with no config at all; a file with a
+            # config for some components fails to load in diffusers, and the canonical copy repairs that.
+            warnings.append(f"no {ADAPTER_METADATA_KEY!r} config for {', '.join(without)}: alpha defaults to the rank "
+                            f"(scale 1), the convention for files without one; if it was trained with another "
+                            f"alpha, its strength will be off")
+    # LoKr with full factors has no rank in its tensors: the config says it.
+    for key, m in modules.items():
+        if ranks[key] is None:
+            config = configs.get(m.component) or {}
+            r = _pattern_value(config.get("rank_pattern") or {}, m.name, config.get("r"))
+            ranks[key] = int(r) if isinstance(r, (int, float)) and r >= 1 else None
+        if alphas[key] is None and ranks[key] is not None:
+            alphas[key] = float(ranks[key])
+    rank, rank_pattern = _common({f"{m.component}.{m.name}": ranks[k] for k, m in modules.items()})
+    alpha, alpha_pattern = _common({f"{m.component}.{m.name}": alphas[k] for k, m in modules.items()})
+    arch, evidence = guess_architecture(shapes)
+    words, source, suggested = trigger_words(header.metadata)
+    if suggested:
+        warnings.append(f"no declared trigger words; suggested from the training tags (ss_tag_frequency): "
+                        f"{', '.join(words)}")
+    flat = fmt == "kohya"
+    return FormatInfo(
+        path=str(path), format=fmt, key_style=style, adapter_type=adapter_type, rank=rank,
+        alpha=alpha, alpha_source=alpha_source, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        target_modules=sorted({_leaf(m.name, flat) for m in modules.values()}),
+        components=sorted({m.component for m in modules.values()}, key=DIFFUSERS_COMPONENTS.index),
+        num_modules=len(modules), num_tensors=len(shapes),
+        dtypes=sorted({e.dtype for e in header.tensors.values()}), architecture=arch, architecture_evidence=evidence,
+        trigger_words=words, trigger_words_source=source, trigger_words_suggested=suggested,
+        metadata=dict(header.metadata), warnings=warnings,
+    )
+
+
+def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(most common value, {name: value} for the names that differ from it)."""
+    known = {k: v for k, v in values.items() if v is not None}
+    if not known:
+        return None, {}
+    common = Counter(known.values()).most_common(1)[0][0]
+    return common, {k: v for k, v in sorted(known.items()) if v != common}
+
+
+def _read_scalars(path: Path, keys: list[str]) -> dict[str, float]:
+    if not keys:
+        return {}
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in keys:
+            t = f.get_tensor(key)
+            if t.numel() != 1:
+                raise CorruptWeightsError(f"{path}: {key!r} has {t.numel()} values; an .alpha is one number")
+            value = float(t.float().item())
+            if not (math.isfinite(value) and value > 0):
+                raise CorruptWeightsError(f"{path}: {key!r} is {value}; an alpha must be a finite number > 0")
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# validation against a base model
+# --------------------------------------------------------------------------------------------
+
+
+class _ModuleIndex:
+    """The base pipeline's modules per component, by dotted name and by kohya's flat spelling."""
+
+    def __init__(self, pipe) -> None:
+        import torch
+
+        self.components: dict[str, dict[str, Any]] = {}
+        self.flat: dict[str, dict[str, str]] = {}
+        for component in DIFFUSERS_COMPONENTS:
+            model = getattr(pipe, component, None)
+            if not isinstance(model, torch.nn.Module):
+                continue
+            named = {n: m for n, m in model.named_modules() if n}
+            self.components[component] = named
+            flat = {}
+            for n in named:
+                flat[n.replace(".", "_")] = n
+                if component.startswith("text_encoder") and not n.startswith("text_model."):
+                    # kohya spells CLIP modules with transformers 4's 'text_model.' root; transformers 5
+                    # flattened CLIPTextModel, so both spellings must find the same module.
+                    flat["text_model_" + n.replace(".", "_")] = n
+            self.flat[component] = flat
+
+    def resolve(self, m: _Module) -> str | None:
+        named = self.components.get(m.component)
+        if named is None:
+            return None
+        if m.style == "kohya":
+            return self.flat[m.component].get(m.name)
+        for candidate in (m.name, m.name.removeprefix("text_model."), f"text_model.{m.name}"):
+            if candidate in named:
+                return candidate
+        return None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What :func:`validate_against` matched: (component, name as the file spells it) -> module name."""
+
+    resolved: dict[tuple[str, str], str]
+    components: tuple[str, ...]
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.resolved)
+
+
+def _family_obj(family):
+    from studio.families import Family, get_family
+
+    return family if isinstance(family, Family) else get_family(family)
+
+
+def _weight_shape(module) -> tuple[int, ...] | None:
+    w = getattr(module, "weight", None)
+    return tuple(w.shape) if w is not None and hasattr(w, "shape") else None
+
+
+def _shape_problem(m: _Module, module, shapes: Mapping[str, tuple], adapter_type: str) -> str | None:
+    """Why the module's tensors cannot patch ``module`` (None when they fit)."""
+    w = _weight_shape(module)
+    if w is None or len(w) < 2:
+        return f"{type(module).__name__} has no 2-D/4-D weight to adapt"
+    out, rest = w[0], w[1:]
+    shape = {part: tuple(shapes[key]) for part, key in m.parts.items()}
+    if adapter_type in ("lora", "dora"):
+        a, b = shape["lora_A"], shape["lora_B"]
+        if len(a) != len(w) or a[1:] != rest:
+            return f"lora_A {list(a)} does not fit the module's input {list(rest)} (weight {list(w)})"
+        if len(b) != len(w) or b[0] != out or any(d != 1 for d in b[2:]):
+            return f"lora_B {list(b)} does not fit the module's output {out} (weight {list(w)})"
+        for part in ("lora_magnitude_vector", "lora_B.bias"):
+            if part in shape and math.prod(shape[part]) != out:
+                return f"{part} {list(shape[part])} does not match the module's {out} outputs"
+        return None
+    fan_in = math.prod(rest)
+    if adapter_type == "loha":
+        if "hada_t1" in shape:  # Tucker-decomposed conv: the kernel lives in t1/t2
+            return None if shape["hada_t1"][2:] == rest[1:] else f"hada_t1 {list(shape['hada_t1'])} kernel differs"
+        for w1, w2 in (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")):
+            if (shape[w1][0], math.prod(shape[w2][1:])) != (out, fan_in):
+                return f"{w1}/{w2} {list(shape[w1])}x{list(shape[w2])} do not make a {out}x{fan_in} update"
+        return None
+    # LoKr: kron(w1, w2) has (w1 rows * w2 rows) outputs and (w1 cols * w2's remaining dims) inputs
+    w1 = shape.get("lokr_w1") or (shape["lokr_w1_a"][0], shape["lokr_w1_b"][1])
+    if "lokr_t2" in shape:
+        return None
+    w2 = shape.get("lokr_w2") or (shape["lokr_w2_a"][0], *shape["lokr_w2_b"][1:])
+    if w1[0] * w2[0] != out or w1[1] * math.prod(w2[1:]) != fan_in:
+        return f"LoKr factors {list(w1)} (x) {list(w2)} do not make a {out}x{fan_in} update"
+    return None
+
+
+def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
+                     base_name: str | None = None) -> ValidationReport:
+    """Check that every key of ``state_dict`` (peft, legacy diffusers or kohya keys; tensors or shapes)
+    names a module of ``base_pipeline`` whose shapes it fits. Raises :class:`IncompatibleAdapterError`
+    naming the architecture the adapter looks made for; zero matching keys is an error too (loading it
+    would silently change nothing)."""
+    family = _family_obj(family)
+    base = f"the base {base_name!r}" if base_name else "the base model"
+    base_arch = f"{base} ({family.display_name})"
+    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in state_dict.items()}
+    fmt, adapter_type, modules = _parse(list(shapes), "the adapter")
+    for m in modules.values():
+        _check_complete(m, adapter_type, shapes, "the adapter")
+    arch, evidence = guess_architecture(shapes)
+    if arch in _OTHER_TREES and arch != family.name:
+        raise IncompatibleAdapterError(
+            f"this adapter was made for {ARCHITECTURES[arch]} ({evidence}); {base_arch} cannot use it: "
+            f"import it with --base set to a base model of that architecture, or pick an adapter made for "
+            f"{family.display_name}", arch)
+    index = _ModuleIndex(base_pipeline)
+    resolved, unmatched, misfits = {}, [], []
+    for (component, name), m in modules.items():
+        target = index.resolve(m)
+        if target is None:
+            unmatched.append(m)
+            continue
+        problem = _shape_problem(m, index.components[component][target], shapes, adapter_type)
+        if problem:
+            misfits.append((m, target, problem))
+        else:
+            resolved[(component, name)] = target
+    if misfits:
+        raise _misfit_error(base_pipeline, misfits, shapes, base, base_arch, len(modules))
+    if unmatched:
+        missing_components = sorted({m.component for m in unmatched} - set(index.components))
+        examples = ", ".join(repr(f"{m.component}: {m.name}") for m in unmatched[:3])
+        hint = f" It looks made for {ARCHITECTURES[arch]} ({evidence})." if arch and arch != family.name else ""
+        if missing_components:
+            hint += f" {base_arch} has no {', '.join(missing_components)}."
+        if not resolved:
+            raise IncompatibleAdapterError(
+                f"none of the {len(modules)} module(s) this adapter patches exist in {base_arch} (e.g. {examples}): "
+                f"loading it would change nothing.{hint} Pick the base model it was trained for, or another adapter",
+                arch)
+        raise IncompatibleAdapterError(
+            f"{len(unmatched)} of the {len(modules)} modules this adapter patches do not exist in {base_arch} "
+            f"(e.g. {examples}); every key must map to a module, or part of the adapter would be silently "
+            f"dropped.{hint}", arch)
+    return ValidationReport(resolved=resolved, components=tuple(sorted({c for c, _ in resolved},
+                                                                      key=DIFFUSERS_COMPONENTS.index)))
+
+
+def _misfit_error(pipe, misfits, shapes, base: str, base_arch: str, total: int) -> IncompatibleAdapterError:
+    # Name the architecture by the width that disagrees: the cross-attention input of the UNet
+    # (attn2.to_k/to_v read the text embedding) or the text encoder's hidden size.
+    for m, target, _ in misfits:
+        a = m.parts.get("lora_A")
+        if a is None:
+            continue
+        width = shapes[a][1]
+        if m.component == "unet" and re.search(r"attn2\.to_[kv]$", target):
+            theirs = CROSS_ATTENTION_DIMS.get(width)
+            ours = getattr(getattr(pipe, "unet", None), "config", None)
+            ours = getattr(ours, "cross_attention_dim", None)
+            return IncompatibleAdapterError(
+                f"this LoRA was made for a model with cross-attention dim {width}"
+                f"{f' ({ARCHITECTURES[theirs]})' if theirs else ''}; {base} has {ours}: import it against a base "
+                f"model of that kind (--base), or pick an adapter made for this one", theirs)
+        if m.component.startswith("text_encoder") and target.endswith(("q_proj", "k_proj", "v_proj")):
+            theirs = TEXT_ENCODER_WIDTHS.get(width)
+            model = getattr(pipe, m.component, None)
+            ours = getattr(getattr(model, "config", None), "hidden_size", None)
+            return IncompatibleAdapterError(
+                f"this LoRA was made for a text encoder of width {width}"
+                f"{f' ({ARCHITECTURES[theirs]})' if theirs else ''}; {base} has {ours}: import it against a base "
+                f"model of that kind (--base), or pick an adapter made for this one", theirs)
+    m, target, problem = misfits[0]
+    return IncompatibleAdapterError(
+        f"{len(misfits)} of the {total} modules this adapter patches have other shapes than in {base_arch}; "
+        f"first: {m.component} {target}: {problem}. It was made for a different model: pick the base it was "
+        f"trained for (--base)")
+
+
+# --------------------------------------------------------------------------------------------
+# the canonical in-memory form
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter in canonical form: peft keys ``<component>.<module>.<part>`` and, per component, the
+    peft config that loads them (``LoraConfig``/``LoHaConfig``/``LoKrConfig`` keyword arguments).
+
+    ``metadata`` is the source file's metadata, kept so that exports carry it on.
+    """
+
+    tensors: dict[str, Any]
+    configs: dict[str, dict]
+    adapter_type: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def modules(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """(component, module) -> {canonical part: tensor}."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, tensor in self.tensors.items():
+            style, component, name, part = _split_key(key)
+            out.setdefault((component, name), {})[part] = tensor
+        return out
+
+    def scales(self) -> dict[tuple[str, str], tuple[int | None, float | None, bool]]:
+        """(component, module) -> (rank, alpha, rsLoRA): what the adapter's strength depends on."""
+        out = {}
+        for (component, name), parts in self.modules().items():
+            config = self.configs.get(component, {})
+            rank = _module_rank(parts, config, name)
+            alpha_key = "lora_alpha" if self.adapter_type in ("lora", "dora") else "alpha"
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get(alpha_key))
+            out[(component, name)] = (rank, float(alpha) if alpha is not None else None,
+                                      bool(config.get("use_rslora")))
+        return out
+
+    @property
+    def rank(self) -> int | None:
+        return _common({f"{c}.{n}": s[0] for (c, n), s in self.scales().items()})[0]
+
+    @property
+    def alpha(self) -> float | None:
+        return _common({f"{c}.{n}": s[1] for (c, n), s in self.scales().items()})[0]
+
+    @property
+    def components(self) -> list[str]:
+        return sorted({c for c, _ in self.modules()}, key=DIFFUSERS_COMPONENTS.index)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({_leaf(n, False) for _, n in self.modules()})
+
+
+def _module_rank(parts: Mapping[str, Any], config: Mapping[str, Any], name: str) -> int | None:
+    if "lora_A" in parts:
+        return int(parts["lora_A"].shape[0])
+    if "hada_w1_b" in parts:
+        return int(parts["hada_w1_b"].shape[0])
+    for w in ("lokr_w2_a", "lokr_w1_a"):
+        if w in parts:
+            return int(parts[w].shape[1])
+    r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r"))
+    return int(r) if r is not None else None
+
+
+def _number(x: float) -> int | float:
+    """JSON-friendly: 8.0 -> 8 (peft and kohya tools print integral alphas as integers)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if hasattr(value, "value") and type(value).__module__.startswith("peft"):  # peft enums (PeftType)
+        return value.value
+    return value
+
+
+def _lora_config(scales: dict[str, tuple[int, float]], *, use_dora: bool, use_rslora: bool,
+                 lora_bias: bool) -> dict:
+    """A LoraConfig dict reproducing each module's rank and alpha exactly.
+
+    target_modules are full module paths: peft matches a target by name suffix, so a bare 'to_q'
+    would also wrap every to_q the file has no tensors for.
+    """
+    r, rank_pattern = _common({n: s[0] for n, s in scales.items()})
+    alpha, alpha_pattern = _common({n: s[1] for n, s in scales.items()})
+    return {"peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "rank_pattern": rank_pattern,
+            "alpha_pattern": {k: _number(v) for k, v in alpha_pattern.items()}, "target_modules": sorted(scales),
+            "use_dora": use_dora, "use_rslora": use_rslora, "lora_bias": lora_bias, "bias": "none"}
+
+
+def read_adapter(path: str | Path, *, base_pipeline=None, family="sd1", base_name: str | None = None,
+                 info: FormatInfo | None = None) -> AdapterWeights:
+    """Read any supported adapter file into canonical :class:`AdapterWeights`.
+
+    With ``base_pipeline`` the file is validated against it first (:func:`validate_against`); kohya
+    files need it, since only the base model's module list turns flat kohya names back into modules.
+    Refuses LyCORIS-format LoHa/LoKr and kohya DoRA (``dora_scale``), which the studio cannot convert
+    exactly, and tensors holding NaN or infinity.
+    """
+    path = _resolve_path(path)
+    info = info or detect(path)
+    if info.format == "kohya" and info.adapter_type in ("loha", "lokr"):
+        raise UnsupportedAdapterError(
+            f"{path} is a LyCORIS {METHOD_NAMES[info.adapter_type]} in kohya layout (lora_unet_..."
+            f"{'hada_w1_a' if info.adapter_type == 'loha' else 'lokr_w1'}); the studio reads LoHa/LoKr in peft "
+            f"layout only (unet.<module>.{'hada_w1_a' if info.adapter_type == 'loha' else 'lokr_w1'}): convert it "
+            f"with the tool that trained it")
+    if info.format == "kohya" and info.adapter_type == "dora":
+        raise UnsupportedAdapterError(
+            f"{path} is a kohya-layout DoRA (dora_scale keys); diffusers drops those keys and would load it as a "
+            f"plain LoRA, silently different. Export it as a peft DoRA (lora_magnitude_vector) from the tool that "
+            f"trained it")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise CorruptWeightsError(f"{path}: tensor {key!r} holds NaN or infinite values; an adapter like this "
+                                      f"produces black or noise images: re-export it from a healthy checkpoint")
+    fmt, adapter_type, modules = _parse(list(tensors), str(path))
+    if base_pipeline is not None:
+        try:
+            resolved = validate_against(base_pipeline, tensors, family, base_name=base_name).resolved
+        except IncompatibleAdapterError as e:
+            raise IncompatibleAdapterError(f"{path}: {e}", e.architecture) from None
+    elif fmt == "kohya":
+        raise InvalidRequestError("kohya keys spell module paths with '_' for '.', so reading them needs the base "
+                                  "model: pass base_pipeline")
+    else:
+        resolved = {key: m.name for key, m in modules.items()}
+    warnings: list[str] = []
+    source_configs = _split_adapter_metadata(info.metadata, warnings) if fmt == "diffusers" else {}
+    out: dict[str, Any] = {}
+    per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    flags: dict[str, dict[str, bool]] = {}
+    for key, m in modules.items():
+        name = resolved[key]
+        for part, source_key in m.parts.items():
+            if part == "alpha":
+                continue
+            out[f"{m.component}.{name}.{PEFT_SUFFIX[part]}"] = tensors[source_key].contiguous()
+        if adapter_type not in ("lora", "dora"):
+            continue
+        config = source_configs.get(m.component)
+        rank = int(tensors[m.parts["lora_A"]].shape[0])
+        if "alpha" in m.parts:
+            alpha = float(tensors[m.parts["alpha"]].float().item())
+        elif config is not None and config.get("lora_alpha") is not None:
+            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, m.name, config["lora_alpha"]))
+        else:
+            alpha = float(rank)  # what diffusers and kohya loaders use when a file carries no alpha
+        per_component.setdefault(m.component, {})[name] = (rank, alpha)
+        f = flags.setdefault(m.component, {"use_dora": False, "lora_bias": False,
+                                           "use_rslora": bool((config or {}).get("use_rslora"))})
+        f["use_dora"] |= "lora_magnitude_vector" in m.parts
+        f["lora_bias"] |= "lora_B.bias" in m.parts
+    if adapter_type in ("lora", "dora"):
+        configs = {c: _lora_config(s, **flags[c]) for c, s in per_component.items()}
+    else:
+        configs = _method_configs(adapter_type, source_configs, out, info)
+    return AdapterWeights(tensors=dict(sorted(out.items())), configs=configs, adapter_type=adapter_type,
+                          metadata=dict(info.metadata))
+
+
+def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[str, Any],
+                    info: FormatInfo) -> dict[str, dict]:
+    """LoHa/LoKr configs: kept as the file declares them (peft re-derives factorisations from them, so
+    they are not rewritten); inferred from shapes when the file has none."""
+    by_component: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        component, _, rest = key.partition(".")
+        by_component.setdefault(component, {})[rest] = t
+    configs = {}
+    for component, sd in by_component.items():
+        if component in source:
+            configs[component] = _jsonable({"peft_type": adapter_type.upper(), **source[component]})
+            continue
+        if adapter_type == "lokr":
+            from diffusers.utils.peft_utils import _create_lokr_config
+
+            configs[component] = _jsonable(_create_lokr_config(sd, None).to_dict())
+            continue
+        ranks = {}
+        for k, t in sd.items():
+            if k.endswith(".hada_w1_b"):
+                ranks[k[: -len(".hada_w1_b")]] = int(t.shape[0])
+        r, rank_pattern = _common(ranks)
+        configs[component] = {"peft_type": "LOHA", "r": r, "alpha": r, "rank_pattern": rank_pattern,
+                              # alpha = rank per module: scale 1, the convention without metadata
+                              "alpha_pattern": dict(rank_pattern), "target_modules": sorted(ranks),
+                              "use_effective_conv2d": any(k.endswith(".hada_t1") for k in sd)}
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def build_metadata(*, adapter_type: str, rank: int | None, alpha: float | None, family="sd1", name: str | None = None,
+                   trigger_words=(), tags=(), description: str | None = None, author: str | None = None,
+                   license: str | None = None, date: datetime | None = None,
+                   base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """kohya ``ss_*`` and ModelSpec ``modelspec.*`` keys for an adapter, over ``base`` (the source
+    file's metadata, which is kept: ss_tag_frequency, training settings, thumbnails...).
+
+    Keys this function sets replace the base's (the ``modelspec`` trigger phrase, tags, description,
+    author and license are removed when not given); hash keys are dropped here and recomputed by the
+    writer, since they describe the bytes being written.
+    """
+    fam = _family_obj(family)
+    md = {k: v for k, v in (base or {}).items()
+          if k not in (ADAPTER_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")}
+    md["format"] = "pt"
+    lycoris = adapter_type in ("loha", "lokr")
+    md["ss_network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
+    if lycoris:
+        md["ss_network_args"] = json.dumps({"algo": adapter_type})
+    if rank is not None:
+        md["ss_network_dim"] = str(rank)
+    if alpha is not None:
+        md["ss_network_alpha"] = str(float(alpha))  # kohya writes the float: "8.0"
+    md["ss_base_model_version"] = fam.kohya_base_model_version
+    md["modelspec.sai_model_spec"] = MODELSPEC_VERSION
+    # ModelSpec has one adapter architecture suffix, '/lora', for every network kind (as sd-scripts writes)
+    md["modelspec.architecture"] = fam.modelspec_lora_architecture("lora")
+    md["modelspec.implementation"] = "diffusers"
+    if name:
+        md["ss_output_name"] = name
+        md["modelspec.title"] = name
+    md["modelspec.date"] = (date or datetime.now(UTC)).isoformat(timespec="seconds")
+    # The record owns these: an empty value removes the source file's, so an export never shows
+    # trigger words or tags the registry no longer has.
+    for key, value in (("modelspec.trigger_phrase", ", ".join(trigger_words or ())),
+                       ("modelspec.tags", ", ".join(tags or ())), ("modelspec.description", description),
+                       ("modelspec.author", author), ("modelspec.license", license)):
+        if value:
+            md[key] = value
+        else:
+            md.pop(key, None)
+    return md
+
+
+def _serialize(tensors: Mapping[str, Any], metadata: dict[str, str]) -> tuple[bytes, bytes]:
+    """(header bytes, data bytes) with ``sshs_model_hash``/``modelspec.hash_sha256`` set to the sha256 of
+    the data bytes. The data section does not depend on metadata (only offsets are in the header),
+    so the hash is computed on a first serialisation and the header is then rebuilt around it."""
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), metadata=None)
+    n = int.from_bytes(blob[:8], "little")
+    data = blob[8 + n:]
+    digest = hashlib.sha256(data).hexdigest()
+    header = json.loads(blob[8:8 + n])
+    header.pop("__metadata__", None)
+    md = {**metadata, "sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest}
+    raw = json.dumps({"__metadata__": md, **header}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad with spaces to 8 bytes, as safetensors does, so tensors stay aligned
+    return len(raw).to_bytes(8, "little") + raw, data
+
+
+def _write_atomic(out: str | Path, chunks: tuple[bytes, ...]) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; an exported file is meant to be shared
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename is durable only once the folder entry is flushed
+    finally:
+        os.close(dir_fd)
+    return out
+
+
+def to_diffusers(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``adapter`` as a diffusers/peft file (what ``pipe.load_lora_weights`` reads), atomically.
+
+    The peft config of every component goes under ``lora_adapter_metadata`` ("unet.r", "unet.lora_alpha"...),
+    so alpha != rank reloads exactly; ``metadata`` (see :func:`build_metadata`) goes beside it.
+    """
+    packed = {f"{component}.{k}": v for component, config in sorted(adapter.configs.items())
+              for k, v in config.items()}
+    md = {k: str(v) for k, v in (metadata or {}).items()}
+    md[ADAPTER_METADATA_KEY] = json.dumps(_jsonable(packed), sort_keys=True)
+    return _write_atomic(out, _serialize(adapter.tensors, md))
+
+
+def check_kohya_exportable(adapter_type: str) -> None:
+    """Raise :class:`UnsupportedAdapterError` unless ``adapter_type`` can be written in kohya layout."""
+    if adapter_type == "dora":
+        raise UnsupportedAdapterError(
+            "DoRA cannot be exported to kohya format: kohya LoRA files have no magnitude vectors, so the adapter "
+            "would load as a plain LoRA and change its output; export it with --format diffusers")
+    if adapter_type in ("loha", "lokr"):
+        raise UnsupportedAdapterError(
+            f"{METHOD_NAMES[adapter_type]} adapters export to the diffusers/peft format only (their own layout; "
+            f"kohya LoRA files cannot hold Hadamard or Kronecker factors): use --format diffusers")
+
+
+def kohya_state_dict(adapter: AdapterWeights) -> dict[str, Any]:
+    """The kohya/A1111 keys of a LoRA: ``lora_unet_*``/``lora_te_text_model_*`` with ``.alpha`` per module.
+
+    Alpha is written as each module's own alpha, so strength survives (diffusers'
+    ``convert_state_dict_to_kohya`` writes alpha = rank). rsLoRA scales by alpha/sqrt(r); kohya by
+    alpha/r, so an rsLoRA module is written with alpha * sqrt(r).
+    """
+    import torch
+
+    check_kohya_exportable(adapter.adapter_type)
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
+                "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
+    scales = adapter.scales()
+    out: dict[str, Any] = {}
+    for (component, name), parts in adapter.modules().items():
+        if "lora_B.bias" in parts:
+            raise UnsupportedAdapterError(f"{component} {name} has a lora_B bias (peft lora_bias=True), which kohya "
+                                          f"files cannot hold: export with --format diffusers")
+        flat = name.replace(".", "_")
+        if component.startswith("text_encoder") and not name.startswith("text_model."):
+            flat = "text_model_" + flat  # the usual SD-1 spelling: lora_te_text_model_encoder_layers_...
+        key = prefixes[component] + flat
+        rank, alpha, rslora = scales[(component, name)]
+        alpha = float(rank) if alpha is None else alpha
+        if rslora:
+            alpha = alpha * math.sqrt(rank)
+        out[f"{key}.lora_down.weight"] = parts["lora_A"]
+        out[f"{key}.lora_up.weight"] = parts["lora_B"]
+        # float32 holds any alpha a config can state exactly enough (fp16 would turn 0.1 into 0.09998)
+        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return dict(sorted(out.items()))
+
+
+def to_kohya(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically; LoRA only (DoRA, LoHa, LoKr refused).
+
+    ``lora_adapter_metadata`` is never written here: diffusers refuses a kohya file that carries both
+    ``.alpha`` tensors and that key ("Both network_alphas and metadata cannot be specified").
+    """
+    state = kohya_state_dict(adapter)
+    md = {k: str(v) for k, v in (metadata or {}).items() if k != ADAPTER_METADATA_KEY}
+    return _write_atomic(out, _serialize(state, md))
