@@ -19,6 +19,8 @@ def studio_home(tmp_path, monkeypatch):
 
     home = tmp_path / "home"
     monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
+    # A developer's LORA_STUDIO_REGISTRY_URL must never receive test writes.
+    monkeypatch.delenv("LORA_STUDIO_REGISTRY_URL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reload_settings()
     yield home
@@ -30,3 +32,12 @@ def tiny_pipe():
     from studio.base_models import load_pipeline
 
     return load_pipeline("tiny")
+
+
+@pytest.fixture
+def reg(studio_home):
+    """An empty registry in the test's studio home."""
+    from adapters.registry import Registry
+
+    with Registry() as registry:
+        yield registry

@@ -51,19 +51,6 @@ def _corpus_module():
 make_corpus = _corpus_module()
 
 
-@pytest.fixture(autouse=True)
-def _default_registry_url(monkeypatch):
-    # A developer's LORA_STUDIO_REGISTRY_URL must not send test writes to their real database.
-    monkeypatch.delenv("LORA_STUDIO_REGISTRY_URL", raising=False)
-    from studio.settings import reload_settings
-
-    reload_settings()
-
-
-@pytest.fixture
-def reg(studio_home):
-    with Registry() as registry:
-        yield registry
 
 
 def fresh_pipeline():

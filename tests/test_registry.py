@@ -47,19 +47,6 @@ from studio.errors import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _default_registry_url(monkeypatch):
-    # A developer's LORA_STUDIO_REGISTRY_URL must not send test writes to their real database.
-    monkeypatch.delenv("LORA_STUDIO_REGISTRY_URL", raising=False)
-    from studio.settings import reload_settings
-
-    reload_settings()
-
-
-@pytest.fixture
-def reg(studio_home):
-    with Registry() as registry:
-        yield registry
 
 
 def make_weights(path: Path, seed: int, *, metadata: dict | None = None, size: int = 8) -> Path:
