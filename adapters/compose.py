@@ -23,6 +23,7 @@ reference (``name``, ``name@3``, ``name@prod``, ``sha256:<prefix>``).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -383,11 +384,102 @@ def _layer_adapter_names(module) -> set[str]:
 
 
 def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> None:
-    """Load one adapter file into ``pipe`` under ``adapter_name`` (LoRA and DoRA through diffusers)."""
+    """Load one adapter file into ``pipe`` under ``adapter_name``, whatever its method.
+
+    The method is read from the file itself (its keys and ``lora_adapter_metadata``), not trusted from
+    the registry: LoRA and DoRA load through ``pipe.load_lora_weights``; LoKr through the UNet's
+    ``load_lora_adapter`` (a folder + ``weight_name``, since a bare file path drops the metadata);
+    LoHa, which diffusers refuses, through peft's ``inject_adapter_in_model`` +
+    ``set_peft_model_state_dict`` per component (LoKr text-encoder parts too). Either way the adapter
+    ends up as peft layers named ``adapter_name`` that ``set_adapters``/fuse/delete handle as any LoRA.
+    """
+    from adapters.formats import detect
     from studio.base_models import _check_safetensors
 
-    _check_safetensors(resolved.path)
-    pipe.load_lora_weights(str(resolved.path.parent), weight_name=resolved.path.name, adapter_name=adapter_name)
+    path = safetensors_named_path(resolved)
+    _check_safetensors(path)
+    adapter_type = detect(path).adapter_type
+    if adapter_type in ("lora", "dora"):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
+                               use_safetensors=True)
+        return
+    _load_lycoris(pipe, path, adapter_type, adapter_name)
+
+
+def safetensors_named_path(resolved: ResolvedAdapter) -> Path:
+    """A path to the adapter's file whose name ends in ``.safetensors``.
+
+    Registry blobs are named by their sha256 alone, and diffusers decides by the file name: a
+    ``weight_name`` without the suffix sends it down its pickle (``torch.load``) path. A symlink
+    ``<home>/cache/adapters/<sha256>.safetensors`` gives the blob the name diffusers needs, without
+    copying it.
+    """
+    if resolved.path.suffix == ".safetensors":
+        return resolved.path
+    from studio.settings import get_settings
+
+    link_dir = get_settings().home / "cache" / "adapters"
+    link_dir.mkdir(parents=True, exist_ok=True)
+    link = link_dir / f"{resolved.tensor_sha256}-{resolved.path.name[:16]}.safetensors"
+    if not (link.is_symlink() and link.resolve() == resolved.path.resolve()):
+        tmp = link.with_name(f".tmp-{os.getpid()}-{link.name}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(resolved.path.resolve())
+        os.replace(tmp, link)  # atomic: a concurrent reader sees the old link or the new one
+    return link
+
+
+def _peft_config(adapter_type: str, config: dict):
+    """A ``LoHaConfig``/``LoKrConfig`` from a file's per-component config dict (unknown keys dropped)."""
+    import dataclasses
+
+    from peft import LoHaConfig, LoKrConfig
+
+    cls = LoHaConfig if adapter_type == "loha" else LoKrConfig
+    declared = str(config.get("peft_type", adapter_type)).upper()
+    if declared != adapter_type.upper():
+        raise InvalidRequestError(f"the adapter's keys are {adapter_type} but its metadata says {declared}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type"}
+    return cls(**{k: v for k, v in config.items() if k in names})
+
+
+def _inject(model, adapter_type: str, config: dict, state_dict: dict, adapter_name: str) -> None:
+    """Add one LoHa/LoKr adapter to ``model`` with peft, keeping the adapters already there."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    prior = dict(getattr(model, "peft_config", None) or {})
+    try:
+        inject_adapter_in_model(_peft_config(adapter_type, config), model, adapter_name=adapter_name)
+    finally:
+        # inject_adapter_in_model replaces model.peft_config with the new adapter's alone; diffusers lists
+        # (and sets, fuses, deletes) the adapters it finds there, so the earlier ones are put back.
+        model.peft_config = {**prior, **(getattr(model, "peft_config", None) or {})}
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if f".{adapter_name}" in k]
+    if unexpected or missing:
+        what = f"{len(unexpected)} tensors match no layer" if unexpected else f"{len(missing)} tensors are missing"
+        raise InvalidRequestError(f"the adapter does not fit the model: {what} (e.g. {(unexpected or missing)[0]!r})")
+
+
+def _load_lycoris(pipe, path: Path, adapter_type: str, adapter_name: str) -> None:
+    from adapters.formats import read_adapter
+
+    weights = read_adapter(path)  # canonical peft keys + one peft config per component
+    by_component: dict[str, dict] = {}
+    for key, tensor in weights.tensors.items():
+        component, _, rest = key.partition(".")
+        by_component.setdefault(component, {})[rest] = tensor
+    unknown = [c for c in by_component if getattr(pipe, c, None) is None]
+    if unknown:
+        raise InvalidRequestError(f"{path.name} adapts {', '.join(unknown)}, which this pipeline does not have")
+    for component, state_dict in by_component.items():
+        model = getattr(pipe, component)
+        if adapter_type == "lokr" and component == "unet" and hasattr(model, "load_lora_adapter"):
+            model.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet",
+                                    adapter_name=adapter_name, use_safetensors=True)
+        else:
+            _inject(model, adapter_type, weights.configs[component], state_dict, adapter_name)
 
 
 # ----------------------------------------------------------------------------------------------
