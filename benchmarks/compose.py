@@ -47,35 +47,35 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     paths = [make_lora(tmp, s) for s in range(4)]
     resolved = [resolve_adapter(str(p)) for p in paths]
-    pipe = load_fresh_pipeline("tiny")
     request = GenerationRequest(prompt="a red circle on a blue background", seed=1, num_images=args.images,
                                 num_inference_steps=args.steps, guidance_scale=2.0)
-
-    def per_image(engine, stack, res) -> float:
-        engine.apply(stack, res)
-        generate_with_pipeline(pipe, request)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            engine.apply(stack, res)
-            t0 = time.perf_counter()
-            generate_with_pipeline(pipe, request)
-            times.append((time.perf_counter() - t0) / args.images)
-        return statistics.median(times)
-
-    unfused = AdapterEngine(pipe, fuse=False)
     one = [AdapterSpec(str(paths[0]), 0.8)]
     three = [AdapterSpec(str(p), w) for p, w in zip(paths[:3], (0.8, 0.5, -0.3))]
-    base = per_image(unfused, [], [])
-    t1 = per_image(unfused, one, resolved[:1])
-    t3 = per_image(unfused, three, resolved[:3])
-    unfused.unload_all()
-    fused_engine = AdapterEngine(pipe, fuse=True)
-    t3f = per_image(fused_engine, three, resolved[:3])
-    assert fused_engine.is_fused
-    print(f"per image ({args.steps} steps, 32 px): base {base * 1000:.1f} ms")
-    print(f"  1 adapter unfused  {t1 * 1000:7.1f} ms  ratio to base {t1 / base:.3f}")
-    print(f"  3 adapters unfused {t3 * 1000:7.1f} ms  ratio to base {t3 / base:.3f}")
-    print(f"  3 adapters fused   {t3f * 1000:7.1f} ms  ratio to base {t3f / base:.3f}  (goal <= 1.02)")
+    # One pipeline per configuration, measured round-robin, so machine drift hits every row alike.
+    setups = {
+        "base": (AdapterEngine(load_fresh_pipeline("tiny"), fuse=False), [], []),
+        "1 adapter unfused": (AdapterEngine(load_fresh_pipeline("tiny"), fuse=False), one, resolved[:1]),
+        "3 adapters unfused": (AdapterEngine(load_fresh_pipeline("tiny"), fuse=False), three, resolved[:3]),
+        "3 adapters fused": (AdapterEngine(load_fresh_pipeline("tiny"), fuse=True), three, resolved[:3]),
+    }
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    for round_ in range(args.repeats + 1):  # round 0 warms up
+        for label, (engine, stack, res) in setups.items():
+            engine.apply(stack, res)
+            engine.apply(stack, res)  # a repeated stack: the fusing engine fuses here
+            t0 = time.perf_counter()
+            generate_with_pipeline(engine.pipe, request)
+            if round_:
+                times[label].append((time.perf_counter() - t0) / args.images)
+    assert setups["3 adapters fused"][0].is_fused
+    base = statistics.median(times["base"])
+    print(f"per image ({args.steps} steps, 32 px, median of {args.repeats} round-robin rounds): "
+          f"base {base * 1000:.1f} ms")
+    for label in list(setups)[1:]:
+        t = statistics.median(times[label])
+        goal = "  (goal <= 1.02)" if "fused" in label and "unfused" not in label else ""
+        print(f"  {label:<19} {t * 1000:7.1f} ms  ratio to base {t / base:.3f}{goal}")
+    fused_engine = setups["3 adapters fused"][0]
 
     # Changing strengths of a loaded stack: from fused (unfuse + exact restore + set) and unfused.
     loads_before = fused_engine.stats.loads
