@@ -394,11 +394,9 @@ def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> Non
     ends up as peft layers named ``adapter_name`` that ``set_adapters``/fuse/delete handle as any LoRA.
     """
     from adapters.formats import detect
-    from studio.base_models import _check_safetensors
 
     path = safetensors_named_path(resolved)
-    _check_safetensors(path)
-    adapter_type = detect(path).adapter_type
+    adapter_type = detect(path).adapter_type  # detect() validates the whole header byte by byte first
     if adapter_type in ("lora", "dora"):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
                                use_safetensors=True)
