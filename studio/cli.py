@@ -459,6 +459,107 @@ def _print_dataset_report(report) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# jobs
+# --------------------------------------------------------------------------------------------
+
+
+def _add_jobs(sub) -> None:
+    p = sub.add_parser("jobs", help="background training jobs: a queue that runs one job after another")
+    jsub = p.add_subparsers(dest="jobs_command", required=True, parser_class=_Parser)
+    ls = jsub.add_parser("list", help="every job, newest first, with its state and progress")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_jobs_list)
+    start = jsub.add_parser("start", help="queue a training run of CONFIG.toml; it runs in the background")
+    start.add_argument("config", type=Path)
+    start.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.OPTION=VALUE",
+                       help="override a config option, e.g. --set training.max_train_steps=20 (repeatable)")
+    start.add_argument("--run-dir", type=Path, default=None, help="run directory (default <output.dir>/<name>-<id>)")
+    start.add_argument("--json", action="store_true")
+    start.set_defaults(func=cmd_jobs_start)
+    cancel = jsub.add_parser("cancel", help="remove a queued job, or stop a running one (it saves a checkpoint)")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--json", action="store_true")
+    cancel.set_defaults(func=cmd_jobs_cancel)
+    res = jsub.add_parser("resume", help="queue a job that continues a stopped or failed job from its checkpoint")
+    res.add_argument("job_id")
+    res.add_argument("--json", action="store_true")
+    res.set_defaults(func=cmd_jobs_resume)
+
+
+def _job_dict(job) -> dict:
+    d = job.to_dict()
+    if job.state != "queued":
+        p = job.progress()
+        d["progress"] = {"step": p.step, "total_steps": p.total_steps, "eta_s": p.eta_s,
+                         "loss": p.losses[-1][1] if p.losses else None, "result": p.result}
+    return d
+
+
+def _print_job(job) -> None:
+    text = f"{job.id}  {job.state:<9}  {job.name}"
+    if job.state != "queued":
+        p = job.progress()
+        if p.total_steps:
+            text += f"  step {p.step}/{p.total_steps}"
+        if job.state == "running" and p.eta_s is not None:
+            text += f"  eta {p.eta_s:.0f} s"
+        if p.result and p.result.get("ref"):
+            text += f"  -> {p.result['ref']}"
+    if job.message and job.state not in ("done", "running", "queued"):
+        text += f"  ({job.message})"
+    print(text)
+
+
+def cmd_jobs_list(args) -> int:
+    from studio import jobs
+
+    found = jobs.list_jobs()
+    if args.json:
+        print(json.dumps([_job_dict(j) for j in found]))
+        return 0
+    if not found:
+        print("no jobs: queue one with lora-studio jobs start CONFIG.toml")
+    for job in found:
+        _print_job(job)
+    return 0
+
+
+def cmd_jobs_start(args) -> int:
+    from studio import jobs
+
+    job = jobs.submit(args.config, overrides=args.overrides, run_dir=args.run_dir)
+    if args.json:
+        print(json.dumps(job.to_dict()))
+    else:
+        print(f"queued job {job.id} ({job.name}); run directory {job.run_dir}")
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    from studio import jobs
+
+    job = jobs.cancel(args.job_id)
+    if args.json:
+        print(json.dumps(job.to_dict()))
+    elif job.state == "cancelled":
+        print(f"removed queued job {job.id}")
+    else:
+        print(f"asked job {job.id} to stop; it saves a checkpoint first (resume it with lora-studio jobs resume)")
+    return 0
+
+
+def cmd_jobs_resume(args) -> int:
+    from studio import jobs
+
+    job = jobs.resume(args.job_id)
+    if args.json:
+        print(json.dumps(job.to_dict()))
+    else:
+        print(f"queued job {job.id}, resuming {args.job_id} in {job.run_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # ui
 # --------------------------------------------------------------------------------------------
 
@@ -509,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_models(sub)
     _add_adapters(sub)
     _add_datasets(sub)
+    _add_jobs(sub)
     return parser
 
 
