@@ -7,7 +7,8 @@ tables on :data:`METADATA`) and the name/alias/reference rules.
 
 Does not hold: reading or converting adapter files (``adapters/formats.py`` fills a
 :class:`VersionInfo` from a file's keys and metadata), applying adapters to a pipeline
-(``adapters/compose.py``), the Hub. Weights bytes live in the blob store (``adapters/store.py``);
+(``adapters/compose.py``), talking to the Hub (``studio/hub.py``; the registry only records
+:class:`Publication` rows). Weights bytes live in the blob store (``adapters/store.py``);
 the database holds only records and hashes.
 
 The model is MLflow's model registry: versions 1, 2, 3... per name, never renumbered and never reused
@@ -71,7 +72,9 @@ from studio.errors import (
     UnsafeWeightsError,
 )
 
-SCHEMA_VERSION = 1
+# 2: the version_publications table (Hub publications). A version-1 database gains it when opened
+# (_migrate); a version-1 client refuses a version-2 database, since its deletes would not remove those rows.
+SCHEMA_VERSION = 2
 LATEST = "latest"
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
 ORIGINS = ("trained", "imported", "merged", "pulled")
@@ -354,6 +357,26 @@ def _jsonable(value):
 
 
 @dataclass(frozen=True)
+class Publication:
+    """One publication of a version to a Hub repo: the commit that holds its files and the tag on it."""
+
+    repo_id: str  # owner/name on the Hub
+    tag: str  # the revision users pull, e.g. 'v3'
+    commit: str  # the commit sha the tag points at
+    url: str  # the repo's page
+    endpoint: str  # the Hub it went to (https://huggingface.co, or a mirror)
+    private: bool
+    files: tuple[str, ...]  # paths in the repo, as committed
+    published_at: datetime  # UTC
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["files"] = list(self.files)
+        d["published_at"] = self.published_at.isoformat()
+        return d
+
+
+@dataclass(frozen=True)
 class VersionPage:
     """One page of a listing: ``items`` plus the ``total`` that matched the filters."""
 
@@ -516,7 +539,24 @@ version_samples = sa.Table(
     sa.Index("ix_version_samples_blob", "blob_sha256"),
 )
 
-_CHILD_TABLES = (version_tags, version_triggers, version_samples)
+# Where a version was published (studio.hub). Rows, not a JSON column, so a migration only adds a table.
+version_publications = sa.Table(
+    "version_publications", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
+    sa.Column("endpoint", sa.String(256), nullable=False),
+    sa.Column("repo_id", sa.String(200), nullable=False),
+    sa.Column("tag", sa.String(128), nullable=False),
+    sa.Column("commit_sha", sa.String(64), nullable=False),
+    sa.Column("url", sa.String(512), nullable=False),
+    sa.Column("private", sa.Boolean, nullable=False),
+    sa.Column("files", _JSON, nullable=False),
+    sa.Column("published_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("version_id", "endpoint", "repo_id", "tag", "commit_sha", name="uq_version_publications"),
+    sa.Index("ix_version_publications_repo", "repo_id", "tag"),
+)
+
+_CHILD_TABLES = (version_tags, version_triggers, version_samples, version_publications)
 
 
 def _utcnow() -> datetime:
@@ -664,6 +704,7 @@ class Registry:
                                 f"{self._retries} attempts ({last}); try again") from last
 
     def _ensure_schema(self) -> None:
+        create_tables = True
         try:
             with self._read() as conn:
                 if sa.inspect(conn).has_table("registry_info"):
@@ -671,7 +712,9 @@ class Registry:
                                            .where(registry_info.c.key == "schema_version")).scalar()
                     if version is not None:
                         self._check_schema_version(int(version))
-                        return
+                        if int(version) == SCHEMA_VERSION:
+                            return
+                        create_tables = False  # an older schema: _migrate adds what it lacks
         except exc.OperationalError as e:
             raise StudioError(f"cannot open the registry {self.url.render_as_string(hide_password=True)}: "
                               f"{e.orig}") from None
@@ -682,10 +725,23 @@ class Registry:
                 return
             conn.execute(sa.insert(registry_info).values(key="schema_version", value=str(SCHEMA_VERSION)))
 
+        work = create if create_tables else self._migrate
         try:
-            self._transact(create)
+            self._transact(work)
         except exc.ProgrammingError:
-            self._transact(create)  # PostgreSQL: another process created a table between check and CREATE
+            self._transact(work)  # PostgreSQL: another process created a table between check and CREATE
+
+    def _migrate(self, conn: sa.Connection) -> None:
+        """Bring an older database up to SCHEMA_VERSION in one transaction (two processes opening it at once:
+        the second finds the new version under the write lock and does nothing)."""
+        version = int(conn.execute(sa.select(registry_info.c.value)
+                                   .where(registry_info.c.key == "schema_version")).scalar_one())
+        if version >= SCHEMA_VERSION:
+            return
+        if version < 2:
+            version_publications.create(conn, checkfirst=True)
+        conn.execute(sa.update(registry_info).where(registry_info.c.key == "schema_version")
+                     .values(value=str(SCHEMA_VERSION)))
 
     def _check_schema_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -1060,6 +1116,49 @@ class Registry:
 
         return self._transact(work)
 
+    # ---- Hub publications -------------------------------------------------------------------
+
+    def record_publication(self, ref: str, *, repo_id: str, tag: str, commit: str, url: str,
+                           endpoint: str = "https://huggingface.co", private: bool = False,
+                           files: Sequence[str] = ()) -> Publication:
+        """Record that the version ``ref`` was published to ``repo_id`` as ``commit``, tagged ``tag``.
+
+        Recording the same (repo, tag, commit) again changes nothing. The version itself stays immutable:
+        publications are rows beside it, like aliases. Tokens are never passed here, so none is stored.
+        """
+        values = {"endpoint": endpoint, "repo_id": repo_id, "tag": tag, "commit_sha": commit, "url": url}
+        for key, limit in (("endpoint", 256), ("repo_id", 200), ("tag", 128), ("commit_sha", 64), ("url", 512)):
+            if not isinstance(values[key], str) or not values[key] or len(values[key]) > limit:
+                raise InvalidRequestError(f"publication {key}: {values[key]!r} must be a non-empty string of at most "
+                                          f"{limit} characters")
+        files = [str(f) for f in files]
+        now = _utcnow()
+
+        def work(conn: sa.Connection) -> int:
+            target = self._resolve(conn, ref)
+            found = conn.execute(sa.select(version_publications.c.id).where(
+                version_publications.c.version_id == target.id,
+                *(version_publications.c[k] == v for k, v in values.items()))).scalar()
+            if found is not None:
+                return found
+            return conn.execute(sa.insert(version_publications).values(
+                version_id=target.id, private=bool(private), files=files, published_at=now, **values,
+            )).inserted_primary_key[0]
+
+        row_id = self._transact(work)
+        with self._read() as conn:
+            row = conn.execute(sa.select(version_publications).where(version_publications.c.id == row_id)).one()
+        return _publication(row)
+
+    def publications(self, ref: str) -> list[Publication]:
+        """Where the version ``ref`` was published, oldest first."""
+        with self._read() as conn:
+            target = self._resolve(conn, ref)
+            rows = conn.execute(sa.select(version_publications)
+                                .where(version_publications.c.version_id == target.id)
+                                .order_by(version_publications.c.published_at, version_publications.c.id)).all()
+        return [_publication(r) for r in rows]
+
     # ---- deleting and collecting ------------------------------------------------------------
 
     def delete(self, ref: str, *, force: bool = False) -> DeleteReport:
@@ -1236,6 +1335,11 @@ class Registry:
                 if r.top > r.last_number:
                     problems.append(f"{r.name}: version {r.top} is above the counter {r.last_number}")
         return problems
+
+
+def _publication(row) -> Publication:
+    return Publication(repo_id=row.repo_id, tag=row.tag, commit=row.commit_sha, url=row.url, endpoint=row.endpoint,
+                       private=bool(row.private), files=tuple(row.files), published_at=_aware(row.published_at))
 
 
 def version_info_fields() -> dict[str, str]:

@@ -103,6 +103,30 @@ class IncompatibleAdapterError(StudioError, ValueError):
         self.architecture = architecture
 
 
+# ---- Hugging Face Hub: publish and pull ------------------------------------------------------
+
+
+class HubError(StudioError, ConnectionError):
+    """A Hub operation failed: the server answered with an error (5xx) or the connection dropped.
+    ``status`` is the HTTP status when there was one. Messages never contain the token."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HubAuthError(HubError, PermissionError):
+    """No Hub token is available, or the Hub refused it (401) or refused its permissions (403)."""
+
+
+class HubNotFoundError(HubError, LookupError):
+    """The Hub has no such repo, revision or file (404; private repos look missing without a token)."""
+
+
+class HubConflictError(HubError, ValueError):
+    """The Hub state contradicts the request: a version tag already points at other weights."""
+
+
 # ---- trainer: configs and datasets -----------------------------------------------------------
 
 
