@@ -293,6 +293,25 @@ def model_hash(resolved: BaseModelRef) -> str:
     return _file_sha256(str(target), target.stat().st_mtime_ns)[:10]
 
 
+def component_sha256(resolved: BaseModelRef, component: str) -> str:
+    """Full sha256 of one component's weights (``vae``, ``text_encoder``...), for cache keys.
+
+    Training caches (VAE latents, text embeddings) depend only on that component, so a fine-tune
+    that changes the UNet alone keeps them valid. A single file holds every component in one file
+    and is hashed whole; Hub ids without local bytes give "".
+    """
+    if resolved.kind == "single_file":
+        target = Path(resolved.location)
+    elif resolved.kind in ("tiny", "diffusers"):
+        candidates = sorted((Path(resolved.location) / component).glob("*.safetensors"))
+        if not candidates:
+            return ""
+        target = candidates[0]
+    else:
+        return ""
+    return _file_sha256(str(target), target.stat().st_mtime_ns)
+
+
 _HASHES: dict[tuple[str, int], str] = {}
 
 

@@ -156,3 +156,11 @@ class UnusableImageError(DatasetError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class CheckpointError(StudioError, ValueError):
+    """A training checkpoint is missing, incomplete or does not match the run resuming from it."""
+
+
+class TrainingDivergedError(StudioError, ArithmeticError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""

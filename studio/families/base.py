@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class Family:
     default_guidance_scale: float = 7.5
     single_file_config_dir: Path | None = None
     extra_pipeline_class_names: tuple[str, ...] = field(default=())
+    # (tokenizer, text_encoder, prompts) -> the denoiser's conditioning; training encodes prompts
+    # without a pipeline, exactly as the family's pipeline does at inference.
+    encode_prompts: Callable[..., Any] | None = None
 
     @property
     def pipeline_class_names(self) -> tuple[str, ...]:

@@ -47,4 +47,5 @@ SD1 = Family(
     kohya_base_model_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1",
     single_file_config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
+    encode_prompts=encode_prompts,
 )

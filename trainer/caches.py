@@ -1,0 +1,106 @@
+"""Training caches: VAE latents and text embeddings, computed once and reused across steps and runs.
+
+The reference training loop (diffusers' train_text_to_image_lora.py) runs the VAE encoder and the
+text encoder on every step although neither changes while only adapters train. Here both results
+are stored under ``$LORA_STUDIO_HOME/cache``:
+
+- latents: the VAE's posterior (mean and std) of one prepared image, keyed by the image's content
+  hash, its bucket, crop window and flip (flip-aware: a mirrored sample is another entry) and the
+  VAE's weights hash. A fresh latent is sampled from the cached posterior at each step, the same
+  distribution the reference loop samples from. With ``random_crop`` every step may cut a new
+  window, so latents are encoded every step instead (kohya refuses to cache then, for the same
+  reason).
+- text embeddings: the text encoder's output for one caption string, keyed by the caption and the
+  text encoder's weights hash; used only while the text encoder is frozen.
+
+Each entry is one small safetensors file written atomically (several processes may fill the same
+cache at once: the rename makes the last writer win with identical bytes). A bounded in-memory
+layer in front keeps the hot entries.
+
+Not here: which samples a batch holds (``trainer/data.py``) and the loss (``trainer/loop.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+# In-memory entries per cache. SD-1 latents at 512 px are 2 x 4x64x64 fp32 = 128 KiB and text
+# embeddings 77x768 fp32 = 231 KiB, so 4096 entries stay under ~1 GiB in the worst case.
+MEMORY_ENTRIES = 4096
+
+
+class TensorCache:
+    """A content-keyed cache of small tensor dicts: memory in front of one file per entry."""
+
+    def __init__(self, root: str | Path, *, memory_entries: int = MEMORY_ENTRIES) -> None:
+        self.root = Path(root)
+        self._memory: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._limit = memory_entries
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        entry = self._memory.get(key)
+        if entry is not None:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return entry
+        path = self._path(key)
+        if path.is_file():
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                entry = load_file(str(path))
+            except (SafetensorError, OSError, ValueError):
+                path.unlink(missing_ok=True)  # a damaged entry is recomputed, never trusted
+                entry = None
+            if entry is not None:
+                self._remember(key, entry)
+                self.hits += 1
+                return entry
+        self.misses += 1
+        return None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        entry = {k: v.detach().to("cpu").contiguous() for k, v in entry.items()}
+        self._remember(key, entry)
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:12]}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(entry, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _remember(self, key: str, entry: dict[str, Any]) -> None:
+        self._memory[key] = entry
+        self._memory.move_to_end(key)
+        while len(self._memory) > self._limit:
+            self._memory.popitem(last=False)
+
+
+def cache_root() -> Path:
+    from studio.settings import get_settings
+
+    return get_settings().home / "cache"
+
+
+__all__ = ["MEMORY_ENTRIES", "TensorCache", "cache_root"]

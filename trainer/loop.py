@@ -1,0 +1,1051 @@
+"""The training loop: a :class:`~trainer.config.TrainConfig` in, an adapter file (and registry version) out.
+
+:func:`train` runs one run directory (layout in ``trainer/events.py``) under ``accelerate``: one
+process, or several started by ``accelerate launch --multi_gpu --num_processes N`` (gloo on a CPU
+machine), each training on its shard of every epoch's batches while only the main process writes.
+
+The order of work, and why:
+
+1. Scan the dataset and split off held-out images, before any model is loaded: a bad dataset
+   fails in a second, not after a minute of loading.
+2. Load the base model the studio's way (``studio.base_models.load_fresh_pipeline``), freeze it,
+   inject peft adapter layers (``trainer/methods.py``) into the UNet and optionally the text encoder.
+3. Every random choice is a pure function of (seed, step): data order and augmentation come from
+   ``trainer/data.py`` per (seed, epoch, sample), and the noise, timesteps and adapter dropout of a
+   micro-batch from a generator seeded by (seed, optimizer step, micro-batch, process). So a run
+   resumed from a checkpoint continues the same trajectory bit for bit, without pickled RNG state.
+4. VAE latents and frozen text embeddings come from ``trainer/caches.py``.
+5. Every ``validation.every_n_steps`` and at the end: a validation loss on held-out images at fixed
+   timesteps and noise (comparable across steps and runs), and sample images made by
+   ``studio.generate`` (the code the studio serves with) from the training modules themselves.
+6. Checkpoints (adapter tensors, optimizer and schedule state; safetensors + JSON, nothing
+   pickled) are written to a temporary folder and renamed into place, then rotated. SIGINT/SIGTERM
+   finish the current step, save a checkpoint and stop cleanly; a NaN/inf loss stops the run and
+   keeps the last good checkpoint.
+7. The finished adapter is written in diffusers/peft format with kohya ``ss_*``, ModelSpec and the
+   studio's own metadata, and registered as a new version with its lineage.
+
+Not here: the config (``trainer/config.py``), datasets (``trainer/data.py``), adapter methods
+(``trainer/methods.py``), the event file format (``trainer/events.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from studio.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
+from trainer.config import TrainConfig
+from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_FILE = "adapter.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+# Fixed points of the validation loss: 4 timesteps spread over the schedule (centres of 4 equal
+# slices: 125, 375, 625, 875 of 1000), one fixed noise per (image, timestep).
+VALIDATION_TIMESTEP_SLICES = 4
+# Options that may change between a checkpoint and the run resuming it (the rest must match).
+RESUMABLE_CHANGES = {("training", "max_train_steps"), ("training", "num_train_epochs"), ("validation", "prompts"),
+                     ("validation", "seeds"), ("validation", "every_n_steps"), ("output", "checkpointing_steps"),
+                     ("output", "checkpoints_total_limit"), ("output", "dir")}
+METADATA_NAMESPACE = "lora_studio.training"
+
+
+@dataclass
+class TrainResult:
+    """How a run ended; ``result.json`` and the ``--json`` line hold :meth:`to_dict`."""
+
+    status: str  # done | stopped | failed
+    run_dir: str
+    message: str = ""
+    adapter: str | None = None
+    ref: str | None = None
+    steps: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    val_loss: float | None = None
+    checkpoint: str | None = None
+    seconds: float = 0.0
+    samples: list[str] = field(default_factory=list)
+    stopped_by: str | None = None  # SIGINT, SIGTERM or stop_at_step, when status is "stopped"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stop:
+    """SIGINT/SIGTERM (or a test's ``stop_at_step``) asks the loop to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. not in a UI worker)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _derive_seed(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------
+# run directories and checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """``<output.dir>/<output.name>-<UTC time>`` (a suffix keeps two runs in one second apart)."""
+    root = Path(config.output.dir)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        candidate = root / (f"{config.output.name}-{stamp}" + (f"-{i}" if i else ""))
+        if not candidate.exists():
+            return candidate
+    raise StudioError(f"cannot find a free run directory name under {root}")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary, half-written folders are ignored)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file():
+            try:
+                found.append((int(p.name[len(CHECKPOINT_PREFIX):]), p))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_point(resume: str, config: TrainConfig | None, run_dir: str | Path | None) -> Path:
+    """The checkpoint folder ``--resume`` means.
+
+    ``latest``: the newest checkpoint of ``run_dir`` if given, else of the newest run of
+    ``output.name`` under ``output.dir``. A path: a checkpoint folder, or a run directory (its newest
+    checkpoint).
+    """
+    if resume == "latest":
+        if run_dir is not None:
+            runs = [Path(run_dir)]
+        else:
+            if config is None:
+                raise CheckpointError("--resume latest needs a config or --run-dir to know which run to continue")
+            root = Path(config.output.dir)
+            runs = sorted((p for p in root.glob(f"{config.output.name}-*") if p.is_dir()),
+                          key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
+        for run in runs:
+            checkpoints = list_checkpoints(run)
+            if checkpoints:
+                return checkpoints[-1]
+        where = run_dir if run_dir is not None else f"{config.output.dir} (runs named {config.output.name}-*)"
+        raise CheckpointError(f"no checkpoint to resume in {where}: start the run without --resume")
+    path = Path(resume).expanduser()
+    if (path / STATE_FILE).is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1]
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such folder; give a run directory, a checkpoint folder or "
+                              f"'latest'")
+    raise CheckpointError(f"--resume {resume}: neither a checkpoint (no {STATE_FILE}) nor a run directory with "
+                          f"checkpoints")
+
+
+def _config_changes(saved: dict, current: dict) -> list[str]:
+    changed = []
+    for section, options in current.items():
+        for option, value in options.items():
+            if (section, option) in RESUMABLE_CHANGES:
+                continue
+            if saved.get(section, {}).get(option) != value:
+                changed.append(f"{section}.{option} ({saved.get(section, {}).get(option)!r} -> {value!r})")
+    return changed
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, Any], dict]:
+    """An optimizer ``state_dict`` -> (tensors for safetensors, the rest as JSON). Nothing pickled."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    plain: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for pid, entry in state["state"].items():
+        kept = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}/{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                kept[name] = value
+        plain["state"][str(pid)] = kept
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, Any], plain: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(kept) for pid, kept in plain["state"].items()}
+    for key, value in tensors.items():
+        pid, _, name = key.partition("/")
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimizer_state: dict,
+                    state: dict) -> Path:
+    """Write checkpoint ``step`` atomically: a temporary folder, fsynced, then renamed into place.
+
+    A crash mid-save leaves only a dot-folder that :func:`list_checkpoints` ignores, so the previous
+    checkpoint stays the one ``--resume latest`` uses.
+    """
+    from safetensors.torch import save_file
+
+    folder = run_dir / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = folder / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(adapter, str(tmp / ADAPTER_FILE))
+        tensors, plain = _flatten_optimizer(optimizer_state)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        (tmp / "optimizer.json").write_text(json.dumps(plain, sort_keys=True))
+        (tmp / STATE_FILE).write_text(json.dumps(state, sort_keys=True, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # the same step saved twice (a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict, dict]:
+    """(adapter tensors, optimizer state_dict, state) of a checkpoint; a damaged one is a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        adapter = load_file(str(folder / ADAPTER_FILE))
+        optimizer = _unflatten_optimizer(load_file(str(folder / OPTIMIZER_FILE)),
+                                         json.loads((folder / "optimizer.json").read_text()))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {folder} is unreadable ({e}); resume from an earlier one "
+                              f"(--resume <run>/checkpoints/checkpoint-N)") from None
+    return adapter, optimizer, state
+
+
+def rotate_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 = keep all); returns what was removed."""
+    if keep <= 0:
+        return []
+    checkpoints = list_checkpoints(run_dir)
+    removed = checkpoints[:-keep]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # leftovers of a crash mid-save
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """State shared by the steps of one training run (one per process)."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, accelerator, dataset, held_out, log: EventLog | None):
+        self.config = config
+        self.run_dir = run_dir
+        self.accelerator = accelerator
+        self.dataset = dataset
+        self.held_out = held_out
+        self.log = log
+        self.main = accelerator.is_main_process
+
+
+def _select_dtype(mixed_precision: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def _make_optimizer(config: TrainConfig, groups: list[dict]):
+    t = config.training
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # heavy and optional: only when asked for
+        except ImportError:
+            raise ConfigError("training.optimizer = \"adamw8bit\" needs bitsandbytes: pip install bitsandbytes "
+                              "(or use \"adamw\")", option="training.optimizer") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        import torch
+
+        cls = torch.optim.AdamW
+    return cls(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+               eps=t.adam_epsilon)
+
+
+def _compute_snr(alphas_cumprod, timesteps):
+    # SNR(t) = alpha_bar / (1 - alpha_bar) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR")
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1.0 - a)
+
+
+class Trainer:
+    """One run: build with a resolved config, then :meth:`run`. :func:`train` is the usual entry."""
+
+    def __init__(self, config: TrainConfig, *, run_dir: Path, resume_from: Path | None = None,
+                 register: bool = True, console: bool = True, stop_at_step: int | None = None) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.resume_from = resume_from
+        self.register_result = register
+        self.console = console
+        self.stop_at_step = stop_at_step
+        self.stop = _Stop()
+        self._started = time.time()
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from studio.base_models import component_sha256, load_fresh_pipeline, model_hash, resolve
+        from studio.families import get_family
+        from trainer import methods
+        from trainer.caches import TensorCache, cache_root
+        from trainer.data import open_training_dataset
+
+        c = self.config
+        # 1. data first: a bad dataset stops before any model is loaded
+        dataset = open_training_dataset(c.dataset, seed=c.training.seed)
+        self.train_set, self.held_out = dataset.split_held_out(count=c.validation.held_out_count,
+                                                               fraction=c.validation.held_out_fraction)
+        self.report = dataset.report
+
+        log_with = None
+        try:
+            import tensorboard  # noqa: F401  (optional: loss curves in TensorBoard when installed)
+
+            log_with = "tensorboard"
+        except ImportError:
+            pass
+        mixed = c.training.mixed_precision
+        if mixed != "no" and not torch.cuda.is_available():
+            # fp16/bf16 autocast on CPU is slower than fp32 and fp16 is unsupported for many ops:
+            # train in fp32 and say so, rather than fail.
+            self.precision_note = f"training.mixed_precision = {mixed} needs a GPU; training in fp32 on CPU"
+            mixed = "no"
+        else:
+            self.precision_note = ""
+        self.accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=str(self.run_dir))
+        acc = self.accelerator
+        self.main = acc.is_main_process
+        self.rank, self.world = acc.process_index, acc.num_processes
+        set_seed(c.training.seed)
+        self.log = EventLog(self.run_dir) if self.main else None
+
+        # 2. the base model, frozen, with adapters injected
+        self.resolved = resolve(c.model.base_model)
+        self.family = get_family(self.resolved.family)
+        pipe = load_fresh_pipeline(c.model.base_model)
+        self.pipe = pipe
+        self.weight_dtype = _select_dtype(mixed)
+        device = acc.device
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.requires_grad_(False)
+            m.to(device, dtype=self.weight_dtype)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
+                                                         prediction_type=c.training.prediction_type)
+        self.unet_config = methods.peft_config(c.network, self.family, "unet")
+        unet_params = methods.inject(self.unet, self.unet_config)
+        self.te_config = None
+        te_params: list = []
+        if c.network.train_text_encoder:
+            self.te_config = methods.peft_config(c.network, self.family, "text_encoder")
+            te_params = methods.inject(self.text_encoder, self.te_config)
+        # Trainable adapter weights stay fp32 even when the frozen base runs in fp16/bf16 (as the
+        # diffusers scripts' cast_training_params does): fp16 master weights lose small updates.
+        for p in unet_params + te_params:
+            p.data = p.data.float()
+        if c.training.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if te_params:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.unet.train()
+        self.text_encoder.train(bool(te_params))
+        self.vae.eval()
+        self.param_count = sum(p.numel() for p in unet_params + te_params)
+
+        groups = [{"params": unet_params, "lr": c.training.learning_rate}]
+        if te_params:
+            groups.append({"params": te_params, "lr": c.network.text_encoder_lr})
+        optimizer = _make_optimizer(c, groups)
+
+        # 3. steps: each epoch's bucket batches are dealt round-robin to the processes, trimmed to
+        # a multiple of the process count so that every process steps the same number of times.
+        self.ga = c.training.gradient_accumulation_steps
+        self.micro_per_epoch = len(self._epoch_batches(0))
+        if self.micro_per_epoch == 0:
+            raise ConfigError(f"{len(self.train_set)} training sample(s) make fewer batches than the {self.world} "
+                              f"processes: add images or repeats, or use fewer processes",
+                              option="training.train_batch_size")
+        self.updates_per_epoch = math.ceil(self.micro_per_epoch / self.ga)
+        t = c.training
+        self.total_steps = t.max_train_steps or t.num_train_epochs * self.updates_per_epoch
+        from diffusers.optimization import get_scheduler
+
+        # Not passed through accelerator.prepare: it steps once per optimizer step, whatever the
+        # process count (prepare would step it once per process).
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                          num_training_steps=self.total_steps)
+        if te_params:
+            self.unet, self.text_encoder, self.optimizer = acc.prepare(self.unet, self.text_encoder, optimizer)
+        else:
+            self.unet, self.optimizer = acc.prepare(self.unet, optimizer)
+        self.trainable = unet_params + te_params
+
+        # 4. caches
+        self.cache_latents = not c.dataset.random_crop
+        vae_hash = component_sha256(self.resolved, "vae") or model_hash(self.resolved) or c.model.base_model
+        te_hash = component_sha256(self.resolved, "text_encoder") or model_hash(self.resolved) or c.model.base_model
+        self.latent_cache = TensorCache(cache_root() / "latents" / vae_hash[:16])
+        self.text_cache = TensorCache(cache_root() / "text" / te_hash[:16])
+        self.model_hash = model_hash(self.resolved)
+        self.encode_prompts = self.family.encode_prompts
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        batches = self.train_set.bucket_batches(self.config.training.train_batch_size, epoch=epoch)
+        usable = len(batches) // self.world * self.world
+        return batches[:usable][self.rank::self.world]
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def _unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def _latents(self, samples: list[dict], generator, *, deterministic: bool = False):
+        """Scaled latents of a batch: cached posteriors sampled with ``generator`` (or their mean)."""
+        import torch
+
+        vae = self.vae
+        moments = []
+        missing = []
+        keys = []
+        for s in samples:
+            key = self.latent_cache.key(s["sha256"], s["target_size"], s["crop_top_left"], s["flipped"],
+                                        self.config.dataset.resolution)
+            keys.append(key)
+            entry = self.latent_cache.get(key) if self.cache_latents else None
+            moments.append(entry)
+            if entry is None:
+                missing.append(len(moments) - 1)
+        if missing:
+            pixels = torch.stack([samples[i]["pixel_values"] for i in missing]).to(self.accelerator.device,
+                                                                                    dtype=self.weight_dtype)
+            with torch.no_grad():
+                dist = vae.encode(pixels).latent_dist
+            for j, i in enumerate(missing):
+                entry = {"mean": dist.mean[j].float().cpu(), "std": dist.std[j].float().cpu()}
+                moments[i] = entry
+                if self.cache_latents:
+                    self.latent_cache.put(keys[i], entry)
+        mean = torch.stack([m["mean"] for m in moments])
+        std = torch.stack([m["std"] for m in moments])
+        if deterministic:
+            latents = mean
+        else:
+            latents = mean + std * torch.randn(mean.shape, generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * vae.config.scaling_factor
+        return latents.to(self.accelerator.device, dtype=self.weight_dtype)
+
+    def _text(self, captions: list[str]):
+        """Conditioning for ``captions``: cached while the text encoder is frozen, else computed with grad."""
+        import torch
+
+        if self.te_config is not None:
+            return self.encode_prompts(self.tokenizer, self.text_encoder, captions)
+        out = []
+        missing = []
+        for i, caption in enumerate(captions):
+            entry = self.text_cache.get(self.text_cache.key(caption))
+            out.append(entry["h"] if entry is not None else None)
+            if entry is None:
+                missing.append(i)
+        if missing:
+            with torch.no_grad():
+                hidden = self.encode_prompts(self.tokenizer, self.text_encoder, [captions[i] for i in missing])
+            for j, i in enumerate(missing):
+                h = hidden[j].float().cpu()
+                out[i] = h
+                self.text_cache.put(self.text_cache.key(captions[i]), {"h": h})
+        return torch.stack(out).to(self.accelerator.device, dtype=self.weight_dtype)
+
+    def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, unet=None, reduce=True):
+        import torch
+        import torch.nn.functional as F
+
+        c = self.config.training
+        sched = self.noise_scheduler
+        latents = self._latents(samples, generator, deterministic=timesteps is not None)
+        b = latents.shape[0]
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator)
+            if c.noise_offset:
+                # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
+                noise = noise + c.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
+        noise = noise.to(latents.device, dtype=latents.dtype)
+        if timesteps is None:
+            timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = timesteps.to(latents.device).long()
+        noisy = sched.add_noise(latents, noise, timesteps)
+        hidden = self._text([s["caption"] for s in samples])
+        if sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = (unet or self.unet)(noisy, timesteps, hidden, return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if c.min_snr_gamma:
+            snr = _compute_snr(sched.alphas_cumprod, timesteps)
+            clipped = torch.clamp(snr, max=c.min_snr_gamma)
+            # epsilon: min(SNR, gamma) / SNR; v-prediction: min(SNR, gamma) / (SNR + 1)
+            weight = clipped / (snr + 1) if sched.config.prediction_type == "v_prediction" else clipped / snr
+            per_sample = per_sample * weight
+        return per_sample.mean() if reduce else per_sample
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def validation_loss(self) -> float | None:
+        """Mean loss on the held-out images at fixed timesteps and fixed noise (no augmentation, no dropout)."""
+        import torch
+
+        if self.held_out is None or len(self.held_out) == 0:
+            return None
+        unet = self._unwrap(self.unet)
+        was_training = unet.training
+        unet.eval()
+        T = self.noise_scheduler.config.num_train_timesteps
+        fixed = [int(T * (k + 0.5) / VALIDATION_TIMESTEP_SLICES) for k in range(VALIDATION_TIMESTEP_SLICES)]
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for i in range(len(self.held_out)):
+                    sample = self.held_out[i]
+                    for k, t in enumerate(fixed):
+                        seed = _derive_seed(self.config.training.seed, "val", sample["sha256"], k)
+                        g = torch.Generator().manual_seed(seed)
+                        lat_shape = self._latents([sample], None, deterministic=True).shape
+                        noise = torch.randn(lat_shape, generator=g)
+                        loss = self._loss([sample], None, timesteps=torch.tensor([t]), noise=noise, unet=unet)
+                        total += float(loss)
+                        count += 1
+        finally:
+            unet.train(was_training)
+        return total / count
+
+    def _sample_pipeline(self):
+        pipe_cls = self.family.pipeline_class("text2img")
+        pipe = pipe_cls(vae=self.vae, text_encoder=self._unwrap(self.text_encoder), tokenizer=self.tokenizer,
+                        unet=self._unwrap(self.unet), scheduler=self.pipe.scheduler, safety_checker=None,
+                        feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)  # the run's own bar is the one to watch
+        return pipe
+
+    def sample_images(self, step: int) -> list[str]:
+        """Validation prompts x seeds through studio.generate with the training modules; paths relative to the run."""
+        import torch
+
+        from studio.base_models import recommended_settings
+        from studio.generate import GenerationRequest, generate_with_pipeline
+
+        v = self.config.validation
+        if not v.prompts:
+            return []
+        unet, te = self._unwrap(self.unet), self._unwrap(self.text_encoder)
+        states = (unet.training, te.training)
+        unet.eval()
+        te.eval()
+        out_dir = self.run_dir / "samples" / f"step-{step:06d}"
+        paths = []
+        size = self.config.dataset.resolution
+        try:
+            pipe = self._sample_pipeline()
+            recommended = recommended_settings(self.resolved)
+            with torch.no_grad():
+                for p_i, prompt in enumerate(v.prompts):
+                    for seed in v.seeds:
+                        request = GenerationRequest(prompt=prompt, seed=seed, base_model=self.config.model.base_model,
+                                                    width=size, height=size)
+                        result = generate_with_pipeline(pipe, request, model_hash=self.model_hash,
+                                                        recommended=recommended)
+                        saved = result.save(out_dir, stem=f"p{p_i:02d}")
+                        paths += [str(Path(p).relative_to(self.run_dir)) for p in saved]
+        finally:
+            unet.train(states[0])
+            te.train(states[1] and self.te_config is not None)
+        return paths
+
+    def _validate(self, step: int) -> tuple[float | None, list[str]]:
+        val_loss = self.validation_loss()
+        samples = self.sample_images(step)
+        if self.log is not None:
+            self.log.append("validation", step=step, val_loss=val_loss, samples=samples)
+        if val_loss is not None:
+            self.accelerator.log({"val_loss": val_loss}, step=step)
+        return val_loss, samples
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _adapter_state(self) -> dict[str, Any]:
+        from trainer import methods
+
+        state = {f"unet.{k}": v for k, v in methods.adapter_state_dict(self._unwrap(self.unet)).items()}
+        if self.te_config is not None:
+            state.update({f"text_encoder.{k}": v
+                          for k, v in methods.adapter_state_dict(self._unwrap(self.text_encoder)).items()})
+        return state
+
+    def _checkpoint(self, step: int, epoch: int, last_loss: float | None) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if self.main:
+            state = {"step": step, "epoch": epoch, "total_steps": self.total_steps,
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self.config.to_dict(),
+                     "dataset_fingerprint": self.train_set.fingerprint, "last_loss": last_loss,
+                     "num_processes": self.world, "saved_at": _now()}
+            path = save_checkpoint(self.run_dir, step, adapter=self._adapter_state(),
+                                   optimizer_state=self.optimizer.state_dict(), state=state)
+            rotate_checkpoints(self.run_dir, self.config.output.checkpoints_total_limit)
+            self.log.append("checkpoint", step=step, path=str(path.relative_to(self.run_dir)))
+        acc.wait_for_everyone()
+        return path
+
+    def _restore(self, folder: Path) -> int:
+        from trainer import methods
+
+        adapter, optimizer_state, state = load_checkpoint(folder)
+        saved = state.get("config") or {}
+        changed = _config_changes(saved, self.config.to_dict())
+        if changed:
+            raise CheckpointError(f"checkpoint {folder} was trained with other settings: {'; '.join(changed[:5])}. "
+                                  f"Resume with the run's own config ({self.run_dir / CONFIG_FILE}) or start a new run")
+        if state.get("dataset_fingerprint") != self.train_set.fingerprint:
+            raise CheckpointError(f"the dataset changed since checkpoint {folder.name} (images added, removed or "
+                                  f"edited): resuming would not continue the same run; start a new run")
+        if state.get("num_processes", 1) != self.world:
+            raise CheckpointError(f"checkpoint {folder.name} was made with {state.get('num_processes')} process(es), "
+                                  f"this run has {self.world}: resume with the same number (each epoch's batches "
+                                  f"are dealt to the processes)")
+        unet_sd = {k[len("unet."):]: v for k, v in adapter.items() if k.startswith("unet.")}
+        te_sd = {k[len("text_encoder."):]: v for k, v in adapter.items() if k.startswith("text_encoder.")}
+        methods.load_adapter_state_dict(self._unwrap(self.unet), unet_sd)
+        if self.te_config is not None:
+            methods.load_adapter_state_dict(self._unwrap(self.text_encoder), te_sd)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {folder.name}: optimizer state does not fit this network ({e})") \
+                from None
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        return int(state["step"])
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        import torch
+
+        t_start = time.perf_counter()
+        self._setup()
+        acc = self.accelerator
+        c = self.config
+        step = 0
+        if self.resume_from is not None:
+            step = self._restore(self.resume_from)
+        total = self.total_steps
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            c.save(self.run_dir / CONFIG_FILE)
+            write_json_atomic(self.run_dir / REPORT_FILE, self.report.to_dict())
+            self.log.append("start", step=step, total_steps=total, resumed_from=str(self.resume_from or "") or None,
+                            num_processes=self.world, samples_per_epoch=len(self.train_set),
+                            held_out=len(self.held_out) if self.held_out is not None else 0,
+                            trainable_parameters=self.param_count, precision_note=self.precision_note,
+                            skipped_files=[asdict(s) for s in self.report.bad_files])
+        if acc.trackers == [] and acc.log_with:
+            acc.init_trackers("lora_studio", config={f"{s}.{k}": str(v) for s, o in c.to_dict().items()
+                                                     for k, v in o.items()})
+        self.stop.install()
+        bar = None
+        if self.console and self.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=step, desc=c.output.name, unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        last_loss: float | None = None
+        val_loss: float | None = None
+        samples: list[str] = []
+        last_checkpoint: Path | None = None
+        status, message, stopped_by = "done", "", None
+        step_times: list[float] = []
+        try:
+            epoch = step // self.updates_per_epoch
+            while step < total:
+                self.train_set.set_epoch(epoch)
+                batches = self._epoch_batches(epoch)
+                skip = (step - epoch * self.updates_per_epoch) * self.ga
+                # micro-batches of this epoch grouped into optimizer steps (the last may be short)
+                groups = [list(range(i, min(i + self.ga, len(batches)))) for i in range(0, len(batches), self.ga)]
+                for group in groups:
+                    if group[0] < skip:
+                        continue
+                    if step >= total:
+                        break
+                    t0 = time.perf_counter()
+                    loss_sum = 0.0
+                    for n, mi in enumerate(group):
+                        samples_b = [self.train_set[i] for i in batches[mi]]
+                        g = torch.Generator().manual_seed(_derive_seed(c.training.seed, step, mi, self.rank))
+                        # adapter dropout draws from the global generator: seed it per micro-batch too
+                        torch.manual_seed(_derive_seed(c.training.seed, "dropout", step, mi, self.rank))
+                        sync = n == len(group) - 1
+                        ctx = acc.no_sync(self.unet) if not sync and self.world > 1 else _null()
+                        with ctx:
+                            loss = self._loss(samples_b, g) / len(group)
+                            acc.backward(loss)
+                        loss_sum += float(loss.detach())
+                    if not math.isfinite(loss_sum):
+                        raise TrainingDivergedError(
+                            f"the loss became {loss_sum} at step {step + 1}: training diverged. Lower "
+                            f"training.learning_rate (now {c.training.learning_rate}) or enable "
+                            f"training.max_grad_norm; the last good checkpoint is kept"
+                            + (f" ({last_checkpoint.name})" if last_checkpoint else ""))
+                    if c.training.max_grad_norm:
+                        acc.clip_grad_norm_(self.trainable, c.training.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    if self.world > 1:
+                        loss_sum = float(acc.reduce(torch.tensor(loss_sum), reduction="mean"))
+                    last_loss = loss_sum
+                    step_times.append(time.perf_counter() - t0)
+                    recent = step_times[-20:]
+                    sec = sum(recent) / len(recent)
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    if self.main:
+                        self.log.append("step", step=step, total_steps=total, epoch=epoch, loss=loss_sum, lr=lr,
+                                        sec_per_step=round(sec, 4), eta_s=round(sec * (total - step), 1))
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+                    acc.log({"loss": loss_sum, "lr": lr}, step=step)
+                    v = c.validation
+                    if v.every_n_steps and step % v.every_n_steps == 0 and step < total:
+                        val_loss, samples = self._run_on_main(lambda s=step: self._validate(s), (None, []))
+                    if c.output.checkpointing_steps and step % c.output.checkpointing_steps == 0 and step < total:
+                        last_checkpoint = self._checkpoint(step, epoch, last_loss) or last_checkpoint
+                    if self._stop_requested(step):
+                        raise _Stopped(self.stop.requested or "stop")
+                else:
+                    epoch += 1
+                    continue
+                break
+            val_loss, samples = self._run_on_main(lambda: self._validate(step), (None, []))
+            adapter_path, ref = self._finish(step, last_loss, val_loss, samples)
+        except _Stopped as s:
+            status, stopped_by = "stopped", s.args[0]
+            last_checkpoint = self._checkpoint(step, step // self.updates_per_epoch, last_loss)
+            message = (f"stopped by {s.args[0]} at step {step}/{total}; resume with --resume latest"
+                       + (f" (checkpoint {last_checkpoint.name})" if last_checkpoint else ""))
+            adapter_path, ref = None, None
+        finally:
+            self.stop.restore()
+            if bar is not None:
+                bar.close()
+        result = TrainResult(status=status, run_dir=str(self.run_dir), message=message,
+                             adapter=str(adapter_path) if adapter_path else None, ref=ref, steps=step,
+                             total_steps=total, final_loss=last_loss, val_loss=val_loss,
+                             checkpoint=str(last_checkpoint) if last_checkpoint else None,
+                             seconds=round(time.perf_counter() - t_start, 2), samples=samples,
+                             stopped_by=stopped_by)
+        if self.main:
+            self.log.append(status, step=step, message=message, adapter=result.adapter, ref=ref)
+            write_json_atomic(self.run_dir / RESULT_FILE, result.to_dict())
+        acc.end_training()
+        return result
+
+    def _stop_requested(self, step: int) -> bool:
+        import torch
+
+        if self.stop_at_step is not None and step >= self.stop_at_step:
+            self.stop.requested = self.stop.requested or "stop_at_step"
+        flag = self.stop.requested is not None
+        if self.world > 1:
+            # Every process must stop at the same step, whichever one got the signal.
+            flag = bool(self.accelerator.reduce(torch.tensor(float(flag)), reduction="sum") > 0)
+            if flag and self.stop.requested is None:
+                self.stop.requested = "signal on another process"
+        return flag
+
+    def _run_on_main(self, fn, default):
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        out = fn() if self.main else default
+        acc.wait_for_everyone()
+        return out
+
+    # ---- output ------------------------------------------------------------------------------
+
+    def _metadata(self, step: int, last_loss, val_loss) -> dict[str, str]:
+        from adapters.formats import build_metadata
+
+        c = self.config
+        d, t, n = c.dataset, c.training, c.network
+        report = self.report
+        dirs = {}
+        for r in self.train_set.records:
+            entry = dirs.setdefault(r.folder or ".", {"n_repeats": r.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        kohya = {
+            "ss_session_id": str(uuid.uuid4().int % 2**31),
+            "ss_training_started_at": str(self._started),
+            "ss_training_finished_at": str(time.time()),
+            "ss_output_name": c.output.name,
+            "ss_sd_model_name": c.model.base_model,
+            "ss_new_sd_model_hash": self.model_hash,
+            "ss_v2": "False",
+            "ss_resolution": f"({d.resolution}, {d.resolution})",
+            "ss_num_train_images": str(len(self.train_set)),
+            "ss_num_reg_images": "0",
+            "ss_num_batches_per_epoch": str(self.micro_per_epoch),
+            "ss_num_epochs": str(math.ceil(step / self.updates_per_epoch)),
+            "ss_epoch": str(math.ceil(step / self.updates_per_epoch)),
+            "ss_steps": str(step),
+            "ss_max_train_steps": str(self.total_steps),
+            "ss_batch_size_per_device": str(t.train_batch_size),
+            "ss_total_batch_size": str(t.train_batch_size * t.gradient_accumulation_steps * self.world),
+            "ss_gradient_accumulation_steps": str(t.gradient_accumulation_steps),
+            "ss_gradient_checkpointing": str(t.gradient_checkpointing),
+            "ss_learning_rate": str(t.learning_rate),
+            "ss_unet_lr": str(t.learning_rate),
+            "ss_text_encoder_lr": str(n.text_encoder_lr if n.train_text_encoder else 0.0),
+            "ss_lr_scheduler": t.lr_scheduler,
+            "ss_lr_warmup_steps": str(t.lr_warmup_steps),
+            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if t.optimizer == "adamw8bit" else "torch.optim.AdamW",
+            "ss_max_grad_norm": str(t.max_grad_norm),
+            "ss_mixed_precision": t.mixed_precision,
+            "ss_seed": str(t.seed),
+            "ss_noise_offset": str(t.noise_offset) if t.noise_offset else "None",
+            "ss_min_snr_gamma": str(t.min_snr_gamma) if t.min_snr_gamma else "None",
+            "ss_network_dropout": str(n.dropout) if n.dropout else "None",
+            "ss_caption_dropout_rate": str(d.caption_dropout_rate),
+            "ss_shuffle_caption": str(d.shuffle_caption),
+            "ss_keep_tokens": str(d.keep_tokens),
+            "ss_flip_aug": str(d.random_flip),
+            "ss_random_crop": str(d.random_crop),
+            "ss_enable_bucket": str(d.enable_bucket),
+            "ss_min_bucket_reso": str(d.min_bucket_reso),
+            "ss_max_bucket_reso": str(d.max_bucket_reso),
+            "ss_bucket_no_upscale": str(d.max_upscale <= 1.0),
+            "ss_bucket_info": json.dumps({"buckets": report.buckets}),
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_tag_frequency": json.dumps(report.tag_frequency),
+            "ss_v_parameterization": str(self.noise_scheduler.config.prediction_type == "v_prediction"),
+            "ss_training_comment": f"trained with LoRA Studio on {c.model.base_model}",
+            "modelspec.resolution": f"{d.resolution}x{d.resolution}",
+        }
+        ours = {
+            "config": c.to_dict(),
+            "dataset_fingerprint": self.train_set.fingerprint,
+            "base_model": c.model.base_model,
+            "base_model_hash": self.model_hash,
+            "metrics": {"steps": step, "final_loss": last_loss, "val_loss": val_loss},
+            "run_dir": str(self.run_dir),
+        }
+        trigger = [d.trigger_word] if d.trigger_word else []
+        md = build_metadata(adapter_type=n.adapter_type, rank=n.rank, alpha=n.lora_alpha, family=self.family.name,
+                            name=c.output.name, trigger_words=trigger, base=kohya)
+        md[METADATA_NAMESPACE] = json.dumps(ours, sort_keys=True, allow_nan=False, default=str)
+        return md
+
+    def _finish(self, step: int, last_loss, val_loss, samples: list[str]) -> tuple[Path | None, str | None]:
+        """Write the adapter file (main process) and register it; returns (path, registry ref)."""
+        from adapters.formats import to_diffusers
+        from trainer import methods
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not self.main:
+            return None, None
+        configs = {"unet": self.unet_config}
+        if self.te_config is not None:
+            configs["text_encoder"] = self.te_config
+        weights = methods.canonical_weights(
+            {"unet": methods.adapter_state_dict(self._unwrap(self.unet)),
+             **({"text_encoder": methods.adapter_state_dict(self._unwrap(self.text_encoder))}
+                if self.te_config is not None else {})},
+            configs, self.config.network.adapter_type)
+        last = None if last_loss is None or not math.isfinite(last_loss) else last_loss
+        path = to_diffusers(weights, self.run_dir / "adapter" / f"{self.config.output.name}.safetensors",
+                            metadata=self._metadata(step, last, val_loss))
+        ref = self._register(path, step, last, val_loss, samples) if self.register_result else None
+        return path, ref
+
+    def _register(self, path: Path, step: int, last_loss, val_loss, samples: list[str]) -> str:
+        from adapters.registry import Registry, SampleImage, VersionInfo
+
+        c = self.config
+        n = c.network
+        recipes = []
+        for rel in samples:
+            from studio.generate import read_recipe
+
+            request = read_recipe(self.run_dir / rel)
+            recipe = {**request.to_dict(), "adapters": [{"ref": c.output.name, "weight": 1.0}],
+                      "training_step": step}
+            recipes.append(SampleImage(image=self.run_dir / rel, recipe=recipe))
+        targets = sorted(set(methods_targets(self)))
+        info = VersionInfo(
+            family=self.family.name, adapter_type=n.adapter_type, rank=n.rank, alpha=float(n.lora_alpha),
+            target_modules=targets, components=["unet"] + (["text_encoder"] if self.te_config is not None else []),
+            trigger_words=[c.dataset.trigger_word] if c.dataset.trigger_word else [],
+            description=f"{n.adapter_type} rank {n.rank} trained on {Path(c.dataset.path).name} "
+                        f"({len(self.train_set.records)} images, {step} steps)",
+            base_model=c.model.base_model, base_model_sha256=self.model_hash or None,
+            training_config=c.to_dict(), dataset_fingerprint=self.train_set.fingerprint, origin="trained",
+            source={"run_dir": str(self.run_dir), "dataset": c.dataset.path},
+            metrics={"steps": step, "final_loss": last_loss, "val_loss": val_loss},
+            samples=recipes, weights_format="peft")
+        with Registry() as reg:
+            version = reg.register(c.output.name, path, info)
+        return version.ref
+
+
+def methods_targets(trainer: Trainer) -> list[str]:
+    from trainer import methods
+
+    out = methods.target_modules(trainer.config.network, trainer.family, "unet")
+    if trainer.te_config is not None:
+        out += methods.target_modules(trainer.config.network, trainer.family, "text_encoder")
+    return out
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(config: TrainConfig, *, run_dir: str | Path | None = None, resume: str | None = None,
+          register: bool = True, console: bool = True, stop_at_step: int | None = None) -> TrainResult:
+    """Train ``config`` (resolved here) and return how the run ended.
+
+    ``run_dir``: the run directory to use (default: a new one under ``output.dir``). ``resume``:
+    ``"latest"`` or a run/checkpoint folder. ``stop_at_step``: behave as if SIGINT arrived after
+    that optimizer step (tests of stop-and-resume). Raises ConfigError / DatasetError /
+    CheckpointError before training starts, TrainingDivergedError on a NaN/inf loss (after writing
+    the failure to the run directory).
+    """
+    config = config.resolved()
+    given = run_dir is not None
+    resume_from = None
+    if resume:
+        resume_from = find_resume_point(resume, config, run_dir)
+        run_dir = run_dir or resume_from.parent.parent
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    trainer = Trainer(config, run_dir=run_dir, resume_from=resume_from, register=register, console=console,
+                      stop_at_step=stop_at_step)
+    try:
+        return trainer.run()
+    except Exception as e:
+        acc = getattr(trainer, "accelerator", None)
+        # A run directory given by the caller (a UI job) always learns why it failed; a new one is
+        # only created for a failure once training had started in it.
+        if (acc is None or acc.is_main_process) and (given or run_dir.exists()):
+            message = str(e) if isinstance(e, StudioError) else f"{type(e).__name__}: {e}"
+            record_failure(run_dir, message)
+        raise
+
+
+def record_failure(run_dir: str | Path, message: str) -> None:
+    """Mark a run failed (``failed`` event + result.json), so the UI and CLI say why."""
+    run_dir = Path(run_dir)
+    EventLog(run_dir).append("failed", message=message)
+    write_json_atomic(run_dir / RESULT_FILE, TrainResult(status="failed", run_dir=str(run_dir),
+                                                         message=message).to_dict())
+
+
+__all__ = [
+    "TrainResult",
+    "Trainer",
+    "find_resume_point",
+    "list_checkpoints",
+    "load_checkpoint",
+    "new_run_dir",
+    "record_failure",
+    "rotate_checkpoints",
+    "save_checkpoint",
+    "train",
+]
