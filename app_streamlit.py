@@ -11,5 +11,6 @@ st.set_page_config(page_title="LoRA Studio", page_icon="🎨", layout="wide")
 pages = [
     st.Page("studio/ui/generate_page.py", title="Generate", icon="🖼️", default=True),
     st.Page("studio/ui/datasets_page.py", title="Datasets", icon="🗂️"),
+    st.Page("studio/ui/adapters_page.py", title="Adapters", icon="🧩"),
 ]
 st.navigation(pages).run()
