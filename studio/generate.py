@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from studio.errors import InvalidRequestError, RecipeError
+from studio.errors import InvalidRequestError, RecipeError, StudioError
 
 RECIPE_KEY = "lora_studio"
 RECIPE_VERSION = 1
@@ -343,7 +343,7 @@ def generate_with_pipeline(
     t0 = time.perf_counter()
     # Schedulers keep per-run state (step index, model outputs): each image gets a fresh one, and
     # the pipeline's own scheduler is put back afterwards, all under the pipeline's lock.
-    stack, resolved = _resolve_stack(request)
+    stack, resolved = _resolve_stack(request, pipe)
     if resolved:
         # Pin every adapter in the recipe: the exact version and its tensor hash.
         request = GenerationRequest(**{**request.to_dict(), "adapters": [
@@ -360,12 +360,24 @@ def generate_with_pipeline(
     return GenerationResult(request=request, outputs=outputs, seconds=time.perf_counter() - t0)
 
 
-def _resolve_stack(request: GenerationRequest):
+def _pipeline_family(pipe) -> str | None:
+    from studio.families import family_for_pipeline_class
+
+    try:
+        return family_for_pipeline_class(type(pipe).__name__).name
+    except StudioError:
+        return None  # a pipeline class no family lists: nothing to compare adapters against
+
+
+def _resolve_stack(request: GenerationRequest, pipe):
     """Validate and resolve the request's adapter stack before the pipeline is touched."""
-    from adapters.compose import AdapterSpec, resolve_adapter
+    from adapters.compose import AdapterSpec, check_family, resolve_adapter
 
     stack = [AdapterSpec.from_dict(a) for a in request.adapters]
     resolved = [resolve_adapter(spec.ref) for spec in stack]
+    family = _pipeline_family(pipe) if resolved else None
+    if family is not None:
+        check_family(resolved, family, f"the base {request.base_model!r}")
     for entry, r in zip(request.adapters, resolved):
         pinned = entry.get("tensor_sha256")
         if pinned and pinned != r.tensor_sha256:

@@ -314,3 +314,49 @@ def test_registry_references_generate(loras, reg):
     assert np.array_equal(by_ref, by_path)
     out = generate(_req([AdapterSpec("stripes-test@latest", 0.8)]))
     assert out.outputs[0].request.adapters[0]["ref"] == "stripes-test@1"
+
+
+# -- strength changes without set_adapters, family and reference errors ---------------------------------
+
+
+def test_strength_change_of_a_fused_stack_rescales_exactly_and_reads_no_file(loras):
+    """The fast path (exact unfuse by copy, set_scale on cached layers) gives what a fresh engine gives."""
+    first = [AdapterSpec(str(p), w) for p, w in zip(loras, (0.8, 0.5, -0.3))]
+    second = [AdapterSpec(s.ref, s.weight * 0.6, text_encoder=0.2) for s in first]
+    resolved = [resolve_adapter(s.ref) for s in first]
+    pipe = load_fresh_pipeline("tiny")
+    engine = AdapterEngine(pipe)
+    engine.apply(first, resolved)
+    engine.apply(first, resolved)
+    assert engine.is_fused
+    engine.apply(second, resolved)
+    assert not engine.is_fused and engine.stats.rescales == 2 and engine.stats.loads == 3
+    fast = np.asarray(generate_with_pipeline(pipe, _req()).images[0]).astype(int)
+    scales = {(c, q): dict(m.scaling) for c, q, m in engine._adapter_layers()}
+    ref_pipe = load_fresh_pipeline("tiny")
+    ref_engine = AdapterEngine(ref_pipe)
+    ref_engine.apply(second, resolved)  # set_adapters path
+    assert ref_engine.stats.rescales == 0
+    assert scales == {(c, q): dict(m.scaling) for c, q, m in ref_engine._adapter_layers()}
+    assert np.array_equal(fast, np.asarray(generate_with_pipeline(ref_pipe, _req()).images[0]).astype(int))
+    # and the base weights under the layers are the exact base again after the copy-back unfuse
+    clean = load_fresh_pipeline("tiny").unet.state_dict()
+    unet_layers = [q for c, q in engine._snapshot if c == "unet"]
+    assert unet_layers
+    for qual in unet_layers:
+        assert torch.equal(pipe.unet.get_submodule(qual).get_base_layer().weight, clean[f"{qual}.weight"])
+
+
+def test_adapter_for_another_family_is_refused_before_touching_the_pipeline(loras, reg):
+    from adapters.registry import VersionInfo
+    from studio.errors import AdapterNotFoundError, IncompatibleAdapterError
+
+    base = _px(_req())
+    reg.register("xl-style", loras[0], VersionInfo(family="sdxl"))
+    with pytest.raises(IncompatibleAdapterError, match="sdxl family .* is sd1"):
+        _px(_req([AdapterSpec(str(loras[1]), 1.0), AdapterSpec("xl-style", 1.0)]))
+    with pytest.raises(AdapterNotFoundError, match="no-such-style"):
+        _px(_req([AdapterSpec(str(loras[1]), 1.0), AdapterSpec("no-such-style@2", 1.0)]))
+    with pytest.raises(InvalidRequestError, match="non-empty dict"):
+        _req([AdapterSpec(str(loras[1]), 1.0, blocks={})])
+    assert np.array_equal(_px(_req()), base)  # nothing of the refused stacks stayed on the pipeline
