@@ -825,7 +825,11 @@ class Trainer:
                              seconds=round(time.perf_counter() - t_start, 2), samples=samples,
                              stopped_by=stopped_by)
         if self.main:
-            self.log.append(status, step=step, message=message, adapter=result.adapter, ref=ref)
+            caches = {"latents": {"hits": self.latent_cache.hits, "misses": self.latent_cache.misses,
+                                  "enabled": self.cache_latents},
+                      "text": {"hits": self.text_cache.hits, "misses": self.text_cache.misses,
+                               "enabled": self.te_config is None}}
+            self.log.append(status, step=step, message=message, adapter=result.adapter, ref=ref, caches=caches)
             write_json_atomic(self.run_dir / RESULT_FILE, result.to_dict())
         acc.end_training()
         return result
