@@ -463,6 +463,21 @@ def _print_dataset_report(report) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _add_train(sub) -> None:
+    from trainer.cli import add_arguments
+
+    p = sub.add_parser("train", help="train a LoRA, DoRA, LoHa or LoKr adapter from a TOML config "
+                                     "(datasets/*/train.toml are ready ones)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from trainer.cli import run
+
+    return run(args)
+
+
 def _add_jobs(sub) -> None:
     p = sub.add_parser("jobs", help="background training jobs: a queue that runs one job after another")
     jsub = p.add_subparsers(dest="jobs_command", required=True, parser_class=_Parser)
@@ -610,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_models(sub)
     _add_adapters(sub)
     _add_datasets(sub)
+    _add_train(sub)
     _add_jobs(sub)
     return parser
 
