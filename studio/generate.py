@@ -10,6 +10,12 @@ This is the one generation path the CLI, the UI, training previews and grids sha
 - Schedulers are chosen by their A1111 sampler names (``Euler a``, ``DPM++ 2M``...), built fresh for
   every call from the pipeline's own scheduler config, so requests never share scheduler state.
 
+- img2img (``init_image`` + ``strength``) and inpainting (``init_image`` + ``mask_image``) run on the
+  same components as text-to-image (``from_pipe``: no second copy of the weights), so the adapter
+  stack applies to them too. Input images are copied into ``$LORA_STUDIO_HOME/inputs`` under their
+  sha256 and the recipe pins that hash: a recipe re-runs exactly even after the original file moved,
+  and refuses a file that changed.
+
 Adapter stacks (LoRA composition) extend the request in ``adapters.compose``; this module does not
 load adapters.
 """
@@ -17,12 +23,14 @@ load adapters.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -34,6 +42,8 @@ MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
 MAX_IMAGES = 64
 _PINNED_KEYS = ("name", "version", "tensor_sha256")  # what a recipe records of each resolved adapter
+DEFAULT_STRENGTH = 0.75  # A1111's img2img "denoising strength" default
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # A1111 sampler name -> (diffusers scheduler class, extra config). "Karras" variants use Karras sigmas.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -92,6 +102,23 @@ class GenerationRequest:
         default_factory=list,
         metadata={"help": "adapter stack: dicts with ref, weight and optional unet, text_encoder, blocks"},
     )
+    init_image: str | None = field(
+        default=None, metadata={"help": "img2img / inpainting: the starting image (a PNG, JPEG or WebP file)"}
+    )
+    strength: float | None = field(
+        default=None,
+        metadata={"help": f"img2img / inpainting: how much of the init image is re-noised, 0 < s <= 1 "
+                          f"(1 ignores it); default {DEFAULT_STRENGTH}"},
+    )
+    mask_image: str | None = field(
+        default=None, metadata={"help": "inpainting: white = repaint, black = keep (needs init_image)"}
+    )
+    init_image_sha256: str | None = field(
+        default=None, metadata={"help": "sha256 of the init image's file, pinned by the recipe"}
+    )
+    mask_image_sha256: str | None = field(
+        default=None, metadata={"help": "sha256 of the mask image's file, pinned by the recipe"}
+    )
 
     def __post_init__(self) -> None:
         from adapters.compose import AdapterSpec
@@ -134,6 +161,35 @@ class GenerationRequest:
             raise InvalidRequestError(
                 f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(repr(n) for n in SCHEDULERS)}"
             )
+        for name in ("init_image", "mask_image"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRequestError(f"{name} must be a file path, got {value!r}")
+        if self.mask_image is not None and self.init_image is None:
+            raise InvalidRequestError("a mask needs an init image to inpaint: pass --init-image with --mask")
+        if self.strength is not None:
+            if self.init_image is None:
+                raise InvalidRequestError("strength applies to img2img and inpainting: pass --init-image too")
+            if (isinstance(self.strength, bool) or not isinstance(self.strength, (int, float))
+                    or not 0 < self.strength <= 1):
+                raise InvalidRequestError(f"strength must be a number in (0, 1], got {self.strength!r}")
+            self.strength = float(self.strength)
+            if int(self.num_inference_steps * self.strength) < 1:
+                # diffusers runs int(steps * strength) steps of the schedule: zero would return noise.
+                raise InvalidRequestError(
+                    f"{self.num_inference_steps} steps at strength {self.strength:g} run no denoising step: "
+                    f"use at least {math.ceil(1 / self.strength)} steps or a higher strength")
+        for name in ("init_image_sha256", "mask_image_sha256"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+                raise InvalidRequestError(f"{name} must be 64 lowercase hex digits, got {value!r}")
+
+    @property
+    def task(self) -> str:
+        """``text2img``, ``img2img`` or ``inpaint`` (the family's pipeline for it runs the request)."""
+        if self.mask_image is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None else "text2img"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +301,8 @@ def a1111_parameters(request: GenerationRequest, model_hash: str = "") -> str:
     if model_hash:
         settings.append(f"Model hash: {model_hash}")
     settings.append(f"Model: {_a1111_value(request.base_model)}")
+    if request.init_image is not None:
+        settings.append(f"Denoising strength: {request.strength:g}")  # A1111's img2img key
     if request.adapters:
         # A1111/Civitai read adapters from 'Lora hashes': name and the first 12 hex of the tensor hash.
         hashes = ", ".join(f"{a.get('name', a['ref'])}: {a.get('tensor_sha256', '')[:12]}" for a in request.adapters)
@@ -309,6 +367,9 @@ def resolve_request(request: GenerationRequest, pipe, recommended: dict | None =
     guidance = request.guidance_scale
     if guidance is None:
         guidance = (recommended or {}).get("guidance_scale", 7.5)
+    strength = request.strength
+    if request.init_image is not None and strength is None:
+        strength = DEFAULT_STRENGTH
     return GenerationRequest(
         **{
             **request.to_dict(),
@@ -316,8 +377,176 @@ def resolve_request(request: GenerationRequest, pipe, recommended: dict | None =
             "height": request.height or native,
             "seed": seed,
             "guidance_scale": guidance,
+            "strength": strength,
         }
     )
+
+
+# ---- input images (img2img, inpainting) ------------------------------------------------------
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inputs_dir() -> Path:
+    from studio.settings import get_settings
+
+    return get_settings().home / "inputs"
+
+
+def _stored_input(sha256: str) -> Path | None:
+    folder = inputs_dir()
+    for suffix in IMAGE_SUFFIXES:
+        candidate = folder / f"{sha256}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def store_input_image(source) -> Path:
+    """Copy an input image (a path, encoded bytes or a PIL image) into ``$LORA_STUDIO_HOME/inputs``,
+    named by the sha256 of its bytes, and return that path (what a request's ``init_image`` /
+    ``mask_image`` should name: it stays put, so recipes that name it re-run).
+
+    The UI calls this with an upload's bytes; the CLI's files go through it when a request runs.
+    """
+    import hashlib
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from studio.errors import InputFileNotFoundError
+
+    suffix = ".png"
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise InputFileNotFoundError(f"input image {path} does not exist: pass a PNG, JPEG or WebP file")
+        data = path.read_bytes()
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            suffix = ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
+    elif isinstance(source, bytes):
+        data = source
+    elif hasattr(source, "save"):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        raise InvalidRequestError(f"an input image must be a path, bytes or a PIL image, not {type(source).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()  # a truncated or damaged file fails here, before anything is stored
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"input image {source if isinstance(source, (str, Path)) else ''} is not a "
+                                  f"readable image ({e}): pass a PNG, JPEG or WebP file") from None
+    if not isinstance(source, (str, Path)):
+        suffix = {"JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}.get(fmt, ".png")
+    sha256 = hashlib.sha256(data).hexdigest()
+    existing = _stored_input(sha256)
+    if existing is not None:
+        return existing
+    folder = inputs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{sha256}{suffix}"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)  # atomic: a reader never sees half an image
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _pin_input(label: str, path_text: str | None, pinned: str | None) -> tuple[str | None, str | None]:
+    """(stored path, sha256) of an input image; the stored copy wins when the original moved or changed."""
+    from studio.errors import InputFileNotFoundError
+
+    if path_text is None:
+        return None, None
+    path = Path(path_text).expanduser()
+    if pinned is not None:
+        stored = _stored_input(pinned)
+        if stored is not None:
+            return str(stored), pinned
+        if not path.is_file():
+            raise InputFileNotFoundError(
+                f"the {label} {path} is gone and no copy with sha256 {pinned[:12]} is in {inputs_dir()}: "
+                f"put the original image back at that path")
+        actual = _file_sha256(path)
+        if actual != pinned:
+            raise RecipeError(f"the {label} {path} has sha256 {actual[:12]}, the recipe used {pinned[:12]}: "
+                              f"the file changed since the image was made")
+    stored = store_input_image(path)
+    return str(stored), stored.stem
+
+
+def _load_inputs(request: GenerationRequest):
+    """The init image and mask at the request's size (RGB and L), or (None, None) for text-to-image.
+
+    Resized here with PIL (LANCZOS for the picture, NEAREST for the mask so it stays black and white),
+    so img2img and inpainting see the same pixels at any size the recipe records.
+    """
+    from PIL import Image
+
+    if request.init_image is None:
+        return None, None
+    size = (request.width, request.height)
+    with Image.open(request.init_image) as im:
+        init = im.convert("RGB")
+    if init.size != size:
+        init = init.resize(size, Image.LANCZOS)
+    mask = None
+    if request.mask_image is not None:
+        with Image.open(request.mask_image) as im:
+            mask = im.convert("L")
+        if mask.size != size:
+            mask = mask.resize(size, Image.NEAREST)
+        # Binary: the pipeline binarises at 0.5 too, and the paste-back below must agree with it.
+        mask = mask.point(lambda v: 255 if v >= 128 else 0)
+        if not mask.getbbox():
+            raise InvalidRequestError(f"the mask {request.mask_image} is all black: paint the area to repaint "
+                                      f"white")
+    return init, mask
+
+
+# pipeline -> {task: pipeline from_pipe'd on its components}; weak, so a dropped pipeline frees its weights
+_TASK_PIPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def task_pipeline(pipe, task: str):
+    """The family's ``task`` pipeline on ``pipe``'s own components (``from_pipe``: no weights copied).
+
+    Adapters live in the shared UNet and text encoder, so the adapter stack set on ``pipe`` applies.
+    For SD-1 inpainting with a text-to-image UNet (4 input channels, as the tiny model has), diffusers'
+    inpaint pipeline blends the known region's noised latents back in at every step.
+    """
+    if task == "text2img":
+        return pipe
+    from studio.families import family_for_pipeline_class
+
+    tasks = _TASK_PIPES.setdefault(pipe, {})
+    cached = tasks.get(task)
+    if cached is not None and cached.unet is pipe.unet and cached.text_encoder is pipe.text_encoder:
+        return cached
+    family = family_for_pipeline_class(type(pipe).__name__)
+    cls = family.pipeline_class(task)
+    task_pipe = cls.from_pipe(pipe)
+    task_pipe.set_progress_bar_config(disable=True)
+    tasks[task] = task_pipe
+    return task_pipe
 
 
 def generate(request: GenerationRequest, progress=None) -> GenerationResult:
@@ -340,6 +569,12 @@ def generate_with_pipeline(
     order, and one image at a time is what makes every image bit-identical to its recipe re-run alone.
     """
     request = resolve_request(request, pipe, recommended)
+    if request.init_image is not None:
+        init_path, init_sha = _pin_input("init image", request.init_image, request.init_image_sha256)
+        mask_path, mask_sha = _pin_input("mask image", request.mask_image, request.mask_image_sha256)
+        request = GenerationRequest(**{**request.to_dict(), "init_image": init_path, "init_image_sha256": init_sha,
+                                       "mask_image": mask_path, "mask_image_sha256": mask_sha})
+    init, mask = _load_inputs(request)  # before the lock: a bad image must not touch the pipeline
     t0 = time.perf_counter()
     # Schedulers keep per-run state (step index, model outputs): each image gets a fresh one, and
     # the pipeline's own scheduler is put back afterwards, all under the pipeline's lock.
@@ -354,7 +589,7 @@ def generate_with_pipeline(
         _apply_stack(pipe, stack, resolved)
         original_scheduler = pipe.scheduler
         try:
-            outputs = _run(pipe, request, original_scheduler.config, model_hash, progress)
+            outputs = _run(pipe, request, original_scheduler.config, model_hash, progress, init, mask)
         finally:
             pipe.scheduler = original_scheduler
     return GenerationResult(request=request, outputs=outputs, seconds=time.perf_counter() - t0)
@@ -396,32 +631,51 @@ def _apply_stack(pipe, stack, resolved) -> None:
         engine_for(pipe).apply(stack, resolved)
 
 
-def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, progress) -> list[GeneratedImage]:
+def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, progress, init=None,
+         mask=None) -> list[GeneratedImage]:
     import torch
 
+    runner = task_pipeline(pipe, request.task)
+    extra: dict = {}
+    if request.task == "img2img":
+        extra = {"image": init, "strength": request.strength}  # sized by the image itself
+    elif request.task == "inpaint":
+        extra = {"image": init, "mask_image": mask, "strength": request.strength,
+                 "width": request.width, "height": request.height}
+    else:
+        extra = {"width": request.width, "height": request.height}
+    # img2img runs int(steps * strength) of the steps: progress counts those.
+    steps_run = request.num_inference_steps if init is None else max(1, int(request.num_inference_steps
+                                                                            * request.strength))
     outputs: list[GeneratedImage] = []
-    total = request.num_images * request.num_inference_steps
+    total = request.num_images * steps_run
     for i in range(request.num_images):
         seed = request.seed + i
         pipe.scheduler = make_scheduler(request.scheduler, scheduler_config)
+        runner.scheduler = pipe.scheduler
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
         def on_step(_pipe, step, _t, kwargs, _i=i):
             if progress is not None:
-                progress(_i * request.num_inference_steps + step + 1, total)
+                progress(min(_i * steps_run + step + 1, total), total)
             return kwargs
 
-        image = pipe(
+        image = runner(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
-            width=request.width,
-            height=request.height,
             generator=generator,
             num_images_per_prompt=1,
             callback_on_step_end=on_step,
+            **extra,
         ).images[0]
+        if mask is not None:
+            # Paste the kept region back (A1111 does too): the VAE round trip alters every pixel a little,
+            # and "keep" should mean the original pixels.
+            from PIL import Image
+
+            image = Image.composite(image, init, mask)
         single = GenerationRequest(**{**request.to_dict(), "seed": seed, "num_images": 1})
         outputs.append(
             GeneratedImage(

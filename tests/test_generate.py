@@ -137,3 +137,124 @@ def test_read_recipe_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "damaged.png", pnginfo=info)
     with pytest.raises(RecipeError, match="damaged"):
         read_recipe(tmp_path / "damaged.png")
+
+
+# -- img2img and inpainting ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def init_png(tmp_path):
+    path = tmp_path / "init.png"
+    generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=8)).images[0].save(path)
+    return path
+
+
+def _mask(tmp_path, box=(8, 8, 24, 24)):
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, box)
+    path = tmp_path / "mask.png"
+    mask.save(path)
+    return path
+
+
+def _diff(a, b) -> float:
+    return float(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).mean())
+
+
+def test_img2img_follows_the_init_image_more_at_lower_strength(tmp_path):
+    # the init image shows another scene than the prompt asks for: img2img keeps some of it
+    init_png = tmp_path / "square.png"
+    generate(GenerationRequest(prompt="a yellow square on a black background", seed=1,
+                               num_inference_steps=8)).images[0].save(init_png)
+    init = Image.open(init_png).convert("RGB")
+    t2i = generate(GenerationRequest(prompt=PROMPT, seed=2, num_inference_steps=8)).images[0]
+
+    def i2i(strength):
+        return generate(GenerationRequest(prompt=PROMPT, seed=2, num_inference_steps=8, init_image=str(init_png),
+                                          strength=strength)).images[0]
+
+    low, high = _diff(i2i(0.25), init), _diff(i2i(0.75), init)
+    assert low < high < _diff(t2i, init)
+    assert low < 0.7 * _diff(t2i, init)
+    other = init_png.with_name("other.png")
+    t2i.save(other)
+    moved = generate(GenerationRequest(prompt=PROMPT, seed=2, num_inference_steps=8, init_image=str(other),
+                                       strength=0.25)).images[0]
+    assert _diff(moved, t2i) < _diff(moved, init)  # another init image: the result follows that one
+
+
+def test_inpainting_keeps_the_unmasked_region_and_repaints_the_masked_one(init_png, tmp_path):
+    mask_path = _mask(tmp_path)
+    init = np.asarray(Image.open(init_png).convert("RGB")).astype(int)
+    result = generate(GenerationRequest(prompt="a yellow square on a black background", seed=3,
+                                        num_inference_steps=8, init_image=str(init_png), mask_image=str(mask_path),
+                                        strength=1.0))
+    out = np.asarray(result.images[0]).astype(int)
+    keep = np.ones((32, 32), bool)
+    keep[8:24, 8:24] = False
+    assert np.array_equal(out[keep], init[keep])
+    assert np.abs(out[~keep] - init[~keep]).mean() > 20
+    assert result.outputs[0].request.task == "inpaint"
+
+
+def test_img2img_and_inpaint_recipes_rerun_exactly_after_the_originals_are_gone(init_png, tmp_path):
+    mask_path = _mask(tmp_path, box=(0, 0, 16, 32))
+    for mask in (None, mask_path):
+        result = generate(GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=6, init_image=str(init_png),
+                                            mask_image=str(mask) if mask else None, strength=0.6))
+        saved = result.save(tmp_path / "out")[0]
+        text = Image.open(saved).text
+        assert "Denoising strength: 0.6" in text["parameters"]
+        recipe = read_recipe(saved)
+        assert recipe.init_image_sha256 and recipe.strength == 0.6
+        assert (recipe.mask_image_sha256 is not None) == (mask is not None)
+        again = generate(recipe).images[0]
+        assert np.array_equal(np.asarray(again), np.asarray(Image.open(saved).convert("RGB")))
+    init_png.unlink()
+    mask_path.unlink()
+    assert np.array_equal(np.asarray(generate(read_recipe(saved)).images[0]),
+                          np.asarray(Image.open(saved).convert("RGB")))
+
+
+def test_a_changed_init_image_is_refused_when_its_copy_is_gone(init_png, tmp_path):
+    from studio.generate import inputs_dir
+
+    result = generate(GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=4, init_image=str(init_png),
+                                        strength=0.5))
+    recipe = result.outputs[0].request
+    for stored in inputs_dir().iterdir():
+        stored.unlink()
+    Image.new("RGB", (32, 32), "white").save(init_png)
+    with pytest.raises(RecipeError, match="changed since"):
+        generate(GenerationRequest(**{**recipe.to_dict(), "init_image": str(init_png)}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strength": 0.5}, "pass --init-image"),
+        ({"mask_image": "m.png"}, "a mask needs an init image"),
+        ({"init_image": "i.png", "strength": 0.0}, r"strength must be a number in \(0, 1\]"),
+        ({"init_image": "i.png", "strength": 1.5}, r"strength must be a number in \(0, 1\]"),
+        ({"init_image": "i.png", "strength": 0.1, "num_inference_steps": 4}, "run no denoising step"),
+    ],
+)
+def test_bad_img2img_requests_name_the_problem(kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(prompt=PROMPT, **kwargs)
+
+
+def test_unreadable_init_image_and_black_mask_are_refused(init_png, tmp_path):
+    from studio.errors import InputFileNotFoundError
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    with pytest.raises(InvalidRequestError, match="not a readable image"):
+        generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, init_image=str(notes)))
+    with pytest.raises(InputFileNotFoundError, match="does not exist"):
+        generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, init_image=str(tmp_path / "no.png")))
+    black = tmp_path / "black.png"
+    Image.new("L", (32, 32), 0).save(black)
+    with pytest.raises(InvalidRequestError, match="all black"):
+        generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, init_image=str(init_png),
+                                   mask_image=str(black)))
