@@ -210,8 +210,17 @@ def _pid_alive(pid: int | None, run_dir: str) -> bool:
 # ---- submitting --------------------------------------------------------------------------------
 
 
-def _new_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+def _new_job_dir() -> tuple[str, Path]:
+    """A fresh job id and its folder; mkdir without exist_ok makes the id unique across processes."""
+    root = jobs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        try:
+            (root / job_id).mkdir()
+            return job_id, root / job_id
+        except FileExistsError:
+            continue
 
 
 def trainer_argv(config: str | Path, run_dir: str | Path, *, resume: bool = False) -> list[str]:
@@ -248,12 +257,10 @@ def submit(config, *, overrides: list[str] | tuple[str, ...] = (), run_dir: str 
         from studio.errors import DatasetNotFoundError
 
         raise DatasetNotFoundError(f"dataset.path {dataset} does not exist: choose a dataset folder")
-    job_id = _new_id()
-    job_dir = jobs_dir() / job_id
+    job_id, job_dir = _new_job_dir()
     if run_dir is None:
         run_dir = Path(resolved.output.dir) / f"{resolved.output.name}-{job_id}"
     run_dir = Path(run_dir).expanduser().resolve()
-    job_dir.mkdir(parents=True)
     snapshot = config.save(job_dir / CONFIG_FILE)
     job = Job(id=job_id, name=resolved.output.name, config=str(snapshot), run_dir=str(run_dir),
               argv=trainer_argv(snapshot, run_dir))
@@ -278,14 +285,37 @@ def resume(job_id: str, *, start_runner: bool = True) -> Job:
     checkpoints = Path(old.run_dir) / "checkpoints"
     if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
         raise InvalidRequestError(f"job {job_id} saved no checkpoint in {checkpoints}: start it again instead")
-    job = Job(id=_new_id(), name=old.name, config=old.config, run_dir=old.run_dir,
+    job_id, _ = _new_job_dir()
+    job = Job(id=job_id, name=old.name, config=old.config, run_dir=old.run_dir,
               argv=trainer_argv(old.config, old.run_dir, resume=True), resume_of=old.id)
-    job.job_dir.mkdir(parents=True)
     with _queue_lock():
         _write(job)
     if start_runner:
         ensure_runner()
     return job
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+# "quick": a run of seconds on the tiny model, to try a dataset or the studio itself (20 steps at
+# batch 4 is 80 samples: the striped set's 12 images x 10 repeats is 120, so most of one epoch).
+QUICK_OVERRIDES = ("training.max_train_steps=20", "training.lr_warmup_steps=0", "validation.every_n_steps=10",
+                   "output.checkpointing_steps=10")
+
+
+def presets() -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """Ready configs for the Train page: ``label -> (train.toml, overrides)``, from the sample datasets.
+
+    Each sample dataset gives its full config and a "quick" variant (:data:`QUICK_OVERRIDES`).
+    """
+    from studio.dataset_files import sample_datasets_root
+
+    out: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    for toml in sorted(sample_datasets_root().glob("*/train.toml")):
+        name = toml.parent.name
+        out[f"{name}: tiny model, quick (20 steps)"] = (toml, QUICK_OVERRIDES)
+        out[f"{name}: tiny model, full"] = (toml, ())
+    return out
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -306,6 +336,7 @@ def list_jobs(*, start_runner: bool = True) -> list[Job]:
             jobs.append(_settle(_read(job_id), alive))
         except JobNotFoundError:
             continue  # removed between the listing and the read (a cancelled queued job)
+    jobs.sort(key=lambda j: (j.created_at, j.id), reverse=True)
     if start_runner and not alive and any(j.state == "queued" for j in jobs):
         ensure_runner()
     return jobs
@@ -395,12 +426,13 @@ def _claim_next(runner_lock_fd: int) -> Job | None:
     """Under the queue lock: mark the oldest queued job running and return it; with none, give up the
     runner lock before the queue lock (see the module docstring for why that order)."""
     with _queue_lock():
-        for job_id in _all_ids():
-            job = _read(job_id)
-            if job.state == "queued":
-                job.state, job.started_at = "running", time.time()
-                _write(job)
-                return job
+        queued = [job for job in map(_read, _all_ids()) if job.state == "queued"]
+        if queued:
+            # Oldest first by creation time (two ids made in the same second differ only by random hex).
+            job = min(queued, key=lambda j: (j.created_at, j.id))
+            job.state, job.started_at = "running", time.time()
+            _write(job)
+            return job
         fcntl.flock(runner_lock_fd, fcntl.LOCK_UN)
         return None
 
