@@ -1,0 +1,447 @@
+"""Hub publish and pull against a local Hub (tests/hub_server.py): the real huggingface_hub client end to end.
+
+Round trip (same tensors, trigger words, lineage, samples), the model card's fields, dry runs, tags that
+never move, failure paths (401/403/404/500, a connection dropped mid-upload) that leave the registry as
+it was, and a token that appears nowhere but the Authorization header.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import FakeHub
+from PIL import Image, PngImagePlugin
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from adapters import formats
+from adapters.importer import import_adapter
+from adapters.registry import Registry, SampleImage, VersionInfo
+from studio import hub as studio_hub
+from studio.errors import (
+    HubAuthError,
+    HubConflictError,
+    HubError,
+    HubNotFoundError,
+    InvalidNameError,
+    OfflineError,
+    UnsupportedAdapterError,
+)
+from studio.settings import reload_settings
+
+TOKEN = "hf_AliceSecretToken0123456789abcdef"
+BOB = "hf_BobSecretToken0123456789abcdefgh"
+REPO = "alice/stripes"
+PROMPT = "zkstripes, a red circle on a blue background"
+
+
+def _save_lora(out_dir: Path, *, seed: int, rank: int = 4, alpha: int = 8) -> Path:
+    """A random LoRA (UNet + text encoder) for the tiny model, saved as diffusers does, alpha metadata kept
+    (text-encoder layers in peft key form, as transformers 5 needs; see tests/test_compose.py)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from studio.base_models import load_fresh_pipeline
+
+    pipe = load_fresh_pipeline("tiny")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                     init_lora_weights=False)
+    tcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                      init_lora_weights=False)
+    pipe.unet.add_adapter(cfg, adapter_name="new")
+    pipe.text_encoder.add_adapter(tcfg, adapter_name="new")
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name="new"))
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=unet_layers,
+        unet_lora_adapter_metadata=cfg.to_dict(),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="new"),
+        text_encoder_lora_adapter_metadata=tcfg.to_dict())
+    named = out_dir / f"lora{seed}.safetensors"
+    (out_dir / "pytorch_lora_weights.safetensors").rename(named)
+    return named
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub_loras")
+    return [_save_lora(root, seed=s) for s in (11, 12)]
+
+
+def _png(text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+TRAINING = {"dataset": {"path": "/home/alice/private/stripes", "resolution": 32, "trigger_word": "zkstripes"},
+            "training": {"learning_rate": 0.0001, "max_train_steps": 300, "seed": 7},
+            "network": {"adapter_type": "lora", "rank": 4, "lora_alpha": 8}}
+
+
+@pytest.fixture
+def versions(reg, lora_files, tmp_path):
+    """stripes@1 (imported) and stripes@2 (trained from @1: training config, metrics, a sample, dataset size)."""
+    v1 = import_adapter(reg, lora_files[0], name="stripes", trigger_words=["zkstripes"], tags=["style"],
+                        description="Diagonal stripes.")
+    info = formats.detect(lora_files[1])
+    adapter = formats.read_adapter(lora_files[1], info=info)
+    md = formats.build_metadata(adapter_type="lora", rank=adapter.rank, alpha=adapter.alpha, name="stripes",
+                                trigger_words=["zkstripes"], base={"ss_num_train_images": "12", "ss_steps": "300",
+                                                                   "ss_learning_rate": "0.0001"})
+    trained = formats.to_diffusers(adapter, tmp_path / "trained.safetensors", metadata=md)
+    v2 = reg.register("stripes", trained, VersionInfo(
+        family="sd1", rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
+        components=adapter.components, trigger_words=["zkstripes"], tags=["style", "stripes"],
+        description="Diagonal stripes, trained longer.", license="cc-by-4.0", author="alice", base_model="tiny",
+        training_config=TRAINING, dataset_fingerprint="0123abcd0123abcd", origin="trained",
+        source={"run_dir": "/home/alice/runs/7"}, parents=["stripes@1"],
+        metrics={"steps": 300, "final_loss": 0.125},
+        samples=[SampleImage(image=_png(PROMPT), recipe={"prompt": PROMPT, "seed": 1, "steps": 20})],
+        weights_format="peft"))
+    return v1, v2
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The local Hub, with huggingface_hub pointed at it and online for this test only."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub.utils import _http
+
+    server = FakeHub(tokens={TOKEN: "alice", BOB: "bob"}).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read at import, when conftest had set it
+    # hf_xet would upload to a Xet CAS service; the local Hub speaks the LFS protocol the client falls back to.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-cache" / "token"))
+    # The client backs off 1, 2, 4, 8, 8 s between retries: keep the retries, skip the waiting.
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda s: None))
+    reload_settings()
+    yield server
+    server.stop()
+    reload_settings()
+
+
+def _tensors(path) -> dict:
+    return load_file(str(path))
+
+
+def _metadata(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def _no_token_anywhere(*roots: Path, texts=()) -> None:
+    for text in texts:
+        assert TOKEN not in text and BOB not in text
+    for root in roots:
+        for p in Path(root).rglob("*"):
+            if p.is_file():
+                data = p.read_bytes()
+                assert TOKEN.encode() not in data and BOB.encode() not in data, p
+
+
+def test_publish_then_pull_round_trips_a_version(reg, versions, hub, tmp_path, studio_home):
+    v1, v2 = versions
+    dry = studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, dry_run_dir=tmp_path / "dry")
+    result = studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, token=TOKEN)
+
+    # One commit, tagged v2, holding exactly the dry run's files (weights byte for byte).
+    assert result.tag == "v2" and not result.dry_run and not result.already_published
+    repo = hub.repos[REPO]
+    assert repo.tags == {"v2": result.commit} and repo.branches["main"] == result.commit
+    assert len(repo.commits) == 2  # the repo's initial commit + the publication
+    assert sorted(result.files) == sorted(dry.files) == sorted(p.relative_to(tmp_path / "dry").as_posix()
+                                                               for p in (tmp_path / "dry").rglob("*") if p.is_file())
+    assert hub.files(REPO, "v2") == sorted([".gitattributes", *result.files])
+    assert set(result.files) == {"pytorch_lora_weights.safetensors", "stripes.safetensors", "images/sample_0.png",
+                                 "lora_studio.json", "README.md"}
+    assert hub.file(REPO, "v2", "pytorch_lora_weights.safetensors") == \
+        (tmp_path / "dry" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert hub.file(REPO, "v2", "images/sample_0.png") == Path(v2.samples[0].path).read_bytes()
+    assert result.url == f"{hub.url}/{REPO}" and result.commit_url.endswith(result.commit)
+
+    # Uploaded weights: the registry's tensors, peft config and trigger words in the metadata; kohya copy too.
+    (tmp_path / "got").mkdir()
+    got = tmp_path / "got" / "w.safetensors"
+    got.write_bytes(hub.file(REPO, "v2", "pytorch_lora_weights.safetensors"))
+    ours, theirs = _tensors(v2.path), _tensors(got)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    md = _metadata(got)
+    assert "lora_adapter_metadata" in md and md["modelspec.trigger_phrase"] == "zkstripes"
+    kohya = tmp_path / "got" / "stripes.safetensors"
+    kohya.write_bytes(hub.file(REPO, "v2", "stripes.safetensors"))
+    assert formats.detect(kohya).format == "kohya"
+
+    # The registry records the publication; a re-run uploads nothing and records nothing new.
+    [pub] = reg.publications("stripes@2")
+    assert (pub.repo_id, pub.tag, pub.commit, pub.url, pub.endpoint) == (REPO, "v2", result.commit, result.url,
+                                                                        hub.url)
+    again = studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, token=TOKEN)
+    assert again.already_published and again.commit == result.commit and len(repo.commits) == 2
+    assert len(reg.publications("stripes@2")) == 1 and reg.publications("stripes@1") == []
+
+    # Pull into another registry (another machine): same tensors, trigger words, lineage, samples, settings.
+    with Registry(home=tmp_path / "elsewhere") as other:
+        pulled = studio_hub.pull_adapter(other, f"{REPO}@v2", token=TOKEN)
+        assert pulled.ref == "stripes@1" and pulled.origin == "pulled"
+        assert pulled.tensor_sha256 == v2.tensor_sha256
+        back = _tensors(pulled.path)
+        assert back.keys() == ours.keys() and all(torch.equal(ours[k], back[k]) for k in ours)
+        assert (pulled.rank, pulled.alpha, pulled.components) == (v2.rank, v2.alpha, v2.components)
+        assert pulled.trigger_words == ("zkstripes",) and pulled.tags == ("style", "stripes")
+        assert (pulled.description, pulled.license, pulled.author) == (v2.description, "cc-by-4.0", "alice")
+        assert pulled.source["hub"] == {"repo_id": REPO, "revision": "v2", "commit": result.commit,
+                                        "endpoint": hub.url, "url": f"{hub.url}/{REPO}",
+                                        "file": "pytorch_lora_weights.safetensors"}
+        assert pulled.source["lineage"] == [{"name": "stripes", "number": 1, "sha256": v1.weights_sha256}]
+        assert pulled.source["published_from"] == "stripes@2"
+        assert pulled.parents == ()  # stripes@1 is not in this registry: the lineage stays in source
+        assert pulled.metrics == v2.metrics and pulled.dataset_fingerprint == v2.dataset_fingerprint
+        # Local folders never go public: the dataset path is reduced to its last component.
+        assert pulled.training_config["dataset"]["path"] == "stripes"
+        assert pulled.training_config["training"] == TRAINING["training"]
+        [sample] = pulled.samples
+        assert sample.recipe == v2.samples[0].recipe and sample.sha256 == v2.samples[0].sha256
+
+        # Pulling the same revision again is a no-op: no new version, no file downloaded.
+        before = len(hub.requests)
+        assert studio_hub.pull_adapter(other, f"{REPO}@v2", token=TOKEN).ref == pulled.ref
+        assert other.adapter("stripes").versions == (1,)
+        assert not [r for r in hub.requests[before:] if "/resolve/" in r.path and "lora_studio" not in r.path]
+        _no_token_anywhere(tmp_path / "elsewhere")
+
+    # Pulled back beside its parents, the lineage links to them.
+    copy = studio_hub.pull_adapter(reg, REPO, revision="v2", name="stripes_copy", token=TOKEN)
+    assert [p.ref for p in copy.parents] == ["stripes@1"] and copy.tensor_sha256 == v2.tensor_sha256
+
+    _no_token_anywhere(studio_home, tmp_path / "dry", texts=[json.dumps(result.to_dict()), repr(result)])
+    for r in hub.requests:
+        assert TOKEN.encode() not in r.body and TOKEN not in json.dumps(r.headers)
+
+
+def test_model_card_parses_and_carries_every_field(reg, versions, hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    result = studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, token=TOKEN,
+                                        base_model="alice/tiny-sd1")
+    card_path = tmp_path / "README.md"
+    card_path.write_bytes(hub.file(REPO, "v2", "README.md"))
+    card = ModelCard.load(card_path)
+    data = card.data.to_dict()
+    assert data["base_model"] == "alice/tiny-sd1"
+    assert data["library_name"] == "diffusers" and data["license"] == "cc-by-4.0"
+    assert data["instance_prompt"] == "zkstripes"
+    for tag in ("text-to-image", "diffusers", "lora", "template:sd-lora", "stable-diffusion", "style", "stripes"):
+        assert tag in data["tags"]
+    assert data["widget"] == [{"text": PROMPT, "output": {"url": "images/sample_0.png"}}]
+    assert "images/sample_0.png" in result.files
+    body = card.text
+    for text in ("<Gallery />", "## Trigger words", "`zkstripes`", "load_lora_weights('alice/stripes'",
+                 "revision='v2'", "Dataset size: 12 images", "`training.learning_rate` | 0.0001",
+                 "Parent: `stripes@1`", "stripes.safetensors", "<lora:stripes:0.8>"):
+        assert text in body, text
+    assert "/home/alice" not in card.content  # local paths never go public
+    assert result.warnings == ()
+    # The Hub's metadata check ran on it (create_commit validates README.md before uploading anything).
+    assert any(r.path == "/api/validate-yaml" for r in hub.requests)
+
+
+def test_tiny_base_publishes_without_base_model_and_says_so(reg, versions, tmp_path):
+    result = studio_hub.publish_version(reg, "stripes@1", REPO, dry_run_dir=tmp_path / "out")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model" not in text.split("\n---\n")[0]
+    assert result.warnings and "base_model" in result.warnings[0]
+    assert "load_fresh_pipeline(\"tiny\")" in text and "license: unknown" in text
+
+
+def test_dry_run_needs_no_network_or_token_and_refuses_a_folder_with_files(reg, versions, tmp_path):
+    # conftest keeps the studio offline and there is no token: a dry run still writes every file.
+    result = studio_hub.publish_version(reg, "stripes@2", REPO, dry_run_dir=tmp_path / "out")
+    assert result.dry_run and result.commit is None and result.out_dir == tmp_path / "out"
+    assert sorted(result.files) == sorted(p.relative_to(tmp_path / "out").as_posix()
+                                          for p in (tmp_path / "out").rglob("*") if p.is_file())
+    record = json.loads((tmp_path / "out" / "lora_studio.json").read_text())
+    assert record["ref"] == "stripes@2" and record["parents"][0]["name"] == "stripes"
+    with pytest.raises(Exception, match="not an empty folder"):
+        studio_hub.publish_version(reg, "stripes@2", REPO, dry_run_dir=tmp_path / "out")
+    assert reg.publications("stripes@2") == []
+
+
+def test_offline_and_missing_token_fail_fast(reg, versions, hub, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    with pytest.raises(HubAuthError, match="hf auth login"):
+        studio_hub.publish_version(reg, "stripes@2", REPO)
+    assert hub.requests == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    reload_settings()
+    with pytest.raises(OfflineError, match="HF_HUB_OFFLINE"):
+        studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    with pytest.raises(OfflineError):
+        studio_hub.pull_adapter(reg, REPO, token=TOKEN)
+    assert hub.requests == [] and reg.publications("stripes@2") == []
+
+
+def test_token_from_the_environment_is_used_and_never_stored(reg, versions, hub, monkeypatch, studio_home):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = studio_hub.publish_version(reg, "stripes@1", REPO, private=True)
+    assert result.private is True and hub.repos[REPO].private
+    _no_token_anywhere(studio_home)
+
+
+def _assert_nothing_recorded(reg, hub, error):
+    assert reg.publications("stripes@2") == []
+    repo = hub.repos.get(REPO)
+    assert repo is None or repo.tags == {}
+    assert TOKEN not in str(error) and BOB not in str(error)
+
+
+@pytest.mark.parametrize("method, path, status, error, words", [
+    ("POST", r"^/api/repos/create$", 500, HubError, "failed (500)"),
+    ("POST", r"/preupload/", 401, HubAuthError, "401"),
+    ("POST", r"/commit/main$", 500, HubError, "failed (500)"),
+    ("POST", r"/commit/main$", 403, HubAuthError, "403"),
+    ("POST", r"/tag/", 500, HubError, "failed (500)"),
+])
+def test_refusals_leave_the_registry_unchanged(reg, versions, hub, method, path, status, error, words):
+    hub.fail(method, path, status, times=100, message="server trouble")
+    with pytest.raises(error, match=re.escape(words)) as caught:
+        studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    assert caught.value.status == status
+    _assert_nothing_recorded(reg, hub, caught.value)
+    # Once the Hub recovers, the same command completes (a commit made before a failed tag is tagged now).
+    hub.faults.clear()
+    result = studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    assert hub.repos[REPO].tags == {"v2": result.commit} and len(reg.publications("stripes@2")) == 1
+
+
+def test_wrong_or_foreign_tokens(reg, versions, hub):
+    with pytest.raises(HubAuthError, match=r"401") as caught:
+        studio_hub.publish_version(reg, "stripes@2", REPO, token="hf_not_a_real_token_at_all")
+    assert "hf_not_a_real_token_at_all" not in str(caught.value)
+    with pytest.raises(HubAuthError, match=r"403.*write access to alice") as caught:
+        studio_hub.publish_version(reg, "stripes@2", REPO, token=BOB)
+    _assert_nothing_recorded(reg, hub, caught.value)
+
+
+def test_connection_dropped_mid_upload(reg, versions, hub):
+    hub.drop("PUT", r"^/lfs-upload/", times=100, after_bytes=512)
+    with pytest.raises(HubError, match="dropped") as caught:
+        studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    _assert_nothing_recorded(reg, hub, caught.value)
+    assert hub.files(REPO, "main") == [".gitattributes"]  # the commit never happened
+    # One drop only: the client's retry sends the file again and the publication completes.
+    hub.faults.clear()
+    hub.drop("PUT", r"^/lfs-upload/", times=1, after_bytes=512)
+    result = studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    assert hub.file(REPO, "v2", "pytorch_lora_weights.safetensors")
+    assert reg.publications("stripes@2")[0].commit == result.commit
+
+
+def test_pull_failures(reg, versions, hub):
+    with pytest.raises(HubNotFoundError, match="not found"):
+        studio_hub.pull_adapter(reg, "alice/nothing-here", token=TOKEN)
+    studio_hub.publish_version(reg, "stripes@1", REPO, private=True, token=TOKEN)
+    with pytest.raises(HubNotFoundError, match="no revision 'v9'"):
+        studio_hub.pull_adapter(reg, f"{REPO}@v9", token=TOKEN)
+    with pytest.raises(HubAuthError, match="401.*private"):  # private, no token: the Hub answers 401
+        studio_hub.pull_adapter(reg, REPO)
+    hub.fail("GET", r"/resolve/", 500, times=100)
+    with pytest.raises(HubError, match="500"):
+        studio_hub.pull_adapter(reg, REPO, name="other", token=TOKEN)
+    assert reg.adapter("stripes").versions == (1, 2)
+    with pytest.raises(InvalidNameError):
+        studio_hub.pull_adapter(reg, "not a repo")
+
+
+def test_tags_never_move_and_a_new_version_replaces_the_previous_files(reg, versions, hub):
+    first = studio_hub.publish_version(reg, "stripes@1", REPO, kohya=True, token=TOKEN)
+    second = studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    assert "stripes.safetensors" in hub.files(REPO, "v1")
+    assert "stripes.safetensors" not in hub.files(REPO, "v2")  # v2 has no kohya copy: v1's is not carried on
+    assert hub.repos[REPO].tags == {"v1": first.commit, "v2": second.commit}
+    # Another registry's x@1 holds other tensors than the stripes@1 that tag v1 holds: the tag never moves.
+    with Registry(home=Path(reg.store.root).parent / "b") as other:
+        x = other.register("x", versions[1].path, VersionInfo(family="sd1"))
+        assert x.number == 1
+        with pytest.raises(HubConflictError, match="never moved") as caught:
+            studio_hub.publish_version(other, "x@1", REPO, token=TOKEN)
+        assert "stripes@1" in str(caught.value) and other.publications("x@1") == []
+    assert hub.repos[REPO].tags == {"v1": first.commit, "v2": second.commit}
+
+
+def test_kohya_copy_is_refused_for_dora_before_anything_is_sent(reg, versions, hub, monkeypatch):
+    from adapters import registry as registry_module
+
+    real_get = reg.get
+
+    def as_dora(ref):
+        v = real_get(ref)
+        return registry_module.AdapterVersion(**{**v.__dict__, "adapter_type": "dora"})
+
+    monkeypatch.setattr(reg, "get", as_dora)
+    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
+        studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, token=TOKEN)
+    assert hub.requests == []
+
+
+def test_weights_load_in_diffusers_from_the_repo(reg, versions, hub, monkeypatch):
+    """``load_lora_weights(repo_id, revision=tag)`` reads the published weights and gives the registry file's output."""
+    import huggingface_hub.constants as constants
+    import numpy as np
+
+    from studio.base_models import load_fresh_pipeline
+    from studio.generate import GenerationRequest, generate_with_pipeline
+
+    studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    # diffusers calls hf_hub_download without an endpoint: point the library's defaults at the local Hub.
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    request = GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, guidance_scale=2.0)
+    from_hub = load_fresh_pipeline("tiny")
+    from_hub.load_lora_weights(REPO, weight_name="pytorch_lora_weights.safetensors", revision="v2",
+                               adapter_name="from_hub", cache_dir=str(Path(reg.store.root).parent / "hf-cache"))
+    # The registry's own file, under a .safetensors name (blobs are named by hash alone).
+    local = Path(reg.store.root).parent / "local" / "stripes.safetensors"
+    local.parent.mkdir()
+    shutil.copyfile(versions[1].path, local)
+    from_file = load_fresh_pipeline("tiny")
+    from_file.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name="from_file")
+    a = np.asarray(generate_with_pipeline(from_hub, request).images[0]).astype(int)
+    b = np.asarray(generate_with_pipeline(from_file, request).images[0]).astype(int)
+    base = np.asarray(generate_with_pipeline(load_fresh_pipeline("tiny"), request).images[0]).astype(int)
+    assert np.array_equal(a, b) and np.abs(a - base).max() > 5
+    assert any(r.method == "GET" and r.path == f"/{REPO}/resolve/v2/pytorch_lora_weights.safetensors"
+               for r in hub.requests)
+
+
+def test_repo_ids_are_validated():
+    assert studio_hub.parse_repo_reference("alice/stripes@v3") == ("alice/stripes", "v3")
+    assert studio_hub.parse_repo_reference("alice/stripes") == ("alice/stripes", None)
+    for bad in ("stripes", "alice/stripes/x", "alice/../x", "alice/x--y", "-a/b", "a/b.", "alice/stripes@"):
+        with pytest.raises(InvalidNameError):
+            studio_hub.parse_repo_reference(bad)
+
+
+def test_public_config_drops_local_folders():
+    config = {"dataset": {"path": "/home/a/cats", "cache_dir": "C:\\Users\\a\\cache", "resolution": 512},
+              "model": {"base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "list": ["~/x/y"]}
+    assert studio_hub.public_config(config) == {
+        "dataset": {"path": "cats", "cache_dir": "cache", "resolution": 512},
+        "model": {"base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "list": ["y"]}
