@@ -15,6 +15,10 @@ def _page() -> AppTest:
     return at.run()
 
 
+def _generate(at: AppTest):
+    return next(b for b in at.button if b.label == "Generate")
+
+
 def test_frame_loads_the_generate_page():
     at = AppTest.from_file(str(ROOT / "app_streamlit.py"), default_timeout=120).run()
     assert not at.exception
@@ -27,7 +31,7 @@ def test_generate_shows_images_with_recipes():
     at.text_input(key="seed").input("4")
     at.number_input(key="steps").set_value(4)
     at.number_input(key="num_images").set_value(2)
-    at.button[0].click().run()
+    _generate(at).click().run()
     assert not at.exception and not at.error
     assert len(at.get("image")) == 2
     assert "seed 4" in at.success[0].value
@@ -37,15 +41,15 @@ def test_generate_shows_images_with_recipes():
 def test_bad_input_is_an_error_message_not_a_traceback():
     at = _page()
     at.text_input(key="seed").input("lucky")
-    at.button[0].click().run()
+    _generate(at).click().run()
     assert not at.exception and "not a whole number" in at.error[0].value
 
     at = _page()
     at.number_input(key="width").set_value(36)
-    at.button[0].click().run()
+    _generate(at).click().run()
     assert not at.exception and "multiple of 8" in at.error[0].value
 
     at = _page()
     at.text_input(key="base").input("owner/model")
-    at.button[0].click().run()
+    _generate(at).click().run()
     assert not at.exception and "offline" in at.error[0].value

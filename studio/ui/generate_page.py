@@ -1,14 +1,28 @@
-"""The Generate page: prompt, base model and sampling settings in; images with their recipes out."""
+"""The Generate page: base model, an adapter stack from the catalog (strengths, per-component strengths,
+order), trigger words, sampling settings in; a gallery of images with their recipes out; recipes
+loaded back from a PNG.
+
+Widgets only: generation is ``studio.generate`` (``lora-studio generate``), adapters come from
+``adapters.registry`` and are applied by ``adapters.compose`` inside ``generate_with_pipeline``.
+The stack lives in session state as plain dicts; every change goes through a button callback, so
+it happens before the widgets are drawn and nothing the user typed is lost.
+"""
 
 from __future__ import annotations
 
-import io
+import itertools
+import random
+import tempfile
+from pathlib import Path
 
 import streamlit as st
-from PIL import Image
 
 from studio.errors import StudioError
-from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, scheduler_names
+from studio.generate import DEFAULT_SCHEDULER, MAX_SEED, GenerationRequest, scheduler_names
+from studio.ui.common import enlarged, get_registry, png_bytes, reported
+
+GALLERY_SIZE = 24
+_ids = itertools.count()
 
 
 @st.cache_resource(show_spinner=False)
@@ -19,76 +33,225 @@ def _pipeline(base: str):
     return load_pipeline(base)
 
 
-def _png_bytes(output) -> bytes:
-    buf = io.BytesIO()
-    output.image.save(buf, format="PNG", pnginfo=output.pnginfo())
-    return buf.getvalue()
+def _stack() -> list[dict]:
+    return st.session_state.setdefault("stack", [])
 
+
+# ---- callbacks: they run before the script, so they may set widget values ------------------------
+
+
+def _add_adapter(ref: str, trigger_words: tuple[str, ...] = ()) -> None:
+    ref = (ref or "").strip()
+    if not ref:
+        st.session_state["stack_msg"] = "choose an adapter from the catalog, or type a reference such as name@2"
+        return
+    if any(e["ref"] == ref for e in _stack()):
+        st.session_state["stack_msg"] = f"{ref} is already in the stack: change its strength instead"
+        return
+    entry_id = f"a{next(_ids)}-{len(_stack())}"
+    _stack().append({"id": entry_id, "ref": ref, "trigger_words": list(trigger_words)})
+    st.session_state[f"w-{entry_id}"] = 1.0
+
+
+def _move(i: int, by: int) -> None:
+    stack = _stack()
+    j = i + by
+    if 0 <= j < len(stack):
+        stack[i], stack[j] = stack[j], stack[i]
+
+
+def _remove(i: int) -> None:
+    _stack().pop(i)
+
+
+def _insert_trigger(word: str) -> None:
+    prompt = st.session_state.get("prompt", "")
+    if word.lower() not in prompt.lower():
+        st.session_state["prompt"] = f"{word}, {prompt}" if prompt.strip() else word
+
+
+def _random_seed() -> None:
+    st.session_state["seed"] = str(random.randint(0, MAX_SEED - 16))
+
+
+def _apply_recipe() -> None:
+    from studio.generate import read_recipe
+
+    upload = st.session_state.get("recipe_png")
+    if upload is None:
+        st.session_state["recipe_msg"] = ("error", "drop a PNG made by the studio first")
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-studio-recipe-") as tmp:
+        path = Path(tmp) / "recipe.png"
+        path.write_bytes(upload.getvalue())
+        try:
+            request = read_recipe(path)
+        except StudioError as e:
+            st.session_state["recipe_msg"] = ("error", str(e))
+            return
+    st.session_state.update({
+        "prompt": request.prompt, "negative": request.negative_prompt, "base": request.base_model,
+        "scheduler": request.scheduler, "steps": request.num_inference_steps,
+        "guidance": float(request.guidance_scale or 0.0), "seed": "" if request.seed is None else str(request.seed),
+        "num_images": request.num_images, "width": request.width or 0, "height": request.height or 0,
+    })
+    st.session_state["stack"] = []
+    for a in request.adapters:
+        # The exact version the image used: name@version when the recipe pinned it.
+        ref = f"{a['name']}@{a['version']}" if a.get("name") and a.get("version") else a["ref"]
+        _add_adapter(ref)
+        entry = _stack()[-1]
+        st.session_state[f"w-{entry['id']}"] = float(a.get("weight", 1.0))
+        if a.get("unet") is not None or a.get("text_encoder") is not None:
+            st.session_state[f"split-{entry['id']}"] = True
+            st.session_state[f"wu-{entry['id']}"] = float(a.get("unet", a.get("weight", 1.0)))
+            st.session_state[f"wt-{entry['id']}"] = float(a.get("text_encoder", a.get("weight", 1.0)))
+    st.session_state["recipe_msg"] = ("success", f"loaded the recipe of seed {request.seed} "
+                                                 f"({len(request.adapters)} adapter(s))")
+
+
+def _stack_entries() -> list[dict]:
+    """The stack as GenerationRequest adapter dicts (ref, weight, and unet/text_encoder when split)."""
+    out = []
+    for e in _stack():
+        entry = {"ref": e["ref"], "weight": float(st.session_state.get(f"w-{e['id']}", 1.0))}
+        if st.session_state.get(f"split-{e['id']}"):
+            entry["unet"] = float(st.session_state.get(f"wu-{e['id']}", entry["weight"]))
+            entry["text_encoder"] = float(st.session_state.get(f"wt-{e['id']}", entry["weight"]))
+        out.append(entry)
+    return out
+
+
+# ---- page ----------------------------------------------------------------------------------------
+# Form defaults live in session state (not in value=), so recipe loading and trigger-word buttons can
+# change them without Streamlit's "default value and Session State" conflict.
+for _key, _default in {"prompt": "a red circle on a blue background", "negative": "", "base": "tiny",
+                       "scheduler": DEFAULT_SCHEDULER, "steps": 20, "guidance": 0.0, "seed": "1", "num_images": 2,
+                       "width": 0, "height": 0}.items():
+    st.session_state.setdefault(_key, _default)
 
 st.title("Generate")
-with st.form("generate"):
-    prompt = st.text_area("Prompt", value="a red circle on a blue background", key="prompt", height=80)
-    negative = st.text_input("Negative prompt", value="", key="negative")
-    c1, c2, c3, c4 = st.columns(4)
-    base = c1.text_input("Base model", value="tiny", key="base",
-                         help="tiny (embedded), a local diffusers folder, a .safetensors checkpoint, or a Hub id")
-    scheduler = c2.selectbox("Sampler", scheduler_names(), index=scheduler_names().index(DEFAULT_SCHEDULER),
-                             key="scheduler")
-    steps = c3.number_input("Steps", min_value=1, max_value=150, value=20, key="steps")
-    guidance = c4.number_input("CFG scale (0 = model default)", min_value=0.0, max_value=30.0, value=0.0, step=0.5,
-                               key="guidance", help="classifier-free guidance; 0 uses the base model's recommendation "
-                               "(tiny: 2, SD-1: 7.5)")
-    c5, c6, c7, c8 = st.columns(4)
-    seed_text = c5.text_input("Seed", value="1", key="seed", help="a whole number, or empty for a random seed")
-    num_images = c6.number_input("Images", min_value=1, max_value=16, value=2, key="num_images")
-    width = c7.number_input("Width (0 = native)", min_value=0, max_value=2048, value=0, step=8, key="width")
-    height = c8.number_input("Height (0 = native)", min_value=0, max_value=2048, value=0, step=8, key="height")
-    submitted = st.form_submit_button("Generate", type="primary")
+tab_make, tab_recipe = st.tabs(["Text to image", "Load recipe from a PNG"])
 
-if submitted:
-    try:
-        seed = int(seed_text) if seed_text.strip() else None
-    except ValueError:
-        st.error(f"Seed {seed_text!r} is not a whole number: type one, or leave it empty for a random seed.")
-        st.stop()
-    try:
-        request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps),
-            guidance_scale=float(guidance) or None,
-            width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
-            scheduler=scheduler, base_model=base.strip() or "tiny",
-        )
-        from studio.base_models import model_hash, recommended_settings, resolve
-        from studio.generate import generate_with_pipeline
+with tab_recipe:
+    st.file_uploader("A PNG made by the studio (its recipe is inside)", type=["png"], key="recipe_png")
+    st.button("Use its settings", key="recipe_apply", on_click=_apply_recipe)
+    if msg := st.session_state.pop("recipe_msg", None):
+        (st.error if msg[0] == "error" else st.success)(msg[1])
 
-        with st.spinner("Loading the base model..."):
-            pipe = _pipeline(request.base_model)
-        bar = st.progress(0.0, text="Generating...")
-        resolved = resolve(request.base_model)
-        result = generate_with_pipeline(
-            pipe, request, model_hash=model_hash(resolved), recommended=recommended_settings(resolved),
-            progress=lambda done, total: bar.progress(done / total, text=f"Step {done}/{total}"),
-        )
-        bar.empty()
-        st.session_state["last_result"] = result
-    except StudioError as e:
-        st.error(str(e))
-    except Exception as e:  # an unexpected failure still gets a message, never a raw traceback
-        st.error(f"Generation failed: {type(e).__name__}: {e}")
+with tab_make:
+    # -- adapter stack (outside the form: its buttons act at once) --
+    with st.container(border=True):
+        st.markdown("**Adapter stack**")
+        reg = get_registry()
+        c1, c2, c3 = st.columns([2, 3, 1])
+        find = c1.text_input("Find in the catalog", key="stack_search", placeholder="name or description")
+        with reported("Searching the catalog"):
+            found = reg.list_versions(search=find or None, latest_only=True, limit=50).items
+        options = {f"{v.name}@{v.number}": v for v in found}
+        pick = c2.selectbox("Adapter", list(options), key="stack_pick", index=None,
+                            placeholder="choose an adapter" if options else "the catalog is empty",
+                            format_func=lambda r: r + (f"  ({', '.join(options[r].trigger_words)})"
+                                                       if options[r].trigger_words else ""))
+        def _add_picked() -> None:
+            ref = st.session_state.get("stack_pick") or ""
+            _add_adapter(ref, options[ref].trigger_words if ref in options else ())
+            st.session_state["stack_pick"] = None  # ready for the next one
 
-result = st.session_state.get("last_result")
-if result is not None:
-    st.success(f"{len(result.outputs)} image(s) in {result.seconds:.2f} s, seed {result.request.seed}")
-    cols = st.columns(4)
-    for i, out in enumerate(result.outputs):
-        with cols[i % len(cols)]:
-            # Small images are shown enlarged with hard pixel edges, as they are, not blurred.
-            shown = out.image
-            if shown.width < 192:
-                factor = max(1, 192 // shown.width)
-                shown = shown.resize((shown.width * factor, shown.height * factor), Image.Resampling.NEAREST)
-            st.image(shown, caption=f"seed {out.seed}")
-            st.download_button("Download PNG", data=_png_bytes(out), file_name=f"lora-studio-{out.seed}.png",
-                               mime="image/png", key=f"download-{i}")
-            with st.expander("Recipe"):
-                st.code(out.parameters, language=None)
+        c3.button("Add", key="stack_add", on_click=_add_picked)
+        if msg := st.session_state.pop("stack_msg", None):
+            st.warning(msg)
+        for i, e in enumerate(_stack()):
+            c = st.columns([2, 3, 1, 0.5, 0.5, 0.5])
+            c[0].markdown(f"`{e['ref']}`")
+            c[1].slider("strength", -2.0, 2.0, step=0.05, key=f"w-{e['id']}", label_visibility="collapsed")
+            c[2].checkbox("UNet / text encoder", key=f"split-{e['id']}",
+                          help="separate strengths for the UNet and the text encoder (ComfyUI's model/clip)")
+            c[3].button("↑", key=f"up-{e['id']}", on_click=_move, args=(i, -1), disabled=i == 0)
+            c[4].button("↓", key=f"down-{e['id']}", on_click=_move, args=(i, 1), disabled=i == len(_stack()) - 1)
+            c[5].button("✕", key=f"rm-{e['id']}", on_click=_remove, args=(i,))
+            if st.session_state.get(f"split-{e['id']}"):
+                s1, s2 = st.columns(2)
+                weight = st.session_state.get(f"w-{e['id']}", 1.0)
+                st.session_state.setdefault(f"wu-{e['id']}", weight)
+                st.session_state.setdefault(f"wt-{e['id']}", weight)
+                s1.slider("UNet strength", -2.0, 2.0, step=0.05, key=f"wu-{e['id']}")
+                s2.slider("text-encoder strength", -2.0, 2.0, step=0.05, key=f"wt-{e['id']}")
+            if e["trigger_words"]:
+                tw = st.columns(min(6, len(e["trigger_words"])) + 1)
+                tw[0].caption("insert:")
+                for k, word in enumerate(e["trigger_words"][:6]):
+                    tw[k + 1].button(word, key=f"tw-{e['id']}-{k}", on_click=_insert_trigger, args=(word,))
+
+    c5, c6 = st.columns([4, 1])
+    c6.button("🎲 Random seed", key="seed_random", on_click=_random_seed, help="puts a random seed in the box")
+    with st.form("generate"):
+        prompt = st.text_area("Prompt", key="prompt", height=80)
+        negative = st.text_input("Negative prompt", key="negative")
+        c1, c2, c3, c4 = st.columns(4)
+        base = c1.text_input("Base model", key="base",
+                             help="tiny (embedded), a local diffusers folder, a .safetensors checkpoint, or a Hub id")
+        scheduler = c2.selectbox("Sampler", scheduler_names(), key="scheduler")
+        steps = c3.number_input("Steps", min_value=1, max_value=150, key="steps")
+        guidance = c4.number_input("CFG scale (0 = model default)", min_value=0.0, max_value=30.0,
+                                   step=0.5, key="guidance",
+                                   help="classifier-free guidance; 0 uses the base model's recommendation "
+                                        "(tiny: 2, SD-1: 7.5)")
+        c5, c6, c7, c8 = st.columns(4)
+        seed_text = c5.text_input("Seed", key="seed", help="a whole number, or empty for a random seed "
+                                                                      "(the seed used is shown with the images)")
+        num_images = c6.number_input("Images", min_value=1, max_value=16, key="num_images",
+                                     help="variations: image i uses seed + i")
+        width = c7.number_input("Width (0 = native)", min_value=0, max_value=2048, step=8, key="width")
+        height = c8.number_input("Height (0 = native)", min_value=0, max_value=2048, step=8, key="height")
+        submitted = st.form_submit_button("Generate", type="primary")
+
+    if submitted:
+        try:
+            seed = int(seed_text) if seed_text.strip() else None
+        except ValueError:
+            st.error(f"Seed {seed_text!r} is not a whole number: type one, or leave it empty for a random seed.")
+            st.stop()
+        with reported("Generation"):
+            request = GenerationRequest(
+                prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps),
+                guidance_scale=float(guidance) or None,
+                width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
+                scheduler=scheduler, base_model=base.strip() or "tiny", adapters=_stack_entries(),
+            )
+            from studio.base_models import model_hash, recommended_settings, resolve
+            from studio.generate import generate_with_pipeline
+
+            with st.spinner("Loading the base model..."):
+                pipe = _pipeline(request.base_model)
+            bar = st.progress(0.0, text="Generating...")
+            resolved = resolve(request.base_model)
+            result = generate_with_pipeline(
+                pipe, request, model_hash=model_hash(resolved), recommended=recommended_settings(resolved),
+                progress=lambda done, total: bar.progress(done / total, text=f"Step {done}/{total}"),
+            )
+            bar.empty()
+            st.session_state["last_result"] = result
+            gallery = st.session_state.setdefault("gallery", [])
+            gallery[:0] = result.outputs  # newest first
+            del gallery[GALLERY_SIZE:]
+
+    result = st.session_state.get("last_result")
+    if result is not None:
+        st.success(f"{len(result.outputs)} image(s) in {result.seconds:.2f} s, seed {result.request.seed}")
+    gallery = st.session_state.get("gallery", [])
+    if gallery:
+        st.subheader("Results")
+        cols = st.columns(4)
+        for i, out in enumerate(gallery):
+            with cols[i % len(cols)]:
+                st.image(enlarged(out.image, 192), caption=f"seed {out.seed}")
+                stem = f"lora-studio-{out.seed}-{i}"
+                st.download_button("Download PNG", data=png_bytes(out.image, out.pnginfo()), file_name=f"{stem}.png",
+                                   mime="image/png", key=f"download-{i}")
+                with st.expander("Recipe"):
+                    st.code(out.parameters, language=None)
+                    if out.request.adapters:
+                        st.markdown("Adapters: " + ", ".join(
+                            f"`{a.get('name', a['ref'])}@{a.get('version', '?')}:{a['weight']:g}`"
+                            for a in out.request.adapters))

@@ -1,0 +1,132 @@
+"""The Generate page through AppTest: an adapter stack from the catalog (strengths, split strengths,
+order, removal, trigger words), images whose recipes list the stack, a random seed that is shown,
+the gallery, and recipes loaded back from a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+from ui_support import register, save_lora
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = str(ROOT / "studio" / "ui" / "generate_page.py")
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    from adapters.compose import engine_for
+    from studio.base_models import load_pipeline
+
+    root = tmp_path_factory.mktemp("loras")
+    yield [save_lora(root, seed=s) for s in range(2)]
+    engine_for(load_pipeline("tiny")).unload_all()  # leave the shared pipeline clean for other tests
+
+
+def _page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=180).run()
+
+
+def _button(at, label):
+    return next(b for b in at.button if b.label == label)
+
+
+def _add(at, ref):
+    at.selectbox(key="stack_pick").set_value(ref).run()
+    at.button(key="stack_add").click().run()
+    assert not at.exception
+
+
+def test_stack_two_adapters_generate_and_recipe_lists_both(reg, lora_files):
+    register(reg, "striped", lora_files[0], trigger_words=["zkstripes"])
+    register(reg, "outlined", lora_files[1], trigger_words=["zkoutline"])
+    at = _page()
+    _add(at, "striped@1")
+    _add(at, "outlined@1")
+    ids = [s["id"] for s in at.session_state["stack"]]
+    assert [s["ref"] for s in at.session_state["stack"]] == ["striped@1", "outlined@1"]
+    at.slider(key=f"w-{ids[0]}").set_value(0.8).run()
+    at.checkbox(key=f"split-{ids[1]}").check().run()
+    at.slider(key=f"wu-{ids[1]}").set_value(0.5).run()
+    at.slider(key=f"wt-{ids[1]}").set_value(0.0).run()
+    _button(at, "zkstripes").click().run()
+    assert at.text_area(key="prompt").value == "zkstripes, a red circle on a blue background"
+    at.number_input(key="steps").set_value(3)
+    at.number_input(key="num_images").set_value(2)
+    at.text_input(key="seed").input("11")
+    _button(at, "Generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "2 image(s)" in at.success[0].value and "seed 11" in at.success[0].value
+    result = at.session_state["last_result"]
+    adapters = result.outputs[0].request.adapters
+    assert [(a["name"], a["version"], a["weight"]) for a in adapters] == [("striped", 1, 0.8), ("outlined", 1, 1.0)]
+    assert adapters[1]["unet"] == 0.5 and adapters[1]["text_encoder"] == 0.0
+    assert any("striped@1:0.8" in m.value and "outlined@1:1" in m.value for m in at.markdown)
+    assert any('Lora hashes: "striped: ' in c.value and "outlined: " in c.value for c in at.code)
+
+    # The downloaded PNG carries the recipe; loading it back restores settings and the stack.
+    png = at.get("download_button")[0]
+    data = result.outputs[0]
+    from studio.ui.common import png_bytes
+
+    payload = png_bytes(data.image, data.pnginfo())
+    fresh = _page()
+    fresh.file_uploader(key="recipe_png").set_value(("img.png", payload, "image/png"))
+    fresh.button(key="recipe_apply").click().run()
+    assert not fresh.exception and "loaded the recipe of seed 11" in fresh.success[0].value
+    assert fresh.text_area(key="prompt").value.startswith("zkstripes, ")
+    assert fresh.text_input(key="seed").value == "11" and fresh.number_input(key="steps").value == 3
+    stack = fresh.session_state["stack"]
+    assert [s["ref"] for s in stack] == ["striped@1", "outlined@1"]
+    assert fresh.slider(key=f"w-{stack[0]['id']}").value == 0.8
+    assert fresh.session_state[f"wu-{stack[1]['id']}"] == 0.5
+    assert png is not None
+
+
+def test_reorder_remove_and_random_seed(reg, lora_files):
+    register(reg, "striped", lora_files[0])
+    register(reg, "outlined", lora_files[1])
+    at = _page()
+    _add(at, "striped@1")
+    _add(at, "outlined@1")
+    first = at.session_state["stack"][0]["id"]
+    at.button(key=f"down-{first}").click().run()
+    assert [s["ref"] for s in at.session_state["stack"]] == ["outlined@1", "striped@1"]
+    at.button(key=f"rm-{first}").click().run()
+    assert [s["ref"] for s in at.session_state["stack"]] == ["outlined@1"]
+    at.button(key="stack_add").click().run()  # nothing chosen
+    assert "choose an adapter" in at.warning[0].value
+    _add(at, "outlined@1")
+    assert "already in the stack" in at.warning[0].value
+
+    at.button(key="seed_random").click().run()
+    seed = at.text_input(key="seed").value
+    assert seed.isdigit()
+    at.number_input(key="steps").set_value(2)
+    at.number_input(key="num_images").set_value(1)
+    _button(at, "Generate").click().run()
+    assert not at.exception and f"seed {seed}" in at.success[0].value
+    # A second run adds to the gallery (newest first) instead of replacing it.
+    at.text_input(key="seed").input("3")
+    _button(at, "Generate").click().run()
+    assert [c for img in at.get("image") for c in img.captions][:2] == ["seed 3", f"seed {seed}"]
+
+
+def test_bad_stack_and_bad_recipe_are_messages(reg, lora_files, tmp_path):
+    at = _page()
+    at.session_state["stack"] = [{"id": "x1", "ref": "missing@4", "trigger_words": []}]
+    at.number_input(key="steps").set_value(2)
+    _button(at, "Generate").click().run()
+    assert not at.exception and "missing" in at.error[0].value
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    at = _page()
+    at.file_uploader(key="recipe_png").set_value(("plain.png", plain.read_bytes(), "image/png"))
+    at.button(key="recipe_apply").click().run()
+    assert not at.exception and "no LoRA Studio recipe" in at.error[0].value
+    at.button(key="recipe_apply").click().run()
+    assert json.dumps(at.text_area(key="prompt").value)  # the form kept its values
