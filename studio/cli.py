@@ -251,6 +251,29 @@ def _add_adapters(sub) -> None:
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.add_argument("--json", action="store_true", help="print {path, format, size_bytes}")
     exp.set_defaults(func=cmd_adapters_export)
+    pub = asub.add_parser("publish", help="publish a version to a Hugging Face Hub model repo: one commit, tagged "
+                                          "v<number>; HF_TOKEN or `hf auth login` credentials")
+    pub.add_argument("ref", help="adapter reference: name, name@3, name@alias or sha256:<prefix>")
+    pub.add_argument("--repo", required=True, metavar="OWNER/NAME", help="the Hub model repo (created if missing)")
+    pub.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                                                            "visibility)")
+    pub.add_argument("--kohya", action="store_true", help="also upload <name>.safetensors in kohya layout for "
+                                                          "AUTOMATIC1111/ComfyUI (LoRA only)")
+    pub.add_argument("--dry-run", type=Path, metavar="DIR", dest="dry_run",
+                     help="write exactly the files that would be uploaded into DIR (new or empty); no network")
+    pub.add_argument("--base-model", metavar="OWNER/NAME",
+                     help="Hub id for the card's base_model when the version's base model is not a Hub id")
+    pub.add_argument("--license", help="the card's license, e.g. openrail++ (default: the version's, else unknown)")
+    pub.add_argument("--json", action="store_true", help="print {repo_id, url, commit, tag, files, ...}")
+    pub.set_defaults(func=cmd_adapters_publish)
+    pull = asub.add_parser("pull", help="download a Hub adapter at a revision into the registry (origin 'pulled')")
+    pull.add_argument("repo", metavar="OWNER/NAME[@REVISION]",
+                      help="the Hub repo, optionally at a tag (v3), branch or commit; default main")
+    pull.add_argument("--name", help="adapter name (default: the published name, else the repo's name)")
+    pull.add_argument("--base", default=None,
+                      help="base model to validate against (default: the publication's base model, else tiny)")
+    pull.add_argument("--json", action="store_true", help="print the version record")
+    pull.set_defaults(func=cmd_adapters_pull)
     rm = asub.add_parser("delete", help="delete a version (name@3, name@alias, sha256:...) or a whole adapter (name)")
     rm.add_argument("ref", help="a version reference, or a bare NAME to delete the adapter with all its versions")
     rm.add_argument("--force", action="store_true", help="also when a user alias (e.g. prod) points at it")
@@ -284,8 +307,9 @@ def cmd_adapters_show(args) -> int:
 
     with Registry() as reg:
         v = reg.get(args.ref)
+        publications = reg.publications(v.ref)
     if args.json:
-        print(json.dumps(v.to_dict()))
+        print(json.dumps({**v.to_dict(), "publications": [p.to_dict() for p in publications]}))
         return 0
     d = v.to_dict()
     lines = [
@@ -302,6 +326,8 @@ def cmd_adapters_show(args) -> int:
     for key, value in lines:
         if value not in (None, "", ()):
             print(f"{key + ':':<19} {value}")
+    for p in publications:
+        print(f"{'published:':<19} {p.repo_id}@{p.tag} (commit {p.commit[:12]}, {p.published_at:%Y-%m-%d}) {p.url}")
     return 0
 
 
@@ -351,6 +377,52 @@ def cmd_adapters_export(args) -> int:
         print(json.dumps({"path": str(path), "format": args.fmt, "size_bytes": path.stat().st_size}))
     else:
         print(path)
+    return 0
+
+
+def cmd_adapters_publish(args) -> int:
+    _quiet_libraries()
+    from adapters.registry import Registry
+    from studio.hub import publish_version
+
+    with Registry() as reg:
+        result = publish_version(reg, args.ref, args.repo, private=args.private, kohya=args.kohya,
+                                 dry_run_dir=args.dry_run, base_model=args.base_model, license=args.license)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if result.dry_run:
+        print(f"wrote {len(result.files)} files to {result.out_dir} (nothing uploaded):")
+        for f in result.files:
+            print(f"  {f}")
+        return 0
+    what = "already published as" if result.already_published else "published"
+    print(f"{what} {result.ref} -> {result.repo_id}@{result.tag} (commit {result.commit[:12]})")
+    print(result.tag_url)
+    return 0
+
+
+def cmd_adapters_pull(args) -> int:
+    from datetime import datetime
+
+    _quiet_libraries()
+    from adapters.registry import Registry
+    from studio.hub import pull_adapter
+
+    started = datetime.now(UTC)
+    with Registry() as reg:
+        v = pull_adapter(reg, args.repo, name=args.name, base=args.base)
+    if args.json:
+        print(json.dumps(v.to_dict()))
+        return 0
+    hub = (v.source or {}).get("hub") or {}
+    what = "already registered as" if v.created_at < started else "pulled"
+    print(f"{what} {v.ref} from {hub.get('repo_id', args.repo)}@{hub.get('revision', '?')} "
+          f"(commit {str(hub.get('commit', '?'))[:12]})")
+    if v.trigger_words:
+        print(f"trigger words: {', '.join(v.trigger_words)}")
     return 0
 
 

@@ -445,3 +445,41 @@ def test_public_config_drops_local_folders():
     assert studio_hub.public_config(config) == {
         "dataset": {"path": "cats", "cache_dir": "cache", "resolution": 512},
         "model": {"base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "list": ["y"]}
+
+
+def test_cli_publish_show_pull(reg, versions, hub, monkeypatch, capsys, tmp_path):
+    from studio.cli import main
+
+    assert main(["adapters", "publish", "stripes@2", "--repo", REPO, "--kohya", "--dry-run", str(tmp_path / "dry"),
+                 "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["dry_run"] and (tmp_path / "dry" / "README.md").is_file() and hub.requests == []
+
+    # No token: one line on stderr, exit status 2, nothing sent.
+    assert main(["adapters", "publish", "stripes@2", "--repo", REPO]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hf auth login" in err and err.count("\n") == 1 and hub.requests == []
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert main(["adapters", "publish", "stripes@2", "--repo", REPO, "--kohya"]) == 0
+    out = capsys.readouterr()
+    assert f"published stripes@2 -> {REPO}@v2" in out.out and out.out.strip().endswith(f"{REPO}/tree/v2")
+    assert main(["adapters", "show", "stripes@2"]) == 0
+    shown = capsys.readouterr().out
+    assert f"published:          {REPO}@v2 (commit {hub.repos[REPO].tags['v2'][:12]}" in shown
+    assert main(["adapters", "show", "stripes@2", "--json"]) == 0
+    [pub] = json.loads(capsys.readouterr().out)["publications"]
+    assert pub["tag"] == "v2" and pub["files"] == dry["files"]
+
+    assert main(["adapters", "pull", f"{REPO}@v2", "--name", "stripes_pulled", "--json"]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    assert pulled["ref"] == "stripes_pulled@1" and pulled["origin"] == "pulled"
+    assert pulled["tensor_sha256"] == versions[1].tensor_sha256
+    assert main(["adapters", "pull", f"{REPO}@v2", "--name", "stripes_pulled"]) == 0
+    assert capsys.readouterr().out.startswith("already registered as stripes_pulled@1")
+
+    hub.fail("POST", r"/commit/main$", 500, times=10)
+    assert main(["adapters", "publish", "stripes@1", "--repo", REPO]) == 2
+    err = capsys.readouterr().err
+    assert "failed (500)" in err and TOKEN not in err and err.count("\n") == 1
+    assert reg.publications("stripes@1") == []
