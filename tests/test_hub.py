@@ -483,3 +483,29 @@ def test_cli_publish_show_pull(reg, versions, hub, monkeypatch, capsys, tmp_path
     err = capsys.readouterr().err
     assert "failed (500)" in err and TOKEN not in err and err.count("\n") == 1
     assert reg.publications("stripes@1") == []
+
+
+def test_a_version_1_registry_gains_the_publications_table(versions, studio_home):
+    """A database written before publications existed opens, migrates in place and keeps every record."""
+    import sqlalchemy as sa
+
+    from adapters.registry import SCHEMA_VERSION, registry_info
+
+    engine = sa.create_engine(f"sqlite:///{studio_home / 'registry.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE version_publications")
+        conn.execute(sa.update(registry_info).values(value="1"))
+    engine.dispose()
+    with Registry() as reg:
+        assert sa.inspect(reg._engine).has_table("version_publications")
+        with reg._engine.connect() as conn:
+            assert conn.execute(sa.select(registry_info.c.value)).scalar() == str(SCHEMA_VERSION) == "2"
+        assert reg.adapter("stripes").versions == (1, 2) and reg.get("stripes@2").parents[0].ref == "stripes@1"
+        pub = reg.record_publication("stripes@2", repo_id=REPO, tag="v2", commit="a" * 40, url="https://h/x",
+                                     files=["README.md"])
+        assert reg.record_publication("stripes@2", repo_id=REPO, tag="v2", commit="a" * 40, url="https://h/x") == pub
+        assert reg.publications("stripes@2") == [pub]
+        # Deleting a published version removes its publication rows with it (foreign keys are enforced).
+        reg.delete("stripes@2")
+        with reg._engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM version_publications")).scalar() == 0
