@@ -77,14 +77,60 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=_int, default=None, help="width in pixels (multiple of 8)")
     p.add_argument("--height", type=_int, default=None, help="height in pixels (multiple of 8)")
     p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'Euler a', 'DPM++ 2M', 'UniPC'")
-    p.add_argument("--adapter", action="append", default=[], metavar="REF[:WEIGHT]",
-                   help="add an adapter to the stack (repeatable): name, name@3, name@prod, sha256:<prefix> or a "
-                        ".safetensors path, with an optional weight, e.g. mystyle@2:0.8")
+    _add_stack_args(p)
+    p.add_argument("--init-image", type=Path, default=None,
+                   help="img2img: start from this image (PNG, JPEG, WebP); resized to --width x --height")
+    p.add_argument("--strength", type=_float, default=None,
+                   help="img2img/inpainting: how much of the init image is re-noised, 0 < S <= 1 (default 0.75)")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="inpainting: a mask image, white = repaint, black = keep (needs --init-image)")
     p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, prompt, seed}")
     p.set_defaults(func=cmd_generate)
+
+
+def _add_stack_args(p) -> None:
+    """``--adapter`` and the options that refine the adapter before them, kept in typed order."""
+    p.add_argument("--adapter", dest="stack", action="append", default=[], metavar="REF[:WEIGHT]",
+                   type=lambda text: ("adapter", text),
+                   help="add an adapter to the stack (repeatable): name, name@3, name@prod, sha256:<prefix> or a "
+                        ".safetensors path, with an optional weight, e.g. mystyle@2:0.8")
+    p.add_argument("--te-weight", dest="stack", action="append", metavar="W", type=lambda text: ("te", text),
+                   help="text-encoder weight of the --adapter before it (ComfyUI's strength_clip)")
+    p.add_argument("--blocks", dest="stack", action="append", metavar="JSON", type=lambda text: ("blocks", text),
+                   help="per-block UNet weights of the --adapter before it, e.g. "
+                        "'{\"down\": 0.9, \"up\": {\"block_0\": 0.6}}'")
+
+
+def _stack_from_args(items) -> list[dict]:
+    """The ``--adapter``/``--te-weight``/``--blocks`` sequence -> the request's adapter stack."""
+    from adapters.compose import AdapterSpec, parse_adapter_arg
+    from studio.errors import InvalidRequestError
+
+    stack: list[dict] = []
+    for kind, text in items or ():
+        if kind == "adapter":
+            stack.append(parse_adapter_arg(text).to_dict())
+            continue
+        flag = "--te-weight" if kind == "te" else "--blocks"
+        if not stack:
+            raise InvalidRequestError(f"{flag} refines the --adapter before it, and the stack is empty: "
+                                      f"write --adapter REF[:WEIGHT] first, then {flag} {text}")
+        if kind == "te":
+            try:
+                stack[-1]["text_encoder"] = float(text)
+            except ValueError:
+                raise InvalidRequestError(f"--te-weight {text!r} is not a number") from None
+        else:
+            try:
+                stack[-1]["blocks"] = json.loads(text)
+            except ValueError as e:
+                raise InvalidRequestError(f"--blocks {text!r} is not JSON ({e}): write it like "
+                                          f"'{{\"down\": 0.9, \"up\": {{\"block_0\": 0.6}}}}'") from None
+        AdapterSpec.from_dict(stack[-1])  # names a bad value now, with the flag that gave it
+    return stack
 
 
 def _read_prompts_file(path: Path) -> list[str]:
@@ -101,7 +147,6 @@ def _read_prompts_file(path: Path) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from adapters.compose import parse_adapter_arg
     from studio.errors import InvalidRequestError
     from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, read_recipe
 
@@ -124,7 +169,10 @@ def cmd_generate(args) -> int:
                 num_images=args.num_images,
                 scheduler=args.scheduler or DEFAULT_SCHEDULER,
                 base_model=args.base or "tiny",
-                adapters=[parse_adapter_arg(text).to_dict() for text in args.adapter],
+                adapters=_stack_from_args(args.stack),
+                init_image=str(args.init_image) if args.init_image is not None else None,
+                strength=args.strength,
+                mask_image=str(args.mask) if args.mask is not None else None,
             )
             for prompt in prompts
         ]
@@ -141,6 +189,55 @@ def cmd_generate(args) -> int:
                 print(path)
     if args.json:
         print(json.dumps(rows))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# grid
+# --------------------------------------------------------------------------------------------
+
+
+def _add_grid(sub) -> None:
+    p = sub.add_parser("grid", help="an X/Y grid (strengths, seeds, adapter versions, prompts) as one labelled PNG")
+    p.add_argument("prompt", help="the prompt (a prompt axis replaces it per cell)")
+    p.add_argument("--x", required=True, metavar="KIND[@N]=V1,V2",
+                   help="the x axis: strength=0,0.5,1 | seed=1,2,3 | version=1,2,prod | prompt=a|b (prompts split "
+                        "on '|'); @N picks the N-th --adapter for strength and version (default 1)")
+    p.add_argument("--y", default=None, metavar="KIND[@N]=V1,V2", help="the y axis (same forms); omit for one row")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--base", default=None, help="base model: tiny (default), a folder, a .safetensors file, a Hub id")
+    p.add_argument("--seed", type=_int, default=None, help="seed of every cell without a seed axis (random if omitted)")
+    p.add_argument("--steps", type=_int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=_float, default=None, help="CFG scale (default: the base model's)")
+    p.add_argument("--width", type=_int, default=None, help="width in pixels (multiple of 8)")
+    p.add_argument("--height", type=_int, default=None, help="height in pixels (multiple of 8)")
+    p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'DPM++ 2M'")
+    _add_stack_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder: the grid PNG and every cell's PNG")
+    p.add_argument("--json", action="store_true",
+                   help="print {grid_path, image_paths, x_title, x_labels, y_title, y_labels, seconds}")
+    p.set_defaults(func=cmd_grid)
+
+
+def cmd_grid(args) -> int:
+    from studio.generate import DEFAULT_SCHEDULER, GenerationRequest
+    from studio.grid import GridAxis
+
+    x = GridAxis.parse(args.x)
+    y = GridAxis.parse(args.y) if args.y else None
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
+        scheduler=args.scheduler or DEFAULT_SCHEDULER, base_model=args.base or "tiny",
+        adapters=_stack_from_args(args.stack))
+    _quiet_libraries()
+    from studio.grid import render_grid
+
+    result = render_grid(request, x, y, args.out)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.grid_path)
     return 0
 
 
@@ -278,6 +375,19 @@ def _add_adapters(sub) -> None:
     rm.add_argument("ref", help="a version reference, or a bare NAME to delete the adapter with all its versions")
     rm.add_argument("--force", action="store_true", help="also when a user alias (e.g. prod) points at it")
     rm.set_defaults(func=cmd_adapters_delete)
+    from adapters.merge import METHODS  # no torch: cheap at start-up
+
+    mg = asub.add_parser("merge", help="merge LoRAs into a new adapter (peft's weighted merge), parents as lineage")
+    mg.add_argument("parents", nargs="+", metavar="REF[:WEIGHT]", help="the adapters to merge, each with a weight")
+    mg.add_argument("--method", choices=METHODS, required=True,
+                    help="linear (equal ranks), cat (exact; rank = sum), svd (exact sum cut to --rank), ties and "
+                         "dare_linear (equal ranks; keep --density of each delta)")
+    mg.add_argument("--density", type=_float, default=None, help="ties / dare_linear: fraction kept, 0 < D <= 1")
+    mg.add_argument("--rank", type=_int, default=None, help="svd: rank of the result (default: the largest parent's)")
+    mg.add_argument("--name", required=True, help="name of the new adapter (a new version if it exists)")
+    mg.add_argument("--description", default="", help="free text for the new version")
+    mg.add_argument("--json", action="store_true", help="print the new version's record")
+    mg.set_defaults(func=cmd_adapters_merge)
 
 
 def cmd_adapters_list(args) -> int:
@@ -441,6 +551,22 @@ def cmd_adapters_untag(args) -> int:
     with Registry() as reg:
         number = reg.remove_alias(args.name, args.alias)
     print(f"removed {args.name}@{args.alias} (was {args.name}@{number})")
+    return 0
+
+
+def cmd_adapters_merge(args) -> int:
+    _quiet_libraries()
+    from adapters.merge import merge_adapters, parse_merge_arg
+    from adapters.registry import Registry
+
+    parents = [parse_merge_arg(text) for text in args.parents]
+    with Registry() as reg:
+        v = merge_adapters(reg, parents, method=args.method, name=args.name, density=args.density, rank=args.rank,
+                           description=args.description)
+    if args.json:
+        print(json.dumps(v.to_dict()))
+    else:
+        print(f"merged {', '.join(v.source['merge']['parents'])} ({args.method}) into {v.ref}, rank {v.rank}")
     return 0
 
 
@@ -694,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_ui(sub)
     _add_generate(sub)
+    _add_grid(sub)
     _add_base_models(sub)
     _add_adapters(sub)
     _add_datasets(sub)
