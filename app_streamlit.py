@@ -10,8 +10,8 @@ st.set_page_config(page_title="LoRA Studio", page_icon="🎨", layout="wide")
 
 pages = [
     st.Page("studio/ui/generate_page.py", title="Generate", icon="🖼️", default=True),
-    st.Page("studio/ui/datasets_page.py", title="Datasets", icon="🗂️"),
-    st.Page("studio/ui/train_page.py", title="Train", icon="🏋️"),
-    st.Page("studio/ui/adapters_page.py", title="Adapters", icon="🧩"),
+    st.Page("studio/ui/datasets_page.py", url_path="datasets", title="Datasets", icon="🗂️"),
+    st.Page("studio/ui/train_page.py", url_path="train", title="Train", icon="🏋️"),
+    st.Page("studio/ui/adapters_page.py", url_path="adapters", title="Adapters", icon="🧩"),
 ]
 st.navigation(pages).run()

@@ -202,3 +202,103 @@ def test_generate_in_a_real_browser(browser, studio_server, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         page.close()
     assert shot.stat().st_size > 0
+
+
+E2E_TRAIN_TIMEOUT_S = 300
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def _shot(page, name: str) -> Path:
+    """A full-page screenshot kept as a test artefact (tests/artifacts, ignored by git)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _idle(page, timeout_ms=60_000) -> None:
+    page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=timeout_ms)
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the Streamlit selectbox labelled ``label``."""
+    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+    box.click()
+    page.get_by_role("option", name=option).first.click()
+    _idle(page)
+
+
+def test_train_catalog_stack_generate_end_to_end(browser, studio_server, tmp_path):
+    """The issue's journey: train a quick LoRA from the Train page, find it in the catalog, stack it with a
+    second adapter at chosen strengths on the Generate page, generate, and read both in the recipe."""
+    import shutil
+
+    from ui_support import register, save_lora
+
+    from adapters.registry import Registry
+
+    url, _port, _pid = studio_server
+    with Registry(home=tmp_path / "home") as reg:  # the second adapter, already in the catalog
+        register(reg, "striped", save_lora(tmp_path / "lora", seed=3), trigger_words=["zkstripes"])
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    shots = {}
+    try:
+        # -- Train: the first preset is a quick run on a sample dataset --
+        page.goto(f"{url}/train", wait_until="domcontentloaded", timeout=30_000)
+        page.wait_for_selector('[data-testid="stApp"]', timeout=30_000)
+        start = page.locator('[data-testid="stFormSubmitButton"] button').filter(has_text="Start training")
+        start.wait_for(timeout=60_000)
+        page.locator('[data-testid="stTextInput"] input[aria-label="name"]').fill("e2e")
+        start.click()
+        page.wait_for_selector('text=queued job', timeout=60_000)
+        page.wait_for_selector('[data-testid="stProgress"]', timeout=120_000)
+        page.wait_for_function("() => /step [1-9]/.test(document.body.innerText)", timeout=120_000)
+        shots["train"] = _shot(page, "train_running")
+        page.wait_for_selector('[data-testid="stAlertContentSuccess"]:has-text("registered e2e@1")',
+                               timeout=E2E_TRAIN_TIMEOUT_S * 1000)
+        shots["train_done"] = _shot(page, "train_done")
+
+        # -- Adapters: the new adapter is in the catalog --
+        page.goto(f"{url}/adapters", wait_until="domcontentloaded")
+        page.wait_for_selector('text=e2e', timeout=60_000)
+        assert page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="e2e").count() >= 1
+        shots["adapters"] = _shot(page, "adapters")
+
+        # -- Generate: stack e2e@1 at 0.8 with striped@1 at 1.0 --
+        page.goto(url, wait_until="domcontentloaded")
+        page.locator('[data-testid="stTextArea"] textarea').first.wait_for(timeout=60_000)
+        for ref in ("e2e@1", "striped@1"):
+            _choose(page, "Adapter", ref)
+            page.locator('[data-testid="stButton"] button').filter(has_text="Add").first.click()
+            _idle(page)
+        slider = page.get_by_role("slider").first
+        slider.focus()
+        for _ in range(4):  # 1.0 -> 0.8 in steps of 0.05
+            slider.press("ArrowLeft")
+        _idle(page)
+        page.locator('[data-testid="stTextInput"] input[aria-label="Seed"]').fill("5")
+        page.locator('[data-testid="stFormSubmitButton"] button').filter(has_text="Generate").click()
+        page.wait_for_selector('[data-testid="stAlertContentSuccess"], [data-testid="stAlertContentError"], '
+                               '[data-testid="stException"]', timeout=GENERATE_TIMEOUT_S * 1000)
+        errors = page.locator('[data-testid="stAlertContentError"], [data-testid="stException"]')
+        assert errors.count() == 0, f"the page shows an error: {errors.first.inner_text()}"
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('[data-testid="stImage"] img')]
+                     .some(img => img.complete && img.naturalWidth > 0)""", timeout=30_000)
+        _idle(page)
+        page.locator('[data-testid="stExpander"] summary').filter(has_text="Recipe").first.click()
+        recipe = page.locator('[data-testid="stExpander"]').filter(has_text="Recipe").first
+        recipe.locator('text=Adapters:').wait_for(timeout=10_000)
+        text = recipe.inner_text()
+        assert "e2e@1:0.8" in text and "striped@1:1" in text, text
+        assert "Lora hashes" in text and "e2e:" in text and "striped:" in text, text
+        shots["generate"] = _shot(page, "generate")
+    finally:
+        _shot(page, "last")
+        page.close()
+    # The README shows the Generate page and the Train page during a run.
+    DOCS.mkdir(exist_ok=True)
+    shutil.copyfile(shots["generate"], DOCS / "generate_page.png")
+    shutil.copyfile(shots["train"], DOCS / "train_page.png")

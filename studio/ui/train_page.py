@@ -18,7 +18,7 @@ from studio.errors import StudioError
 from studio.ui.common import enlarged, reported
 from trainer.config import SECTIONS, TrainConfig
 
-OPEN_SECTIONS = ("dataset", "network", "training")
+OPEN_SECTIONS = ("dataset", "network", "training", "output")
 POLL = "2s"
 
 st.title("Train")
