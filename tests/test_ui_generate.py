@@ -130,3 +130,38 @@ def test_bad_stack_and_bad_recipe_are_messages(reg, lora_files, tmp_path):
     assert not at.exception and "no LoRA Studio recipe" in at.error[0].value
     at.button(key="recipe_apply").click().run()
     assert json.dumps(at.text_area(key="prompt").value)  # the form kept its values
+
+
+def test_img2img_grid_and_merge(reg, lora_files, tmp_path):
+    register(reg, "striped", lora_files[0])
+    register(reg, "outlined", lora_files[1])
+    at = _page()
+    _add(at, "striped@1")
+    _add(at, "outlined@1")
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (255, 255, 0)).save(init)
+    at.file_uploader(key="init_upload").set_value(("init.png", init.read_bytes(), "image/png"))
+    at.slider(key="strength").set_value(0.5)
+    at.number_input(key="steps").set_value(4)
+    at.number_input(key="num_images").set_value(1)
+    _button(at, "Generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    request = at.session_state["last_result"].outputs[0].request
+    assert request.strength == 0.5 and request.init_image and request.init_image_sha256
+
+    at.text_input(key="grid_x_values").input("0, 1")
+    at.selectbox(key="grid_y_kind").set_value("seed")
+    at.text_input(key="grid_y_values").input("1, 2")
+    at.button(key="grid_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert Path(at.session_state["grid_path"]).is_file()
+    at.text_input(key="grid_x_values").input("zero")
+    at.button(key="grid_go").click().run()
+    assert not at.exception and "numbers" in at.error[0].value
+
+    at.text_input(key="merge_name").input("blend")
+    at.selectbox(key="merge_method").set_value("cat")
+    at.button(key="merge_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("merged into blend@1" in s.value for s in at.success)
+    assert [p.ref for p in reg.get("blend").parents] == ["striped@1", "outlined@1"]

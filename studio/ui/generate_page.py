@@ -110,6 +110,36 @@ def _apply_recipe() -> None:
                                                  f"({len(request.adapters)} adapter(s))")
 
 
+def _saved_input(upload) -> str | None:
+    """An uploaded init image or mask, stored by content hash under outputs/inputs (recipes pin the hash)."""
+    import hashlib
+
+    from studio.settings import get_settings
+
+    if upload is None:
+        return None
+    data = upload.getvalue()
+    name = hashlib.sha256(data).hexdigest() + Path(upload.name).suffix.lower()
+    path = get_settings().outputs_dir / "inputs" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return str(path)
+
+
+def _parse_axis(kind: str, text: str):
+    from studio.errors import InvalidRequestError
+    from studio.grid import GridAxis
+
+    items = [v.strip() for v in text.split("|" if kind == "prompt" else ",") if v.strip()]
+    try:
+        values = [float(v) for v in items] if kind == "strength" else [int(v) for v in items] if kind == "seed" \
+            else [int(v) if v.isdigit() else v for v in items] if kind == "version" else items
+    except ValueError:
+        raise InvalidRequestError(f"{text!r}: {kind} values must be numbers separated by commas") from None
+    return GridAxis(kind=kind, values=tuple(values))
+
+
 def _stack_entries() -> list[dict]:
     """The stack as GenerationRequest adapter dicts (ref, weight, and unet/text_encoder when split)."""
     out = []
@@ -131,7 +161,7 @@ for _key, _default in {"prompt": "a red circle on a blue background", "negative"
     st.session_state.setdefault(_key, _default)
 
 st.title("Generate")
-tab_make, tab_recipe = st.tabs(["Text to image", "Load recipe from a PNG"])
+tab_make, tab_grid, tab_recipe = st.tabs(["Generate", "X/Y grid", "Load recipe from a PNG"])
 
 with tab_recipe:
     st.file_uploader("A PNG made by the studio (its recipe is inside)", type=["png"], key="recipe_png")
@@ -183,6 +213,26 @@ with tab_make:
                 for k, word in enumerate(e["trigger_words"][:6]):
                     tw[k + 1].button(word, key=f"tw-{e['id']}-{k}", on_click=_insert_trigger, args=(word,))
 
+    with st.expander("Merge this stack into a new adapter"):
+        from adapters.merge import METHODS
+
+        m1, m2, m3 = st.columns([2, 1, 1])
+        merge_name = m1.text_input("New adapter name", key="merge_name")
+        merge_method = m2.selectbox("Method", METHODS, key="merge_method",
+                                    help="peft combination_type: linear needs equal ranks; cat is exact")
+        if m3.button("Merge", key="merge_go"):
+            from adapters.merge import merge_adapters
+
+            with reported("Merge"), st.spinner("Merging..."):
+                merged = merge_adapters(reg, [(e["ref"], e["weight"]) for e in _stack_entries()],
+                                        method=merge_method, name=merge_name.strip())
+                st.success(f"merged into {merged.ref}; it is in the catalog")
+    with st.expander("img2img and inpainting"):
+        i1, i2, i3 = st.columns(3)
+        i1.file_uploader("Init image", type=["png", "jpg", "jpeg", "webp"], key="init_upload")
+        i2.file_uploader("Mask (white = repaint)", type=["png", "jpg", "jpeg", "webp"], key="mask_upload")
+        i3.slider("Strength (denoising)", 0.05, 1.0, 0.75, 0.05, key="strength",
+                  help="how much of the init image is re-noised; 1 ignores it")
     c5, c6 = st.columns([4, 1])
     c6.button("🎲 Random seed", key="seed_random", on_click=_random_seed, help="puts a random seed in the box")
     with st.form("generate"):
@@ -218,6 +268,9 @@ with tab_make:
                 guidance_scale=float(guidance) or None,
                 width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
                 scheduler=scheduler, base_model=base.strip() or "tiny", adapters=_stack_entries(),
+                init_image=_saved_input(st.session_state.get("init_upload")),
+                mask_image=_saved_input(st.session_state.get("mask_upload")),
+                strength=float(st.session_state["strength"]) if st.session_state.get("init_upload") else None,
             )
             from studio.base_models import model_hash, recommended_settings, resolve
             from studio.generate import generate_with_pipeline
@@ -255,3 +308,37 @@ with tab_make:
                         st.markdown("Adapters: " + ", ".join(
                             f"`{a.get('name', a['ref'])}@{a.get('version', '?')}:{a['weight']:g}`"
                             for a in out.request.adapters))
+
+with tab_grid:
+    from studio.grid import AXIS_KINDS
+
+    st.caption("Uses the prompt, settings and adapter stack of the Generate tab; strength and version axes "
+               "vary the first adapter of the stack. Prompts are separated by |, other values by commas.")
+    g1, g2, g3, g4 = st.columns([1, 2, 1, 2])
+    x_kind = g1.selectbox("X axis", AXIS_KINDS, key="grid_x_kind")
+    x_text = g2.text_input("X values", key="grid_x_values", placeholder="0, 0.5, 1")
+    y_kind = g3.selectbox("Y axis", ["none", *AXIS_KINDS], key="grid_y_kind")
+    y_text = g4.text_input("Y values", key="grid_y_values")
+    if st.button("Render grid", type="primary", key="grid_go"):
+        from studio.grid import render_grid
+        from studio.settings import get_settings
+
+        with reported("Grid"):
+            ss = st.session_state
+            request = GenerationRequest(
+                prompt=ss["prompt"], negative_prompt=ss["negative"], num_inference_steps=int(ss["steps"]),
+                guidance_scale=float(ss["guidance"]) or None, width=int(ss["width"]) or None,
+                height=int(ss["height"]) or None, seed=int(ss["seed"]) if str(ss["seed"]).strip().isdigit() else None,
+                scheduler=ss["scheduler"], base_model=ss["base"].strip() or "tiny", adapters=_stack_entries())
+            x = _parse_axis(x_kind, x_text)
+            y = None if y_kind == "none" else _parse_axis(y_kind, y_text)
+            bar = st.progress(0.0, text="Rendering the grid...")
+            grid = render_grid(request, x, y, out_dir=get_settings().outputs_dir / "grids",
+                               progress=lambda done, total: bar.progress(done / total, text=f"cell {done}/{total}"))
+            bar.empty()
+            st.session_state["grid_path"] = str(grid.grid_path)
+    if st.session_state.get("grid_path"):
+        path = Path(st.session_state["grid_path"])
+        st.image(enlarged(path, 512), caption=path.name)
+        st.download_button("Download grid PNG", data=path.read_bytes(), file_name=path.name, mime="image/png",
+                           key="grid_download")
