@@ -360,3 +360,22 @@ def test_adapter_for_another_family_is_refused_before_touching_the_pipeline(lora
     with pytest.raises(InvalidRequestError, match="non-empty dict"):
         _req([AdapterSpec(str(loras[1]), 1.0, blocks={})])
     assert np.array_equal(_px(_req()), base)  # nothing of the refused stacks stayed on the pipeline
+
+
+def test_img2img_and_inpainting_apply_the_adapter_stack(loras, tmp_path):
+    init = tmp_path / "init.png"
+    generate(_req()).images[0].save(init)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (32, 32), 0)
+    m.paste(255, (0, 0, 32, 16))  # repaint the top half
+    m.save(mask)
+    for extra in ({"init_image": str(init), "strength": 0.6},
+                  {"init_image": str(init), "mask_image": str(mask), "strength": 1.0}):
+        plain = _px(_req(**extra))
+        styled = _px(_req([AdapterSpec(str(loras[0]), 1.0)], **extra))
+        assert np.abs(styled - plain).max() > 20
+        zero = _px(_req([AdapterSpec(str(loras[0]), 0.0)], **extra))
+        assert np.array_equal(zero, plain)
+        if "mask_image" in extra:  # the kept half is the init image in both
+            assert np.array_equal(styled[16:], np.asarray(Image.open(init)).astype(int)[16:])
+    assert np.array_equal(_px(_req()), np.asarray(Image.open(init)).astype(int))  # text-to-image unaffected

@@ -258,3 +258,16 @@ def test_unreadable_init_image_and_black_mask_are_refused(init_png, tmp_path):
     with pytest.raises(InvalidRequestError, match="all black"):
         generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, init_image=str(init_png),
                                    mask_image=str(black)))
+
+
+def test_cli_img2img_and_inpaint(init_png, tmp_path, capsys):
+    from studio.cli import main
+
+    mask = _mask(tmp_path)
+    assert main(["generate", PROMPT, "--seed", "4", "--steps", "6", "--init-image", str(init_png), "--strength", "0.5",
+                 "--mask", str(mask), "--out", str(tmp_path / "out"), "--json"]) == 0
+    path = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["path"]
+    recipe = read_recipe(path)
+    assert recipe.task == "inpaint" and recipe.strength == 0.5 and recipe.mask_image_sha256
+    assert main(["generate", PROMPT, "--strength", "0.5", "--out", str(tmp_path)]) == 2
+    assert "pass --init-image" in capsys.readouterr().err
