@@ -273,6 +273,7 @@ def test_two_processes_with_accelerate_launch(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "trainer", str(OUTLINED_TXT), "--set", "training.max_train_steps=4", "--set",
+           "training.lr_warmup_steps=0", "--set",
            "validation.every_n_steps=0", "--set", "output.checkpointing_steps=2", "--set", "validation.prompts=[]",
            "--set", "output.name=ddp", "--run-dir", str(run_dir), "--json"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(home), capture_output=True, text=True, timeout=600)

@@ -388,7 +388,11 @@ class Trainer:
             mixed = "no"
         else:
             self.precision_note = ""
-        self.accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=str(self.run_dir))
+        # cpu=True on a machine without CUDA: accelerate only sets up gloo for several CPU processes
+        # (`accelerate launch --multi_gpu` or torchrun) when told the run is on CPU; without it each
+        # process would silently train alone on the whole dataset.
+        self.accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=str(self.run_dir),
+                                       cpu=not torch.cuda.is_available())
         acc = self.accelerator
         self.main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
