@@ -27,6 +27,7 @@ reference (``name``, ``name@3``, ``name@prod``, ``sha256:<prefix>``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -162,8 +163,6 @@ class ResolvedAdapter:
 
 def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
     """A file path or a registry reference -> :class:`ResolvedAdapter` (no weights are loaded)."""
-    from adapters.hashes import tensor_sha256
-
     path = Path(ref).expanduser()
     looks_like_path = ref.endswith(".safetensors") or "/" in ref or path.suffix.lower() in (".ckpt", ".pt", ".bin")
     if looks_like_path:
@@ -174,13 +173,11 @@ def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
             raise UnsafeWeightsError(f"{path} is a pickle file: the studio loads adapters from .safetensors only")
         if not path.is_file():
             raise InvalidRequestError(f"adapter file {path} does not exist")
-        from adapters.formats import _OTHER_TREES, detect
-
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:64] or "adapter"
-        # A file has no registry record: its keys tell the family when it is SDXL, SD3, Flux (header only).
-        arch = detect(path).architecture
+        st = path.stat()
+        digest, family = _file_identity(str(path.resolve()), st.st_size, st.st_mtime_ns)
         return ResolvedAdapter(ref=str(path.resolve()), name=stem, version=None, path=path.resolve(),
-                               tensor_sha256=tensor_sha256(path), family=arch if arch in _OTHER_TREES else None)
+                               tensor_sha256=digest, family=family)
     if registry is None:
         from adapters.registry import Registry
 
@@ -189,6 +186,21 @@ def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
     return ResolvedAdapter(ref=version.ref, name=version.name, version=version.number, path=version.path,
                            tensor_sha256=version.tensor_sha256, adapter_type=version.adapter_type,
                            family=version.family)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_identity(path: str, size: int, mtime_ns: int) -> tuple[str, str | None]:
+    """(tensor sha256, family or None) of an adapter file, computed once per (path, size, mtime).
+
+    Hashing reads the whole file; a stack used request after request would otherwise re-read every
+    file each time, just to find the adapters already loaded. A rewritten file has a new mtime.
+    """
+    from adapters.formats import _OTHER_TREES, detect
+    from adapters.hashes import tensor_sha256
+
+    # A file has no registry record: its keys tell the family when it is SDXL, SD3, Flux (header only).
+    arch = detect(path).architecture
+    return tensor_sha256(Path(path)), arch if arch in _OTHER_TREES else None
 
 
 def check_family(resolved: list[ResolvedAdapter], family: str, base: str = "the base model") -> None:
