@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from studio.atomic import fsync_dir
 from studio.errors import BlobNotFoundError, HashMismatchError, InputFileNotFoundError, InvalidRequestError
 
 CHUNK = 1 << 20
@@ -33,13 +34,8 @@ TEMP_SUFFIX = ".tmp"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename or unlink is durable only once the folder holding the entry is flushed.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# A rename or unlink is durable only once the folder holding the entry is flushed.
+_fsync_dir = fsync_dir
 
 
 def check_sha256(sha256: str) -> str:

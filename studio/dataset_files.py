@@ -14,13 +14,12 @@ the preview is exactly what training sees).
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from studio.atomic import write_bytes_atomic
 from studio.errors import DatasetNotFoundError, InvalidNameError, InvalidRequestError, UnusableImageError
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -116,18 +115,7 @@ def _safe_parts(member: str) -> list[str]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def _put(folder: Path, parts: list[str], data: bytes, shown: str, report: AddReport) -> None:

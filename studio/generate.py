@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
-import tempfile
 import threading
 import time
 import weakref
@@ -229,20 +227,9 @@ class GeneratedImage:
 
     def save(self, path: str | Path) -> Path:
         """Write the PNG with its recipe atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                self.image.save(f, format="PNG", pnginfo=self.pnginfo())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from studio.atomic import write_atomic
+
+        return write_atomic(path, lambda f: self.image.save(f, format="PNG", pnginfo=self.pnginfo()))
 
 
 @dataclass
@@ -455,19 +442,9 @@ def store_input_image(source) -> Path:
         return existing
     folder = inputs_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{sha256}{suffix}"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)  # atomic: a reader never sees half an image
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from studio.atomic import write_bytes_atomic
+
+    return write_bytes_atomic(folder / f"{sha256}{suffix}", data)  # a reader never sees half an image
 
 
 def _pin_input(label: str, path_text: str | None, pinned: str | None) -> tuple[str | None, str | None]:

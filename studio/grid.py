@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,15 +319,6 @@ def _save_png(image, path: Path, text: dict[str, str]) -> Path:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # atomic: a viewer never sees half a grid
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from studio.atomic import write_atomic
+
+    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))  # never half a grid

@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from studio.atomic import fsync_dir
 from studio.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
 from trainer.config import TrainConfig
 from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, write_json_atomic
@@ -222,14 +223,6 @@ def _unflatten_optimizer(tensors: dict[str, Any], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimizer_state: dict,
                     state: dict) -> Path:
     """Write checkpoint ``step`` atomically: a temporary folder, fsynced, then renamed into place.
@@ -256,7 +249,7 @@ def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimi
         if final.exists():  # the same step saved twice (a stop right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
