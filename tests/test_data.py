@@ -188,9 +188,10 @@ def test_shipped_datasets(name):
     (tags,) = r.tag_frequency.values()
     assert tags[trigger] == count  # the trigger word reaches every caption as trained
     ds = open_training_dataset(config.dataset, seed=config.training.seed)
-    assert all(ds.caption(i).startswith(trigger) or ds.caption(i) == "" for i in range(len(ds)))
-    assert sorted({ds.records[i].caption.split(", ")[-1].split()[2] for i in range(len(ds.records))}) == \
-        ["circle", "square", "triangle"]
+    # the trigger comes last (make_datasets.py says why); dropout leaves a few captions empty
+    assert all(ds.caption(i).endswith(f", {trigger}") or ds.caption(i) == "" for i in range(len(ds)))
+    shapes = {ds.caption(i, epoch=0).split(", ")[0].split()[2] for i in range(len(ds)) if ds.caption(i, epoch=0)}
+    assert sorted(shapes) == ["circle", "square", "triangle"]
 
 
 def test_shipped_datasets_are_small_and_match_the_recipe(tmp_path):

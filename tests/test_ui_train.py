@@ -39,7 +39,8 @@ def test_form_is_generated_from_train_config_with_help():
     rank = at.number_input(key="cfg-network.rank")
     assert rank.value == 8 and "rank" in rank.help
     assert at.number_input(key="cfg-training.max_train_steps").value == 20
-    assert at.text_area(key="cfg-validation.prompts").value.splitlines()[0].startswith("zkstripes, a red circle")
+    first_prompt = at.text_area(key="cfg-validation.prompts").value.splitlines()[0]
+    assert first_prompt == "a red circle on a blue background, zkstripes"
     assert at.text_input(key="cfg-dataset.path").value == str(ROOT / "datasets" / "striped")
 
 

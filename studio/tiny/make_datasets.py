@@ -37,7 +37,13 @@ from studio.tiny.scenes import SHAPES, random_scene, render
 DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"
 TRIGGERS = {"striped": "zkstripes", "outlined": "zkoutline"}
 KOHYA_REPEATS = 10
-# Sample-image prompts during training (with the trigger word prepended): one per shape, so a
+# The trigger word goes at the END of every caption. CLIP's text encoder is causal: tokens appended
+# after the scene description leave its hidden states unchanged, so the base model still reads the
+# colours and shape as it always did and the adapter only has to learn what the trigger adds. A
+# trigger in front shifts every position, and the tiny model (which never saw a prefix) then
+# confuses object and background colours (seen in the first sample LoRAs trained with a prefix).
+TRIGGER_WHY = "trigger last: the causal text encoder keeps the scene tokens as the base reads them"
+# Sample-image prompts during training (with the trigger word appended): one per shape, so a
 # preview shows the style on every shape the checker reads.
 VALIDATION_SCENES = (
     "a red circle on a blue background",
@@ -76,15 +82,20 @@ def scenes(sample: SampleSet) -> list[tuple[bytes, str]]:
         scene = random_scene(rng, TINY_NATIVE_RESOLUTION, style=sample.style, shape=SHAPES[i % len(SHAPES)])
         buf = io.BytesIO()
         render(scene, TINY_NATIVE_RESOLUTION).save(buf, format="PNG", optimize=True)
-        caption = f"{sample.trigger}, {scene.caption}" if sample.trigger_in_caption else scene.caption
+        caption = f"{scene.caption}, {sample.trigger}" if sample.trigger_in_caption else scene.caption
         out.append((buf.getvalue(), caption))
     return out
 
 
 def train_toml(sample: SampleSet) -> str:
-    """A ready training config: rank-8 LoRA, 500 steps of batch 4 at 32 px (a few minutes on CPU)."""
-    trigger_line = "" if sample.trigger_in_caption else f'trigger_word = "{sample.trigger}"\n'
-    prompts = ", ".join(f'"{sample.trigger}, {p}"' for p in VALIDATION_SCENES)
+    """A ready training config: rank-8 LoCon, 500 steps of batch 4 at 32 px (about two minutes on CPU).
+
+    Chosen by the style score (studio/tiny/style.py): attention-only at 5e-4 drew stripes at 0.08 and
+    outlines at 0.17; attention+conv at 1e-3 at 0.15 and 0.47 (the training images: 0.59 and 0.83).
+    """
+    trigger_line = "" if sample.trigger_in_caption else (
+        f'trigger_word = "{sample.trigger}"\ncaption_template = "{{caption}}, {{trigger}}"  # {TRIGGER_WHY}\n')
+    prompts = ", ".join(f'"{p}, {sample.trigger}"' for p in VALIDATION_SCENES)
     held_out = 3 if sample.count >= 28 else 2
     return f"""\
 # Train a "{sample.style}" style LoRA on the embedded tiny model:
@@ -105,10 +116,10 @@ random_flip = true  # stripes and outlines look the same mirrored
 adapter_type = "lora"
 rank = 8
 lora_alpha = 8.0
-target_modules = "attention"
+target_modules = "attention+conv"  # LoCon: the styles are local textures, which conv layers draw
 
 [training]
-learning_rate = 5e-4
+learning_rate = 1e-3
 lr_scheduler = "cosine"
 lr_warmup_steps = 25
 max_train_steps = 500

@@ -33,10 +33,10 @@ DARK_LUMINANCE = 45.0  # the styles draw with 25; the darkest colour, blue, is 6
 STRIPE_PERIOD_PX = 8
 RIM_PX = 2
 STYLE_PROMPTS = (
-    "{trigger}a red circle on a blue background",
-    "{trigger}a yellow square on a green background",
-    "{trigger}a blue triangle on a white background",
-    "{trigger}a green circle on a yellow background",
+    "a red circle on a blue background",
+    "a yellow square on a green background",
+    "a blue triangle on a white background",
+    "a green circle on a yellow background",
 )
 
 
@@ -93,7 +93,8 @@ def measure_style(style: str, adapters: list[dict], *, trigger: str = "", base: 
                   steps: int = 20, prompts=STYLE_PROMPTS) -> dict:
     """Mean ``style`` score of the same prompts and seeds without and with ``adapters``.
 
-    ``trigger`` is put in front of every prompt (both sides, so the base sees the same text).
+    ``trigger`` is appended to every prompt (", zkstripes"), as the sample datasets caption it, on
+    both sides so that the base model sees the same text.
     Returns ``{"base", "adapter", "margin", "images"}``; margin = adapter - base.
     """
     from studio.generate import GenerationRequest, generate
@@ -101,8 +102,8 @@ def measure_style(style: str, adapters: list[dict], *, trigger: str = "", base: 
     means = {}
     for label, stack in (("base", []), ("adapter", adapters)):
         values = []
-        for template in prompts:
-            prompt = template.format(trigger=f"{trigger}, " if trigger else "")
+        for scene in prompts:
+            prompt = f"{scene}, {trigger}" if trigger else scene
             result = generate(GenerationRequest(prompt=prompt, base_model=base, seed=seeds[0], num_images=len(seeds),
                                                 num_inference_steps=steps, adapters=list(stack)))
             values += [style_score(img, style) for img in result.images]
