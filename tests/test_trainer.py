@@ -255,9 +255,9 @@ def test_latent_and_text_caches_are_reused_across_runs(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_v_prediction_min_snr_and_8bit_optimizer_options(tmp_path):
+def test_v_prediction_min_snr_checkpointing_and_8bit_optimizer(tmp_path):
     result = train(_config(tmp_path, "training.prediction_type=v_prediction", "training.min_snr_gamma=5",
-                           "output.name=v"), register=False, console=False)
+                           "training.gradient_checkpointing=true", "output.name=v"), register=False, console=False)
     assert result.status == "done" and np.isfinite(result.final_loss)
     with safe_open(result.adapter, "pt") as f:
         assert f.metadata()["ss_v_parameterization"] == "True"

@@ -919,11 +919,29 @@ class Trainer:
             "metrics": {"steps": step, "final_loss": last_loss, "val_loss": val_loss},
             "run_dir": str(self.run_dir),
         }
-        trigger = [d.trigger_word] if d.trigger_word else []
+        trigger = self.trigger_words()
         md = build_metadata(adapter_type=n.adapter_type, rank=n.rank, alpha=n.lora_alpha, family=self.family.name,
                             name=c.output.name, trigger_words=trigger, base=kohya)
         md[METADATA_NAMESPACE] = json.dumps(ours, sort_keys=True, allow_nan=False, default=str)
         return md
+
+    def trigger_words(self) -> list[str]:
+        """The configured trigger word, else the tags every training caption carries.
+
+        kohya-style datasets write the trigger into each caption file ("..., zkstripes") instead of
+        the config; a tag present in every image's caption is that trigger (at most 3 are kept, the
+        length of a prompt box's worth), so the adapter never loses it.
+        """
+        d = self.config.dataset
+        if d.trigger_word:
+            return [d.trigger_word]
+        from collections import Counter
+
+        counts: Counter[str] = Counter()
+        for tags in self.report.tag_frequency.values():
+            counts.update(tags)
+        images = self.report.usable_count
+        return [tag for tag, n in counts.most_common() if n >= images and images][:3]
 
     def _finish(self, step: int, last_loss, val_loss, samples: list[str]) -> tuple[Path | None, str | None]:
         """Write the adapter file (main process) and register it; returns (path, registry ref)."""
@@ -965,7 +983,7 @@ class Trainer:
         info = VersionInfo(
             family=self.family.name, adapter_type=n.adapter_type, rank=n.rank, alpha=float(n.lora_alpha),
             target_modules=targets, components=["unet"] + (["text_encoder"] if self.te_config is not None else []),
-            trigger_words=[c.dataset.trigger_word] if c.dataset.trigger_word else [],
+            trigger_words=self.trigger_words(),
             description=f"{n.adapter_type} rank {n.rank} trained on {Path(c.dataset.path).name} "
                         f"({len(self.train_set.records)} images, {step} steps)",
             base_model=c.model.base_model, base_model_sha256=self.model_hash or None,
