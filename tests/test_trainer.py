@@ -300,7 +300,8 @@ def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
     from studio.base_models import load_pipeline
     from studio.tiny.style import measure_style
 
-    scores = {}
+    scores: dict[str, dict] = {}
+    base: dict[str, float] = {}
     for name in ("striped", "outlined"):
         toml = ROOT / "datasets" / name / "train.toml"
         cfg = TrainConfig.from_toml(toml).apply_overrides(
@@ -309,7 +310,12 @@ def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
         stack = [{"ref": result.ref, "weight": 1.0}]
         trigger = reg.get(result.ref).trigger_words[0]
         try:
-            scores[name] = {style: measure_style(style, stack, trigger=trigger) for style in ("striped", "outlined")}
+            scores[name] = {}
+            for style in ("striped", "outlined"):
+                # the base side is the same prompts with the same trigger text for both adapters
+                key = f"{style}:{trigger}"
+                scores[name][style] = measure_style(style, stack, trigger=trigger, base_score=base.get(key))
+                base[key] = scores[name][style]["base"]
         finally:
             engine_for(load_pipeline("tiny")).unload_all()
     for name in scores:

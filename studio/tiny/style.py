@@ -90,17 +90,20 @@ def style_score(image: Image.Image, style: str) -> float:
 
 
 def measure_style(style: str, adapters: list[dict], *, trigger: str = "", base: str = "tiny", seeds=(0, 1, 2),
-                  steps: int = 20, prompts=STYLE_PROMPTS) -> dict:
+                  steps: int = 20, prompts=STYLE_PROMPTS, base_score: float | None = None) -> dict:
     """Mean ``style`` score of the same prompts and seeds without and with ``adapters``.
 
     ``trigger`` is appended to every prompt (", zkstripes"), as the sample datasets caption it, on
     both sides so that the base model sees the same text.
-    Returns ``{"base", "adapter", "margin", "images"}``; margin = adapter - base.
+    Returns ``{"base", "adapter", "margin", "images"}``; margin = adapter - base. ``base_score``: the
+    base side measured earlier with the same arguments (skips generating it again).
     """
     from studio.generate import GenerationRequest, generate
 
-    means = {}
+    means = {} if base_score is None else {"base": base_score}
     for label, stack in (("base", []), ("adapter", adapters)):
+        if label in means:
+            continue
         values = []
         for scene in prompts:
             prompt = f"{scene}, {trigger}" if trigger else scene
