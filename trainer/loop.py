@@ -410,6 +410,11 @@ class Trainer:
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
                                                          prediction_type=c.training.prediction_type)
+        # channels_last: the UNet's convolutions run faster in NHWC on CPUs and on GPU tensor cores
+        # (diffusers recommends it for inference too); 0.24 -> 0.20 s per tiny-model step on CPU.
+        # Before injecting: the adapter weights stay contiguous, as peft's DoRA conv path needs
+        # (it reshapes them with .view).
+        self.unet.to(memory_format=torch.channels_last)
         self.unet_config = methods.peft_config(c.network, self.family, "unet")
         unet_params = methods.inject(self.unet, self.unet_config)
         self.te_config = None
@@ -421,9 +426,6 @@ class Trainer:
         # diffusers scripts' cast_training_params does): fp16 master weights lose small updates.
         for p in unet_params + te_params:
             p.data = p.data.float()
-        # channels_last: the UNet's convolutions run faster in NHWC on CPUs and on GPU tensor cores
-        # (diffusers recommends it for inference too); 0.24 -> 0.20 s per tiny-model step on CPU.
-        self.unet.to(memory_format=torch.channels_last)
         if c.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if te_params:
