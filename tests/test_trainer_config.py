@@ -86,7 +86,7 @@ def test_shipped_train_configs_load_and_resolve(path):
     assert 4 <= c.network.rank <= 8 and 1e-4 <= c.training.learning_rate <= 1e-3
     assert 300 <= c.training.max_train_steps <= 600 and 4 <= c.training.train_batch_size <= 8
     trigger = {"striped": "zkstripes", "outlined": "zkoutline"}[path.parent.name.split("_")[0]]
-    assert c.validation.prompts and all(p.startswith(trigger) for p in c.validation.prompts)
+    assert c.validation.prompts and all(p.endswith(f", {trigger}") for p in c.validation.prompts)
     r = c.resolved()
     assert (r.dataset.bucket_reso_steps, r.dataset.min_bucket_reso, r.dataset.max_bucket_reso) == (8, 16, 64)
     assert r.training.prediction_type == "epsilon" and r.output.name == path.parent.name
