@@ -60,7 +60,9 @@ def run_reference(steps: int, out_dir: str) -> list[float]:
     from peft import LoraConfig
 
     from studio.base_models import load_fresh_pipeline
+    from studio.families import get_family
     from trainer.data import open_training_dataset
+    from trainer.methods import target_modules
 
     cfg = _config(steps, out_dir)
     torch.manual_seed(cfg.training.seed)
@@ -69,8 +71,10 @@ def run_reference(steps: int, out_dir: str) -> list[float]:
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (unet, vae, te):
         m.requires_grad_(False)
+    # the same layers as the studio run (the shipped config's preset), so only the loop differs
+    targets = target_modules(cfg.network, get_family("sd1"), "unet")
     unet.add_adapter(LoraConfig(r=cfg.network.rank, lora_alpha=cfg.network.lora_alpha, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.training.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler(cfg.training.lr_scheduler, optimizer=opt, num_warmup_steps=0,
