@@ -36,6 +36,11 @@ class RecipeError(StudioError, ValueError):
     """An image's recipe is missing or unreadable, so it cannot be re-run."""
 
 
+class PathNotAllowedError(StudioError, PermissionError):
+    """A path typed into the studio's UI lies outside the folders it may use (``$LORA_STUDIO_HOME``,
+    the sample datasets and ``LORA_STUDIO_DATA_ROOTS``); the command line takes any path."""
+
+
 # ---- adapters: store and registry ----------------------------------------------------------
 
 
