@@ -6,6 +6,10 @@ here or in studio/ui. Start it with ``lora-studio ui`` (binds 127.0.0.1).
 
 import streamlit as st
 
+from studio.thirdparty import quiet_third_party
+
+quiet_third_party()  # before any page imports peft: no library noise on the server's console
+
 st.set_page_config(page_title="LoRA Studio", page_icon="🎨", layout="wide")
 
 pages = [

@@ -16,6 +16,7 @@ from datetime import UTC
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.thirdparty import quiet_third_party
 
 EXIT_USAGE = 2
 
@@ -43,12 +44,7 @@ def _float(text: str) -> float:
 
 
 def _quiet_libraries() -> None:
-    """Silence progress bars and advisory warnings of diffusers/transformers on the console."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    """Silence progress bars of diffusers/transformers on the console (their logs: studio.thirdparty)."""
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
@@ -817,6 +813,9 @@ def cmd_ui(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-studio", description="Train, catalog and combine LoRA adapters for diffusion models.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own log lines and warnings on stderr (default: "
+                             "$LORA_STUDIO_HOME/logs/libraries.log; also LORA_STUDIO_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_ui(sub)
     _add_generate(sub)
@@ -832,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_third_party(verbose=True if args.verbose else None)
     try:
         return int(args.func(args) or 0)
     except StudioError as e:

@@ -77,6 +77,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from studio.thirdparty import quiet_third_party
+
+    quiet_third_party()
     parser = add_arguments(argparse.ArgumentParser(prog="python -m trainer",
                                                    description="Train a LoRA (or DoRA, LoHa, LoKr) adapter."))
     return run(parser.parse_args(argv))

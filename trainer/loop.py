@@ -302,7 +302,9 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]):
                "eps": t.adam_epsilon}
     if t.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb  # heavy and optional: only when asked for
+            from studio.thirdparty import allow_bitsandbytes
+
+            bnb = allow_bitsandbytes()  # heavy, optional and noisy at import: only when asked for
         except ImportError:
             raise ConfigError("training.optimizer = \"adamw8bit\" needs bitsandbytes: pip install bitsandbytes "
                               "(or use \"adamw\")", option="training.optimizer") from None
