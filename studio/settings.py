@@ -4,8 +4,12 @@
 the registry, runs, datasets. ``LORA_STUDIO_REGISTRY_URL`` (any SQLAlchemy URL, e.g.
 ``postgresql+psycopg://host/db``) moves the adapter registry's database elsewhere; by default it is
 the SQLite file ``$LORA_STUDIO_HOME/registry.db`` (the blobs stay in ``$LORA_STUDIO_HOME/blobs``).
-``HF_HUB_OFFLINE=1`` makes every Hub access fail fast. Read these through :func:`get_settings`,
-which tests can reset with :func:`reload_settings`.
+``HF_HUB_OFFLINE=1`` makes every Hub access fail fast. ``LORA_STUDIO_DATA_ROOTS`` lists more
+folders (separated by ``os.pathsep``, ``:`` on Linux and macOS) whose files the UI may read and
+write, beside ``$LORA_STUDIO_HOME`` and the sample datasets: a path typed into a page must lie under
+one of them (:func:`check_data_path`), since anyone who can open the page can type it. The command
+line, run by the machine's own user, takes any path. Read these through :func:`get_settings`, which
+tests can reset with :func:`reload_settings`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from functools import lru_cache
 from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
+DATA_ROOTS_VARIABLE = "LORA_STUDIO_DATA_ROOTS"
+# The project's own sample datasets (datasets/ beside the packages): presets and the Datasets page use them.
+SAMPLE_DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Settings:
     offline: bool
     default_base_model: str
     registry_url: str | None = None
+    data_roots: tuple[Path, ...] = ()
 
     @property
     def outputs_dir(self) -> Path:
@@ -39,6 +47,11 @@ class Settings:
         """``LORA_STUDIO_REGISTRY_URL`` when set, else the SQLite file ``$LORA_STUDIO_HOME/registry.db``."""
         return self.registry_url or f"sqlite:///{self.home / 'registry.db'}"
 
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """The folders the UI may use: the studio's home, the sample datasets, ``LORA_STUDIO_DATA_ROOTS``."""
+        return (self.home, SAMPLE_DATASETS_DIR, *self.data_roots)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -49,6 +62,8 @@ def get_settings() -> Settings:
         offline=offline,
         default_base_model=os.environ.get("LORA_STUDIO_BASE_MODEL", "tiny"),
         registry_url=os.environ.get("LORA_STUDIO_REGISTRY_URL", "").strip() or None,
+        data_roots=tuple(Path(p.strip()).expanduser() for p in os.environ.get(DATA_ROOTS_VARIABLE, "").split(os.pathsep)
+                         if p.strip()),
     )
 
 
@@ -56,3 +71,43 @@ def reload_settings() -> Settings:
     """Forget the cached settings and read the environment again (tests change it)."""
     get_settings.cache_clear()
     return get_settings()
+
+
+def check_data_path(path: str | os.PathLike, *, what: str) -> Path:
+    """``path`` resolved (symlinks and ``..`` followed), if it lies under one of the settings'
+    :attr:`~Settings.allowed_roots`; else :class:`~studio.errors.PathNotAllowedError` naming ``what``.
+
+    The UI calls this on every path a visitor types, before anything reads or writes it: a symlink
+    inside a root that points elsewhere is judged by where it points. The path need not exist (an
+    output folder a run will create). The CLI does not call it: its user may use any path.
+    """
+    from studio.errors import InvalidRequestError, PathNotAllowedError
+
+    text = os.fspath(path).strip() if isinstance(path, (str, os.PathLike)) else ""
+    if not text:
+        raise InvalidRequestError(f"the {what} is empty: type a folder or file path")
+    resolved = Path(text).expanduser().resolve()
+    roots = get_settings().allowed_roots
+    if any(resolved.is_relative_to(root.expanduser().resolve()) for root in roots):
+        return resolved
+    raise PathNotAllowedError(
+        f"the {what} {text} is outside the folders the studio may use ({', '.join(str(r) for r in roots)}): "
+        f"move it under one of them, or add its folder to {DATA_ROOTS_VARIABLE} (folders separated by "
+        f"{os.pathsep!r}) and restart the studio"
+    )
+
+
+def check_base_model(ref: str, *, what: str = "base model") -> str:
+    """``ref`` (stripped) if the UI may use it as a base model: ``tiny``, a Hugging Face Hub id
+    (``owner/name[@revision]``: not a path, so not a file on this machine), or a path that
+    :func:`check_data_path` accepts. A name that is both a Hub id and an existing relative path is
+    judged as the path, as :func:`studio.base_models.resolve` would load it."""
+    # The same rule resolve() applies to tell a Hub id from a path.
+    from studio.base_models import _HUB_ID, TINY
+
+    text = (ref or "").strip()
+    hub_id = bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+    if text == TINY or (hub_id and not Path(text).expanduser().exists()):
+        return text
+    check_data_path(text, what=what)
+    return text

@@ -53,6 +53,9 @@ with st.expander("Import an adapter file (diffusers/peft or kohya .safetensors)"
                 raise InvalidRequestError("choose a .safetensors file to import")
             from adapters.importer import import_adapter
             from studio.dataset_files import safe_name
+            from studio.settings import check_base_model
+
+            base = check_base_model(imp_base.strip() or "tiny")  # a path typed here must lie under the data roots
 
             with tempfile.TemporaryDirectory(prefix="lora-studio-upload-") as tmp, \
                     st.spinner("Checking the file against the base model..."):
@@ -60,7 +63,7 @@ with st.expander("Import an adapter file (diffusers/peft or kohya .safetensors)"
                 path = Path(tmp) / safe_name(upload.name)
                 path.write_bytes(upload.getvalue())
                 version = import_adapter(
-                    reg, path, name=imp_name.strip() or None, base=imp_base.strip() or "tiny",
+                    reg, path, name=imp_name.strip() or None, base=base,
                     trigger_words=[w.strip() for w in imp_trigger.split(",")] if imp_trigger.strip() else None,
                     tags=[t.strip() for t in imp_tags.split(",")] if imp_tags.strip() else None)
             st.success(f"imported {version.ref}")

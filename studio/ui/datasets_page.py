@@ -1,7 +1,9 @@
 """The Datasets page: pick or upload a dataset, edit captions in place, check it, preview buckets and crops.
 
 Widgets only: uploads, captions and previews are ``studio.dataset_files``; the report is
-``trainer.data.check_dataset`` (``lora-studio datasets check``).
+``trainer.data.check_dataset`` (``lora-studio datasets check``). Every folder shown, chosen or typed,
+must lie under the data roots (``studio.settings.check_data_path``); its listing is bounded and read
+once per few seconds (``studio.ui.common.dataset_images``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import streamlit as st
 
 from studio import dataset_files
 from studio.errors import StudioError
-from studio.ui.common import enlarged, reported
+from studio.ui.common import dataset_images, enlarged, forget_listings, reported
 
 PAGE_SIZE = 24
 TYPE_A_PATH = "(type a folder path)"
@@ -46,7 +48,8 @@ if st.session_state.get("ds_source") not in labels:
 c1, c2 = st.columns([1, 2])
 choice = c1.selectbox("Dataset", labels, key="ds_source")
 typed = c2.text_input("Folder path", key="ds_path", disabled=choice != TYPE_A_PATH,
-                      help="any folder of images on this machine (the studio reads it, and writes only captions)")
+                      help="a folder of images under $LORA_STUDIO_HOME, the sample datasets or a folder listed in "
+                           "LORA_STUDIO_DATA_ROOTS (the studio reads it, and writes only captions)")
 folder = dict(known).get(choice) if choice != TYPE_A_PATH else (typed.strip() or None)
 if folder is None:
     st.info("Choose a dataset, or type the path of a folder of images.")
@@ -55,11 +58,13 @@ if folder is None:
 from trainer.data import LAYOUTS, detect_layout  # noqa: E402  (after st.stop: only pages that show a dataset)
 
 try:
-    _, total = dataset_files.list_images(folder, limit=0)
+    # Checked against the data roots (a symlink is judged by where it points), bounded, cached.
+    folder, images = dataset_images(folder)
     layout = detect_layout(folder)
-except StudioError as e:  # a missing folder: say so and keep the page
+except StudioError as e:  # a missing folder, or one outside the roots: say so and keep the page
     st.error(str(e))
     st.stop()
+total = len(images)
 st.caption(f"{folder} · layout: {layout} ({LAYOUTS.get(layout, '')}) · {total} image(s)")
 editable = layout in ("folder", "kohya")
 
@@ -69,7 +74,7 @@ tab_grid, tab_check, tab_crop = st.tabs(["Images and captions", "Check", "Bucket
 with tab_grid:
     pages = max(1, -(-total // PAGE_SIZE))
     page = st.number_input("Page", min_value=1, max_value=pages, value=1, key="ds_page") if pages > 1 else 1
-    shown, _ = dataset_files.list_images(folder, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+    shown = images[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
     if not shown:
         st.info("No images in this folder yet: upload some above.")
     if not editable and shown:
@@ -90,8 +95,11 @@ with tab_grid:
     if save:
         changed = [(item, new) for item, new in edits if new.strip() != item.caption]
         with reported("Saving captions"):
-            for item, new in changed:
-                dataset_files.write_caption(item.path, new)
+            try:
+                for item, new in changed:
+                    dataset_files.write_caption(item.path, new)
+            finally:
+                forget_listings()  # the next run reads the captions just written
             st.success(f"saved {len(changed)} caption(s)" if changed else "no caption changed")
 
 # ---- check report --------------------------------------------------------------------------------
@@ -137,7 +145,7 @@ with tab_check:
 
 # ---- bucket / crop preview -----------------------------------------------------------------------
 with tab_crop:
-    all_images, _ = dataset_files.list_images(folder, limit=500)
+    all_images = images[:500]
     if not all_images:
         st.info("No images to preview.")
     else:

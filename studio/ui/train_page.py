@@ -3,7 +3,8 @@ and a live view of a run: progress with ETA, loss and validation-loss charts, sa
 
 Widgets only: configs are ``trainer.config.TrainConfig``, jobs are ``studio.jobs`` (``lora-studio
 jobs ...``), progress is ``trainer.events.run_state``. Every value shown is read from disk, so the
-page shows the same after a browser reload or a studio restart.
+page shows the same after a browser reload or a studio restart. The form's paths (dataset, output
+folder, a base model on disk) must lie under the data roots (``studio.settings.check_data_path``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def _parse_list(text: str, item: type, *, lines: bool = False) -> list:
     return values
 
 
+def _check_paths(config: TrainConfig) -> TrainConfig:
+    """The config, if its paths lie under the data roots: anyone who can open the page can type them.
+
+    The run directory is made inside ``output.dir`` (``$LORA_STUDIO_HOME/runs`` when empty), so
+    checking that folder covers it. An empty ``dataset.path`` is left to the config's own message.
+    """
+    from studio.settings import check_base_model, check_data_path
+
+    check_base_model(config.model.base_model, what="model.base_model")
+    if config.dataset.path.strip():
+        check_data_path(config.dataset.path, what="dataset.path")
+    if config.output.dir.strip():
+        check_data_path(config.output.dir, what="output.dir")
+    return config
+
+
 def _config_from_form() -> TrainConfig:
     data: dict[str, dict] = {}
     for section, cls in SECTIONS.items():
@@ -105,7 +122,7 @@ with st.form("train"):
 
 if start:
     with reported("Starting the job"):
-        job = jobs.submit(_config_from_form())
+        job = jobs.submit(_check_paths(_config_from_form()))
         st.session_state["train_job"] = job.id
         st.success(f"queued job {job.id} ({job.name}); it runs in the background and keeps running if you "
                    f"close this page")
