@@ -157,7 +157,7 @@ def test_img2img_grid_and_merge(reg, lora_files, tmp_path):
     assert Path(at.session_state["grid_path"]).is_file()
     at.text_input(key="grid_x_values").input("zero")
     at.button(key="grid_go").click().run()
-    assert not at.exception and "numbers" in at.error[0].value
+    assert not at.exception and "'zero'" in at.error[0].value  # GridAxis.parse names the bad value
 
     at.text_input(key="merge_name").input("blend")
     at.selectbox(key="merge_method").set_value("cat")
@@ -165,3 +165,161 @@ def test_img2img_grid_and_merge(reg, lora_files, tmp_path):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("merged into blend@1" in s.value for s in at.success)
     assert [p.ref for p in reg.get("blend").parents] == ["striped@1", "outlined@1"]
+
+
+# ---- recipes loaded back: limits, inputs, malformed files; the library's caches and parsers -------
+
+
+def _recipe_png(**fields) -> bytes:
+    """A PNG carrying a recipe chunk with ``fields`` over a small text-to-image request."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from studio.generate import RECIPE_KEY
+
+    request = {"prompt": "a blue square on a red background", "seed": 5, "num_inference_steps": 3, **fields}
+    info = PngInfo()
+    info.add_text(RECIPE_KEY, json.dumps({"version": 1, "request": request}))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _load_recipe(at, payload: bytes):
+    at.file_uploader(key="recipe_png").set_value(("recipe.png", payload, "image/png"))
+    at.button(key="recipe_apply").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_recipe_values_the_form_cannot_hold_are_refused_not_clamped(studio_home):
+    for fields, words in (({"num_inference_steps": 200}, ("200", "150")),
+                          ({"guidance_scale": 40.0}, ("40", "30")),
+                          ({"width": 2056, "height": 64}, ("2056", "2048"))):
+        at = _load_recipe(_page(), _recipe_png(**fields))
+        assert not at.success, (fields, [s.value for s in at.success])
+        assert any(all(w in e.value for w in words) for e in at.error), (fields, [e.value for e in at.error])
+        # Nothing of the refused recipe reached the form.
+        assert at.number_input(key="steps").value == 20 and at.text_input(key="seed").value == "1"
+        assert at.text_area(key="prompt").value == "a red circle on a blue background"
+
+
+def test_recipe_restores_init_image_mask_and_strength(studio_home):
+    from studio.generate import store_input_image
+
+    init = store_input_image(_png_bytes(Image.new("RGB", (32, 32), (255, 255, 0))))
+    mask_image = Image.new("L", (32, 32), 0)
+    mask_image.paste(255, (8, 8, 24, 24))
+    mask = store_input_image(_png_bytes(mask_image))
+    at = _load_recipe(_page(), _recipe_png(init_image=str(init), init_image_sha256=init.stem, mask_image=str(mask),
+                                           mask_image_sha256=mask.stem, strength=0.4, width=32, height=32))
+    assert not at.error and "loaded the recipe of seed 5" in at.success[0].value, [e.value for e in at.error]
+    assert at.slider(key="strength").value == 0.4
+    assert any("init image" in c for img in at.get("image") for c in img.captions)
+    _button(at, "Generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    request = at.session_state["last_result"].outputs[0].request
+    assert (request.task, request.strength) == ("inpaint", 0.4)
+    assert (request.init_image_sha256, request.mask_image_sha256) == (init.stem, mask.stem)
+
+    # "Clear" goes back to text-to-image.
+    at.button(key="recipe_inputs_clear").click().run()
+    _button(at, "Generate").click().run()
+    assert not at.exception and at.session_state["last_result"].outputs[0].request.task == "text2img"
+
+
+def test_recipe_inputs_outside_the_data_roots_are_refused(studio_home, tmp_path, monkeypatch):
+    monkeypatch.delenv("LORA_STUDIO_DATA_ROOTS", raising=False)
+    from studio.settings import reload_settings
+
+    reload_settings()
+    private = tmp_path / "private.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(private)
+    at = _load_recipe(_page(), _recipe_png(init_image=str(private), strength=0.5))
+    assert not at.success and any("LORA_STUDIO_DATA_ROOTS" in e.value for e in at.error), \
+        [e.value for e in at.error]
+
+
+def test_malformed_recipe_pngs_are_one_line_errors(studio_home):
+    import io
+    import struct
+    import zlib
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from studio.generate import RECIPE_KEY
+
+    info = PngInfo()
+    info.add_text(RECIPE_KEY, "[" * 100_000 + "]" * 100_000)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    nested = buf.getvalue()
+    # A valid 8x8 PNG whose header claims 100000 x 100000 pixels (a decompression bomb), CRC fixed.
+    ihdr = bytearray(nested[8:33])
+    ihdr[8:16] = struct.pack(">II", 100_000, 100_000)
+    ihdr[21:25] = struct.pack(">I", zlib.crc32(bytes(ihdr[4:21])))
+    bomb = nested[:8] + bytes(ihdr) + nested[33:]
+    for payload in (nested, bomb):
+        at = _load_recipe(_page(), payload)
+        assert not at.success and len(at.error) == 1 and "\n" not in at.error[0].value.strip(), \
+            [e.value for e in at.error]
+        assert "Traceback" not in at.error[0].value
+
+
+def test_generate_asks_the_library_for_the_pipeline_every_time(studio_home, monkeypatch):
+    # The library's LRU (studio.base_models.load_pipeline, 2 pipelines) is the only cache: a page
+    # cache of its own kept every base model ever typed in memory.
+    from studio import base_models
+
+    asked = []
+    original = base_models.load_pipeline
+
+    def spy(ref=None):
+        asked.append(ref)
+        return original(ref)
+
+    monkeypatch.setattr(base_models, "load_pipeline", spy)
+    at = _page()
+    at.number_input(key="steps").set_value(2)
+    at.number_input(key="num_images").set_value(1)
+    _button(at, "Generate").click().run()
+    _button(at, "Generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert asked == ["tiny", "tiny"]
+
+
+def test_uploaded_inputs_are_checked_and_stored_by_the_library(studio_home):
+    at = _page()
+    at.file_uploader(key="init_upload").set_value(("init.png", b"not an image at all", "image/png"))
+    at.number_input(key="steps").set_value(2)
+    _button(at, "Generate").click().run()
+    assert not at.exception and any("not a readable image" in e.value for e in at.error), \
+        [e.value for e in at.error]
+    assert not (studio_home / "outputs" / "inputs").exists() and not (studio_home / "inputs").exists()
+
+    at.file_uploader(key="init_upload").set_value(
+        ("init.png", _png_bytes(Image.new("RGB", (32, 32), (0, 255, 0))), "image/png"))
+    at.number_input(key="num_images").set_value(1)
+    _button(at, "Generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    stored = Path(at.session_state["last_result"].outputs[0].request.init_image)
+    assert stored.parent == studio_home / "inputs" and not (studio_home / "outputs" / "inputs").exists()
+
+
+def test_grid_axes_are_parsed_by_the_library(studio_home):
+    at = _page()
+    at.number_input(key="steps").set_value(2)
+    at.selectbox(key="grid_x_kind").set_value("seed")
+    at.text_input(key="grid_x_values").input("1, , 2")  # GridAxis.parse refuses an empty value
+    at.button(key="grid_go").click().run()
+    assert not at.exception and any("empty value" in e.value for e in at.error), [e.value for e in at.error]
+    assert not at.session_state["grid_path"] if "grid_path" in at.session_state else True
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

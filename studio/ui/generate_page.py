@@ -2,8 +2,12 @@
 order), trigger words, sampling settings in; a gallery of images with their recipes out; recipes
 loaded back from a PNG.
 
-Widgets only: generation is ``studio.generate`` (``lora-studio generate``), adapters come from
-``adapters.registry`` and are applied by ``adapters.compose`` inside ``generate_with_pipeline``.
+Widgets only: generation is ``studio.generate`` (``lora-studio generate``) on a pipeline from the
+library's small LRU (``studio.base_models.load_pipeline``), adapters come from ``adapters.registry``
+and are applied by ``adapters.compose`` inside ``generate_with_pipeline``; uploads are stored by
+``store_input_image``, grid axes parsed by ``GridAxis.parse``, and a loaded recipe becomes form
+values through ``studio.ui.recipes`` (refused when the widgets cannot hold it). A base model typed
+as a path must lie under the data roots (``studio.settings.check_base_model``).
 The stack lives in session state as plain dicts; every change goes through a button callback, so
 it happens before the widgets are drawn and nothing the user typed is lost.
 """
@@ -19,18 +23,11 @@ import streamlit as st
 
 from studio.errors import StudioError
 from studio.generate import DEFAULT_SCHEDULER, MAX_SEED, GenerationRequest, scheduler_names
+from studio.ui import recipes
 from studio.ui.common import enlarged, get_registry, png_bytes, reported
 
 GALLERY_SIZE = 24
 _ids = itertools.count()
-
-
-@st.cache_resource(show_spinner=False)
-def _pipeline(base: str):
-    # One pipeline per base model for every session; studio.generate locks it per generation.
-    from studio.base_models import load_pipeline
-
-    return load_pipeline(base)
 
 
 def _stack() -> list[dict]:
@@ -74,27 +71,38 @@ def _random_seed() -> None:
     st.session_state["seed"] = str(random.randint(0, MAX_SEED - 16))
 
 
-def _apply_recipe() -> None:
+def _read_recipe_upload():
+    """The request in the dropped PNG; any failure (a damaged chunk, JSON nested 100,000 deep, a PNG
+    claiming 100000x100000 pixels) is a RecipeError with one line, never an exception in the page."""
+    from studio.errors import RecipeError
     from studio.generate import read_recipe
 
     upload = st.session_state.get("recipe_png")
     if upload is None:
-        st.session_state["recipe_msg"] = ("error", "drop a PNG made by the studio first")
-        return
+        raise RecipeError("drop a PNG made by the studio first")
     with tempfile.TemporaryDirectory(prefix="lora-studio-recipe-") as tmp:
         path = Path(tmp) / "recipe.png"
         path.write_bytes(upload.getvalue())
         try:
-            request = read_recipe(path)
-        except StudioError as e:
-            st.session_state["recipe_msg"] = ("error", str(e))
-            return
-    st.session_state.update({
-        "prompt": request.prompt, "negative": request.negative_prompt, "base": request.base_model,
-        "scheduler": request.scheduler, "steps": request.num_inference_steps,
-        "guidance": float(request.guidance_scale or 0.0), "seed": "" if request.seed is None else str(request.seed),
-        "num_images": request.num_images, "width": request.width or 0, "height": request.height or 0,
-    })
+            return read_recipe(path)
+        except StudioError:
+            raise
+        except Exception as e:  # RecursionError, DecompressionBombError, ...: the file is not a usable recipe
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise RecipeError(f"{upload.name} is not a usable recipe PNG ({type(e).__name__}: {first[:200]}): "
+                              f"drop a PNG the studio wrote") from None
+
+
+def _apply_recipe() -> None:
+    # A callback: it runs before the widgets are drawn, so it may set their values; an exception
+    # here would escape the page, so every failure becomes the message shown under the button.
+    try:
+        request = _read_recipe_upload()
+        values = recipes.form_values(request)
+    except StudioError as e:
+        st.session_state["recipe_msg"] = ("error", str(e))
+        return
+    st.session_state.update(values)
     st.session_state["stack"] = []
     for a in request.adapters:
         # The exact version the image used: name@version when the recipe pinned it.
@@ -110,34 +118,26 @@ def _apply_recipe() -> None:
                                                  f"({len(request.adapters)} adapter(s))")
 
 
-def _saved_input(upload) -> str | None:
-    """An uploaded init image or mask, stored by content hash under outputs/inputs (recipes pin the hash)."""
-    import hashlib
+def _clear_recipe_inputs() -> None:
+    st.session_state["recipe_init"] = st.session_state["recipe_mask"] = None
 
-    from studio.settings import get_settings
 
-    if upload is None:
-        return None
-    data = upload.getvalue()
-    name = hashlib.sha256(data).hexdigest() + Path(upload.name).suffix.lower()
-    path = get_settings().outputs_dir / "inputs" / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return str(path)
+def _input_image(upload_key: str, recipe_key: str) -> str | None:
+    """An upload (checked and stored by content hash by the library: recipes pin the hash), else
+    the input a loaded recipe restored, else None."""
+    from studio.generate import store_input_image
+
+    upload = st.session_state.get(upload_key)
+    if upload is not None:
+        return str(store_input_image(upload.getvalue()))
+    return st.session_state.get(recipe_key)
 
 
 def _parse_axis(kind: str, text: str):
-    from studio.errors import InvalidRequestError
+    # The CLI's --x/--y form, so the page and `lora-studio grid` read values the same way.
     from studio.grid import GridAxis
 
-    items = [v.strip() for v in text.split("|" if kind == "prompt" else ",") if v.strip()]
-    try:
-        values = [float(v) for v in items] if kind == "strength" else [int(v) for v in items] if kind == "seed" \
-            else [int(v) if v.isdigit() else v for v in items] if kind == "version" else items
-    except ValueError:
-        raise InvalidRequestError(f"{text!r}: {kind} values must be numbers separated by commas") from None
-    return GridAxis(kind=kind, values=tuple(values))
+    return GridAxis.parse(f"{kind}={text}")
 
 
 def _stack_entries() -> list[dict]:
@@ -157,7 +157,7 @@ def _stack_entries() -> list[dict]:
 # change them without Streamlit's "default value and Session State" conflict.
 for _key, _default in {"prompt": "a red circle on a blue background", "negative": "", "base": "tiny",
                        "scheduler": DEFAULT_SCHEDULER, "steps": 20, "guidance": 0.0, "seed": "1", "num_images": 2,
-                       "width": 0, "height": 0}.items():
+                       "width": 0, "height": 0, "strength": 0.75, "recipe_init": None, "recipe_mask": None}.items():
     st.session_state.setdefault(_key, _default)
 
 st.title("Generate")
@@ -194,7 +194,7 @@ with tab_make:
         for i, e in enumerate(_stack()):
             c = st.columns([2, 3, 1, 0.5, 0.5, 0.5])
             c[0].markdown(f"`{e['ref']}`")
-            c[1].slider("strength", -2.0, 2.0, step=0.05, key=f"w-{e['id']}", label_visibility="collapsed")
+            c[1].slider("strength", *recipes.WEIGHT, step=0.05, key=f"w-{e['id']}", label_visibility="collapsed")
             c[2].checkbox("UNet / text encoder", key=f"split-{e['id']}",
                           help="separate strengths for the UNet and the text encoder (ComfyUI's model/clip)")
             c[3].button("↑", key=f"up-{e['id']}", on_click=_move, args=(i, -1), disabled=i == 0)
@@ -205,8 +205,8 @@ with tab_make:
                 weight = st.session_state.get(f"w-{e['id']}", 1.0)
                 st.session_state.setdefault(f"wu-{e['id']}", weight)
                 st.session_state.setdefault(f"wt-{e['id']}", weight)
-                s1.slider("UNet strength", -2.0, 2.0, step=0.05, key=f"wu-{e['id']}")
-                s2.slider("text-encoder strength", -2.0, 2.0, step=0.05, key=f"wt-{e['id']}")
+                s1.slider("UNet strength", *recipes.WEIGHT, step=0.05, key=f"wu-{e['id']}")
+                s2.slider("text-encoder strength", *recipes.WEIGHT, step=0.05, key=f"wt-{e['id']}")
             if e["trigger_words"]:
                 tw = st.columns(min(6, len(e["trigger_words"])) + 1)
                 tw[0].caption("insert:")
@@ -227,12 +227,19 @@ with tab_make:
                 merged = merge_adapters(reg, [(e["ref"], e["weight"]) for e in _stack_entries()],
                                         method=merge_method, name=merge_name.strip())
                 st.success(f"merged into {merged.ref}; it is in the catalog")
-    with st.expander("img2img and inpainting"):
+    with st.expander("img2img and inpainting", expanded=bool(st.session_state.get("recipe_init"))):
         i1, i2, i3 = st.columns(3)
         i1.file_uploader("Init image", type=["png", "jpg", "jpeg", "webp"], key="init_upload")
         i2.file_uploader("Mask (white = repaint)", type=["png", "jpg", "jpeg", "webp"], key="mask_upload")
-        i3.slider("Strength (denoising)", 0.05, 1.0, 0.75, 0.05, key="strength",
+        i3.slider("Strength (denoising)", *recipes.STRENGTH, step=0.05, key="strength",
                   help="how much of the init image is re-noised; 1 ignores it")
+        if st.session_state.get("recipe_init"):
+            # Restored by "Use its settings"; an upload above replaces the one beside it.
+            r1, r2, r3 = st.columns(3)
+            r1.image(enlarged(st.session_state["recipe_init"], 96), caption="init image from the recipe")
+            if st.session_state.get("recipe_mask"):
+                r2.image(enlarged(st.session_state["recipe_mask"], 96), caption="mask from the recipe")
+            r3.button("Clear the recipe's images", key="recipe_inputs_clear", on_click=_clear_recipe_inputs)
     c5, c6 = st.columns([4, 1])
     c6.button("🎲 Random seed", key="seed_random", on_click=_random_seed, help="puts a random seed in the box")
     with st.form("generate"):
@@ -242,18 +249,21 @@ with tab_make:
         base = c1.text_input("Base model", key="base",
                              help="tiny (embedded), a local diffusers folder, a .safetensors checkpoint, or a Hub id")
         scheduler = c2.selectbox("Sampler", scheduler_names(), key="scheduler")
-        steps = c3.number_input("Steps", min_value=1, max_value=150, key="steps")
-        guidance = c4.number_input("CFG scale (0 = model default)", min_value=0.0, max_value=30.0,
+        steps = c3.number_input("Steps", min_value=recipes.STEPS[0], max_value=recipes.STEPS[1], key="steps")
+        guidance = c4.number_input("CFG scale (0 = model default)", min_value=recipes.GUIDANCE[0],
+                                   max_value=recipes.GUIDANCE[1],
                                    step=0.5, key="guidance",
                                    help="classifier-free guidance; 0 uses the base model's recommendation "
                                         "(tiny: 2, SD-1: 7.5)")
         c5, c6, c7, c8 = st.columns(4)
         seed_text = c5.text_input("Seed", key="seed", help="a whole number, or empty for a random seed "
                                                                       "(the seed used is shown with the images)")
-        num_images = c6.number_input("Images", min_value=1, max_value=16, key="num_images",
-                                     help="variations: image i uses seed + i")
-        width = c7.number_input("Width (0 = native)", min_value=0, max_value=2048, step=8, key="width")
-        height = c8.number_input("Height (0 = native)", min_value=0, max_value=2048, step=8, key="height")
+        num_images = c6.number_input("Images", min_value=recipes.IMAGES[0], max_value=recipes.IMAGES[1],
+                                     key="num_images", help="variations: image i uses seed + i")
+        width = c7.number_input("Width (0 = native)", min_value=recipes.SIDE[0], max_value=recipes.SIDE[1], step=8,
+                                key="width")
+        height = c8.number_input("Height (0 = native)", min_value=recipes.SIDE[0], max_value=recipes.SIDE[1],
+                                 step=8, key="height")
         submitted = st.form_submit_button("Generate", type="primary")
 
     if submitted:
@@ -263,20 +273,24 @@ with tab_make:
             st.error(f"Seed {seed_text!r} is not a whole number: type one, or leave it empty for a random seed.")
             st.stop()
         with reported("Generation"):
+            from studio.settings import check_base_model
+
+            init_image = _input_image("init_upload", "recipe_init")
             request = GenerationRequest(
                 prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps),
                 guidance_scale=float(guidance) or None,
                 width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
-                scheduler=scheduler, base_model=base.strip() or "tiny", adapters=_stack_entries(),
-                init_image=_saved_input(st.session_state.get("init_upload")),
-                mask_image=_saved_input(st.session_state.get("mask_upload")),
-                strength=float(st.session_state["strength"]) if st.session_state.get("init_upload") else None,
+                scheduler=scheduler, base_model=check_base_model(base.strip() or "tiny"), adapters=_stack_entries(),
+                init_image=init_image,
+                mask_image=_input_image("mask_upload", "recipe_mask") if init_image else None,
+                strength=float(st.session_state["strength"]) if init_image else None,
             )
-            from studio.base_models import model_hash, recommended_settings, resolve
+            from studio.base_models import load_pipeline, model_hash, recommended_settings, resolve
             from studio.generate import generate_with_pipeline
 
             with st.spinner("Loading the base model..."):
-                pipe = _pipeline(request.base_model)
+                # The library's LRU: at most PIPELINE_CACHE_SIZE base models stay in memory.
+                pipe = load_pipeline(request.base_model)
             bar = st.progress(0.0, text="Generating...")
             resolved = resolve(request.base_model)
             result = generate_with_pipeline(
@@ -321,7 +335,7 @@ with tab_grid:
     y_text = g4.text_input("Y values", key="grid_y_values")
     if st.button("Render grid", type="primary", key="grid_go"):
         from studio.grid import render_grid
-        from studio.settings import get_settings
+        from studio.settings import check_base_model, get_settings
 
         with reported("Grid"):
             ss = st.session_state
@@ -329,7 +343,8 @@ with tab_grid:
                 prompt=ss["prompt"], negative_prompt=ss["negative"], num_inference_steps=int(ss["steps"]),
                 guidance_scale=float(ss["guidance"]) or None, width=int(ss["width"]) or None,
                 height=int(ss["height"]) or None, seed=int(ss["seed"]) if str(ss["seed"]).strip().isdigit() else None,
-                scheduler=ss["scheduler"], base_model=ss["base"].strip() or "tiny", adapters=_stack_entries())
+                scheduler=ss["scheduler"], base_model=check_base_model(ss["base"].strip() or "tiny"),
+                adapters=_stack_entries())
             x = _parse_axis(x_kind, x_text)
             y = None if y_kind == "none" else _parse_axis(y_kind, y_text)
             bar = st.progress(0.0, text="Rendering the grid...")
