@@ -161,9 +161,68 @@ def parse_reference(ref: str) -> Reference:
 # --------------------------------------------------------------------------------------------
 
 
+# A sample is a preview: 4096 x 4096 holds every family's native size (SDXL 1024, Flux 2048) with room to
+# spare, and 16 MiB holds such a PNG. Decoding is bounded by both before a pixel is read, so a few bytes that
+# claim 100000 x 100000 pixels (40 GB decoded) are refused instead of stalling every page that shows them.
+MAX_SAMPLE_BYTES = 16 * 1024 * 1024
+MAX_SAMPLE_PIXELS = 4096 * 4096
+SAMPLE_FORMATS = ("PNG", "JPEG", "WEBP")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_sample(image: str | Path | bytes, what: str = "sample image"):
+    """Decode a sample image within the bounds above and return it (a loaded PIL image).
+
+    Used at registration, so the store never takes an image the catalog cannot show, and when a page
+    shows a stored sample, so one bad file costs its card the thumbnail and never the listing. Raises
+    InvalidRequestError naming ``what`` and the problem.
+    """
+    import io
+    import warnings
+
+    from PIL import Image
+
+    if isinstance(image, bytes):
+        data = image
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise InputFileNotFoundError(f"{what} {path} does not exist")
+        if path.stat().st_size > MAX_SAMPLE_BYTES:
+            raise InvalidRequestError(f"{what} is {path.stat().st_size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} "
+                                      f"a sample image may have: use a smaller image")
+        data = path.read_bytes()
+    if len(data) > MAX_SAMPLE_BYTES:
+        raise InvalidRequestError(f"{what} is {len(data):,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample "
+                                  f"image may have: use a smaller image")
+    side = math.isqrt(MAX_SAMPLE_PIXELS)
+    too_big = (f"more than the {MAX_SAMPLE_PIXELS:,} pixels ({side}x{side}) a sample image may have: use a smaller "
+               f"image")
+    if data.startswith(_PNG_MAGIC) and data[12:16] == b"IHDR":
+        # Read from the header before PIL sees the file: PIL refuses sizes this large without naming them.
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if width * height > MAX_SAMPLE_PIXELS:
+            raise InvalidRequestError(f"{what} claims {width}x{height} pixels, {too_big}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=SAMPLE_FORMATS)
+            if im.width * im.height > MAX_SAMPLE_PIXELS:
+                raise InvalidRequestError(f"{what} claims {im.width}x{im.height} pixels, {too_big}")
+            im.load()
+    except InvalidRequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidRequestError(f"{what} claims {too_big}") from None
+    except Exception as e:  # noqa: BLE001 - hostile bytes raise many kinds of errors inside PIL's decoders
+        raise InvalidRequestError(f"{what} is not a PNG, JPEG or WebP image that decodes ({type(e).__name__}: "
+                                  f"{str(e)[:200]}): use another image") from None
+    return im
+
+
 @dataclass(frozen=True)
 class SampleImage:
-    """A sample image to store with a new version."""
+    """A sample image to store with a new version (checked by :func:`decode_sample` when registered)."""
 
     image: str | Path | bytes = _help("the image: a file path, or its encoded bytes (PNG, JPEG, WebP)")
     recipe: dict = _help("how it was made (prompt, seed, steps, adapter weights...); JSON", default_factory=dict)
@@ -967,6 +1026,9 @@ class Registry:
             raise UnsafeWeightsError(
                 f"{weights} is a pickle file ({weights.suffix}): pickles can run code when loaded, so the registry "
                 f"stores safetensors only. Convert it to .safetensors with a tool you trust, then register that.")
+        for i, s in enumerate(info.samples):
+            # Before anything is stored: a refused sample leaves no blob behind.
+            decode_sample(s.image, f"sample image {i + 1} of {name}")
         header, hashes = hash_weights(weights)
         # Blobs first. Killed after this line, the store holds bytes no row references: gc() removes them.
         self.store.put_file(weights, sha256=hashes.sha256)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from adapters.registry import ADAPTER_TYPES
+from adapters.registry import ADAPTER_TYPES, decode_sample
+from studio.errors import StudioError
 from studio.ui.common import enlarged, get_registry, reported
 
 PAGE_SIZE = 12
@@ -24,6 +25,16 @@ reg = get_registry()
 st.title("Adapters")
 if st.session_state.get("ad_deleted"):  # set by a delete just before its rerun
     st.success(st.session_state.pop("ad_deleted"))
+
+
+def _thumbnail(sample, min_side: int, what: str):
+    """The sample enlarged for display, or None after a one-line note: a bad stored file (one registered
+    before samples were checked, or damaged on disk) costs its card the picture, never the page."""
+    try:
+        return enlarged(decode_sample(sample.path, what), min_side)
+    except StudioError as e:
+        st.caption(f"sample not shown: {e}")
+        return None
 
 
 def _open(name: str, number: int | None = None) -> None:
@@ -99,7 +110,7 @@ if not opened:
         cols = st.columns(4)
         for i, v in enumerate(page.items):
             with cols[i % 4].container(border=True):
-                preview = enlarged(v.samples[0].path, 128) if v.samples else None
+                preview = _thumbnail(v.samples[0], 128, f"the sample of {v.ref}") if v.samples else None
                 if preview is not None:
                     st.image(preview)
                 st.markdown(f"**{v.name}**  \nv{v.number} · {v.adapter_type} · rank {v.rank or '?'} · {v.family}")
@@ -170,7 +181,7 @@ with tab_samples:
     cols = st.columns(4)
     for i, s in enumerate(v.samples):
         with cols[i % 4]:
-            img = enlarged(s.path, 160)
+            img = _thumbnail(s, 160, f"sample {i + 1} of {v.ref}")
             if img is not None:
                 st.image(img, caption=str(s.recipe.get("prompt", "")) if isinstance(s.recipe, dict) else "")
             with st.expander("Recipe"):
