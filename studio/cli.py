@@ -775,7 +775,11 @@ def cmd_jobs_resume(args) -> int:
 
 def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="start the Streamlit studio (binds 127.0.0.1 unless --address is given)")
-    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                                                          "another address needs --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow an address other machines can reach; the studio has no login, so prefer an SSH "
+                        "tunnel or an authenticating reverse proxy (README: 'Behind a login')")
     p.add_argument("--port", type=_int, default=8501)
     p.add_argument("--headless", action="store_true", help="never open a browser (the default unless --browser)")
     p.add_argument("--browser", action="store_true", help="open the studio in this machine's web browser")
@@ -786,12 +790,40 @@ def app_path() -> Path:
     return Path(__file__).resolve().parent.parent / "app_streamlit.py"
 
 
+# Uploads up to 2048 MB: a dataset zip may expand to 2 GiB (studio.dataset_files.MAX_EXPANDED_BYTES)
+# and an SDXL LoRA file is up to ~1.7 GB. Streamlit keeps an upload in the server's memory.
+UI_MAX_UPLOAD_MB = 2048
+
+
+def _is_loopback(address: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost); a host name
+    other than localhost may resolve to anything, so it counts as remote."""
+    import ipaddress
+
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_ui(args) -> int:
+    from studio.errors import InvalidRequestError
     from studio.errors import StudioError as _E
 
     app = app_path()
     if not app.exists():
         raise _E(f"{app} is missing: install the studio from its source folder (pip install -e .)")
+    if not _is_loopback(args.address):
+        if not args.allow_remote:
+            raise InvalidRequestError(
+                f"--address {args.address} lets other machines open the studio, which has no login: keep "
+                f"127.0.0.1 and use an SSH tunnel or an authenticating reverse proxy (README: 'Behind a login'), "
+                f"or pass --allow-remote")
+        print(f"warning: the studio listens on {args.address}:{args.port} with no login: anyone who reaches it can "
+              f"generate, train and read and write the data roots; put it behind an SSH tunnel or an "
+              f"authenticating reverse proxy (README: 'Behind a login')", file=sys.stderr)
     argv = [
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.address", args.address,
@@ -801,6 +833,10 @@ def cmd_ui(args) -> int:
         # when files change; a studio is not a development server.
         "--server.fileWatcherType", "none",
         "--client.toolbarMode", "minimal",
+        # Visitors see the pages' own one-line errors; an uncaught exception shows a generic message,
+        # its traceback goes to this console only ("false" would still show tracebacks).
+        "--client.showErrorDetails", "none",
+        "--server.maxUploadSize", str(UI_MAX_UPLOAD_MB),
     ]
     # Headless unless asked: no browser launch and no first-run e-mail prompt on a server.
     argv += ["--server.headless", "false" if args.browser and not args.headless else "true"]

@@ -76,3 +76,45 @@ def test_corrupt_weights_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     proc = _run_cli("generate", "x", "--base", str(bad), "--out", str(tmp_path))
     assert proc.returncode == 2 and "cannot be read as safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _ui_argv(monkeypatch, *args):
+    """(exit status, the streamlit command line `lora-studio ui ARGS` would exec, or None)."""
+    import os
+
+    seen = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: seen.append(argv))
+    status = main(["ui", *args])
+    return status, (seen[0] if seen else None)
+
+
+def _option(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_ui_hides_error_details_and_takes_large_uploads(monkeypatch, capsys):
+    status, argv = _ui_argv(monkeypatch)
+    assert status == 0
+    # "none": tracebacks stay on the server's console; "false" would still show them ("stacktrace").
+    assert _option(argv, "--client.showErrorDetails") == "none"
+    from studio.dataset_files import MAX_EXPANDED_BYTES
+
+    assert int(_option(argv, "--server.maxUploadSize")) * 1024**2 >= MAX_EXPANDED_BYTES  # a dataset zip fits
+    assert _option(argv, "--server.address") == "127.0.0.1"
+    assert capsys.readouterr().err == ""
+
+
+def test_ui_on_a_non_loopback_address_needs_allow_remote(monkeypatch, capsys):
+    for address in ("localhost", "127.0.0.2", "::1"):
+        status, argv = _ui_argv(monkeypatch, "--address", address)
+        assert status == 0 and _option(argv, "--server.address") == address
+        assert capsys.readouterr().err == ""
+    for address in ("0.0.0.0", "192.168.1.20", "::", "studio.example.org"):
+        status, argv = _ui_argv(monkeypatch, "--address", address)
+        err = capsys.readouterr().err
+        assert status == 2 and argv is None, address
+        assert "--allow-remote" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    status, argv = _ui_argv(monkeypatch, "--address", "0.0.0.0", "--allow-remote")
+    err = capsys.readouterr().err
+    assert status == 0 and _option(argv, "--server.address") == "0.0.0.0"
+    assert "warning" in err and "no login" in err
