@@ -364,7 +364,8 @@ def _add_adapters(sub) -> None:
                       help="the Hub repo, optionally at a tag (v3), branch or commit; default main")
     pull.add_argument("--name", help="adapter name (default: the published name, else the repo's name)")
     pull.add_argument("--base", default=None,
-                      help="base model to validate against (default: the publication's base model, else tiny)")
+                      help="base model to validate against (default: the studio's default base model, "
+                           "LORA_STUDIO_BASE_MODEL, else tiny); the publication's own base model is never loaded")
     pull.add_argument("--json", action="store_true", help="print the version record")
     pull.set_defaults(func=cmd_adapters_pull)
     rm = asub.add_parser("delete", help="delete a version (name@3, name@alias, sha256:...) or a whole adapter (name)")
@@ -520,6 +521,8 @@ def cmd_adapters_pull(args) -> int:
     started = datetime.now(UTC)
     with Registry() as reg:
         v = pull_adapter(reg, args.repo, name=args.name, base=args.base)
+    for refused in (v.source or {}).get("refused_samples") or ():
+        print(f"warning: sample {refused.get('file')} was not stored: {refused.get('reason')}", file=sys.stderr)
     if args.json:
         print(json.dumps(v.to_dict()))
         return 0

@@ -2,8 +2,9 @@
 
 Holds :func:`publish_version` (a registry version -> one commit on a Hub model repo, tagged
 ``v<number>``), :func:`pull_adapter` (a Hub repo at a revision -> a registry version with origin
-"pulled"), :func:`model_card` (the README.md a publication carries), their result
-:class:`PublishResult`, and the translation of ``huggingface_hub`` failures into studio errors.
+"pulled"), :func:`model_card` (the README.md a publication carries), :func:`public_value` (the cleaning
+every published byte goes through), their result :class:`PublishResult`, and the translation of
+``huggingface_hub`` failures into studio errors.
 
 Does not hold: key layouts and conversions (``adapters/formats.py``), the registry's storage rules
 (``adapters/registry.py``, which records each publication as a row beside the version), the Streamlit
@@ -13,11 +14,14 @@ A publication is one commit holding exactly the files :func:`stage_files` writes
 
     pytorch_lora_weights.safetensors   diffusers/peft weights + lora_adapter_metadata (what load_lora_weights reads)
     <name>.safetensors                 the kohya/A1111/ComfyUI copy (with --kohya)
-    images/sample_<i>.png              the version's sample images, recipes embedded as the studio wrote them
+    images/sample_<i>.png              the version's sample images, re-encoded as PNG with their recipe chunks
     lora_studio.json                   the record: trigger words, lineage, training settings, sample recipes
     README.md                          the model card (front matter as diffusers' training scripts write it)
 
-then the tag ``v<number>`` on that commit; nothing else on the repo moves. ``name@3`` here is
+then the tag ``v<number>`` on that commit. The commit deletes only the files the previous publication's
+``lora_studio.json`` listed and this one does not re-upload (an older version's kohya copy or extra
+samples); other files in the repo are left alone. No local path goes public: every published byte goes
+through :func:`public_value`, which reduces each path to its last component. ``name@3`` here is
 ``owner/name@v3`` there, and pulling ``owner/name@v3`` reads the same files back.
 
 Credentials are whatever ``huggingface_hub`` uses (``HF_TOKEN``, the ``hf auth login`` cache) or an
@@ -30,6 +34,8 @@ The endpoint is ``HF_ENDPOINT`` (a mirror, or the local test server), read at ea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import json
 import os
 import re
@@ -40,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters import formats
-from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name
+from adapters import registry as registry_module
+from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name, decode_sample
 from studio.errors import (
     AdapterNotFoundError,
     AmbiguousReferenceError,
@@ -60,15 +67,22 @@ RECORD_FILE = "lora_studio.json"
 RECORD_FORMAT = "lora-studio.publication/1"
 CARD_FILE = "README.md"
 IMAGES_DIR = "images"
-MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record is a few kB; 4 MB bounds what a hostile repo can make us parse
+# Pull limits, checked against the sizes the Hub lists for a revision's files before anything is downloaded
+# (and again on the bytes that arrive). A record is a few kB and a card a few; 4 GiB holds the largest LoRA
+# files in use (Flux at high rank is about 1.5 GB), a full model does not belong in an adapter registry.
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+MAX_CARD_BYTES = 1024 * 1024
+MAX_WEIGHTS_BYTES = 4 * 1024**3
+MAX_SAMPLE_BYTES = registry_module.MAX_SAMPLE_BYTES
 # Owner and name as the Hub spells them: letters, digits, '-', '_', '.'; at most 96 characters each.
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _REVISION = re.compile(r"[^\s@:~^?*\[\\]{1,255}")
 _SAMPLE_FILE = re.compile(r"images/sample_(\d{1,4})\.(png|jpg|jpeg|webp)")
-# Files a publication owns: a new publication deletes the ones it does not re-upload, so the tagged commit
-# never carries a previous version's kohya copy or extra samples. Anything else in the repo is left alone.
-_MANAGED = re.compile(r"[^/]+\.safetensors|images/sample_\d{1,4}\.(png|jpg|jpeg|webp)|lora_studio\.json")
-_IMAGE_KINDS = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+# The shapes of the files a publication writes. A new publication deletes the files the previous one listed in
+# its lora_studio.json (and only those, and only of these shapes) when it does not re-upload them, so the
+# tagged commit never carries a previous version's kohya copy or extra samples; everything else stays.
+_MANAGED = re.compile(r"[^/]+\.safetensors|images/sample_\d{1,4}\.(png|jpg|jpeg|webp)")
+RECIPE_CHUNK = "lora_studio"  # the PNG text chunk holding a sample's full recipe (studio.generate.RECIPE_KEY)
 # Tags the Hub and diffusers' training scripts put on a LoRA repo; the family adds its own.
 BASE_TAGS = ("text-to-image", "diffusers", "lora", "template:sd-lora")
 FAMILY_TAGS = {"sd1": ("stable-diffusion", "stable-diffusion-diffusers"), "sd2": ("stable-diffusion",),
@@ -242,31 +256,142 @@ def _hub_errors(action: str, *, repo_id: str, endpoint: str, token: str | None, 
 # --------------------------------------------------------------------------------------------
 
 
-def _image_suffix(data: bytes) -> str:
-    for magic, suffix in _IMAGE_KINDS:
-        if data.startswith(magic):
-            return suffix
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "png"
+# A local path: absolute, in the home folder, on a drive, or climbing out of the current folder.
+_LOCAL_PATH = re.compile(r"(?:~?[\\/]|~$|[A-Za-z]:[\\/]|\.\.?[\\/])|.*[\\/]\.\.[\\/]", re.S)
+# The same inside free text (a comment, A1111's parameters, the card): it starts the text or follows a space,
+# quote, bracket or separator, so URLs ("https://host/a") and fractions ("1/2") are not paths.
+_PATH_IN_TEXT = re.compile(r"""(?<![^\s"'`(\[{=,;<>])(?:~|[A-Za-z]:)?[\\/]+(?=[^\s\\/"'`)\]}<>,;|])"""
+                           r"""[^\s"'`)\]}<>,;|]+""")
+# Keys whose values name local places even when relative (``dataset.path = "data/cats"``).
+_PATH_KEYS = ("path", "paths", "dir", "dirs", "folder", "root")
 
 
-def _pathlike(key: str, value: str) -> bool:
-    key = key.lower()
-    return (key.endswith(("path", "dir", "folder", "file", "root")) or value.startswith(("/", "~", "\\"))
-            or bool(re.match(r"[A-Za-z]:[\\/]", value)))
+def _last_component(path: str) -> str:
+    parts = [p for p in re.split(r"[\\/]+", path.strip()) if p not in ("", ".", "..", "~")]
+    return parts[-1] if parts else ""
 
 
-def public_config(value: Any, key: str = "") -> Any:
-    """A training config as it may go public: local paths become their last component (``/home/alice/cats``
-    -> ``cats``), so a published card never shows someone's folders."""
+def _local_path(key: str, value: str) -> bool:
+    return bool(_LOCAL_PATH.match(value.strip())) or (
+        key.lower().endswith(_PATH_KEYS) and bool(re.search(r"[\\/]", value)))
+
+
+def public_value(value: Any, key: str = "", *, known: tuple[str, ...] | list[str] = ()) -> Any:
+    """``value`` as it may go public: every local path becomes its last component (``/home/alice/cats`` ->
+    ``cats``), so nothing published shows someone's folders. The one cleaning step of every published byte:
+    the weights' metadata, ``lora_studio.json``, the sample recipes and PNG text chunks, the model card.
+
+    Dicts and lists are cleaned item by item (keys too; ``key`` is the name a value sits under, which marks
+    relative paths in ``dataset.path`` and the like as local). A string holding JSON (safetensors metadata
+    such as ``lora_studio.training``) is cleaned inside and written back only if something changed. Any
+    other string is free text: each of ``known`` (local paths found elsewhere in the same publication,
+    which may hold spaces) is replaced wherever it appears, then every absolute path left in the text.
+    Hub ids (``owner/name``) and URLs are not paths and stay.
+    """
     if isinstance(value, dict):
-        return {k: public_config(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [public_config(v, key) for v in value]
-    if isinstance(value, str) and value and _pathlike(key, value):
-        return Path(value.replace("\\", "/")).name or value
-    return value
+        return {public_value(k, known=known) if isinstance(k, str) else k: public_value(v, str(k), known=known)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_value(v, key, known=known) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if _local_path(key, value):
+        return _last_component(value)
+    if value.lstrip()[:1] in ("{", "["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            cleaned = public_value(parsed, key, known=known)
+            return value if cleaned == parsed else json.dumps(cleaned, ensure_ascii=False, allow_nan=False)
+    text = value
+    for path in sorted(known, key=len, reverse=True):
+        if path in text:
+            text = text.replace(path, _last_component(path))
+    return _PATH_IN_TEXT.sub(lambda m: _last_component(m.group()), text)
+
+
+def _local_paths(value: Any, key: str = "") -> set[str]:
+    """Every local path in ``value`` (as :func:`public_value` finds them), JSON strings included: the
+    ``known`` of a publication, so free text that repeats one (spaces and all) loses it too."""
+    if isinstance(value, dict):
+        return set().union(*(_local_paths(v, str(k)) for k, v in value.items())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_local_paths(v, key) for v in value)) if value else set()
+    if not isinstance(value, str) or not value:
+        return set()
+    if _local_path(key, value):
+        return {value.strip()} if len(value.strip()) > 1 else set()
+    if value.lstrip()[:1] in ("{", "["):
+        with contextlib.suppress(ValueError):
+            return _local_paths(json.loads(value), key)
+    return set()
+
+
+def _version_paths(version: AdapterVersion) -> tuple[str, ...]:
+    return tuple(_local_paths({"base_model": version.base_model, "source": version.source,
+                               "training_config": version.training_config,
+                               "metadata": version.safetensors_metadata,
+                               "recipes": [s.recipe for s in version.samples]}))
+
+
+def public_version(version: AdapterVersion, known: tuple[str, ...] = ()) -> AdapterVersion:
+    """The version with every field a publication shows cleaned by :func:`public_value` (the record and
+    the card are built from it; the weights and samples are read through the original)."""
+    return dataclasses.replace(
+        version, base_model=public_value(version.base_model, "base_model", known=known),
+        description=public_value(version.description, known=known),
+        training_config=public_value(version.training_config, known=known),
+        source=public_value(version.source, known=known), metrics=public_value(version.metrics, known=known),
+        safetensors_metadata=public_value(version.safetensors_metadata, known=known),
+        trigger_words=tuple(public_value(list(version.trigger_words), known=known)),
+        tags=tuple(public_value(list(version.tags), known=known)),
+        author=public_value(version.author, known=known))
+
+
+def _public_safetensors(path: Path, known: tuple[str, ...]) -> None:
+    """Rewrite the ``__metadata__`` of a safetensors file through :func:`public_value`; the tensors' bytes
+    (and so every tensor hash) are copied unchanged."""
+    from studio.atomic import write_atomic
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict):
+        return
+    cleaned = {k: public_value(v, k, known=known) for k, v in metadata.items()}
+    if cleaned == metadata:
+        return
+    text = json.dumps({"__metadata__": cleaned, **{k: v for k, v in header.items() if k != "__metadata__"}},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the tensor data 8-byte aligned
+
+    def write(out) -> None:
+        out.write(len(text).to_bytes(8, "little") + text)
+        with open(path, "rb") as f:
+            f.seek(8 + size)
+            shutil.copyfileobj(f, out, 1024 * 1024)
+
+    write_atomic(path, write)
+
+
+def _public_image(image: Path, known: tuple[str, ...], what: str) -> bytes:
+    """A sample as published: decoded within the registry's bounds and re-encoded as PNG holding only its
+    text chunks, cleaned (the recipe chunk and A1111's ``parameters`` included); other metadata (EXIF,
+    ICC profiles, comments) is not carried over."""
+    from PIL.PngImagePlugin import PngInfo
+
+    im = decode_sample(image, what)
+    info = PngInfo()
+    for key, text in (getattr(im, "text", None) or {}).items():
+        info.add_text(public_value(key, known=known), public_value(str(text), key, known=known))
+    if im.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def _hub_base_model(version: AdapterVersion, base_model: str | None) -> str | None:
@@ -288,18 +413,20 @@ def kohya_file_name(version: AdapterVersion) -> str:
     return stem + ".safetensors"
 
 
-def publication_record(version: AdapterVersion, *, files: dict[str, str | None], samples: list[dict]) -> dict:
-    """The ``lora_studio.json`` of a publication: the version's record minus anything local or private."""
-    return {
+def publication_record(version: AdapterVersion, *, files: dict[str, str | None], samples: list[dict],
+                       known: tuple[str, ...] = ()) -> dict:
+    """The ``lora_studio.json`` of a publication: the version's record minus anything local or private
+    (through :func:`public_value`; ``known`` as there)."""
+    return public_value({
         "format": RECORD_FORMAT,
         "name": version.name, "version": version.number, "ref": version.ref,
         "family": version.family, "adapter_type": version.adapter_type, "rank": version.rank, "alpha": version.alpha,
         "target_modules": list(version.target_modules), "components": list(version.components),
         "trigger_words": list(version.trigger_words), "description": version.description, "tags": list(version.tags),
         "license": version.license, "author": version.author,
-        "base_model": public_config(version.base_model, "base_model") if version.base_model else None,
+        "base_model": version.base_model or None,
         "base_model_sha256": version.base_model_sha256,
-        "training_config": public_config(version.training_config) if version.training_config else None,
+        "training_config": version.training_config or None,
         "dataset_fingerprint": version.dataset_fingerprint, "metrics": version.metrics,
         "origin": version.origin,
         # The Hub part of a pulled version's source is public already; local paths are not published.
@@ -308,7 +435,7 @@ def publication_record(version: AdapterVersion, *, files: dict[str, str | None],
         "tensor_sha256": version.tensor_sha256,
         "files": files,
         "samples": samples,
-    }
+    }, known=known)
 
 
 def _yaml_text(text: str) -> str:
@@ -316,7 +443,8 @@ def _yaml_text(text: str) -> str:
 
 
 def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | None], samples: list[dict],
-               base_model: str | None = None, license: str | None = None) -> tuple[str, list[str]]:
+               base_model: str | None = None, license: str | None = None,
+               known: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """The README.md of a publication and the warnings it raised.
 
     Front matter as diffusers' training scripts write it (``base_model``, ``library_name: diffusers``,
@@ -324,7 +452,7 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     for the samples); the body: description, trigger words, diffusers and LoRA Studio usage, downloads,
     training settings and dataset size, lineage. ``base_model`` must be a Hub id for the Hub to list the
     repo as an adapter of it: without one (the embedded ``tiny`` model, a local file) it is left out and a
-    warning says so.
+    warning says so. The text goes through :func:`public_value` (``known`` as there) like every published byte.
     """
     from huggingface_hub import ModelCardData
 
@@ -397,7 +525,7 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     lines += ["## Lineage", ""]
     lines += _lineage_lines(version)
     body = "\n".join(lines).rstrip() + "\n"
-    return f"---\n{data.to_yaml()}\n---\n\n{body}", warnings
+    return public_value(f"---\n{data.to_yaml()}\n---\n\n{body}", known=known), warnings
 
 
 def _num(x) -> str:
@@ -439,7 +567,7 @@ def _training_lines(version: AdapterVersion) -> list[str]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             lines.append(f"- {key}: {value:g}")
     if version.training_config:
-        rows = _flatten(public_config(version.training_config))
+        rows = _flatten(public_value(version.training_config))
         if rows:
             lines += ["", "| setting | value |", "| --- | --- |"]
             lines += [f"| `{k}` | {str(v).replace('|', '/')} |" for k, v in rows]
@@ -464,33 +592,47 @@ def _lineage_lines(version: AdapterVersion) -> list[str]:
 def stage_files(registry: Registry, version: AdapterVersion, repo_id: str, out_dir: Path, *, kohya: bool = False,
                 base_model: str | None = None, license: str | None = None) -> tuple[list[str], list[str]]:
     """Write the files of a publication into ``out_dir`` (which must exist and be empty); return the paths
-    in the repo (weights first) and the model card's warnings."""
+    in the repo (weights first) and the warnings (the model card's, samples left out).
+
+    Every byte written goes through :func:`public_value`, with the local paths the version records as its
+    ``known``: the weights' metadata (kohya copy too), the samples' PNG text chunks (each sample is
+    re-encoded as a PNG that holds nothing else), their recipes in ``lora_studio.json``, the record, the card.
+    """
+    import hashlib
+
     from adapters.importer import export_adapter
+    from studio.atomic import write_bytes_atomic
 
     out_dir = Path(out_dir)
+    known = _version_paths(version)
+    public = public_version(version, known)
     files = {"diffusers": WEIGHTS_FILE, "kohya": kohya_file_name(version) if kohya else None}
-    export_adapter(registry, version.ref, format="diffusers", out=out_dir / WEIGHTS_FILE, force=True)
-    paths = [WEIGHTS_FILE]
-    if kohya:
-        export_adapter(registry, version.ref, format="kohya", out=out_dir / files["kohya"], force=True)
-        paths.append(files["kohya"])
-    samples = []
-    for i, sample in enumerate(version.samples):
-        data = Path(sample.path).read_bytes()
-        rel = f"{IMAGES_DIR}/sample_{i}.{_image_suffix(data)}"
-        (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
-        (out_dir / rel).write_bytes(data)  # as stored: the PNG keeps the recipe chunks the studio wrote
-        samples.append({"file": rel, "recipe": sample.recipe, "sha256": sample.sha256})
+    paths = [WEIGHTS_FILE] + ([files["kohya"]] if kohya else [])
+    for fmt, rel in (("diffusers", WEIGHTS_FILE), ("kohya", files["kohya"])):
+        if rel is not None:
+            export_adapter(registry, version.ref, format=fmt, out=out_dir / rel, force=True)
+            _public_safetensors(out_dir / rel, known)
+    samples, warnings = [], []
+    for sample in version.samples:
+        try:
+            data = _public_image(Path(sample.path), known, f"sample {len(samples) + 1} of {version.ref}")
+        except StudioError as e:  # stored before samples were checked: published without it
+            warnings.append(f"{e}; it is left out of the publication")
+            continue
+        rel = f"{IMAGES_DIR}/sample_{len(samples)}.png"
+        write_bytes_atomic(out_dir / rel, data)
+        samples.append({"file": rel, "recipe": public_value(sample.recipe, known=known),
+                        "sha256": hashlib.sha256(data).hexdigest()})
         paths.append(rel)
-    record = publication_record(version, files=files, samples=samples)
-    (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-                                       encoding="utf-8")
+    record = publication_record(public, files=files, samples=samples, known=known)
+    write_bytes_atomic(out_dir / RECORD_FILE, (json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False)
+                                               + "\n").encode())
     paths.append(RECORD_FILE)
-    card, warnings = model_card(version, repo_id, files=files, samples=samples, base_model=base_model,
-                                license=license)
-    (out_dir / CARD_FILE).write_text(card, encoding="utf-8")
+    card, card_warnings = model_card(public, repo_id, files=files, samples=samples, base_model=base_model,
+                                     license=license, known=known)
+    write_bytes_atomic(out_dir / CARD_FILE, card.encode())
     paths.append(CARD_FILE)
-    return paths, warnings
+    return paths, card_warnings + warnings
 
 
 def _dry_run(registry: Registry, version: AdapterVersion, repo_id: str, out: Path, **kw) -> tuple[list[str], list]:
@@ -523,7 +665,8 @@ def publish_version(registry: Registry, ref: str, repo_id: str, *, private: bool
     """Publish the registry version ``ref`` to the Hub model repo ``repo_id`` and tag it ``v<number>``.
 
     Creates the repo when missing (``private`` applies only then), uploads every file in ONE commit (see
-    the module docstring; a previous publication's kohya copy or extra samples are deleted in it), tags
+    the module docstring; files the previous publication listed and this one does not carry, such as its
+    kohya copy or extra samples, are deleted in it, nothing else), tags
     that commit, and records the publication on the version. If the tag already holds this version (same
     tensors), nothing is uploaded and the existing publication is returned; if it holds other weights,
     :class:`HubConflictError` (tags never move). On any failure the registry is unchanged.
@@ -572,9 +715,11 @@ def publish_version(registry: Registry, ref: str, repo_id: str, *, private: bool
                                        ref=version.ref, commit_url=f"{url}/commit/{commit}",
                                        private=bool(info.private), already_published=True, warnings=tuple(warnings))
             else:
-                head = api.model_info(repo_id, revision="main")
-                stale = sorted(s.rfilename for s in head.siblings or ()
-                               if _MANAGED.fullmatch(s.rfilename) and s.rfilename not in paths)
+                head = api.model_info(repo_id, revision="main", files_metadata=True)
+                with tempfile.TemporaryDirectory(prefix="lora-studio-head-") as head_tmp:
+                    previous = _fetch_record(repo_id, "main", head.sha, _sizes(head), Path(head_tmp), endpoint,
+                                             token, strict=False)
+                stale = sorted(set(_published_paths(previous)) & set(_sizes(head)) - set(paths))
                 operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(Path(tmp) / p)) for p in paths]
                 operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
                 info = api.create_commit(
@@ -592,17 +737,23 @@ def publish_version(registry: Registry, ref: str, repo_id: str, *, private: bool
     return result
 
 
+def _published_paths(record: dict | None) -> list[str]:
+    """The weights and sample files an earlier publication's record lists: what a new publication may delete."""
+    if record is None:
+        return []
+    listed = [v for v in (record.get("files") or {}).values()] if isinstance(record.get("files"), dict) else []
+    listed += [s.get("file") for s in record.get("samples") or [] if isinstance(s, dict)] \
+        if isinstance(record.get("samples"), list) else []
+    return [p for p in listed if isinstance(p, str) and _MANAGED.fullmatch(p)]
+
+
 def _check_existing_tag(api, version: AdapterVersion, repo_id: str, tag: str, commit: str, endpoint: str,
                         token: str | None) -> str:
     """The tag exists: fine when its record names these tensors (a publish re-run), else a conflict."""
-    record = None
-    files = [s.rfilename for s in api.model_info(repo_id, revision=commit).siblings or ()]
-    if RECORD_FILE in files:
-        with tempfile.TemporaryDirectory(prefix="lora-studio-tag-") as tmp:
-            try:
-                record = _read_record(_download(repo_id, RECORD_FILE, commit, Path(tmp), endpoint, token))
-            except InvalidRequestError:
-                record = None  # unreadable: not ours to overwrite either
+    sizes = _sizes(api.model_info(repo_id, revision=commit, files_metadata=True))
+    with tempfile.TemporaryDirectory(prefix="lora-studio-tag-") as tmp:
+        # Unreadable: not ours to overwrite either.
+        record = _fetch_record(repo_id, tag, commit, sizes, Path(tmp), endpoint, token, strict=False)
     if record is not None and record.get("tensor_sha256") == version.tensor_sha256:
         return commit
     theirs = f"{record.get('ref')} (tensor sha256 {str(record.get('tensor_sha256'))[:16]}...)" if record else \
@@ -624,9 +775,46 @@ def _download(repo_id: str, filename: str, commit: str, local_dir: Path, endpoin
                                 token=token if token is not None else False))
 
 
+def _sizes(info) -> dict[str, int | None]:
+    """Path -> size in bytes of a revision's files, from ``model_info(files_metadata=True)`` (None: not listed)."""
+    return {s.rfilename: (s.lfs.size if s.lfs is not None else s.size) for s in info.siblings or ()}
+
+
+def _check_size(repo_id: str, revision: str, rel: str, size: int | None, limit: int, what: str) -> None:
+    """Refuse a file from the repo's listing, before it is downloaded."""
+    if size is None:
+        raise HubError(f"cannot pull from the Hub: {repo_id}@{revision} lists {rel} without its size, so the studio "
+                       f"cannot bound the download; try again, or ask the repo's owner")
+    if size > limit:
+        raise InvalidRequestError(f"{rel} in {repo_id}@{revision} is {size:,} bytes, larger than the {limit:,} bytes "
+                                  f"{what} may have: the studio does not download it")
+
+
+def _fetch(repo_id: str, revision: str, commit: str, rel: str, sizes: dict, limit: int, what: str, tmp: Path,
+           endpoint: str, token: str | None) -> Path:
+    """Download ``rel`` at ``commit`` after checking its listed size, and check the bytes that arrived too."""
+    _check_size(repo_id, revision, rel, sizes.get(rel), limit, what)
+    path = _download(repo_id, rel, commit, tmp, endpoint, token)
+    _check_size(repo_id, revision, rel, path.stat().st_size, limit, what)
+    return path
+
+
+def _fetch_record(repo_id: str, revision: str, commit: str, sizes: dict, tmp: Path, endpoint: str,
+                  token: str | None, *, strict: bool = True) -> dict | None:
+    """The repo's ``lora_studio.json`` at ``commit`` (None when there is none or it is not a studio record).
+    Not ``strict``: a record too large or damaged also reads as None instead of raising."""
+    if RECORD_FILE not in sizes:
+        return None
+    try:
+        return _read_record(_fetch(repo_id, revision, commit, RECORD_FILE, sizes, MAX_RECORD_BYTES,
+                                   "a LoRA Studio record", tmp, endpoint, token))
+    except InvalidRequestError:
+        if strict:
+            raise
+        return None
+
+
 def _read_record(path: Path) -> dict | None:
-    if path.stat().st_size > MAX_RECORD_BYTES:
-        raise InvalidRequestError(f"{RECORD_FILE} is larger than {MAX_RECORD_BYTES} bytes: not a LoRA Studio record")
     def refuse(constant: str):
         raise ValueError(f"{constant} is not JSON")
 
@@ -709,8 +897,14 @@ def pull_adapter(registry: Registry, repo: str, *, revision: str | None = None, 
     Args:
         name: adapter name (default: the publication's name, else the repo's name).
         token: a Hub token for private repos; default what huggingface_hub finds. Never stored.
-        base: base model to validate against (default: the publication's base, else the card's
-            base_model, else the studio's default base model).
+        base: base model to validate against (default: the studio's default base model,
+            ``LORA_STUDIO_BASE_MODEL``, ``tiny`` unless set). The publication's own base model is recorded in
+            ``source['published_base_model']`` but never loaded: it can be any Hub id or a path.
+
+    Sizes come from the repo's file list and are checked before each download (:data:`MAX_RECORD_BYTES`,
+    :data:`MAX_WEIGHTS_BYTES`, :data:`MAX_SAMPLE_BYTES`, :data:`MAX_CARD_BYTES`). A sample image over its
+    limit or one that does not decode within the registry's bounds is left out and listed, with the
+    reason, in ``source['refused_samples']``; the rest of the pull is kept.
     """
     repo_id, at = parse_repo_reference(repo)
     if revision is not None and at is not None and revision != at:
@@ -729,25 +923,40 @@ def pull_adapter(registry: Registry, repo: str, *, revision: str | None = None, 
     with tempfile.TemporaryDirectory(prefix="lora-studio-pull-") as tmp_text:
         tmp = Path(tmp_text)
         with _hub_errors("pull from the Hub", repo_id=repo_id, endpoint=endpoint, token=token, revision=revision):
-            info = api.model_info(repo_id, revision=revision)
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
             commit = info.sha
-            files = [s.rfilename for s in info.siblings or ()]
-            record = _read_record(_download(repo_id, RECORD_FILE, commit, tmp, endpoint, token)) \
-                if RECORD_FILE in files else None
+            sizes = _sizes(info)
+            files = list(sizes)
+            record = _fetch_record(repo_id, revision, commit, sizes, tmp, endpoint, token)
             target = name or _default_name(record, repo_id)
             for v in registry.list_versions(name=target, limit=None).items:
                 hub = (v.source or {}).get("hub") if v.origin == "pulled" else None
                 if isinstance(hub, dict) and hub.get("repo_id") == repo_id and hub.get("commit") == commit:
                     return v  # this revision was pulled already: nothing to download or record
             weights_file = _choose_weights(files, record, repo_id, revision)
-            weights = _download(repo_id, weights_file, commit, tmp, endpoint, token)
-            card = _download(repo_id, CARD_FILE, commit, tmp, endpoint, token) if CARD_FILE in files else None
-            samples = _sample_files(record, card, files)
-            downloaded = {rel: _download(repo_id, rel, commit, tmp, endpoint, token) for rel, _ in samples}
+            _check_size(repo_id, revision, weights_file, sizes.get(weights_file), MAX_WEIGHTS_BYTES,
+                        "an adapter file")
+            card = None
+            if CARD_FILE in files and (sizes.get(CARD_FILE) or 0) <= MAX_CARD_BYTES:  # a card only adds hints
+                card = _fetch(repo_id, revision, commit, CARD_FILE, sizes, MAX_CARD_BYTES, "a model card", tmp,
+                              endpoint, token)
+            samples, refused = [], []
+            for rel, recipe in _sample_files(record, card, files):
+                try:
+                    path = _fetch(repo_id, revision, commit, rel, sizes, MAX_SAMPLE_BYTES, "a sample image", tmp,
+                                  endpoint, token)
+                    decode_sample(path, f"sample image {rel}")
+                except InvalidRequestError as e:  # a sample is a preview: the adapter is pulled without it
+                    refused.append({"file": rel, "reason": str(e)})
+                    continue
+                samples.append(SampleImage(image=path, recipe=recipe))
+            weights = _fetch(repo_id, revision, commit, weights_file, sizes, MAX_WEIGHTS_BYTES, "an adapter file",
+                             tmp, endpoint, token)
         source = {"hub": {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
                           "url": f"{endpoint}/{repo_id}", "file": weights_file}}
-        return _register_pulled(registry, target, weights, record, _card_data(card), source,
-                                [SampleImage(image=downloaded[rel], recipe=recipe) for rel, recipe in samples], base)
+        if refused:
+            source["refused_samples"] = refused
+        return _register_pulled(registry, target, weights, record, _card_data(card), source, samples, base)
 
 
 def _card_data(card: Path | None) -> dict:
@@ -791,7 +1000,12 @@ def _register_pulled(registry: Registry, name: str, weights: Path, record: dict 
     record = record or {}
     info = formats.detect(weights)
     card_base = card.get("base_model") if isinstance(card.get("base_model"), str) else None
-    base = base or _get(record, "base_model", str) or card_base or get_settings().default_base_model
+    published_base = _get(record, "base_model", str) or card_base
+    if published_base:
+        source["published_base_model"] = published_base[:256]  # what the publisher used: shown, never loaded
+    # The user's choice, never the remote record's: a record can name a Hub model of many GB, or a path on
+    # this machine; a publication from a local file names only that file, which no other machine has.
+    base = base or get_settings().default_base_model
     family = get_family(resolve(base).family)
     pipe = load_pipeline(base)
     adapter = formats.read_adapter(weights, base_pipeline=pipe, family=family, base_name=base, info=info)

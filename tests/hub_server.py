@@ -18,7 +18,8 @@ constraints.txt) for what ``studio.hub`` does, with the Hub's status codes and e
 Writes need ``Authorization: Bearer <token>`` with a token of the repo's owner (401 unknown token,
 403 someone else's namespace); private repos read like missing ones without it. :meth:`FakeHub.fail`
 makes chosen requests answer an error status and :meth:`FakeHub.drop` closes the connection in the
-middle of a request body. Every request is recorded (Authorization header removed) so tests can check
+middle of a request body; :meth:`FakeHub.put_files` commits files straight onto a branch (a repo holding
+files the studio did not publish). Every request is recorded (Authorization header removed) so tests can check
 what was sent. State lives in memory; nothing touches the network beyond 127.0.0.1.
 """
 
@@ -155,6 +156,29 @@ class FakeHub:
     def files(self, repo_id: str, revision: str) -> list[str]:
         repo = self.repos[repo_id]
         return sorted(repo.commits[self._resolve(repo, revision)])
+
+    def put_files(self, repo_id: str, files: dict[str, bytes | None], *, branch: str = "main",
+                  message: str = "files written by the test") -> str:
+        """Commit ``files`` (path -> bytes; None deletes) straight onto ``branch``, creating the repo (public,
+        owned by the first part of ``repo_id``) when missing: how a test makes a repo that holds files the
+        studio did not publish (foreign weights, a hostile record or image). Returns the new commit."""
+        with self.lock:
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                repo = self.repos[repo_id] = Repo(owner=repo_id.split("/")[0], private=False)
+                repo.branches[branch] = self._new_commit(repo, {}, "initial commit")
+            tree = dict(repo.commits[repo.branches[branch]])
+            for path, data in files.items():
+                if data is None:
+                    tree.pop(path, None)
+                elif path.lower().endswith(_LFS_SUFFIXES):
+                    oid = hashlib.sha256(data).hexdigest()
+                    self.lfs[oid] = data
+                    tree[path] = Entry(len(data), lfs_oid=oid)
+                else:
+                    tree[path] = Entry(len(data), content=data)
+            repo.branches[branch] = self._new_commit(repo, tree, message)
+            return repo.branches[branch]
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:

@@ -7,11 +7,13 @@ it was, and a token that appears nowhere but the Authorization header.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import shutil
 import types
+import zlib
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from studio.errors import (
     HubError,
     HubNotFoundError,
     InvalidNameError,
+    InvalidRequestError,
     OfflineError,
     UnsupportedAdapterError,
 )
@@ -439,10 +442,10 @@ def test_repo_ids_are_validated():
             studio_hub.parse_repo_reference(bad)
 
 
-def test_public_config_drops_local_folders():
+def test_public_value_drops_local_folders():
     config = {"dataset": {"path": "/home/a/cats", "cache_dir": "C:\\Users\\a\\cache", "resolution": 512},
               "model": {"base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "list": ["~/x/y"]}
-    assert studio_hub.public_config(config) == {
+    assert studio_hub.public_value(config) == {
         "dataset": {"path": "cats", "cache_dir": "cache", "resolution": 512},
         "model": {"base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "list": ["y"]}
 
@@ -509,3 +512,293 @@ def test_a_version_1_registry_gains_the_publications_table(versions, studio_home
         reg.delete("stripes@2")
         with reg._engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM version_publications")).scalar() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# publication hygiene: no local path in any published byte
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "qzx9localonly"  # in the parent folders of the dataset, the base model and the run; nowhere else
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_texts(data: bytes) -> list[bytes]:
+    """Every text a PNG carries, decoded: tEXt as is, zTXt and iTXt decompressed, plus the pixel stream."""
+    out, pos, idat = [], len(PNG_MAGIC), b""
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"tEXt":
+            out.append(body)
+        elif kind == b"zTXt":
+            key, _, rest = body.partition(b"\0")
+            out += [key, zlib.decompress(rest[1:])]
+        elif kind == b"iTXt":
+            key, _, rest = body.partition(b"\0")
+            compressed, rest = rest[0], rest[2:]
+            lang, _, rest = rest.partition(b"\0")
+            translated, _, text = rest.partition(b"\0")
+            out += [key, lang, translated, zlib.decompress(text) if compressed else text]
+        elif kind == b"IDAT":
+            idat += body
+        else:
+            out.append(body)
+    if idat:
+        out.append(zlib.decompress(idat))
+    return out
+
+
+def _readable_forms(data: bytes) -> list[bytes]:
+    """The bytes of a published file and what a reader decodes from them (PNG text chunks, the safetensors
+    header and the JSON strings inside its metadata)."""
+    forms = [data]
+    if data.startswith(PNG_MAGIC):
+        forms += _png_texts(data)
+    elif len(data) > 8 and data[8:9] == b"{":
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        for value in (header.get("__metadata__") or {}).values():
+            forms.append(value.encode())
+            with contextlib.suppress(ValueError):
+                forms.append(json.dumps(json.loads(value), ensure_ascii=False).encode())
+    return forms
+
+
+def _assert_nothing_local(files: dict[str, bytes], *needles: str) -> None:
+    assert files
+    for name, data in files.items():
+        for form in _readable_forms(data):
+            for needle in needles:
+                assert needle.encode() not in form, f"{needle!r} is published in {name}"
+
+
+@pytest.fixture
+def marked_version(reg, tmp_path):
+    """outlined@1, trained for 2 steps from a dataset, a single-file base model and an output folder that all
+    lie below a folder named with MARKER (the sample PNG and the metadata hold those paths as the trainer wrote
+    them)."""
+    from studio.single_file import export_single_file
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+
+    private = tmp_path / f"{MARKER}-private"
+    dataset = shutil.copytree(ROOT / "datasets" / "outlined_txt", private / "datasets" / "outlined")
+    base = export_single_file("tiny", private / "models" / "tiny-sd1.safetensors")
+    cfg = TrainConfig.from_toml(dataset / "train.toml").apply_overrides([
+        f"model.base_model={base}", f"dataset.path={dataset}", f"output.dir={private / 'runs'}",
+        "output.name=outlined", "training.max_train_steps=2", "training.lr_warmup_steps=0",
+        "validation.every_n_steps=2", "validation.seeds=[0]", "output.checkpointing_steps=0",
+        'validation.prompts=["a red circle on a blue background, zkoutline"]'])
+    result = train(cfg, console=False)
+    assert result.status == "done", result.message
+    version = reg.get(result.ref)
+    # The registry keeps the local truth: the test is only meaningful if the marker is there to leak.
+    assert MARKER in json.dumps(version.safetensors_metadata) and MARKER in version.base_model
+    assert version.samples and any(MARKER.encode() in t for t in _png_texts(Path(version.samples[0].path)
+                                                                             .read_bytes()))
+    return version
+
+
+def test_no_published_byte_names_a_local_folder(reg, marked_version, hub, tmp_path, capsys):
+    from studio.cli import main
+
+    version = marked_version
+    needles = (MARKER, str(tmp_path))
+    capsys.readouterr()
+    assert main(["adapters", "publish", version.ref, "--repo", REPO, "--kohya", "--dry-run", str(tmp_path / "dry"),
+                 "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    written = {p: (tmp_path / "dry" / p).read_bytes() for p in dry["files"]}
+    assert {"pytorch_lora_weights.safetensors", "outlined.safetensors", "images/sample_0.png", "lora_studio.json",
+            "README.md"} <= set(written)
+    _assert_nothing_local(written, *needles)
+
+    result = studio_hub.publish_version(reg, version.ref, REPO, kohya=True, token=TOKEN)
+    uploaded = {p: hub.file(REPO, result.tag, p) for p in result.files}
+    assert uploaded == written  # the same cleaning on both paths, byte for byte
+    _assert_nothing_local(uploaded, *needles)
+    for r in hub.requests:  # commit messages and descriptions too
+        assert MARKER.encode() not in r.body and str(tmp_path).encode() not in r.body
+
+    # Cleaned, not emptied: the last component of each path stays, the recipes and settings stay usable.
+    record = json.loads(written["lora_studio.json"])
+    assert record["base_model"] == "tiny-sd1.safetensors"
+    assert record["training_config"]["dataset"]["path"] == "outlined"
+    [sample] = record["samples"]
+    assert sample["recipe"]["base_model"] == "tiny-sd1.safetensors" and sample["recipe"]["seed"] == 0
+    with Image.open(io.BytesIO(written["images/sample_0.png"])) as im:
+        assert im.size == (32, 32)
+        chunk = json.loads(im.text["lora_studio"])
+        assert chunk["request"]["base_model"] == "tiny-sd1.safetensors"
+        assert 'Model: "tiny-sd1.safetensors"' in im.text["parameters"] or \
+            "Model: tiny-sd1.safetensors" in im.text["parameters"]
+    md = json.loads(written["pytorch_lora_weights.safetensors"][8:8 + int.from_bytes(
+        written["pytorch_lora_weights.safetensors"][:8], "little")])["__metadata__"]
+    assert md["ss_sd_model_name"] == "tiny-sd1.safetensors" and "lora_adapter_metadata" in md
+    assert json.loads(md["lora_studio.training"])["config"]["dataset"]["path"] == "outlined"
+    assert "tiny-sd1.safetensors" in md["ss_training_comment"]
+    (tmp_path / "check").mkdir()
+    (tmp_path / "check" / "w.safetensors").write_bytes(written["pytorch_lora_weights.safetensors"])
+    ours, theirs = _tensors(version.path), _tensors(tmp_path / "check" / "w.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_public_value_cleans_structures_json_strings_and_free_text():
+    clean = studio_hub.public_value
+    assert clean({"ss_sd_model_name": "/srv/models/base.safetensors", "base_model": "owner/model",
+                  "init_image": "../in/put.png", "file": "images/sample_0.png", "dataset": {"path": "data/cats"},
+                  "n": 3}) == \
+        {"ss_sd_model_name": "base.safetensors", "base_model": "owner/model", "init_image": "put.png",
+         "file": "images/sample_0.png", "dataset": {"path": "cats"}, "n": 3}
+    assert clean(json.dumps({"run_dir": "/home/a/runs/7", "lr": 0.1}), "lora_studio.training") == \
+        json.dumps({"run_dir": "7", "lr": 0.1})
+    assert clean('{"lr": 0.1}', "lora_adapter_metadata") == '{"lr": 0.1}'  # unchanged JSON keeps its bytes
+    assert clean("trained with LoRA Studio on /home/a/my models/base.safetensors",
+                 known=("/home/a/my models/base.safetensors",)) == "trained with LoRA Studio on base.safetensors"
+    assert clean('Steps: 4, Model: "C:\\\\Users\\\\a\\\\base.safetensors", see https://huggingface.co/a/b') == \
+        'Steps: 4, Model: "base.safetensors", see https://huggingface.co/a/b'
+    assert clean({"/home/a/data/10_cats": {"cat": 2}}) == {"10_cats": {"cat": 2}}
+
+
+# --------------------------------------------------------------------------------------------
+# publishing next to files the studio did not publish
+# --------------------------------------------------------------------------------------------
+
+
+def test_publish_deletes_only_files_a_previous_publication_listed(reg, versions, hub):
+    foreign = {"other.safetensors": b"someone else's weights", "images/sample_5.png": _png("theirs"),
+               "notes.txt": b"kept"}
+    hub.put_files(REPO, foreign)
+    studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, token=TOKEN)
+    assert {"stripes.safetensors", "images/sample_0.png", *foreign} <= set(hub.files(REPO, "v2"))
+    # stripes@1 has no kohya copy and no sample: the studio's own v2 files go, the foreign ones stay.
+    studio_hub.publish_version(reg, "stripes@1", REPO, token=TOKEN)
+    files = set(hub.files(REPO, "v1"))
+    assert "stripes.safetensors" not in files and "images/sample_0.png" not in files
+    assert set(foreign) <= files and all(hub.file(REPO, "v1", p) == data for p, data in foreign.items())
+
+
+def test_publish_into_a_repo_without_a_studio_record_deletes_nothing(reg, versions, hub):
+    hub.put_files(REPO, {"stripes.safetensors": b"not ours", "images/sample_3.png": _png("theirs")})
+    studio_hub.publish_version(reg, "stripes@1", REPO, token=TOKEN)
+    assert {"stripes.safetensors", "images/sample_3.png"} <= set(hub.files(REPO, "v1"))
+
+
+# --------------------------------------------------------------------------------------------
+# pull hygiene: sizes before downloads, bounded samples, the user's base model
+# --------------------------------------------------------------------------------------------
+
+
+def _bomb_png(side: int = 100_000) -> bytes:
+    """A valid little PNG whose header claims ``side`` x ``side`` RGB pixels (a decompression bomb)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    return PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _downloads(hub) -> list[str]:
+    return [r.path for r in hub.requests if "/resolve/" in r.path]
+
+
+def test_pull_checks_sizes_from_the_file_list_before_downloading(reg, versions, hub, monkeypatch):
+    studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    hub.put_files(REPO, {"lora_studio.json": b" " * (studio_hub.MAX_RECORD_BYTES + 1)})
+    before = len(hub.requests)
+    with pytest.raises(InvalidRequestError, match=r"lora_studio\.json .*larger than"):
+        studio_hub.pull_adapter(reg, REPO, name="big_record", token=TOKEN)
+    assert not _downloads(types.SimpleNamespace(requests=hub.requests[before:]))
+
+    hub.put_files(REPO, {"lora_studio.json": hub.file(REPO, "v2", "lora_studio.json")})
+    monkeypatch.setattr(studio_hub, "MAX_WEIGHTS_BYTES", 1000)
+    before = len(hub.requests)
+    with pytest.raises(InvalidRequestError, match=r"pytorch_lora_weights\.safetensors .*larger than"):
+        studio_hub.pull_adapter(reg, REPO, name="big_weights", token=TOKEN)
+    assert [p for p in _downloads(types.SimpleNamespace(requests=hub.requests[before:]))
+            if "safetensors" in p] == []
+    assert reg.list_versions(name="big_weights").total == 0
+
+
+def test_pull_refuses_a_decompression_bomb_sample_and_keeps_the_rest(reg, versions, hub, studio_home, capsys,
+                                                                   monkeypatch):
+    from studio.cli import main
+
+    studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
+    bomb = _bomb_png()
+    assert len(bomb) < 200
+    hub.put_files(REPO, {"images/sample_0.png": bomb})
+    capsys.readouterr()
+    assert main(["adapters", "pull", REPO, "--name", "bombed"]) == 0
+    out = capsys.readouterr()
+    assert "pulled bombed@1" in out.out
+    [warning] = [line for line in out.err.splitlines() if line.startswith("warning: ")]
+    assert "sample images/sample_0.png was not stored" in warning and "100000x100000" in warning
+    pulled = reg.get("bombed@1")
+    assert pulled.samples == () and pulled.tensor_sha256 == versions[1].tensor_sha256
+    [refused] = pulled.source["refused_samples"]
+    assert refused["file"] == "images/sample_0.png" and "100000x100000" in refused["reason"]
+    assert not any(bomb == p.read_bytes() for p in Path(reg.store.root).rglob("*") if p.is_file())
+
+    # A sample over the size limit is refused from the file list, never downloaded.
+    monkeypatch.setattr(studio_hub, "MAX_SAMPLE_BYTES", 100)
+    hub.put_files(REPO, {"images/sample_0.png": _png(PROMPT)})
+    before = len(hub.requests)
+    pulled = studio_hub.pull_adapter(reg, REPO, name="big_sample", token=TOKEN)
+    assert pulled.samples == () and "larger than" in pulled.source["refused_samples"][0]["reason"]
+    assert not [p for p in _downloads(types.SimpleNamespace(requests=hub.requests[before:])) if "images/" in p]
+
+
+@pytest.mark.parametrize("image, words", [(_bomb_png(), "100000x100000"), (b"not an image at all", "not a PNG"),
+                                          (_bomb_png(5000), "5000x5000")])
+def test_registry_refuses_a_sample_that_is_not_a_bounded_image(reg, lora_files, image, words):
+    info = VersionInfo(family="sd1", samples=[SampleImage(image=image, recipe={"prompt": "x"})])
+    with pytest.raises(InvalidRequestError, match=words):
+        reg.register("bomb", lora_files[0], info)
+    assert reg.list_versions().total == 0
+    assert [p for p in Path(reg.store.root).rglob("*") if p.is_file()] == []
+
+
+def test_adapters_page_lists_adapters_whose_stored_sample_is_bad(reg, versions):
+    """A bad sample stored before samples were checked costs its card the thumbnail, never the listing."""
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    sample = Path(versions[1].samples[0].path)
+    os.chmod(sample, 0o644)
+    sample.write_bytes(_bomb_png())
+    at = AppTest.from_file(str(ROOT / "studio" / "ui" / "adapters_page.py"), default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert "**stripes**" in "\n".join(m.value for m in at.markdown)
+    assert any("sample" in c.value and "100000x100000" in c.value for c in at.caption)
+
+
+def test_pull_validates_against_the_users_base_never_the_records(reg, lora_files, hub, monkeypatch, tmp_path):
+    # Published from a local single-file base: the record names only the file, which no other machine has.
+    info = formats.detect(lora_files[0])
+    adapter = formats.read_adapter(lora_files[0], info=info)
+    reg.register("local_base", lora_files[0], VersionInfo(
+        family="sd1", rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
+        components=adapter.components, base_model=str(tmp_path / "models" / "my-sd1.safetensors"),
+        weights_format="peft"))
+    studio_hub.publish_version(reg, "local_base@1", REPO, token=TOKEN)
+    assert json.loads(hub.file(REPO, "v1", "lora_studio.json"))["base_model"] == "my-sd1.safetensors"
+    with Registry(home=tmp_path / "elsewhere") as other:
+        pulled = studio_hub.pull_adapter(other, REPO, token=TOKEN)
+        assert pulled.base_model == "tiny" and pulled.source["published_base_model"] == "my-sd1.safetensors"
+
+        # A record (and card) naming a Hub model or a local path is never fetched or opened: the user's --base is.
+        record = json.loads(hub.file(REPO, "v1", "lora_studio.json"))
+        for named in ("evil/forty-gigabytes", str(tmp_path / "nothing" / "here")):
+            hub.put_files(REPO, {"lora_studio.json": json.dumps({**record, "base_model": named}).encode()})
+            before = len(hub.requests)
+            got = studio_hub.pull_adapter(other, REPO, name="again", token=TOKEN)
+            assert got.base_model == "tiny" and got.source["published_base_model"] == named
+            assert not [r for r in hub.requests[before:] if "forty-gigabytes" in r.path]
+            other.delete("again")
+        monkeypatch.setenv("LORA_STUDIO_BASE_MODEL", "/no/such/base")
+        reload_settings()
+        got = studio_hub.pull_adapter(other, REPO, name="explicit", base="tiny", token=TOKEN)
+        assert got.base_model == "tiny"
