@@ -186,25 +186,61 @@ def _all_ids() -> list[str]:
     return sorted(p.name for p in root.iterdir() if _ID.fullmatch(p.name) and (p / JOB_FILE).is_file())
 
 
-def _pid_alive(pid: int | None, run_dir: str) -> bool:
-    """True while ``pid`` is a live trainer of ``run_dir`` (a reused pid of another program is not)."""
-    if not pid:
+def _read_cmdline(pid: int) -> list[bytes]:
+    """The argument list of ``pid`` from ``/proc`` (raises ``OSError`` when there is no such entry)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def _is_zombie(pid: int) -> bool:
+    # A zombie (ended, not yet reaped by the runner) has an empty command line and holds its pid.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
         return False
+
+
+# What a recorded pid is now, for a job of a given run directory.
+TRAINER, GONE, OTHER = "trainer", "gone", "other"
+
+
+def _pid_status(pid: int | None, run_dir: str) -> str:
+    """``TRAINER`` while ``pid`` is a live trainer of ``run_dir`` that this user may signal; ``GONE``
+    when no such process lives (or it is a zombie); ``OTHER`` when the pid now belongs to another
+    program or to another user's process (pids are reused, most often after a reboot).
+
+    The command line from ``/proc`` decides; ``kill(pid, 0)`` only says whether the process is ours
+    (``PermissionError``: another user's, so never a trainer our runner started). Without ``/proc``
+    (not Linux) the signal check is all there is.
+    """
+    if not pid:
+        return GONE
+    if Path("/proc/self").is_dir():
+        try:
+            cmdline = _read_cmdline(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return GONE
+        except OSError:  # /proc mounted with hidepid: the entry exists but is not ours to read
+            return OTHER
+        if _is_zombie(pid):
+            return GONE
+        if os.fsencode(run_dir) not in cmdline:
+            return OTHER
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return GONE
     except PermissionError:
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc: trust kill(0)
-    try:  # a zombie (ended, not yet reaped by the runner) has an empty command line
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        status = ""
-    return status != "Z" and os.fsencode(run_dir) in cmdline
+        return OTHER
+    return TRAINER
+
+
+def _pid_alive(pid: int | None, run_dir: str) -> bool:
+    """True while ``pid`` is a live trainer of ``run_dir`` (a reused pid of another program is not)."""
+    return _pid_status(pid, run_dir) == TRAINER
+
+
+_NOT_OURS = ("its trainer's pid {pid} now belongs to another process (the machine restarted and the "
+             "pid was reused?), so the job was lost")
 
 
 # ---- submitting --------------------------------------------------------------------------------
@@ -343,15 +379,28 @@ def list_jobs(*, start_runner: bool = True) -> list[Job]:
 
 
 def _settle(job: Job, runner_is_alive: bool) -> Job:
-    """A ``running`` record whose process is gone and whose runner is dead gets its real end written."""
-    if job.state != "running" or runner_is_alive or _pid_alive(job.pid, job.run_dir):
+    """A ``running`` record whose process is gone and whose runner is dead gets its real end written.
+
+    A record whose pid now belongs to another program or user is settled even while a runner lives:
+    the runner's own trainer keeps its pid (as a zombie) until the runner reaps it and writes the end,
+    so a pid held by something else means the record is left from before a restart.
+    """
+    if job.state != "running" or _stays_running(job, runner_is_alive):
         return job
     with _queue_lock():
         job = _read(job.id)
-        if job.state != "running" or runner_alive() or _pid_alive(job.pid, job.run_dir):
+        if job.state != "running" or _stays_running(job, runner_alive()):
             return job
-        _finish(job, None, "the job's runner ended while it ran (machine or studio restarted?)")
+        if _pid_status(job.pid, job.run_dir) == OTHER:
+            _finish(job, None, _NOT_OURS.format(pid=job.pid))
+        else:
+            _finish(job, None, "the job's runner ended while it ran (machine or studio restarted?)")
         return job
+
+
+def _stays_running(job: Job, runner_is_alive: bool) -> bool:
+    status = _pid_status(job.pid, job.run_dir)
+    return status == TRAINER or (runner_is_alive and status == GONE)
 
 
 def _finish(job: Job, returncode: int | None, lost: str) -> None:
@@ -389,11 +438,21 @@ def cancel(job_id: str) -> Job:
         job.cancel_requested = True
         _write(job)
         pid = job.pid
-    if pid and _pid_alive(pid, job.run_dir):
+    status = _pid_status(pid, job.run_dir)
+    if status == TRAINER:
         try:
             os.killpg(pid, CANCEL_SIGNAL)  # the trainer leads its own group: its workers stop too
         except ProcessLookupError:
             pass
+        except PermissionError:  # the pid changed hands between the check and the signal
+            status = OTHER
+    if status == OTHER:
+        # A process that is not ours is not this job: nothing of ours is left to stop, so the record
+        # says the job was lost instead of staying "running" (and the other process is left alone).
+        with _queue_lock():
+            job = _read(job_id)
+            if job.state == "running" and job.pid == pid:
+                _finish(job, None, _NOT_OURS.format(pid=pid))
     return job
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -115,3 +116,84 @@ def test_jobs_cli(studio_home, capsys):
     assert main(["jobs", "list"]) == 0
     assert f"{started['id']}  done" in capsys.readouterr().out
     assert os.path.isfile(Path(started["run_dir"]) / "result.json")
+
+
+# ---- a pid that is no longer the job's trainer (the machine restarted and the pid was reused) ------
+
+
+def _running_record(pid: int) -> jobs.Job:
+    job = jobs.submit(STRIPED, overrides=QUICK, start_runner=False)
+    record = jobs.get_job(job.id)
+    record.state, record.pid, record.started_at = "running", pid, time.time()
+    jobs._write(record)
+    return record
+
+
+def _another_users_process(monkeypatch, pid: int, cmdline: list[bytes] | None = None) -> None:
+    """``pid`` is a live process of another user: signalling it is refused (what a non-root studio
+    sees) and its command line is ``cmdline`` (default: another program, naming no run directory)."""
+    cmdline = cmdline or [b"/usr/sbin/cupsd", b"-l", b""]
+    real_kill, real_killpg = os.kill, os.killpg
+
+    def refuse(target, sig):
+        if target == pid:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(target, sig)
+
+    def refuse_group(target, sig):
+        if target == pid:
+            raise PermissionError(1, "Operation not permitted")
+        return real_killpg(target, sig)
+
+    monkeypatch.setattr(jobs.os, "kill", refuse)
+    monkeypatch.setattr(jobs.os, "killpg", refuse_group)
+    real_cmdline = jobs._read_cmdline
+    monkeypatch.setattr(jobs, "_read_cmdline",
+                        lambda p: cmdline if p == pid else real_cmdline(p))
+
+
+@pytest.mark.parametrize("runner_is_alive", [False, True], ids=["no-runner", "runner-restarted"])
+def test_a_pid_now_owned_by_another_users_process_is_not_the_job(studio_home, monkeypatch, runner_is_alive):
+    pid = 2**22 + 4321
+    record = _running_record(pid)
+    _another_users_process(monkeypatch, pid)
+    assert not jobs._pid_alive(pid, record.run_dir)
+    # After a restart a runner may already be alive again for queued jobs: it cannot be running a
+    # job whose pid is held by another program (its own child keeps the pid until it is reaped).
+    if runner_is_alive:
+        with jobs._flock("runner.lock"):
+            assert jobs.runner_alive()
+            settled = jobs.get_job(record.id)
+    else:
+        settled = jobs.get_job(record.id)
+    assert settled.state == "failed" and "another" in settled.message, settled.message
+    assert [j.state for j in jobs.list_jobs(start_runner=False)] == ["failed"]
+
+
+@pytest.mark.parametrize("same_cmdline", [False, True], ids=["another-program", "same-command-line"])
+def test_cancel_of_a_job_whose_pid_is_another_users_process_marks_it_lost(studio_home, monkeypatch, same_cmdline):
+    pid = 2**22 + 4322
+    record = _running_record(pid)
+    # Even a process that runs the job's own command line is not the job when it is another user's.
+    _another_users_process(monkeypatch, pid, [os.fsencode(a) for a in record.argv] if same_cmdline else None)
+    with jobs._flock("runner.lock"):  # a runner alive again after the restart: no settling by list_jobs
+        left = jobs.cancel(record.id)
+    assert left.state == "failed" and f"pid {pid}" in left.message and "another" in left.message, left.message
+    assert jobs.get_job(record.id).state == "failed"
+    with pytest.raises(InvalidRequestError, match="already ended"):
+        jobs.cancel(record.id)
+
+
+def test_a_pid_reused_by_another_program_is_settled_while_a_runner_lives(studio_home):
+    # A real process of ours whose command line is not the job's trainer: read from /proc.
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        record = _running_record(other.pid)
+        assert not jobs._pid_alive(other.pid, record.run_dir)
+        with jobs._flock("runner.lock"):
+            settled = jobs.get_job(record.id)
+        assert settled.state == "failed" and "another" in settled.message, settled.message
+        assert other.poll() is None  # never signalled: it is not the job's process
+    finally:
+        other.kill()
+        other.wait()
