@@ -3,7 +3,8 @@
 Holds:
 
 - :func:`check_safetensors` - refuses pickles (by suffix and by magic bytes) and validates a
-  safetensors header byte by byte before any library parses it.
+  safetensors header byte by byte before any library parses it: the one check in front of every
+  user's safetensors file (adapters, registrations, base models).
 - :func:`detect` -> :class:`FormatInfo` - key layout (``diffusers`` or ``kohya``), adapter type
   (lora, dora, loha, lokr), rank, alpha and where alpha came from, target modules, components,
   trigger words, the architecture the keys look made for, and every metadata key. Reads the header
@@ -51,7 +52,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.hashes import SafetensorsHeader, read_header
+from adapters.hashes import SafetensorsHeader, TensorEntry
+from studio.base_models import PICKLE_SUFFIXES  # the studio's one list of pickle suffixes
 from studio.errors import (
     CorruptWeightsError,
     IncompatibleAdapterError,
@@ -64,7 +66,6 @@ from studio.errors import (
 FORMATS = ("diffusers", "kohya")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # as studio.base_models
 MODELSPEC_VERSION = "1.0.1"
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 MAX_SUGGESTED_TRIGGERS = 5  # A1111 lists every tag by count; five is what fits a prompt box
@@ -73,6 +74,19 @@ MAX_SUGGESTED_TRIGGERS = 5  # A1111 lists every tag by count; five is what fits 
 # and are not used by adapters, so a file with them is refused as unknown rather than mis-sized).
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+# Header bounds (see check_safetensors). The safetensors library refuses headers over 100,000,000
+# bytes (its MAX_HEADER_SIZE), so a larger one cannot be a file it wrote or reads.
+MAX_HEADER_BYTES = 100_000_000
+# {"name": {"shape": [...]}}: a safetensors header nests exactly 3 levels; __metadata__ values are strings.
+HEADER_DEPTH = 3
+# 2**48 elements is 256 TiB at one byte each, past any real tensor; bounding every partial product of
+# a shape by it keeps the library's own arithmetic (elements x bits per element, in 64 bits) at most
+# 2**48 x 64 = 2**54, far from overflow, even for shapes like [2**40, 2**40, 0] that hold no data.
+MAX_TENSOR_ELEMENTS = 2**48
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 # Pipeline component <- key prefix. Diffusers/peft keys use "<component>."; kohya uses these:
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
@@ -157,45 +171,162 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
         )
 
 
-def check_safetensors(path: str | Path) -> SafetensorsHeader:
-    """Refuse pickles, then validate ``path``'s safetensors layout without trusting any library.
+def json_nesting_within(text: str, levels: int) -> bool:
+    """False when the JSON ``text`` nests more than ``levels`` deep; found without parsing it.
 
-    Checks, in order: the 8-byte little-endian header length fits the file (and 100 MB), the header
-    is a JSON object of well-formed entries (``adapters.hashes.read_header``), every dtype is known,
-    every tensor's byte range is exactly ``numel * itemsize`` long, and the ranges tile the data
-    section from byte 0 to its end with no gap and no overlap.
+    Python's json parser recurses once per level, so text nested 100,000 deep raises RecursionError.
+    Strings are cut out and only brackets kept; each pass then deletes every innermost ``[]``/``{}``
+    pair, which lowers the depth by one or two, so ``levels`` passes empty any text at most ``levels``
+    deep, and text that passes is at most ``2 * levels`` deep. Every step is a C-speed string operation:
+    a 100 MB header costs ``levels`` passes over it. Brackets that do not balance are left for the
+    parser to name.
+    """
+    skeleton = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    for _ in range(levels):
+        shorter = skeleton.replace("[]", "").replace("{}", "")
+        if shorter == skeleton:
+            return True  # empty, or brackets that do not balance (the parser reports those)
+        skeleton = shorter
+    return not skeleton or skeleton.replace("[]", "").replace("{}", "") == skeleton
+
+
+def _quoted(value, limit: int = 80) -> str:
+    """``repr`` of a name or value for a one-line message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TENSOR_ELEMENTS
+
+
+def _is_text(value) -> bool:
+    """A str that UTF-8 can carry: JSON's ``\\ud800`` escapes give lone surrogates, which Python keeps
+    and the safetensors library (serde_json) refuses."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unique_pairs(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k, n in Counter(keys).items() if n > 1)
+        raise ValueError(f"the key {_quoted(duplicate)} appears twice")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_safetensors_header(raw: bytes, file_size: int, corrupt) -> SafetensorsHeader:
+    """Validate the ``raw`` JSON header of a ``file_size``-byte safetensors file and return it parsed.
+
+    ``corrupt(reason)`` makes the error to raise. Checks everything the safetensors library checks, and
+    the inputs that make it (or Python's json) fail with something other than a clear error: nesting,
+    booleans or floats as numbers, dimensions past 64 bits, lone surrogates, NaN, duplicate keys.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise corrupt(f"header is not JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not json_nesting_within(text, HEADER_DEPTH):
+        raise corrupt(f"header nests more than {HEADER_DEPTH} levels deep; a safetensors header has {HEADER_DEPTH}: "
+                      f"tensors, their entries, shapes")
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_pairs)
+    except ValueError as e:  # JSONDecodeError, NaN, duplicate keys, integers past Python's digit limit
+        raise corrupt(f"header is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise corrupt("header is not a JSON object")
+    meta = obj.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(_is_text(k) and _is_text(v) for k, v in meta.items()):
+        raise corrupt("__metadata__ must map strings to strings")
+    data_len = file_size - 8 - len(raw)
+    tensors: dict[str, TensorEntry] = {}
+    spans = []
+    for name, entry in obj.items():
+        label = _quoted(name)
+        if not _is_text(name):
+            raise corrupt(f"tensor name {label} is not valid UTF-8 text")
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
+            raise corrupt(f"tensor {label} has a malformed entry: it needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise corrupt(f"tensor {label} has unknown dtype {_quoted(dtype, 24)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise corrupt(f"tensor {label} has shape {_quoted(shape, 60)}: a shape is a list of whole numbers "
+                          f"from 0 to 2**48")
+        elements = 1
+        for d in shape:
+            # The library multiplies dimensions in order in 64 bits: every partial product must stay small.
+            elements *= d
+            if elements > MAX_TENSOR_ELEMENTS:
+                raise corrupt(f"tensor {label} has shape {_quoted(shape, 60)}: more than 2**48 elements")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {label} has data_offsets {_quoted(offsets, 60)}: they must be [begin, end] "
+                          f"with 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_len:
+            raise corrupt(f"truncated: tensor {label} ends at byte {end} of a {data_len}-byte data section")
+        expected = elements * DTYPE_BYTES[dtype]
+        if end - begin != expected:
+            raise corrupt(f"tensor {label} {dtype}{shape} needs {expected} bytes, its offsets give {end - begin}")
+        spans.append((begin, end, name))
+        tensors[name] = TensorEntry(dtype=dtype, shape=tuple(shape), data_offsets=(begin, end))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            why = "overlaps the tensor before it" if begin < position else f"leaves {begin - position} bytes unused"
+            raise corrupt(f"tensor {_quoted(name)} at data offset {begin} {why}")
+        position = end
+    if position != data_len:
+        # The safetensors library refuses such files too: bytes no tensor owns mean a damaged write.
+        raise corrupt(f"{data_len - position} trailing bytes after the last tensor")
+    return SafetensorsHeader(header_size=len(raw), file_size=file_size, tensors=tensors, metadata=meta)
+
+
+def check_safetensors(path: str | Path) -> SafetensorsHeader:
+    """Refuse pickles, then validate ``path``'s safetensors header without trusting any library.
+
+    The one check every path that opens a user's safetensors file goes through first (adapter import,
+    detection, registration, base models): the 8-byte little-endian header length must fit the file
+    and :data:`MAX_HEADER_BYTES`; the header is parsed here (:func:`parse_safetensors_header`): a JSON
+    object at most :data:`HEADER_DEPTH` deep of well-formed entries with known dtypes, whole-number
+    shapes and offsets, every tensor's byte range exactly ``numel * itemsize`` long, the ranges tiling
+    the data section with no gap and no overlap, and ``__metadata__`` mapping text to text. A file
+    that passes opens in the safetensors library.
     """
     path = _resolve_path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except IsADirectoryError:  # pragma: no cover - _resolve_path handles folders
-        raise CorruptWeightsError(f"{path} is a folder, not a weights file") from None
-    _refuse_pickle(path, head)
-    header = read_header(path)
 
     def corrupt(reason: str) -> CorruptWeightsError:
         return CorruptWeightsError(f"{path} cannot be read as safetensors ({reason}); the file is damaged or not "
                                    f"a weights file: download or export it again")
 
-    spans = []
-    for name, entry in header.tensors.items():
-        size = DTYPE_BYTES.get(entry.dtype)
-        if size is None:
-            raise corrupt(f"tensor {name!r} has unknown dtype {entry.dtype!r}")
-        begin, end = entry.data_offsets
-        expected = math.prod(entry.shape) * size
-        if end - begin != expected:
-            raise corrupt(f"tensor {name!r} {entry.dtype}{list(entry.shape)} needs {expected} bytes, its offsets "
-                          f"give {end - begin}")
-        spans.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin != position:
-            why = "overlaps the tensor before it" if begin < position else f"leaves {begin - position} bytes unused"
-            raise corrupt(f"tensor {name!r} at data offset {begin} {why}")
-        position = end
-    return header
+    if not path.is_file():
+        raise corrupt("it is not a regular file")  # a FIFO or device would block or never end
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        _refuse_pickle(path, head)
+        if len(head) < 8:
+            raise corrupt(f"only {len(head)} bytes long; a safetensors file starts with an 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise corrupt(f"header length {n} does not fit a {size}-byte file")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise corrupt(f"header length {n} does not fit a {8 + len(raw)}-byte file")  # shrank while read
+    return parse_safetensors_header(raw, size, corrupt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +442,10 @@ def _check_complete(m: _Module, adapter_type: str, shapes: Mapping[str, tuple], 
         return CorruptWeightsError(f"{path_text}: module {m.name!r} ({m.component}) lacks {' and '.join(parts)}: "
                                    f"the file is incomplete; export it again")
 
+    def flat(part):
+        return CorruptWeightsError(f"{path_text}: module {m.name!r}: {part} has shape {list(shape(part))}, not a "
+                                   f"matrix; the file is damaged")
+
     p = m.parts
     if adapter_type in ("lora", "dora"):
         if "lora_A" not in p or "lora_B" not in p:
@@ -324,10 +459,16 @@ def _check_complete(m: _Module, adapter_type: str, shapes: Mapping[str, tuple], 
         need = [x for x in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if x not in p]
         if need:
             raise missing(*need)
+        for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            if len(shape(part)) != 2:
+                raise flat(part)
         return shape("hada_w1_b")[0]
     for w in ("lokr_w1", "lokr_w2"):
         if w not in p and not (f"{w}_a" in p and f"{w}_b" in p):
             raise missing(w)
+    for part in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
+        if part in p and len(shape(part)) < 2:
+            raise flat(part)
     for w in ("lokr_w2", "lokr_w1"):
         if f"{w}_a" in p:
             return shape(f"{w}_a")[1]
@@ -354,14 +495,49 @@ def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _split_adapter_metadata(metadata: Mapping[str, str], warnings: list[str]) -> dict[str, dict]:
+# Metadata values that hold JSON (peft configs, kohya tag counts) nest a few levels at most.
+METADATA_JSON_DEPTH = 8
+
+
+def _metadata_json(raw: str):
+    """A metadata value parsed as JSON, or None when it is not JSON or nests deeper than
+    :data:`METADATA_JSON_DEPTH` (Python's parser would raise RecursionError on deep nesting)."""
+    if not json_nesting_within(raw, METADATA_JSON_DEPTH):
+        return None
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError:
+        return None
+
+
+def _number_option(value, *, whole: bool) -> bool:
+    """A rank (``whole``) or alpha: a number in (0, 2**31); no layer is that wide, and the bound keeps
+    ``float(value)`` from overflowing on a 400-digit integer."""
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return False
+    return 0 < value < 2**31  # NaN fails both comparisons
+
+
+# The peft config options the studio reads, and what each must hold (diffusers fails later on others).
+_CONFIG_OPTIONS = {
+    "r": ("a whole number > 0", lambda v: _number_option(v, whole=True)),
+    "lora_alpha": ("a number > 0", lambda v: _number_option(v, whole=False)),
+    "alpha": ("a number > 0", lambda v: _number_option(v, whole=False)),
+    "rank_pattern": ("an object of module -> whole number > 0",
+                     lambda v: isinstance(v, dict) and all(_number_option(x, whole=True) for x in v.values())),
+    "alpha_pattern": ("an object of module -> number > 0",
+                      lambda v: isinstance(v, dict) and all(_number_option(x, whole=False) for x in v.values())),
+}
+
+
+def _split_adapter_metadata(metadata: Mapping[str, str], warnings: list[str],
+                            path_text: str = "the adapter") -> dict[str, dict]:
     """``lora_adapter_metadata`` -> {component: peft config dict} (diffusers packs them as "unet.r")."""
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if not raw:
         return {}
-    try:
-        packed = json.loads(raw)
-    except ValueError:
+    packed = _metadata_json(raw)
+    if packed is None:
         warnings.append(f"metadata {ADAPTER_METADATA_KEY!r} is not JSON and was ignored")
         return {}
     if not isinstance(packed, dict):
@@ -372,6 +548,10 @@ def _split_adapter_metadata(metadata: Mapping[str, str], warnings: list[str]) ->
     for key, value in packed.items():
         component, dot, option = key.partition(".")
         if dot and component in DIFFUSERS_COMPONENTS:
+            if option in _CONFIG_OPTIONS and value is not None and not _CONFIG_OPTIONS[option][1](value):
+                raise CorruptWeightsError(
+                    f"{path_text}: metadata {ADAPTER_METADATA_KEY!r} has {key} = {_quoted(value, 40)}, which must be "
+                    f"{_CONFIG_OPTIONS[option][0]}: the file's peft config is damaged; export it again")
             configs.setdefault(component, {})[option] = value
         else:
             loose.append(key)
@@ -440,16 +620,14 @@ def _split_words(text: str) -> list[str]:
 
 def tag_frequency(metadata: Mapping[str, str]) -> dict[str, int]:
     """``ss_tag_frequency`` summed over dataset folders: tag -> count (empty when absent or damaged)."""
-    try:
-        folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except ValueError:
-        return {}
+    folders = _metadata_json(metadata.get("ss_tag_frequency") or "{}")
     totals: Counter = Counter()
     if isinstance(folders, dict):
         for tags in folders.values():
             if isinstance(tags, dict):
                 for tag, count in tags.items():
-                    if isinstance(tag, str) and tag.strip() and isinstance(count, (int, float)):
+                    if (isinstance(tag, str) and tag.strip() and isinstance(count, (int, float))
+                            and not isinstance(count, bool) and (isinstance(count, int) or math.isfinite(count))):
                         totals[tag.strip()] += int(count)
     return dict(totals)
 
@@ -518,7 +696,7 @@ def detect(path: str | Path) -> FormatInfo:
     style = next(iter(modules.values())).style if fmt == "kohya" else (
         "legacy" if all(m.style == "legacy" for m in modules.values()) else "peft")
     ranks = {key: _check_complete(m, adapter_type, shapes, str(path)) for key, m in modules.items()}
-    configs = _split_adapter_metadata(header.metadata, warnings) if fmt == "diffusers" else {}
+    configs = _split_adapter_metadata(header.metadata, warnings, str(path)) if fmt == "diffusers" else {}
     alphas: dict[tuple[str, str], float | None] = {}
     if fmt == "kohya":
         alpha_keys = [m.parts["alpha"] for m in modules.values() if "alpha" in m.parts]
@@ -927,7 +1105,7 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family="sd1", base_nam
     else:
         resolved = {key: m.name for key, m in modules.items()}
     warnings: list[str] = []
-    source_configs = _split_adapter_metadata(info.metadata, warnings) if fmt == "diffusers" else {}
+    source_configs = _split_adapter_metadata(info.metadata, warnings, str(path)) if fmt == "diffusers" else {}
     out: dict[str, Any] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
     flags: dict[str, dict[str, bool]] = {}

@@ -65,17 +65,11 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def _check_safetensors(path: Path) -> None:
-    """Read the header of a .safetensors file, so a damaged file fails with a clear message."""
-    from safetensors import safe_open
+    """Validate the header of a .safetensors file before any library opens it, so a damaged or hostile
+    file fails with one clear line (the studio's one header check, shared with adapter import)."""
+    from adapters.formats import check_safetensors
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
-        raise CorruptWeightsError(
-            f"{path} cannot be read as safetensors ({e}); the file is damaged or not a weights file: "
-            f"download or export it again"
-        ) from None
+    check_safetensors(path)
 
 
 def _diffusers_family(folder: Path) -> Family:

@@ -510,3 +510,65 @@ def test_export_metadata_follows_the_record(made, reg, tmp_path):
     info = formats.detect(export_adapter(reg, v.ref, format="kohya", out=tmp_path / "k.safetensors"))
     assert "modelspec.trigger_phrase" not in info.metadata and info.metadata["modelspec.description"] == "plain"
     assert info.trigger_words_suggested and info.trigger_words == ["zzstyle", "circle"]  # only A1111-style hints
+
+
+# --------------------------------------------------------------------------------------------
+# the one header check in front of every user's safetensors file (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+HEADER_CORPUS = ["deep_header.safetensors", "boolean_shape.safetensors", "huge_dimension.safetensors",
+                 "lone_surrogate.safetensors", "metadata_not_object.safetensors"]
+
+
+@pytest.mark.parametrize("name", HEADER_CORPUS)
+def test_registry_refuses_files_the_safetensors_library_cannot_open(name, corpus, reg):
+    from adapters.registry import VersionInfo
+
+    with pytest.raises(CorruptWeightsError, match="cannot be read as safetensors"):
+        reg.register("raw", corpus[name], VersionInfo(family="sd1"))
+    versions, blobs = _snapshot(reg)
+    assert versions.total == 0 and blobs == []
+
+
+@pytest.mark.parametrize("name", HEADER_CORPUS)
+def test_base_model_files_get_the_same_header_check(name, corpus, tmp_path):
+    from studio.base_models import _check_safetensors
+
+    fragments = make_corpus.CORPUS[name][1]
+    with pytest.raises(CorruptWeightsError) as caught:
+        _check_safetensors(corpus[name])
+    assert all(f in str(caught.value).lower() for f in fragments), caught.value
+
+
+def test_every_corpus_file_the_check_passes_opens_in_safetensors(corpus):
+    """The header check is at least as strict as the library: what it lets through, the library reads."""
+    from safetensors.torch import load_file
+
+    passed = []
+    for name, path in sorted(corpus.items()):
+        try:
+            formats.check_safetensors(path)
+        except errors.StudioError:
+            continue
+        load_file(str(path))
+        passed.append(name)
+    assert "no_tensors.safetensors" in passed and "deep_header.safetensors" not in passed
+
+
+def test_damaged_json_in_metadata_is_ignored_with_a_warning(tmp_path):
+    deep = "[" * 50_000 + "]" * 50_000
+    info = formats.detect(tiny_lora_file(tmp_path / "deep.safetensors", {"lora_adapter_metadata": deep}))
+    assert any("is not JSON and was ignored" in w for w in info.warnings)
+    for counts in ('{"1_x": {"zzq": 1e400}}', '{"1_x": {"zzq": NaN}}', '{"1_x": ' + deep + "}"):
+        info = formats.detect(tiny_lora_file(tmp_path / "tags.safetensors", {"ss_tag_frequency": counts}))
+        assert info.trigger_words == []
+
+
+def test_cli_import_of_a_hostile_header_is_one_line(corpus, capsys):
+    from studio.cli import main
+
+    for name in ("deep_header.safetensors", "boolean_shape.safetensors"):
+        assert main(["adapters", "import", str(corpus[name])]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "cannot be read as safetensors" in err and err.count("\n") == 1

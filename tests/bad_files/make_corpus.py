@@ -55,6 +55,22 @@ CORPUS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sd15_text_encoder.safetensors": ("IncompatibleAdapterError", ("text encoder of width 768 (sd-1.x)",)),
     "zero_matching.safetensors": ("IncompatibleAdapterError", ("none of the 1 module(s)", "change nothing")),
     "partly_matching.safetensors": ("IncompatibleAdapterError", ("1 of the 2 modules", "every key")),
+    # Headers the safetensors library or Python's json fail on with their own exceptions (issue 11):
+    # each must end in one clear line before any library parses the file.
+    "deep_header.safetensors": ("CorruptWeightsError", ("nests more than 3 levels",)),
+    "boolean_shape.safetensors": ("CorruptWeightsError", ("has shape [true, 0]", "whole numbers")),
+    "huge_dimension.safetensors": ("CorruptWeightsError", ("1180591620717411303424", "whole numbers")),
+    "huge_product.safetensors": ("CorruptWeightsError", ("more than 2**48 elements",)),
+    "unknown_dtype.safetensors": ("CorruptWeightsError", ("unknown dtype 'q9'",)),
+    "negative_offset.safetensors": ("CorruptWeightsError", ("data_offsets [-4, 0]", "0 <= begin <= end")),
+    "offset_past_end.safetensors": ("CorruptWeightsError", ("truncated", "ends at byte 1000")),
+    "nan_offset.safetensors": ("CorruptWeightsError", ("nan is not a json number",)),
+    "lone_surrogate.safetensors": ("CorruptWeightsError", ("not valid utf-8",)),
+    "duplicate_key.safetensors": ("CorruptWeightsError", ("appears twice",)),
+    "metadata_not_object.safetensors": ("CorruptWeightsError", ("__metadata__ must map strings to strings",)),
+    "extra_entry_field.safetensors": ("CorruptWeightsError", ("exactly dtype, shape and data_offsets",)),
+    "bad_peft_alpha.safetensors": ("CorruptWeightsError", ("unet.lora_alpha = 'eight'", "must be a number")),
+    "loha_scalar.safetensors": ("CorruptWeightsError", ("hada_w1_b has shape []", "not a matrix")),
 }
 
 
@@ -62,6 +78,19 @@ def _raw(path: Path, header: dict, data: bytes = b"", *, length: int | None = No
     """A safetensors file written by hand: 8-byte little-endian header length, JSON, data."""
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+
+
+def _text(path: Path, text: str, data: bytes = b"") -> None:
+    """A safetensors file whose header is ``text`` verbatim (JSON no library would write)."""
+    raw = text.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _pair(a_shape, a_offsets, b_shape, b_offsets, **extra) -> dict:
+    """The header of one LoRA module of the tiny UNet, lora_A and lora_B in F32, plus ``extra`` entries."""
+    return {f"unet.{TINY_Q}.lora_A.weight": {"dtype": "F32", "shape": a_shape, "data_offsets": a_offsets},
+            f"unet.{TINY_Q}.lora_B.weight": {"dtype": "F32", "shape": b_shape, "data_offsets": b_offsets},
+            **extra}
 
 
 def _save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
@@ -144,6 +173,33 @@ def build_corpus(folder: str | Path) -> dict[str, Path]:
                                                     4, 768, 768))
     _save(p["zero_matching.safetensors"], _lora("unet.not_a_block.0.to_q", 4, 64, 64))
     _save(p["partly_matching.safetensors"], {**good, **_lora("unet.down_blocks.7.attentions.0.proj_in", 4, 64, 64)})
+
+    # A rank-1 module is 64 + 64 floats: lora_A [1, 64] at bytes [0, 256), lora_B [64, 1] at [256, 512).
+    valid = _pair([1, 64], [0, 256], [64, 1], [256, 512])
+    _text(p["deep_header.safetensors"], '{"x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    _raw(p["boolean_shape.safetensors"], _pair([True, 0], [0, 0], [64, 1], [0, 256]), bytes(256))
+    bias = f"unet.{TINY_Q}.lora_B.bias"
+    _raw(p["huge_dimension.safetensors"], {**valid, bias: {"dtype": "F32", "shape": [2**70, 0],
+                                                           "data_offsets": [512, 512]}}, bytes(512))
+    _raw(p["huge_product.safetensors"], {**valid, bias: {"dtype": "F32", "shape": [2**40, 2**40, 0],
+                                                         "data_offsets": [512, 512]}}, bytes(512))
+    _raw(p["unknown_dtype.safetensors"], {**valid, f"unet.{TINY_Q}.lora_A.weight": {
+        "dtype": "Q9", "shape": [1, 64], "data_offsets": [0, 256]}}, bytes(512))
+    _raw(p["negative_offset.safetensors"], _pair([1, 64], [-4, 0], [64, 1], [0, 256]), bytes(256))
+    _raw(p["offset_past_end.safetensors"], _pair([1, 64], [0, 256], [64, 1], [256, 1000]), bytes(512))
+    _text(p["nan_offset.safetensors"], json.dumps(valid).replace("256]", "NaN]", 1), bytes(512))
+    _text(p["lone_surrogate.safetensors"], json.dumps(valid).replace("to_q", "to_q\\ud800"), bytes(512))
+    entry_a = json.dumps(valid[f"unet.{TINY_Q}.lora_A.weight"])
+    _text(p["duplicate_key.safetensors"], json.dumps(valid)[:-1] + f', "unet.{TINY_Q}.lora_A.weight": {entry_a}}}',
+          bytes(512))
+    _raw(p["metadata_not_object.safetensors"], {"__metadata__": 0, **valid}, bytes(512))
+    _raw(p["extra_entry_field.safetensors"], {**valid, f"unet.{TINY_Q}.lora_A.weight": {
+        "dtype": "F32", "shape": [1, 64], "data_offsets": [0, 256], "extra": 1}}, bytes(512))
+    _raw(p["bad_peft_alpha.safetensors"], {"__metadata__": {"lora_adapter_metadata": json.dumps(
+        {"unet.r": 1, "unet.lora_alpha": "eight"})}, **valid}, bytes(512))
+    _save(p["loha_scalar.safetensors"], {
+        f"unet.{TINY_Q}.hada_w1_a": torch.zeros(64, 4), f"unet.{TINY_Q}.hada_w1_b": torch.zeros(()),
+        f"unet.{TINY_Q}.hada_w2_a": torch.zeros(64, 4), f"unet.{TINY_Q}.hada_w2_b": torch.zeros(4, 64)})
     return p
 
 
