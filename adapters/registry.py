@@ -69,7 +69,6 @@ from studio.errors import (
     InvalidRequestError,
     RegistryBusyError,
     StudioError,
-    UnsafeWeightsError,
 )
 
 # 2: the version_publications table (Hub publications). A version-1 database gains it when opened
@@ -90,7 +89,6 @@ MAX_TRIGGER = 256
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _FAMILY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 _HEX = re.compile(r"[0-9a-f]+")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # same list as studio.base_models
 _IN_CHUNK = 500  # ids per IN (...) list: far below SQLite's 32,766 bound-parameter limit
 
 
@@ -1022,10 +1020,11 @@ class Registry:
         if not isinstance(info, VersionInfo):
             raise InvalidRequestError(f"info must be a VersionInfo, not {type(info).__name__}")
         weights = Path(weights)
-        if weights.suffix.lower() in PICKLE_SUFFIXES:
-            raise UnsafeWeightsError(
-                f"{weights} is a pickle file ({weights.suffix}): pickles can run code when loaded, so the registry "
-                f"stores safetensors only. Convert it to .safetensors with a tool you trust, then register that.")
+        from adapters.formats import check_safetensors
+
+        # Pickles (by suffix or bytes) and headers the safetensors library would choke on end here, in one
+        # clear line, before a byte is hashed or stored: the studio's one check of a user's weights file.
+        check_safetensors(weights)
         for i, s in enumerate(info.samples):
             # Before anything is stored: a refused sample leaves no blob behind.
             decode_sample(s.image, f"sample image {i + 1} of {name}")
