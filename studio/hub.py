@@ -256,11 +256,11 @@ def _hub_errors(action: str, *, repo_id: str, endpoint: str, token: str | None, 
 # --------------------------------------------------------------------------------------------
 
 
-# A local path: absolute, in the home folder, on a drive, or climbing out of the current folder.
-_LOCAL_PATH = re.compile(r"(?:~?[\\/]|~$|[A-Za-z]:[\\/]|\.\.?[\\/])|.*[\\/]\.\.[\\/]", re.S)
+# A local path: absolute, in the home folder, on a drive, a file: URL, or climbing out of the current folder.
+_LOCAL_PATH = re.compile(r"(?:~?[\\/]|~$|[A-Za-z]:[\\/]|\.\.?[\\/]|file:/)|.*[\\/]\.\.[\\/]", re.S | re.I)
 # The same inside free text (a comment, A1111's parameters, the card): it starts the text or follows a space,
 # quote, bracket or separator, so URLs ("https://host/a") and fractions ("1/2") are not paths.
-_PATH_IN_TEXT = re.compile(r"""(?<![^\s"'`(\[{=,;<>])(?:~|[A-Za-z]:)?[\\/]+(?=[^\s\\/"'`)\]}<>,;|])"""
+_PATH_IN_TEXT = re.compile(r"""(?<![^\s"'`(\[{=,;<>])(?:file:(?=/))?(?:~|[A-Za-z]:)?[\\/]+(?=[^\s\\/"'`)\]}<>,;|])"""
                            r"""[^\s"'`)\]}<>,;|]+""")
 # Keys whose values name local places even when relative (``dataset.path = "data/cats"``).
 _PATH_KEYS = ("path", "paths", "dir", "dirs", "folder", "root")
@@ -293,8 +293,8 @@ def public_value(value: Any, key: str = "", *, known: tuple[str, ...] | list[str
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [public_value(v, key, known=known) for v in value]
-    if not isinstance(value, str) or not value:
-        return value
+    if not isinstance(value, str) or not value or value.startswith("data:"):
+        return value  # a data: URI (modelspec.thumbnail) is an image, and base64 may hold "/"
     if _local_path(key, value):
         return _last_component(value)
     if value.lstrip()[:1] in ("{", "["):

@@ -659,6 +659,10 @@ def test_public_value_cleans_structures_json_strings_and_free_text():
     assert clean('Steps: 4, Model: "C:\\\\Users\\\\a\\\\base.safetensors", see https://huggingface.co/a/b') == \
         'Steps: 4, Model: "base.safetensors", see https://huggingface.co/a/b'
     assert clean({"/home/a/data/10_cats": {"cat": 2}}) == {"10_cats": {"cat": 2}}
+    assert clean("saved to file:///home/a/out/x.png, 1/2 done") == "saved to x.png, 1/2 done"
+    assert clean({"path": "file:///home/a/cats"}) == {"path": "cats"}
+    thumbnail = "data:image/jpeg;base64,/9j/4AAQSkZJRg=="
+    assert clean({"modelspec.thumbnail": thumbnail}) == {"modelspec.thumbnail": thumbnail}
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,3 +806,34 @@ def test_pull_validates_against_the_users_base_never_the_records(reg, lora_files
         reload_settings()
         got = studio_hub.pull_adapter(other, REPO, name="explicit", base="tiny", token=TOKEN)
         assert got.base_model == "tiny"
+
+
+def test_publication_cleans_free_text_and_leaves_out_a_bad_stored_sample(reg, versions, lora_files, tmp_path):
+    """Paths with spaces inside free text (a comment, the description) go; a stored sample that no longer
+    decodes within bounds is left out with a warning instead of being published."""
+    local = f"/home/alice/{MARKER} work/base model.safetensors"
+    info = formats.detect(lora_files[0])
+    adapter = formats.read_adapter(lora_files[0], info=info)
+    md = formats.build_metadata(adapter_type="lora", rank=adapter.rank, alpha=adapter.alpha, name="spaced",
+                                base={"ss_sd_model_name": local, "ss_training_comment": f"trained on {local} today"})
+    weights = formats.to_diffusers(adapter, tmp_path / "spaced.safetensors", metadata=md)
+    reg.register("spaced", weights, VersionInfo(
+        family="sd1", rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
+        components=adapter.components, base_model=local, description=f"Made from {local} by hand.",
+        samples=[SampleImage(image=_png(f"a cat\nSteps: 4, Model: {local}"), recipe={"base_model": local})],
+        weights_format="peft"))
+    sample = Path(versions[1].samples[0].path)
+    sample.chmod(0o644)
+    sample.write_bytes(_bomb_png())
+
+    result = studio_hub.publish_version(reg, "spaced@1", REPO, kohya=True, dry_run_dir=tmp_path / "spaced")
+    written = {p: (tmp_path / "spaced" / p).read_bytes() for p in result.files}
+    _assert_nothing_local(written, MARKER, "/home/alice")
+    assert b"Made from base model.safetensors by hand." in written["README.md"]
+    md = _metadata(tmp_path / "spaced" / "pytorch_lora_weights.safetensors")
+    assert md["ss_training_comment"] == "trained on base model.safetensors today"
+
+    result = studio_hub.publish_version(reg, "stripes@2", REPO, dry_run_dir=tmp_path / "bad")
+    assert not [p for p in result.files if p.startswith("images/")]
+    assert any("100000x100000" in w and "left out" in w for w in result.warnings)
+    assert json.loads((tmp_path / "bad" / "lora_studio.json").read_text())["samples"] == []
