@@ -82,7 +82,6 @@ _SAMPLE_FILE = re.compile(r"images/sample_(\d{1,4})\.(png|jpg|jpeg|webp)")
 # its lora_studio.json (and only those, and only of these shapes) when it does not re-upload them, so the
 # tagged commit never carries a previous version's kohya copy or extra samples; everything else stays.
 _MANAGED = re.compile(r"[^/]+\.safetensors|images/sample_\d{1,4}\.(png|jpg|jpeg|webp)")
-RECIPE_CHUNK = "lora_studio"  # the PNG text chunk holding a sample's full recipe (studio.generate.RECIPE_KEY)
 # Tags the Hub and diffusers' training scripts put on a LoRA repo; the family adds its own.
 BASE_TAGS = ("text-to-image", "diffusers", "lora", "template:sd-lora")
 FAMILY_TAGS = {"sd1": ("stable-diffusion", "stable-diffusion-diffusers"), "sd2": ("stable-diffusion",),
@@ -783,8 +782,8 @@ def _sizes(info) -> dict[str, int | None]:
 def _check_size(repo_id: str, revision: str, rel: str, size: int | None, limit: int, what: str) -> None:
     """Refuse a file from the repo's listing, before it is downloaded."""
     if size is None:
-        raise HubError(f"cannot pull from the Hub: {repo_id}@{revision} lists {rel} without its size, so the studio "
-                       f"cannot bound the download; try again, or ask the repo's owner")
+        raise HubError(f"{repo_id}@{revision} lists {rel} without its size, so the studio cannot bound its download "
+                       f"and does not start it: try again later")
     if size > limit:
         raise InvalidRequestError(f"{rel} in {repo_id}@{revision} is {size:,} bytes, larger than the {limit:,} bytes "
                                   f"{what} may have: the studio does not download it")

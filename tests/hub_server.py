@@ -109,6 +109,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.faults: list[Fault] = []
+        self.report_sizes = True  # False: ?blobs=true lists files without sizes (a mirror that omits them)
         self.requests: list[Request] = []
         self.lock = threading.RLock()
         self._counter = itertools.count(1)
@@ -424,7 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
         siblings = []
         for p, e in sorted(repo.commits[commit].items()):
             s = {"rfilename": p}
-            if blobs:
+            if blobs and hub.report_sizes:
                 s.update(size=e.size, blobId=git_blob_oid(e.content or e.lfs_oid.encode()))
                 if e.lfs_oid:
                     s["lfs"] = {"sha256": e.lfs_oid, "size": e.size, "pointerSize": 134}

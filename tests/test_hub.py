@@ -724,6 +724,13 @@ def test_pull_checks_sizes_from_the_file_list_before_downloading(reg, versions, 
             if "safetensors" in p] == []
     assert reg.list_versions(name="big_weights").total == 0
 
+    # A listing without sizes cannot bound a download: nothing is fetched.
+    hub.report_sizes = False
+    before = len(hub.requests)
+    with pytest.raises(HubError, match="without its size"):
+        studio_hub.pull_adapter(reg, REPO, name="no_sizes", token=TOKEN)
+    assert not _downloads(types.SimpleNamespace(requests=hub.requests[before:]))
+
 
 def test_pull_refuses_a_decompression_bomb_sample_and_keeps_the_rest(reg, versions, hub, studio_home, capsys,
                                                                    monkeypatch):
