@@ -36,6 +36,11 @@ class RecipeError(StudioError, ValueError):
     """An image's recipe is missing or unreadable, so it cannot be re-run."""
 
 
+class RecipeTooCostlyError(RecipeError):
+    """A recipe asks for more work (steps x pixels x images) than the studio runs without a confirmation
+    (``--yes`` on the command line, a confirmation in the UI)."""
+
+
 class PathNotAllowedError(StudioError, PermissionError):
     """A path typed into the studio's UI lies outside the folders it may use (``$LORA_STUDIO_HOME``,
     the sample datasets and ``LORA_STUDIO_DATA_ROOTS``); the command line takes any path."""
@@ -169,3 +174,18 @@ class CheckpointError(StudioError, ValueError):
 
 class TrainingDivergedError(StudioError, ArithmeticError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ---- disk ----------------------------------------------------------------------------------
+
+
+class DiskFullError(StudioError, OSError):
+    """A write stopped because the disk (or a quota) is full; nothing partial was left behind.
+    ``folder`` is where the write was going. Free space, e.g. with ``lora-studio gc``, and retry."""
+
+    def __init__(self, message: str, folder: str | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+    # OSError's own __str__ would print "None" fields; the CLI prints str(error) as one line.
+    __str__ = Exception.__str__

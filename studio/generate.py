@@ -14,7 +14,12 @@ This is the one generation path the CLI, the UI, training previews and grids sha
   same components as text-to-image (``from_pipe``: no second copy of the weights), so the adapter
   stack applies to them too. Input images are copied into ``$LORA_STUDIO_HOME/inputs`` under their
   sha256 and the recipe pins that hash: a recipe re-runs exactly even after the original file moved,
-  and refuses a file that changed.
+  and refuses a file that changed. Every input file is size-checked before it is read and decoded
+  within a pixel bound.
+- A recipe read from a PNG is untrusted input: :func:`read_recipe` bounds the chunk's size and
+  nesting before parsing it, type-checks every field, asks for one image (the studio writes one per
+  PNG), and takes input images from the inputs store only (by their pinned sha256, never another
+  path). :func:`recipe_cost` and :func:`check_recipe_cost` make a costly recipe ask for a confirmation.
 
 Adapter stacks (LoRA composition) extend the request in ``adapters.compose``; this module does not
 load adapters.
@@ -39,9 +44,35 @@ RECIPE_VERSION = 1
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
 MAX_IMAGES = 64
+# Recipe chunks: the studio writes a few kilobytes (prompt, settings, the adapter stack); a megabyte
+# holds any prompt a person types, and bounds the parse of a chunk from a PNG nobody vouches for.
+MAX_RECIPE_CHARS = 1 << 20
+# payload > request > adapters > entry > blocks > part > block > weights list: 8 levels at most in a
+# studio recipe. Twice that is refused before json.loads, which would raise RecursionError at ~1000.
+RECIPE_DEPTH = 16
+# A recipe PNG holds one generated image, at most MAX_SIDE x MAX_SIDE.
+MAX_RECIPE_PIXELS = MAX_SIDE * MAX_SIDE
+# Recipe cost, in pixel-steps: denoising steps x width x height x images (see recipe_cost). The
+# studio's normal range is what the Generate page's widgets hold: up to 150 steps at 2048 x 2048, one
+# image: 150 x 2048 x 2048 = 629,145,600. 50 steps at 1024 x 1024 on a real model (52,428,800) is a
+# twelfth of it; 1000 steps at 4096 x 4096 (16,777,216,000) is 27 times over. On a GPU doing SD-1 at
+# 512 x 512 and ~20 steps/s (5.2 M pixel-steps/s) the bound is about two minutes; on a CPU, hours.
+MAX_RECIPE_COST = 150 * 2048 * 2048
+# A width/height of None (the base model's native size) counts as 1024, the largest native size of
+# the families the studio runs (SDXL, SD3, Flux), so a cost is never underestimated.
+_COST_NATIVE_SIDE = 1024
+# Input images (img2img, inpainting). A 48-megapixel phone photo must fit; 8192 x 8192 = 67 M pixels
+# (four times the largest output) does, and decodes to at most 256 MiB as RGBA. It is below Pillow's
+# own decompression-bomb threshold (89 M), so Pillow never warns before this bound refuses.
+MAX_INPUT_PIXELS = 8192 * 8192
+# The file itself: 8192 x 8192 RGB stored raw (BMP, uncompressed PNG) is 192 MiB; 256 MiB holds any
+# honest encoding of an image within MAX_INPUT_PIXELS.
+MAX_INPUT_BYTES = 256 * 1024 * 1024
 _PINNED_KEYS = ("name", "version", "tensor_sha256")  # what a recipe records of each resolved adapter
 DEFAULT_STRENGTH = 0.75  # A1111's img2img "denoising strength" default
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_STORED_SUFFIXES = (".png", ".jpg", ".webp", ".bmp")  # what store_input_image names its copies
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # A1111 sampler name -> (diffusers scheduler class, extra config). "Karras" variants use Karras sigmas.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -126,12 +157,26 @@ class GenerationRequest:
         # Normalise to plain dicts (recipes are JSON) after validating each entry.
         normalised = []
         for entry in self.adapters:
-            spec = entry if isinstance(entry, AdapterSpec) else AdapterSpec.from_dict(entry)
+            if isinstance(entry, dict):
+                _check_pinned(entry)
+            try:
+                spec = entry if isinstance(entry, AdapterSpec) else AdapterSpec.from_dict(entry)
+            except OverflowError:  # a weight like 10**400: no float holds it
+                raise InvalidRequestError(f"adapter entry for {entry.get('ref')!r} has a weight too large for a "
+                                          f"number: weights are small numbers like 0.8") from None
             pinned = {k: entry[k] for k in _PINNED_KEYS if isinstance(entry, dict) and k in entry}
             normalised.append({**spec.to_dict(), **pinned})
         self.adapters = normalised
-        if not isinstance(self.prompt, str):
-            raise InvalidRequestError("prompt must be text")
+        for name in ("prompt", "negative_prompt", "scheduler", "base_model"):
+            # A list or number here fails deep inside diffusers or the model resolver, far from its cause.
+            if not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"{name} must be text, got {_brief(getattr(self, name))}")
+        for name in ("num_inference_steps", "num_images", "width", "height", "seed"):
+            if isinstance(getattr(self, name), bool):  # True is an int to Python, never a count to a user
+                raise InvalidRequestError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        for name in ("guidance_scale", "strength"):
+            if isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise InvalidRequestError(f"steps must be a whole number >= 1, got {self.num_inference_steps!r}")
         if self.num_inference_steps > 1000:
@@ -143,9 +188,11 @@ class GenerationRequest:
             if value is None:
                 continue
             if not isinstance(value, int) or value < 8 or value > MAX_SIDE or value % 8:
+                # Integer arithmetic: value / 8 overflows a float for a 400-digit width.
+                nearest = (value + 4) // 8 * 8 if isinstance(value, int) else 8
                 raise InvalidRequestError(
-                    f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value!r}: "
-                    f"try {max(8, min(MAX_SIDE, round((value if isinstance(value, int) else 0) / 8) * 8))}"
+                    f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {_brief(value)}: "
+                    f"try {max(8, min(MAX_SIDE, nearest))}"
                 )
         if self.guidance_scale is not None:
             if not isinstance(self.guidance_scale, (int, float)) or not 0 <= self.guidance_scale <= 50:
@@ -194,14 +241,128 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationRequest:
+        """A request from a recipe's JSON: every field type-checked (a :class:`RecipeError` names the
+        field), then the request's own validation (its errors become RecipeErrors too)."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe's request must be an object, got {_brief(data)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise RecipeError(f"recipe has unknown fields {unknown}: it was written by a newer studio")
+            raise RecipeError(f"recipe has unknown fields {_brief(unknown)}: it was written by a newer studio")
+        if "prompt" not in data:
+            raise RecipeError("recipe is incomplete: it has no prompt")
+        for name, value in data.items():
+            _check_recipe_field(name, value)
         try:
             return cls(**data)
-        except TypeError as e:
-            raise RecipeError(f"recipe is incomplete: {e}") from None
+        except InvalidRequestError as e:
+            raise RecipeError(f"the recipe's request is not valid: {e}") from None
+
+
+def _brief(value, limit: int = 60) -> str:
+    """``repr`` of a value for a one-line message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Recipe field -> (accepts the value, what it must be). None is accepted where the field's default is None.
+_RECIPE_FIELDS = {
+    "prompt": (lambda v: isinstance(v, str), "text"),
+    "negative_prompt": (lambda v: isinstance(v, str), "text"),
+    "num_inference_steps": (_is_whole, "a whole number"),
+    "guidance_scale": (lambda v: v is None or _is_number(v), "a number or null"),
+    "width": (lambda v: v is None or _is_whole(v), "a whole number or null"),
+    "height": (lambda v: v is None or _is_whole(v), "a whole number or null"),
+    "seed": (lambda v: v is None or _is_whole(v), "a whole number or null"),
+    "num_images": (_is_whole, "a whole number"),
+    "scheduler": (lambda v: isinstance(v, str), "text (a sampler name)"),
+    "base_model": (lambda v: isinstance(v, str), "text (a base-model reference)"),
+    "adapters": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
+                 'a list of objects like {"ref": "name@1", "weight": 0.8}'),
+    "init_image": (lambda v: v is None or isinstance(v, str), "a file path or null"),
+    "strength": (lambda v: v is None or _is_number(v), "a number or null"),
+    "mask_image": (lambda v: v is None or isinstance(v, str), "a file path or null"),
+    "init_image_sha256": (lambda v: v is None or isinstance(v, str), "64 hex digits or null"),
+    "mask_image_sha256": (lambda v: v is None or isinstance(v, str), "64 hex digits or null"),
+}
+# Adapter-entry key -> (accepts, what it must be): the AdapterSpec fields and the pins a recipe adds.
+_ENTRY_FIELDS = {
+    "ref": (lambda v: isinstance(v, str), "text"),
+    "weight": (lambda v: v is None or _is_number(v), "a number"),
+    "unet": (lambda v: v is None or _is_number(v), "a number"),
+    "text_encoder": (lambda v: v is None or _is_number(v), "a number"),
+    "blocks": (lambda v: v is None or isinstance(v, dict), "an object of per-block weights"),
+    "name": (lambda v: isinstance(v, str), "text"),
+    "version": (_is_whole, "a whole number"),
+    "tensor_sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+                      "64 lowercase hex digits"),
+}
+
+
+def _check_recipe_field(name: str, value) -> None:
+    accepts, what = _RECIPE_FIELDS[name]
+    if not accepts(value):
+        raise RecipeError(f"recipe field {name!r} must be {what}, got {_brief(value)}: the recipe is damaged")
+    if name == "adapters":
+        for i, entry in enumerate(value):
+            for key, item in entry.items():
+                check = _ENTRY_FIELDS.get(key)
+                if check is None:
+                    continue  # unknown keys: AdapterSpec names them
+                if not check[0](item) or (_is_number(item) and not _finite_weight(item)):
+                    raise RecipeError(f"recipe field 'adapters' entry {i + 1}: {key!r} must be {check[1]}, got "
+                                      f"{_brief(item)}: the recipe is damaged")
+
+
+def _finite_weight(value) -> bool:
+    """A number a float holds (a 400-digit integer would overflow every later check)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_pinned(entry: dict) -> None:
+    """The pins a resolved adapter entry carries (recipes show them; A1111's 'Lora hashes' slices them)."""
+    for key in _PINNED_KEYS:
+        if key in entry and not _ENTRY_FIELDS[key][0](entry[key]):
+            raise InvalidRequestError(f"adapter entry for {_brief(entry.get('ref'))}: {key} must be "
+                                      f"{_ENTRY_FIELDS[key][1]}, got {_brief(entry[key])}")
+
+
+def recipe_cost(request: GenerationRequest) -> int:
+    """What a request costs, in pixel-steps: denoising steps x width x height x images.
+
+    Denoising dominates a request's time and grows with each factor, so this orders requests by the
+    work they ask for (a width/height of None counts as 1024, the largest native size). Strength is
+    ignored: img2img runs fewer steps, and the cost stays an upper bound. Compare with
+    :data:`MAX_RECIPE_COST`.
+    """
+    width = request.width or _COST_NATIVE_SIDE
+    height = request.height or _COST_NATIVE_SIDE
+    return request.num_inference_steps * width * height * request.num_images
+
+
+def check_recipe_cost(request: GenerationRequest, *, confirmed: bool) -> None:
+    """Refuse a request whose :func:`recipe_cost` exceeds :data:`MAX_RECIPE_COST`, unless ``confirmed``
+    (``--yes`` on the command line, a confirmation in the UI). Raises :class:`RecipeTooCostlyError`."""
+    from studio.errors import RecipeTooCostlyError
+
+    cost = recipe_cost(request)
+    if cost > MAX_RECIPE_COST and not confirmed:
+        raise RecipeTooCostlyError(
+            f"this recipe asks for {request.num_inference_steps} steps at {request.width or 'native'}x"
+            f"{request.height or 'native'} x {request.num_images} image(s), {cost / 1e6:,.0f} M pixel-steps, more "
+            f"than the {MAX_RECIPE_COST / 1e6:,.0f} M a normal recipe needs (150 steps at 2048x2048): pass --yes "
+            f"to run it anyway")
 
 
 @dataclass
@@ -304,31 +465,106 @@ def _a1111_value(value: str) -> str:
 
 
 def read_recipe(path: str | Path) -> GenerationRequest:
-    """The request stored in a PNG written by the studio (``lora_studio`` chunk)."""
-    from PIL import Image, UnidentifiedImageError
+    """The request stored in a PNG written by the studio (``lora_studio`` chunk).
+
+    The PNG may come from anywhere, so nothing in it is trusted: the claimed size is checked before
+    Pillow sees the file, only the chunks before the pixels are read (the studio writes its recipe
+    there), the chunk's size and nesting are bounded before it is parsed, every field is type-checked,
+    and the recipe must ask for one image and take its input images from the inputs store. The
+    request's cost is left to :func:`check_recipe_cost`, which needs the user's confirmation.
+    """
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist: pass a PNG the studio wrote")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == _PNG_MAGIC and head[12:16] == b"IHDR":
+        # Read from the IHDR chunk before Pillow opens the file: Pillow refuses huge sizes without naming
+        # them (DecompressionBombError), and warns on stderr below that.
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if width * height > MAX_RECIPE_PIXELS:
+            raise RecipeError(f"{path} claims {width}x{height} pixels, more than the {MAX_SIDE}x{MAX_SIDE} the "
+                              f"studio ever writes: it is not a PNG the studio wrote")
     try:
-        with Image.open(path) as im:
+        with _bounded_open(path, MAX_RECIPE_PIXELS) as im:
             fmt = im.format
-            text = dict(getattr(im, "text", {}) or {})
-    except (UnidentifiedImageError, OSError) as e:
-        raise RecipeError(f"{path} is not a readable image ({e}): pass a PNG the studio wrote") from None
+            # ``info`` holds the text chunks before the pixel data, where the studio writes; ``im.text``
+            # would decode the whole image to find chunks after it.
+            text = {k: v for k, v in im.info.items() if k in (RECIPE_KEY, "parameters") and isinstance(v, str)}
+    except _TooManyPixels as e:
+        raise RecipeError(f"{path} claims {e}, more than the {MAX_SIDE}x{MAX_SIDE} the studio ever writes: it is "
+                          f"not a PNG the studio wrote") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        # ValueError: Pillow's own bound on text chunks ("Too much memory used in text chunks").
+        raise RecipeError(f"{path} is not a readable image ({_one_line(e)}): pass a PNG the studio wrote") from None
     if fmt != "PNG":
         raise RecipeError(f"{path} is a {fmt} image, not a PNG: recipes are stored in PNG files only")
     if RECIPE_KEY not in text:
         hint = " (it has A1111 parameters, which do not pin every setting)" if "parameters" in text else ""
         raise RecipeError(f"{path} carries no LoRA Studio recipe{hint}: pass a PNG the studio wrote")
+    chunk = text[RECIPE_KEY]
+    if len(chunk) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"the recipe in {path} is too large ({len(chunk):,} characters; a recipe is a few "
+                          f"kilobytes, at most {MAX_RECIPE_CHARS:,}): it is not a recipe the studio wrote")
+    from adapters.formats import json_nesting_within
+
+    if not json_nesting_within(chunk, RECIPE_DEPTH):
+        raise RecipeError(f"the recipe in {path} is damaged (its JSON nests deeper than {RECIPE_DEPTH} levels; a "
+                          f"recipe has 8 at most)")
     try:
-        payload = json.loads(text[RECIPE_KEY])
+        payload = json.loads(chunk, parse_constant=_refuse_json_constant)
         request = payload["request"]
     except (ValueError, KeyError, TypeError) as e:
-        raise RecipeError(f"the recipe in {path} is damaged ({e})") from None
+        raise RecipeError(f"the recipe in {path} is damaged ({_one_line(e)})") from None
     if not isinstance(request, dict):
         raise RecipeError(f"the recipe in {path} is damaged (request is not an object)")
-    return GenerationRequest.from_dict(request)
+    request = GenerationRequest.from_dict(request)
+    if request.num_images != 1:
+        raise RecipeError(f"the recipe in {path} asks for num_images {request.num_images}, but the studio writes "
+                          f"a recipe for each image (num_images 1): it was not written by the studio")
+    return _pin_recipe_inputs(request, path)
+
+
+def _refuse_json_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200]
+
+
+def _pin_recipe_inputs(request: GenerationRequest, path: Path) -> GenerationRequest:
+    """The recipe with its input images pointing at this studio's stored copies.
+
+    A recipe names its inputs by their stored path and sha256 (``<sha256>.png`` in the inputs store).
+    Any other path is refused without being read: a recipe must not make the studio read a file of the
+    user's choosing; and an input missing from this studio's store cannot re-run.
+    """
+    changes = {}
+    for name, flag in (("init_image", "--init-image"), ("mask_image", "--mask")):
+        path_text, pinned = getattr(request, name), getattr(request, f"{name}_sha256")
+        if path_text is None:
+            if pinned is not None:
+                raise RecipeError(f"the recipe in {path} pins {name}_sha256 without an {name}: it is damaged")
+            continue
+        if pinned is None:
+            raise RecipeError(f"the recipe's {name} {_brief(path_text)} has no {name}_sha256: a recipe takes its "
+                              f"input images from the inputs store, pinned by sha256; pass the image with {flag} "
+                              f"instead")
+        stored_name = Path(path_text).name
+        if Path(stored_name).stem != pinned or Path(stored_name).suffix not in _STORED_SUFFIXES:
+            raise RecipeError(f"the recipe's {name} {_brief(path_text)} is not the pinned stored input ({pinned[:12]}"
+                              f"... in the inputs store): a recipe takes input images from the inputs store only; "
+                              f"pass that file with {flag} to use it")
+        stored = _stored_input(pinned)
+        if stored is None:
+            raise RecipeError(f"the recipe's {name} (sha256 {pinned[:12]}) is not in the inputs store {inputs_dir()}: "
+                              f"it can re-run only where its input images are stored; run the original image once "
+                              f"with {flag} to store it")
+        changes[name] = str(stored)
+    return GenerationRequest(**{**request.to_dict(), **changes}) if changes else request
 
 
 # One lock per pipeline object: the studio shares cached pipelines between threads (Streamlit
@@ -382,6 +618,48 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _TooManyPixels(Exception):
+    """An image claims more pixels than the caller's bound; ``str()`` says how many ("WxH pixels")."""
+
+
+def _bounded_open(source, max_pixels: int):
+    """``Image.open`` refusing more than ``max_pixels`` before a pixel is decoded (raises _TooManyPixels).
+
+    Pillow's own check (``Image.MAX_IMAGE_PIXELS``, 89 M by default) stays as it is: its warning is
+    silenced here because every bound this module passes is below it and is checked right after, and its
+    error (above twice that) is turned into ours. Nothing global changes beyond this call's warnings.
+    """
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(source)
+        except Image.DecompressionBombError:
+            raise _TooManyPixels(f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise _TooManyPixels(f"{width}x{height} pixels")
+    return im
+
+
+def _too_many_pixels(label: str, error: _TooManyPixels) -> InvalidRequestError:
+    side = math.isqrt(MAX_INPUT_PIXELS)
+    return InvalidRequestError(f"{label} claims {error}, more than the {MAX_INPUT_PIXELS:,} ({side}x{side}) an input "
+                               f"image may have: use a smaller image")
+
+
+def _check_input_size(path: Path, label: str) -> None:
+    """Refuse an input file over MAX_INPUT_BYTES before a byte of it is read."""
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES:
+        raise InvalidRequestError(f"{label} {path} is {size:,} bytes, more than the {MAX_INPUT_BYTES:,} an input "
+                                  f"image may have: use a smaller image")
+
+
 def inputs_dir() -> Path:
     from studio.settings import get_settings
 
@@ -407,33 +685,43 @@ def store_input_image(source) -> Path:
     import hashlib
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from studio.errors import InputFileNotFoundError
 
     suffix = ".png"
+    label = f"input image {source}" if isinstance(source, (str, Path)) else "input image"
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
             raise InputFileNotFoundError(f"input image {path} does not exist: pass a PNG, JPEG or WebP file")
+        _check_input_size(path, "input image")
         data = path.read_bytes()
         if path.suffix.lower() in IMAGE_SUFFIXES:
             suffix = ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
     elif isinstance(source, bytes):
+        if len(source) > MAX_INPUT_BYTES:
+            raise InvalidRequestError(f"input image is {len(source):,} bytes, more than the {MAX_INPUT_BYTES:,} an "
+                                      f"input image may have: use a smaller image")
         data = source
-    elif hasattr(source, "save"):
+    elif hasattr(source, "save") and hasattr(source, "size"):
+        if source.size[0] * source.size[1] > MAX_INPUT_PIXELS:
+            raise _too_many_pixels(label, _TooManyPixels(f"{source.size[0]}x{source.size[1]} pixels"))
         buffer = io.BytesIO()
         source.save(buffer, format="PNG")
         data = buffer.getvalue()
     else:
         raise InvalidRequestError(f"an input image must be a path, bytes or a PIL image, not {type(source).__name__}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _bounded_open(io.BytesIO(data), MAX_INPUT_PIXELS) as im:
             fmt = im.format
             im.verify()  # a truncated or damaged file fails here, before anything is stored
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise InvalidRequestError(f"input image {source if isinstance(source, (str, Path)) else ''} is not a "
-                                  f"readable image ({e}): pass a PNG, JPEG or WebP file") from None
+    except _TooManyPixels as e:
+        raise _too_many_pixels(label, e) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        # SyntaxError/ValueError: what some Pillow plugins raise for malformed headers and chunks.
+        raise InvalidRequestError(f"{label} is not a readable image ({_one_line(e)}): pass a PNG, JPEG or WebP "
+                                  f"file") from None
     if not isinstance(source, (str, Path)):
         suffix = {"JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}.get(fmt, ".png")
     sha256 = hashlib.sha256(data).hexdigest()
@@ -462,6 +750,7 @@ def _pin_input(label: str, path_text: str | None, pinned: str | None) -> tuple[s
             raise InputFileNotFoundError(
                 f"the {label} {path} is gone and no copy with sha256 {pinned[:12]} is in {inputs_dir()}: "
                 f"put the original image back at that path")
+        _check_input_size(path, f"the {label}")
         actual = _file_sha256(path)
         if actual != pinned:
             raise RecipeError(f"the {label} {path} has sha256 {actual[:12]}, the recipe used {pinned[:12]}: "
@@ -481,14 +770,12 @@ def _load_inputs(request: GenerationRequest):
     if request.init_image is None:
         return None, None
     size = (request.width, request.height)
-    with Image.open(request.init_image) as im:
-        init = im.convert("RGB")
+    init = _decode_input(request.init_image, "the init image", "RGB")
     if init.size != size:
         init = init.resize(size, Image.LANCZOS)
     mask = None
     if request.mask_image is not None:
-        with Image.open(request.mask_image) as im:
-            mask = im.convert("L")
+        mask = _decode_input(request.mask_image, "the mask image", "L")
         if mask.size != size:
             mask = mask.resize(size, Image.NEAREST)
         # Binary: the pipeline binarises at 0.5 too, and the paste-back below must agree with it.
@@ -497,6 +784,23 @@ def _load_inputs(request: GenerationRequest):
             raise InvalidRequestError(f"the mask {request.mask_image} is all black: paint the area to repaint "
                                       f"white")
     return init, mask
+
+
+def _decode_input(path_text: str, label: str, mode: str):
+    """Decode a stored input image in ``mode``: size-checked, then pixel-bounded before decoding (a file
+    can be put into the inputs store by hand, so the stored copy is checked again)."""
+    from PIL import UnidentifiedImageError
+
+    path = Path(path_text)
+    _check_input_size(path, label)
+    try:
+        with _bounded_open(path, MAX_INPUT_PIXELS) as im:
+            return im.convert(mode)
+    except _TooManyPixels as e:
+        raise _too_many_pixels(f"{label} {path}", e) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InvalidRequestError(f"{label} {path} is not a readable image ({_one_line(e)}): pass a PNG, JPEG or "
+                                  f"WebP file") from None
 
 
 # pipeline -> {task: pipeline from_pipe'd on its components}; weak, so a dropped pipeline frees its weights

@@ -271,3 +271,157 @@ def test_cli_img2img_and_inpaint(init_png, tmp_path, capsys):
     assert recipe.task == "inpaint" and recipe.strength == 0.5 and recipe.mask_image_sha256
     assert main(["generate", PROMPT, "--strength", "0.5", "--out", str(tmp_path)]) == 2
     assert "pass --init-image" in capsys.readouterr().err
+
+
+# -- recipes from PNGs nobody vouches for (issue 11, findings 5 and 9) ---------------------------
+
+
+def _request_dict(**overrides) -> dict:
+    """A complete, resolved single-image request as a recipe records it."""
+    request = GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, width=32, height=32,
+                                guidance_scale=2.0).to_dict()
+    return {**request, **overrides}
+
+
+def _recipe_png(path, text: str, size=(8, 8)):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(RECIPE_KEY, text)
+    Image.new("RGB", size).save(path, pnginfo=info)
+    return path
+
+
+def _recipe_with(tmp_path, **overrides):
+    return _recipe_png(tmp_path / "recipe.png", json.dumps({"version": 1, "request": _request_dict(**overrides)}))
+
+
+def _claim_size(path, width: int, height: int):
+    """Rewrite a PNG's IHDR to claim ``width`` x ``height`` (with a valid CRC); the pixels stay 8x8."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_recipe_asks_for_one_image(tmp_path):
+    with pytest.raises(RecipeError, match="num_images.*1"):
+        read_recipe(_recipe_with(tmp_path, num_images=64))
+
+
+@pytest.mark.parametrize("field_name, value", [
+    ("base_model", 5), ("negative_prompt", ["blurry"]), ("prompt", {"text": "x"}), ("scheduler", ["Euler"]),
+    ("num_inference_steps", "20"), ("num_inference_steps", True), ("num_inference_steps", 20.0),
+    ("width", "32"), ("height", 32.5), ("seed", True), ("guidance_scale", "7"), ("guidance_scale", False),
+    ("adapters", {"ref": "x"}), ("adapters", ["x"]), ("init_image", 5), ("strength", "0.5"),
+    ("mask_image", ["m.png"]), ("init_image_sha256", 5), ("num_images", True),
+    ("adapters", [{"ref": "x", "weight": 1.0, "tensor_sha256": 7}]), ("adapters", [{"ref": "x", "version": "1"}]),
+    ("adapters", [{"ref": "x", "weight": 10 ** 400}]),
+])
+def test_every_recipe_field_is_type_checked(tmp_path, field_name, value):
+    with pytest.raises(RecipeError) as caught:
+        read_recipe(_recipe_with(tmp_path, **{field_name: value}))
+    message = str(caught.value)
+    assert field_name in message and "\n" not in message
+
+
+def test_a_deeply_nested_recipe_is_a_one_line_error(tmp_path):
+    path = _recipe_png(tmp_path / "deep.png", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RecipeError, match="nests deeper") as caught:
+        read_recipe(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_oversized_recipe_chunk_is_refused_before_parsing(tmp_path):
+    path = _recipe_with(tmp_path, prompt="x" * 2_000_000)
+    with pytest.raises(RecipeError, match="too large"):
+        read_recipe(path)
+
+
+def test_a_recipe_png_claiming_a_huge_size_is_refused(tmp_path):
+    path = _claim_size(_recipe_with(tmp_path), 100_000, 100_000)
+    with pytest.raises(RecipeError, match="100000x100000") as caught:
+        read_recipe(path)
+    assert "\n" not in str(caught.value)
+    # between Pillow's warning and error thresholds, too: no DecompressionBombWarning on stderr
+    import warnings
+
+    path = _claim_size(_recipe_with(tmp_path), 10_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RecipeError, match="10000x10000"):
+            read_recipe(path)
+
+
+def test_a_recipe_takes_input_images_from_the_inputs_store_only(init_png, tmp_path):
+    import hashlib
+
+    sha = hashlib.sha256(init_png.read_bytes()).hexdigest()
+    # any other local file, even with its true hash pinned, is refused without being read
+    with pytest.raises(RecipeError, match="inputs store"):
+        read_recipe(_recipe_with(tmp_path, init_image=str(init_png), init_image_sha256=sha, strength=0.5))
+    with pytest.raises(RecipeError, match="init_image_sha256"):
+        read_recipe(_recipe_with(tmp_path, init_image="/etc/hostname", strength=0.5))
+    named_like_a_stored_input = str(tmp_path / f"{sha}.png")
+    with pytest.raises(RecipeError, match="not in the inputs store"):
+        read_recipe(_recipe_with(tmp_path, init_image=named_like_a_stored_input, init_image_sha256=sha, strength=0.5))
+    # once stored, the recipe names the local stored copy whatever folder it was written in
+    from studio.generate import store_input_image
+
+    stored = store_input_image(init_png)
+    recipe = read_recipe(_recipe_with(tmp_path, init_image=named_like_a_stored_input, init_image_sha256=sha,
+                                      strength=0.5))
+    assert recipe.init_image == str(stored) and recipe.init_image_sha256 == sha
+
+
+def test_recipe_cost_and_its_bound():
+    from studio.errors import RecipeTooCostlyError
+    from studio.generate import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
+
+    normal = GenerationRequest(prompt=PROMPT, num_inference_steps=50, width=1024, height=1024, seed=1)
+    costly = GenerationRequest(prompt=PROMPT, num_inference_steps=1000, width=4096, height=4096, seed=1)
+    assert recipe_cost(normal) == 50 * 1024 * 1024
+    assert recipe_cost(GenerationRequest(prompt=PROMPT, num_images=3, width=64, height=32)) == 3 * 20 * 64 * 32
+    assert recipe_cost(normal) <= MAX_RECIPE_COST < recipe_cost(costly)
+    check_recipe_cost(normal, confirmed=False)
+    with pytest.raises(RecipeTooCostlyError, match="--yes"):
+        check_recipe_cost(costly, confirmed=False)
+    check_recipe_cost(costly, confirmed=True)
+
+
+def _bomb_png(path, width=10_000, height=10_000):
+    Image.new("RGB", (8, 8), "white").save(path)
+    return _claim_size(path, width, height)
+
+
+def test_input_images_are_size_checked_and_decoded_with_a_pixel_bound(tmp_path, monkeypatch, init_png):
+    import warnings
+
+    from studio import generate as gen
+
+    bomb = _bomb_png(tmp_path / "bomb.png")  # 100 M pixels: above Pillow's warning, below its error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidRequestError, match="10000x10000"):
+            gen.store_input_image(bomb)
+        with pytest.raises(InvalidRequestError, match="10000x10000"):
+            gen.store_input_image(bomb.read_bytes())
+    # a file placed straight into the store is bounded when it is decoded, too
+    import hashlib
+
+    sha = hashlib.sha256(bomb.read_bytes()).hexdigest()
+    gen.inputs_dir().mkdir(parents=True, exist_ok=True)
+    planted = gen.inputs_dir() / f"{sha}.png"
+    planted.write_bytes(bomb.read_bytes())
+    with pytest.raises(InvalidRequestError, match="10000x10000"):
+        generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=4, init_image=str(planted),
+                                   init_image_sha256=sha))
+    # the file size is checked before a byte is read
+    monkeypatch.setattr(gen, "MAX_INPUT_BYTES", 100)
+    with pytest.raises(InvalidRequestError, match="bytes"):
+        gen.store_input_image(init_png)
