@@ -93,12 +93,23 @@ def _read_recipe_upload():
                               f"drop a PNG the studio wrote") from None
 
 
-def _apply_recipe() -> None:
+def _apply_recipe(confirmed: bool = False) -> None:
     # A callback: it runs before the widgets are drawn, so it may set their values; an exception
     # here would escape the page, so every failure becomes the message shown under the button.
+    from studio.errors import RecipeTooCostlyError
+    from studio.generate import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
+
     try:
         request = _read_recipe_upload()
         values = recipes.form_values(request)
+        check_recipe_cost(request, confirmed=confirmed)
+    except RecipeTooCostlyError:
+        # The library's message speaks of the CLI's --yes; the page asks with a button instead.
+        st.session_state["recipe_msg"] = ("confirm", (
+            f"This recipe asks for {recipe_cost(request) / 1e6:,.0f} M pixel-steps (steps x width x height x images), "
+            f"more than the {MAX_RECIPE_COST / 1e6:,.0f} M of a normal recipe: its images may take a long time. "
+            f"Load it anyway?"))
+        return
     except StudioError as e:
         st.session_state["recipe_msg"] = ("error", str(e))
         return
@@ -167,7 +178,11 @@ with tab_recipe:
     st.file_uploader("A PNG made by the studio (its recipe is inside)", type=["png"], key="recipe_png")
     st.button("Use its settings", key="recipe_apply", on_click=_apply_recipe)
     if msg := st.session_state.pop("recipe_msg", None):
-        (st.error if msg[0] == "error" else st.success)(msg[1])
+        if msg[0] == "confirm":
+            st.warning(msg[1])
+            st.button("Load it anyway", key="recipe_confirm", on_click=_apply_recipe, kwargs={"confirmed": True})
+        else:
+            (st.error if msg[0] == "error" else st.success)(msg[1])
 
 with tab_make:
     # -- adapter stack (outside the form: its buttons act at once) --
