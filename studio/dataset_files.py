@@ -14,13 +14,17 @@ the preview is exactly what training sees).
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from studio.atomic import write_bytes_atomic
-from studio.errors import DatasetNotFoundError, InvalidNameError, InvalidRequestError, UnusableImageError
+from studio.atomic import disk_full_error, write_bytes_atomic
+from studio.errors import DatasetNotFoundError, DiskFullError, InvalidNameError, InvalidRequestError, UnusableImageError
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 # Per upload: a zip may not expand past 2 GiB or 20,000 entries (a zip bomb stops at the first check,
@@ -114,37 +118,38 @@ def _safe_parts(member: str) -> list[str]:
             for i, p in enumerate(parts)]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    write_bytes_atomic(path, data)
+def _check(folder: Path, parts: list[str], data: bytes, shown: str, report: AddReport) -> Path | None:
+    """Where an uploaded file should be written, or None with the reason recorded in ``report``.
 
-
-def _put(folder: Path, parts: list[str], data: bytes, shown: str, report: AddReport) -> None:
+    The size is checked first: a file over the limit is refused without decoding it (decoding 64 MiB
+    of compressed pixels can take seconds and gigabytes of memory).
+    """
     suffix = Path(parts[-1]).suffix.lower()
-    if suffix in _image_suffixes():
+    if suffix not in _image_suffixes() and suffix not in CAPTION_EXTENSIONS:
+        report.skipped.append((shown, f"not an image or caption file ({suffix or 'no extension'})"))
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        report.skipped.append((shown, f"{len(data)} bytes: over the {MAX_FILE_BYTES // 1024**2} MiB per-file limit"))
+        return None
+    if suffix in CAPTION_EXTENSIONS:
+        try:
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            report.skipped.append((shown, "caption file is not UTF-8 text"))
+            return None
+    else:
         from trainer.data import open_image
 
         try:
             open_image(data)  # decodes it: a corrupt or bomb image is refused now, not at training time
         except UnusableImageError as e:
             report.skipped.append((shown, str(e)))
-            return
-    elif suffix in CAPTION_EXTENSIONS:
-        try:
-            data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            report.skipped.append((shown, "caption file is not UTF-8 text"))
-            return
-    else:
-        report.skipped.append((shown, f"not an image or caption file ({suffix or 'no extension'})"))
-        return
-    if len(data) > MAX_FILE_BYTES:
-        report.skipped.append((shown, f"{len(data)} bytes: over the {MAX_FILE_BYTES // 1024**2} MiB per-file limit"))
-        return
+            return None
     target = folder.joinpath(*parts)
     root = folder.resolve()
     if not target.resolve().is_relative_to(root):  # a symlinked sub-folder could still point away
         report.skipped.append((shown, "would be written outside the dataset folder: refused"))
-        return
+        return None
     rel = target.relative_to(folder).as_posix()
     if target.exists():
         if target.read_bytes() == data:
@@ -152,12 +157,31 @@ def _put(folder: Path, parts: list[str], data: bytes, shown: str, report: AddRep
         else:
             report.skipped.append((shown, f"{rel} already exists with other content: rename the file or delete "
                                           f"the old one first"))
-        return
-    _atomic_write(target, data)
-    report.added.append(rel)
+        return None
+    return target
+
+
+def _put(folder: Path, parts: list[str], data: bytes, shown: str, report: AddReport) -> None:
+    target = _check(folder, parts, data, shown, report)
+    if target is not None:
+        write_bytes_atomic(target, data)
+        report.added.append(target.relative_to(folder).as_posix())
+
+
+# Reading an entry raises these for a damaged archive: BadZipFile (bad CRC-32, bad local header),
+# zlib.error (corrupt deflate data), EOFError (truncated), NotImplementedError (an unsupported
+# compression method), RuntimeError (an encrypted entry without a password).
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 
 def _add_zip(folder: Path, shown: str, data: bytes, report: AddReport) -> None:
+    """Add a zip's entries all or nothing.
+
+    Every entry is read (its CRC-32 checked), checked and written into a staging folder beside the
+    dataset (same filesystem, so moving in is a rename) before anything lands in the dataset; a
+    damaged entry, a refused path or a full disk leaves the dataset as it was. Only the moves can
+    still fail midway (a rename needs no new space); those already made are undone.
+    """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as e:
@@ -170,7 +194,7 @@ def _add_zip(folder: Path, shown: str, data: bytes, report: AddReport) -> None:
         if expanded > MAX_EXPANDED_BYTES:
             raise InvalidRequestError(f"{shown} expands to {expanded} bytes, over the {MAX_EXPANDED_BYTES // 1024**3} "
                                       f"GiB limit: upload it in parts")
-        # Every entry is checked before anything is written: one bad path refuses the whole zip.
+        # Every entry's path is checked before anything is read: one bad path refuses the whole zip.
         planned = []
         for m in members:
             parts = _safe_parts(m.filename)
@@ -179,10 +203,59 @@ def _add_zip(folder: Path, shown: str, data: bytes, report: AddReport) -> None:
             if (m.external_attr >> 16) & 0o170000 == 0o120000:
                 raise InvalidRequestError(f"zip entry {m.filename!r} is a symbolic link: refused")
             planned.append((m, parts))
-        for m, parts in planned:
-            with archive.open(m) as f:
-                chunk = f.read(MAX_FILE_BYTES + 1)  # never trusts the declared size alone
-            _put(folder, parts, chunk, f"{shown}:{m.filename}", report)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.zip-"))
+        try:
+            entries = AddReport(folder=report.folder)
+            moves: dict[Path, Path] = {}  # final path -> staged copy
+            for m, parts in planned:
+                entry = f"{shown}:{m.filename}"
+                try:
+                    with archive.open(m) as f:
+                        chunk = f.read(MAX_FILE_BYTES + 1)  # never trusts the declared size alone
+                except _ZIP_READ_ERRORS as e:
+                    raise InvalidRequestError(f"zip entry {m.filename!r} is damaged ({e}): nothing from {shown} was "
+                                              f"added; make the zip again and upload it") from None
+                target = _check(folder, parts, chunk, entry, entries)
+                if target is None:
+                    continue
+                if target in moves:  # a zip may list one name twice; the first copy wins
+                    entries.skipped.append((entry, "the zip holds this name twice: the first copy was kept"))
+                    continue
+                try:
+                    moves[target] = write_bytes_atomic(staging.joinpath(*parts), chunk)
+                except DiskFullError as e:  # name the dataset's folder, not the staging one
+                    raise disk_full_error(e.__cause__, folder) from e.__cause__
+            _move_in(folder, moves)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    report.added += [target.relative_to(folder).as_posix() for target in moves]
+    report.unchanged += entries.unchanged
+    report.skipped += entries.skipped
+
+
+def _move_in(folder: Path, moves: dict[Path, Path]) -> None:
+    """Rename staged files to their places; on any error undo the renames made and the folders made."""
+    done: list[Path] = []
+    made: list[Path] = []
+    try:
+        for target, staged in moves.items():
+            missing = [p for p in reversed(target.parents) if p.is_relative_to(folder) and not p.exists()]
+            for p in missing:
+                p.mkdir()
+                made.append(p)
+            if target.exists():  # written by a concurrent upload since the check: never overwritten
+                raise InvalidRequestError(f"{target} appeared while the zip was being added: upload it again")
+            os.replace(staged, target)
+            done.append(target)
+    except BaseException:
+        for target in done:
+            target.unlink(missing_ok=True)
+        for p in reversed(made):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def add_files(name: str, files: list[tuple[str, bytes]]) -> AddReport:
@@ -191,19 +264,26 @@ def add_files(name: str, files: list[tuple[str, bytes]]) -> AddReport:
     ``files`` are ``(file name as uploaded, bytes)``: images (decoded to check them), caption files
     (``.txt``/``.caption``, UTF-8) and ``.zip`` archives (their folders kept, so kohya repeat
     folders ``10_style/`` survive). Names are made safe; a zip with an absolute path, a '..' or a
-    link in it is refused whole. Existing files are never overwritten. Each file is written
-    atomically (temporary file, then rename).
+    link in it is refused whole, and so is a zip with a damaged entry: a zip is added all or
+    nothing. Existing files are never overwritten. Each file is written atomically (temporary
+    file, then rename).
     """
     folder = dataset_folder(name)
     if not files:
         raise InvalidRequestError("no files given: choose images, caption files or a zip")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     report = AddReport(folder=str(folder))
-    for shown, data in files:
-        if str(shown).lower().endswith(".zip"):
-            _add_zip(folder, shown, data, report)
-        else:
-            _put(folder, [safe_name(shown)], data, shown, report)
+    try:
+        for shown, data in files:
+            if str(shown).lower().endswith(".zip"):
+                _add_zip(folder, shown, data, report)
+            else:
+                _put(folder, [safe_name(shown)], data, shown, report)
+    except BaseException:
+        if created and not any(folder.iterdir()):  # a refused first upload leaves no empty dataset behind
+            folder.rmdir()
+        raise
     return report
 
 
@@ -253,7 +333,7 @@ def write_caption(image: str | Path, caption: str, *, caption_extension: str = "
     if len(text) > MAX_CAPTION_CHARS:
         raise InvalidRequestError(f"caption is {len(text)} characters; the limit is {MAX_CAPTION_CHARS}")
     sidecar = image.with_suffix(caption_extension)
-    _atomic_write(sidecar, (text + "\n").encode("utf-8"))
+    write_bytes_atomic(sidecar, (text + "\n").encode("utf-8"))
     return sidecar
 
 
