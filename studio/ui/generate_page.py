@@ -297,7 +297,7 @@ with tab_make:
                 width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
                 scheduler=scheduler, base_model=check_base_model(base.strip() or "tiny"), adapters=_stack_entries(),
                 init_image=init_image,
-                mask_image=_input_image("mask_upload", "recipe_mask") if init_image else None,
+                mask_image=_input_image("mask_upload", "recipe_mask"),
                 strength=float(st.session_state["strength"]) if init_image else None,
             )
             from studio.base_models import load_pipeline, model_hash, recommended_settings, resolve
