@@ -86,7 +86,11 @@ def check_data_path(path: str | os.PathLike, *, what: str) -> Path:
     text = os.fspath(path).strip() if isinstance(path, (str, os.PathLike)) else ""
     if not text:
         raise InvalidRequestError(f"the {what} is empty: type a folder or file path")
-    resolved = Path(text).expanduser().resolve()
+    try:
+        resolved = Path(text).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # "~nosuchuser", a symlink loop
+        raise InvalidRequestError(f"the {what} {text} cannot be resolved ({e}): type a plain folder or file path") \
+            from None
     roots = get_settings().allowed_roots
     if any(resolved.is_relative_to(root.expanduser().resolve()) for root in roots):
         return resolved

@@ -63,8 +63,11 @@ def test_check_data_path_accepts_the_roots_and_refuses_the_rest(studio_home, tmp
     # A folder whose name merely starts like a root's is not inside it.
     with pytest.raises(errors.PathNotAllowedError):
         check_data_path(Path(str(studio_home) + "-other"), what="dataset folder")
-    with pytest.raises(StudioError):
-        check_data_path("  ", what="dataset folder")
+    loop = studio_home / "loop"
+    loop.symlink_to(loop)
+    for bad in ("  ", "~no-such-user-here/x", loop / "x"):
+        with pytest.raises(StudioError):
+            check_data_path(bad, what="dataset folder")
 
     # LORA_STUDIO_DATA_ROOTS adds folders (os.pathsep-separated; empty entries ignored).
     other = tmp_path / "other"
