@@ -8,24 +8,23 @@ once written.
 Does not hold: which blobs are still needed. The store knows bytes, not adapters; the registry
 (``adapters/registry.py``) owns references and decides what :meth:`BlobStore.delete` may remove.
 
-Write protocol (crash-safe at every step): copy into a temporary file in the blob's own folder while
-hashing, compare with the expected sha256, fsync the file, chmod 0644, rename over the final name,
-fsync the folder. A crash leaves either no blob or a complete one, plus at worst a ``.tmp`` file that
-:meth:`BlobStore.stale_temp_files` finds for garbage collection. Rename is atomic on POSIX, so two
-processes putting the same bytes at once both succeed with one identical file.
+Write protocol (crash-safe at every step; ``studio.atomic.write_atomic``): copy into a temporary file
+in the blob's own folder while hashing, compare with the expected sha256, fsync the file, chmod 0644,
+rename over the final name, fsync the folder. A crash leaves either no blob or a complete one, plus
+at worst a ``.tmp`` file that :meth:`BlobStore.stale_temp_files` finds for garbage collection; a
+full disk is a ``DiskFullError`` that leaves nothing. Rename is atomic on POSIX, so two processes
+putting the same bytes at once both succeed with one identical file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from studio.atomic import fsync_dir
+from studio.atomic import fsync_dir, write_atomic
 from studio.errors import BlobNotFoundError, HashMismatchError, InputFileNotFoundError, InvalidRequestError
 
 CHUNK = 1 << 20
@@ -178,26 +177,19 @@ class BlobStore:
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             _fsync_dir(folder.parent)  # the new fan-out folder's entry in blobs/ must survive a crash too
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sha256[:16]}-", suffix=TEMP_SUFFIX)
-        try:
+
+        def copy(out) -> None:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fchmod(out.fileno(), BLOB_MODE)  # explicit: mkstemp creates 0600 and umask must not matter
-                os.fsync(out.fileno())
-            if h.hexdigest() != sha256:
+            for chunk in chunks:
+                h.update(chunk)
+                out.write(chunk)
+            if h.hexdigest() != sha256:  # raised before the rename: the atomic writer removes the copy
                 raise HashMismatchError(
                     f"the bytes copied hash to {h.hexdigest()}, not {sha256}: the source changed while it was "
                     f"being stored; try again once nothing is writing to it"
                 )
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+
+        # The atomic writer removes its temporary file on any error and turns a full disk into
+        # DiskFullError naming this folder; the folder is flushed here, through _fsync_dir.
+        write_atomic(target, copy, mode=BLOB_MODE)
         _fsync_dir(folder)

@@ -244,3 +244,123 @@ def test_damaged_files_are_refused_with_a_reason(tmp_path):
             hash_weights(path)
     with pytest.raises(InputFileNotFoundError):
         read_header(tmp_path / "missing.safetensors")
+
+
+# ---- a full disk: no partial file, nothing stored before lost, one clear line ---------------------
+
+
+def _disk_full_under(monkeypatch, folder, *, only: str = "") -> list[str]:
+    """Make the disk look full for regular files written under ``folder`` (whose path contains ``only``):
+    flushing them raises ENOSPC, as a write or fsync does on a full filesystem. Returns the paths hit."""
+    import errno
+
+    real_fsync = os.fsync
+    hit = []
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if stat.S_ISREG(os.fstat(fd).st_mode) and target.startswith(str(folder)) and only in target:
+            hit.append(target)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return hit
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def _tiny_lora(path, seed: int):
+    import torch
+    from safetensors.torch import save_file
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear(64, 64) in the tiny UNet
+    g = torch.Generator().manual_seed(seed)
+    save_file({f"{module}.lora_A.weight": torch.randn(4, 64, generator=g),
+               f"{module}.lora_B.weight": torch.randn(64, 4, generator=g)}, str(path))
+    return path
+
+
+def test_a_full_disk_during_an_import_stores_nothing_and_says_so(studio_home, tmp_path, monkeypatch, capsys):
+    from adapters.registry import Registry
+    from studio.cli import main
+
+    assert main(["adapters", "import", str(_tiny_lora(tmp_path / "a.safetensors", 1)), "--name", "style"]) == 0
+    blobs = studio_home / "blobs"
+    before = sorted(p for p in blobs.rglob("*") if p.is_file())
+    capsys.readouterr()
+    hit = _disk_full_under(monkeypatch, blobs)
+    assert main(["adapters", "import", str(_tiny_lora(tmp_path / "b.safetensors", 2)), "--name", "style"]) == 2
+    err = capsys.readouterr().err
+    assert hit and err.count("\n") == 1 and "Traceback" not in err
+    assert "disk is full" in err and str(blobs) in err and "lora-studio gc" in err
+    assert sorted(p for p in blobs.rglob("*") if p.is_file()) == before  # no partial blob, no temporary file
+    assert _leftovers(blobs) == []
+    monkeypatch.undo()
+    with Registry() as reg:
+        assert [v.ref for v in reg.versions("style")] == ["style@1"]
+        assert reg.store.verify(reg.get("style@1").weights_sha256) and reg.check() == []
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from studio.errors import DiskFullError
+    from trainer.loop import list_checkpoints, load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    adapter = {"w": torch.arange(6.0).reshape(2, 3)}
+    optimizer = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.ones(2, 3)}},
+                 "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    save_checkpoint(run, 1, adapter=adapter, optimizer_state=optimizer, state={"step": 1})
+    _disk_full_under(monkeypatch, run, only="checkpoint-000002")
+    with pytest.raises(DiskFullError, match="lora-studio gc") as err:
+        save_checkpoint(run, 2, adapter={"w": adapter["w"] * 2}, optimizer_state=optimizer, state={"step": 2})
+    assert err.value.folder == str(run / "checkpoints")
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000001"]
+    assert _leftovers(run) == []  # the temporary checkpoint folder is gone
+    loaded, _, state = load_checkpoint(run / "checkpoints" / "checkpoint-000001")
+    assert torch.equal(loaded["w"], adapter["w"]) and state == {"step": 1}
+
+
+def test_a_training_run_that_fills_the_disk_fails_clearly_and_keeps_its_checkpoint(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from studio.errors import DiskFullError
+    from trainer.config import TrainConfig
+    from trainer.events import run_state
+    from trainer.loop import list_checkpoints, load_checkpoint, train
+
+    root = Path(__file__).resolve().parent.parent
+    # The smallest run that saves two checkpoints: 3 steps of batch 1 at 32 px, one checkpoint a step.
+    cfg = TrainConfig.from_toml(root / "datasets" / "outlined_txt" / "train.toml").apply_overrides([
+        f"output.dir={tmp_path / 'runs'}", "validation.every_n_steps=0", "validation.prompts=[]",
+        "training.lr_warmup_steps=0", "training.max_train_steps=3", "training.train_batch_size=1",
+        "output.checkpointing_steps=1", "output.checkpoints_total_limit=0"])
+    run = tmp_path / "runs" / "full"
+    _disk_full_under(monkeypatch, run, only="checkpoint-000002")
+    with pytest.raises(DiskFullError):
+        train(cfg, run_dir=run, register=False, console=False)
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000001"]
+    assert _leftovers(run / "checkpoints") == []
+    load_checkpoint(run / "checkpoints" / "checkpoint-000001")  # complete and readable
+    state = run_state(run)
+    assert state.state == "failed" and "disk is full" in state.message and "lora-studio gc" in state.message
+
+
+def test_a_full_disk_during_a_png_write_leaves_no_partial_image(studio_home, tmp_path, monkeypatch, capsys):
+    from studio.cli import main
+
+    out = tmp_path / "out"
+    prompt = "a red circle on a blue background"
+    assert main(["generate", prompt, "--seed", "1", "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(first) == 1
+    capsys.readouterr()
+    _disk_full_under(monkeypatch, out)
+    assert main(["generate", prompt, "--seed", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk is full" in err and str(out) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the earlier image intact, nothing else

@@ -23,8 +23,6 @@ Not here: which samples a batch holds (``trainer/data.py``) and the loss (``trai
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -75,20 +73,15 @@ class TensorCache:
         return None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from studio.atomic import write_bytes_atomic
 
         entry = {k: v.detach().to("cpu").contiguous() for k, v in entry.items()}
         self._remember(key, entry)
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:12]}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(entry, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Serialized in memory (an entry is at most a few hundred KiB) so the studio's atomic writer
+        # writes it: a full disk is then a DiskFullError, not safetensors' errno-less SafetensorError.
+        write_bytes_atomic(self._path(key), save(entry))
 
     def _remember(self, key: str, entry: dict[str, Any]) -> None:
         self._memory[key] = entry

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -46,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from studio.atomic import fsync_dir
+from studio.atomic import write_bytes_atomic, write_folder_atomic
 from studio.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
 from trainer.config import TrainConfig
 from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, write_json_atomic
@@ -228,32 +227,25 @@ def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimi
     """Write checkpoint ``step`` atomically: a temporary folder, fsynced, then renamed into place.
 
     A crash mid-save leaves only a dot-folder that :func:`list_checkpoints` ignores, so the previous
-    checkpoint stays the one ``--resume latest`` uses.
+    checkpoint stays the one ``--resume latest`` uses; a full disk raises
+    :class:`~studio.errors.DiskFullError` with the temporary folder already removed.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    folder = run_dir / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = folder / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file(adapter, str(tmp / ADAPTER_FILE))
-        tensors, plain = _flatten_optimizer(optimizer_state)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        (tmp / "optimizer.json").write_text(json.dumps(plain, sort_keys=True))
-        (tmp / STATE_FILE).write_text(json.dumps(state, sort_keys=True, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # the same step saved twice (a stop right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    # Serialized in memory, then written by the atomic writer: safetensors' own save_file reports a
+    # full disk as a SafetensorError with no errno, which the one place that names full disks
+    # (studio.atomic) could not recognise. A checkpoint is the adapter plus ~2x it of AdamW state.
+    tensors, plain = _flatten_optimizer(optimizer_state)
+    files = {ADAPTER_FILE: save(adapter), OPTIMIZER_FILE: save(tensors),
+             "optimizer.json": json.dumps(plain, sort_keys=True).encode(),
+             STATE_FILE: json.dumps(state, sort_keys=True, indent=2).encode()}
+
+    def fill(tmp: Path) -> None:
+        for name, data in files.items():
+            write_bytes_atomic(tmp / name, data)
+
+    # A checkpoint of the same step may exist (a stop right after a periodic save): it is replaced.
+    return write_folder_atomic(run_dir / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}", fill)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict, dict]:
