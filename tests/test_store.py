@@ -115,7 +115,7 @@ def test_a_failed_rename_leaves_no_blob_and_no_temp(tmp_path, monkeypatch):
     def boom(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_module.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)  # the rename inside studio.atomic.write_atomic
     with pytest.raises(OSError, match="disk full"):
         store.put_bytes(b"payload")
     assert not store.exists(_sha(b"payload"))
