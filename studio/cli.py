@@ -772,6 +772,45 @@ def cmd_jobs_resume(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# gc
+# --------------------------------------------------------------------------------------------
+
+
+def _add_gc(sub) -> None:
+    from studio.cleanup import CATEGORIES, DEFAULT_CATEGORIES, DEFAULT_OLDER_THAN_DAYS
+
+    p = sub.add_parser("gc", help="free disk space: orphan blobs, stale caches, checkpoints of finished runs, "
+                                  "inputs no recipe pins, and (when named) old outputs")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be freed (count and bytes)")
+    p.add_argument("--category", dest="categories", action="append", choices=CATEGORIES, default=None,
+                   help=f"clean only this category (repeatable; default: {', '.join(DEFAULT_CATEGORIES)}; "
+                        f"outputs, your generated images, only when named)")
+    p.add_argument("--older-than", type=_float, default=DEFAULT_OLDER_THAN_DAYS, metavar="DAYS",
+                   help=f"leave caches, checkpoints, inputs and outputs younger than this many days "
+                        f"(default {DEFAULT_OLDER_THAN_DAYS:g}; 0: any age)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_gc)
+
+
+def cmd_gc(args) -> int:
+    from studio.cleanup import DEFAULT_CATEGORIES, collect, human_bytes
+
+    report = collect(categories=tuple(args.categories or DEFAULT_CATEGORIES), older_than_days=args.older_than,
+                     dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    verb = "would free" if report.dry_run else "freed"
+    for name, part in report.categories.items():
+        print(f"{name:<12} {part.count:>6} {'item' if part.count == 1 else 'items'}  {human_bytes(part.bytes)}")
+    print(f"{'total':<12} {report.count:>6} {'item' if report.count == 1 else 'items'}  {human_bytes(report.bytes)}"
+          f" ({verb}; older than {report.older_than_days:g} days where age counts)")
+    for line in report.kept:
+        print(f"kept: {line}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # ui
 # --------------------------------------------------------------------------------------------
 
@@ -864,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_datasets(sub)
     _add_train(sub)
     _add_jobs(sub)
+    _add_gc(sub)
     return parser
 
 
