@@ -755,6 +755,8 @@ def cmd_jobs_cancel(args) -> int:
         print(json.dumps(job.to_dict()))
     elif job.state == "cancelled":
         print(f"removed queued job {job.id}")
+    elif job.finished:  # its pid belonged to another process: nothing of ours was running
+        print(f"job {job.id} is {job.state}: {job.message}")
     else:
         print(f"asked job {job.id} to stop; it saves a checkpoint first (resume it with lora-studio jobs resume)")
     return 0

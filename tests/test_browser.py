@@ -124,6 +124,8 @@ def studio_server(tmp_path):
     """``python -m studio.cli ui --headless --port P`` with a private home; yields (url, port, pid)."""
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", LORA_STUDIO_HOME=str(tmp_path / "home"))
+    if Path(BASE_MODEL).expanduser().exists():  # a local base typed into the page must lie under a data root
+        env["LORA_STUDIO_DATA_ROOTS"] = str(Path(BASE_MODEL).expanduser().resolve().parent)
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(

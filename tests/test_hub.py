@@ -844,3 +844,18 @@ def test_publication_cleans_free_text_and_leaves_out_a_bad_stored_sample(reg, ve
     assert not [p for p in result.files if p.startswith("images/")]
     assert any("100000x100000" in w and "left out" in w for w in result.warnings)
     assert json.loads((tmp_path / "bad" / "lora_studio.json").read_text())["samples"] == []
+
+
+def test_adapters_page_publishes_and_shows_the_publications_warnings(reg, versions, hub, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    page = str(Path(__file__).resolve().parent.parent / "studio" / "ui" / "adapters_page.py")
+    at = AppTest.from_file(page, default_timeout=120).run()
+    next(b for b in at.button if b.label == "Open").click().run()
+    at.text_input(key="ad_repo").input(REPO)
+    at.button(key="ad_publish").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(REPO in s.value for s in at.success)
+    # The tiny base is no Hub repo: the card carries no base_model, and the page says so.
+    assert any("base_model" in w.value for w in at.warning), [w.value for w in at.warning]

@@ -171,13 +171,17 @@ def test_a_pid_now_owned_by_another_users_process_is_not_the_job(studio_home, mo
 
 
 @pytest.mark.parametrize("same_cmdline", [False, True], ids=["another-program", "same-command-line"])
-def test_cancel_of_a_job_whose_pid_is_another_users_process_marks_it_lost(studio_home, monkeypatch, same_cmdline):
+def test_cancel_of_a_job_whose_pid_is_another_users_process_marks_it_lost(studio_home, monkeypatch, same_cmdline,
+                                                                           capsys):
     pid = 2**22 + 4322
     record = _running_record(pid)
     # Even a process that runs the job's own command line is not the job when it is another user's.
     _another_users_process(monkeypatch, pid, [os.fsencode(a) for a in record.argv] if same_cmdline else None)
     with jobs._flock("runner.lock"):  # a runner alive again after the restart: no settling by list_jobs
-        left = jobs.cancel(record.id)
+        assert main(["jobs", "cancel", record.id]) == 0
+    out = capsys.readouterr().out
+    assert "is failed" in out and "asked job" not in out, out  # the command says what happened, not "stopping"
+    left = jobs.get_job(record.id)
     assert left.state == "failed" and f"pid {pid}" in left.message and "another" in left.message, left.message
     assert jobs.get_job(record.id).state == "failed"
     with pytest.raises(InvalidRequestError, match="already ended"):

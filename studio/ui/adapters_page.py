@@ -228,15 +228,13 @@ with tab_actions:
     private = c2.checkbox("Private", value=True, key="ad_private")
     kohya = c3.checkbox("Also a kohya file", key="ad_kohya")
     if c4.button("Publish", key="ad_publish"):
-        try:
-            from studio.hub import publish_version
-        except ImportError:
-            st.error("Publishing is not available in this installation yet (studio.hub is missing); "
-                     "use lora-studio adapters export and upload the file yourself.")
-        else:
-            with reported("Publishing"), st.spinner(f"Uploading {v.ref} to {repo_id}..."):
-                result = publish_version(reg, v.ref, repo_id.strip(), private=private, kohya=kohya)
-                st.success(f"published {v.ref}: {result.url}")
+        from studio.hub import publish_version
+
+        with reported("Publishing"), st.spinner(f"Uploading {v.ref} to {repo_id}..."):
+            result = publish_version(reg, v.ref, repo_id.strip(), private=private, kohya=kohya)
+            st.success(f"published {v.ref}: {result.url}")
+            for warning in result.warnings:  # e.g. a sample left out, no base_model on the card
+                st.warning(warning)
 
     st.subheader("Delete")
     scope = st.radio("What", [f"this version ({v.ref})", f"the whole adapter ({opened}, {len(numbers)} version(s))"],
