@@ -82,6 +82,9 @@ def _add_generate(sub) -> None:
                    help="inpainting: a mask image, white = repaint, black = keep (needs --init-image)")
     p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote")
+    p.add_argument("--yes", action="store_true",
+                   help="run a --recipe even when it asks for more work than a normal recipe "
+                        "(more than 150 steps at 2048x2048)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, prompt, seed}")
     p.set_defaults(func=cmd_generate)
@@ -144,13 +147,15 @@ def _read_prompts_file(path: Path) -> list[str]:
 
 def cmd_generate(args) -> int:
     from studio.errors import InvalidRequestError
-    from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, read_recipe
+    from studio.generate import DEFAULT_SCHEDULER, GenerationRequest, check_recipe_cost, read_recipe
 
     sources = sum(x is not None for x in (args.prompt, args.prompts_file, args.recipe))
     if sources != 1:
         raise InvalidRequestError("give exactly one of: a PROMPT, --prompts-file FILE, or --recipe IMAGE.png")
     if args.recipe is not None:
+        # A PNG can come from anyone: a recipe that asks for hours of work runs only when confirmed.
         requests = [read_recipe(args.recipe)]
+        check_recipe_cost(requests[0], confirmed=args.yes)
     else:
         prompts = [args.prompt] if args.prompt is not None else _read_prompts_file(args.prompts_file)
         requests = [

@@ -118,3 +118,55 @@ def test_ui_on_a_non_loopback_address_needs_allow_remote(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert status == 0 and _option(argv, "--server.address") == "0.0.0.0"
     assert "warning" in err and "no login" in err
+
+
+def _recipe_png(path, **overrides):
+    from PIL.PngImagePlugin import PngInfo
+
+    from studio.generate import RECIPE_KEY, GenerationRequest
+
+    request = {**GenerationRequest(prompt="a red circle on a blue background", seed=1, width=32, height=32,
+                                   guidance_scale=2.0).to_dict(), **overrides}
+    info = PngInfo()
+    info.add_text(RECIPE_KEY, json.dumps({"version": 1, "request": request}))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_a_costly_recipe_runs_only_with_yes(tmp_path, capsys, monkeypatch):
+    from studio import generate as gen
+
+    costly = _recipe_png(tmp_path / "costly.png", num_inference_steps=1000, width=4096, height=4096)
+    assert main(["generate", "--recipe", str(costly), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--yes" in err and "1000 steps at 4096x4096" in err and err.count("\n") == 1
+    ran = []
+    monkeypatch.setattr(gen, "generate", lambda request, progress=None: ran.append(request) or gen.GenerationResult(
+        request=request, outputs=[], seconds=0.0))
+    assert main(["generate", "--recipe", str(costly), "--out", str(tmp_path / "out"), "--yes"]) == 0
+    assert [r.num_inference_steps for r in ran] == [1000]
+
+
+def test_hostile_recipes_are_one_line_exit_2(tmp_path):
+    import struct
+    import zlib
+
+    from PIL.PngImagePlugin import PngInfo
+
+    deep = tmp_path / "deep.png"
+    info = PngInfo()
+    info.add_text("lora_studio", "[" * 100_000 + "]" * 100_000)
+    Image.new("RGB", (8, 8)).save(deep, pnginfo=info)
+    bomb = _recipe_png(tmp_path / "bomb.png")
+    data = bytearray(bomb.read_bytes())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    bomb.write_bytes(bytes(data))
+    cases = [(deep, "nests deeper"), (bomb, "100000x100000"),
+             (_recipe_png(tmp_path / "base.png", base_model=5), "'base_model'"),
+             (_recipe_png(tmp_path / "negative.png", negative_prompt=["blurry"]), "'negative_prompt'")]
+    for recipe, message in cases:
+        proc = _run_cli("generate", "--recipe", str(recipe), "--out", str(tmp_path / "out"))
+        assert proc.returncode == 2, (recipe, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
