@@ -210,6 +210,15 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidRequestError(f"{name} must be a file path, got {value!r}")
+        for name in ("base_model", "init_image", "mask_image"):
+            value = getattr(self, name)
+            if value is not None and value.startswith("~"):
+                # Path.expanduser raises RuntimeError for "~someone" when no such user exists.
+                try:
+                    Path(value).expanduser()
+                except RuntimeError:
+                    raise InvalidRequestError(f"{name} {_brief(value)} starts with ~ but names no user's home "
+                                              f"folder: give the full path") from None
         if self.mask_image is not None and self.init_image is None:
             raise InvalidRequestError("a mask needs an init image to inpaint: pass --init-image with --mask")
         if self.strength is not None:
@@ -692,7 +701,11 @@ def store_input_image(source) -> Path:
     suffix = ".png"
     label = f"input image {source}" if isinstance(source, (str, Path)) else "input image"
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
+        try:
+            path = Path(source).expanduser()
+        except RuntimeError:  # "~someone" with no such user
+            raise InputFileNotFoundError(f"input image {source} names no user's home folder: give the full "
+                                         f"path") from None
         if not path.is_file():
             raise InputFileNotFoundError(f"input image {path} does not exist: pass a PNG, JPEG or WebP file")
         _check_input_size(path, "input image")

@@ -425,3 +425,15 @@ def test_input_images_are_size_checked_and_decoded_with_a_pixel_bound(tmp_path, 
     monkeypatch.setattr(gen, "MAX_INPUT_BYTES", 100)
     with pytest.raises(InvalidRequestError, match="bytes"):
         gen.store_input_image(init_png)
+
+
+def test_a_home_folder_of_no_user_is_a_clear_error(tmp_path):
+    from studio.errors import InputFileNotFoundError
+    from studio.generate import store_input_image
+
+    with pytest.raises(RecipeError, match="names no user's home folder"):
+        read_recipe(_recipe_with(tmp_path, base_model="~no-such-user-here/model"))
+    with pytest.raises(InvalidRequestError, match="names no user's home folder"):
+        GenerationRequest(prompt=PROMPT, init_image="~no-such-user-here/x.png")
+    with pytest.raises(InputFileNotFoundError, match="names no user's home folder"):
+        store_input_image("~no-such-user-here/x.png")
