@@ -19,7 +19,7 @@ pipeline and applies stacks to it under this policy:
 - Nothing partially applied survives an error: references, weights and files are checked before the
   pipeline is touched, and a failed load removes what it added and restores the previous stack.
 
-The engine does not lock: callers hold ``studio.generate.pipeline_lock(pipe)`` around
+The engine does not lock: callers hold ``studio.generation.generate.pipeline_lock(pipe)`` around
 apply-then-generate (Streamlit shares one pipeline object between sessions).
 Adapter references resolve through :func:`resolve_adapter`: a ``.safetensors`` path, or a registry
 reference (``name``, ``name@3``, ``name@prod``, ``sha256:<prefix>``).
@@ -35,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studio.errors import InvalidRequestError
+from studio.core.errors import InvalidRequestError
 
 MAX_ABS_WEIGHT = 4.0
 DEFAULT_CACHE_SIZE = 8
@@ -166,8 +166,8 @@ def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
     path = Path(ref).expanduser()
     looks_like_path = ref.endswith(".safetensors") or "/" in ref or path.suffix.lower() in (".ckpt", ".pt", ".bin")
     if looks_like_path:
-        from studio.base_models import PICKLE_SUFFIXES
-        from studio.errors import UnsafeWeightsError
+        from studio.core.base_models import PICKLE_SUFFIXES
+        from studio.core.errors import UnsafeWeightsError
 
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise UnsafeWeightsError(f"{path} is a pickle file: the studio loads adapters from .safetensors only")
@@ -196,7 +196,7 @@ def _file_identity(path: str, size: int, mtime_ns: int) -> tuple[str, str | None
     file each time, just to find the adapters already loaded. A rewritten file has a new mtime.
     """
     from adapters.formats import _OTHER_TREES, detect
-    from adapters.hashes import tensor_sha256
+    from studio.core.hashing import tensor_sha256
 
     # A file has no registry record: its keys tell the family when it is SDXL, SD3, Flux (header only).
     arch = detect(path).architecture
@@ -209,7 +209,7 @@ def check_family(resolved: list[ResolvedAdapter], family: str, base: str = "the 
     An SDXL LoRA on an SD-1 pipeline would fail deep inside diffusers with a shape error, or worse,
     half-load; this names the adapter, its family and what to do instead.
     """
-    from studio.errors import IncompatibleAdapterError
+    from studio.core.errors import IncompatibleAdapterError
 
     for r in resolved:
         if r.family is not None and r.family != family:
@@ -504,7 +504,7 @@ def safetensors_named_path(resolved: ResolvedAdapter) -> Path:
     """
     if resolved.path.suffix == ".safetensors":
         return resolved.path
-    from studio.settings import get_settings
+    from studio.core.settings import get_settings
 
     link_dir = get_settings().home / "cache" / "adapters"
     link_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studio.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
+from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear")
 SAME_RANK_METHODS = ("linear", "ties", "dare_linear")  # factors are summed: every parent needs one shape
@@ -179,7 +179,7 @@ def _json(value) -> str:
 
 def _fresh_pipeline(base: str):
     """A private float32 copy of the base: peft injects layers into it, which the cached pipeline must not see."""
-    from studio.base_models import load_fresh_pipeline
+    from studio.core.base_models import load_fresh_pipeline
 
     return load_fresh_pipeline(base)
 

@@ -7,7 +7,7 @@ tables on :data:`METADATA`) and the name/alias/reference rules.
 
 Does not hold: reading or converting adapter files (``adapters/formats.py`` fills a
 :class:`VersionInfo` from a file's keys and metadata), applying adapters to a pipeline
-(``adapters/compose.py``), talking to the Hub (``studio/hub.py``; the registry only records
+(``adapters/compose.py``), talking to the Hub (``studio/app/hub.py``; the registry only records
 :class:`Publication` rows). Weights bytes live in the blob store (``adapters/store.py``);
 the database holds only records and hashes.
 
@@ -58,9 +58,8 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql
 
-from adapters.hashes import hash_weights
 from adapters.store import BlobStore
-from studio.errors import (
+from studio.core.errors import (
     AdapterNotFoundError,
     AliasInUseError,
     AmbiguousReferenceError,
@@ -70,6 +69,7 @@ from studio.errors import (
     RegistryBusyError,
     StudioError,
 )
+from studio.core.hashing import hash_weights
 
 # 2: the version_publications table (Hub publications). A version-1 database gains it when opened
 # (_migrate); a version-1 client refuses a version-2 database, since its deletes would not remove those rows.
@@ -596,7 +596,7 @@ version_samples = sa.Table(
     sa.Index("ix_version_samples_blob", "blob_sha256"),
 )
 
-# Where a version was published (studio.hub). Rows, not a JSON column, so a migration only adds a table.
+# Where a version was published (studio.app.hub). Rows, not a JSON column, so a migration only adds a table.
 version_publications = sa.Table(
     "version_publications", METADATA,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -663,7 +663,7 @@ class Registry:
 
     def __init__(self, url: str | None = None, *, home: str | Path | None = None, store: BlobStore | None = None,
                  busy_timeout_s: float = 30.0, retries: int = 8, echo: bool = False) -> None:
-        from studio.settings import get_settings
+        from studio.core.settings import get_settings
 
         settings = get_settings()
         home = Path(home) if home is not None else settings.home
@@ -1020,7 +1020,7 @@ class Registry:
         if not isinstance(info, VersionInfo):
             raise InvalidRequestError(f"info must be a VersionInfo, not {type(info).__name__}")
         weights = Path(weights)
-        from adapters.formats import check_safetensors
+        from studio.core.filesafety import check_safetensors
 
         # Pickles (by suffix or bytes) and headers the safetensors library would choke on end here, in one
         # clear line, before a byte is hashed or stored: the studio's one check of a user's weights file.

@@ -8,7 +8,7 @@ once written.
 Does not hold: which blobs are still needed. The store knows bytes, not adapters; the registry
 (``adapters/registry.py``) owns references and decides what :meth:`BlobStore.delete` may remove.
 
-Write protocol (crash-safe at every step; ``studio.atomic.write_atomic``): copy into a temporary file
+Write protocol (crash-safe at every step; ``studio.core.atomic.write_atomic``): copy into a temporary file
 in the blob's own folder while hashing, compare with the expected sha256, fsync the file, chmod 0644,
 rename over the final name, fsync the folder. A crash leaves either no blob or a complete one, plus
 at worst a ``.tmp`` file that :meth:`BlobStore.stale_temp_files` finds for garbage collection; a
@@ -24,8 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from studio.atomic import fsync_dir, write_atomic
-from studio.errors import BlobNotFoundError, HashMismatchError, InputFileNotFoundError, InvalidRequestError
+from studio.core.atomic import fsync_dir, write_atomic
+from studio.core.errors import BlobNotFoundError, HashMismatchError, InputFileNotFoundError, InvalidRequestError
 
 CHUNK = 1 << 20
 BLOB_MODE = 0o644  # readable by everyone like any shared model file; safetensors writes 0600 sources
@@ -55,7 +55,7 @@ class BlobStore:
 
     def __init__(self, root: str | Path | None = None) -> None:
         if root is None:
-            from studio.settings import get_settings
+            from studio.core.settings import get_settings
 
             root = get_settings().blobs_dir
         self.root = Path(root)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from adapters.compose import AdapterEngine, AdapterSpec, resolve_adapter
-from studio.base_models import load_fresh_pipeline
-from studio.generate import GenerationRequest, generate_with_pipeline
+from studio.core.base_models import load_fresh_pipeline
+from studio.generation.generate import GenerationRequest, generate_with_pipeline
 
 
 def make_lora(out: Path, seed: int) -> Path:

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from studio.base_models import load_pipeline
-from studio.generate import GenerationRequest, generate_with_pipeline, make_scheduler
+from studio.core.base_models import load_pipeline
+from studio.generation.generate import GenerationRequest, generate_with_pipeline, make_scheduler
 
 PROMPT = "a red circle on a blue background"
 

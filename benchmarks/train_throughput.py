@@ -59,8 +59,8 @@ def run_reference(steps: int, out_dir: str) -> list[float]:
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
-    from studio.base_models import load_fresh_pipeline
-    from studio.families import get_family
+    from studio.core.base_models import load_fresh_pipeline
+    from studio.core.families import get_family
     from trainer.data import open_training_dataset
     from trainer.methods import target_modules
 

@@ -42,7 +42,7 @@ def startup(home: Path) -> tuple[float, float | None]:
     port = _free_port()
     env = dict(os.environ, LORA_STUDIO_HOME=str(home), HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "studio.cli", "ui", "--headless", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "ui", "--headless", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -93,7 +93,7 @@ def pages(home: Path, n_versions: int, repeats: int) -> dict[str, float]:
     from registry_scale import fill
 
     from adapters.registry import Registry
-    from studio.settings import reload_settings
+    from studio.core.settings import reload_settings
 
     os.environ["LORA_STUDIO_HOME"] = str(home)
     reload_settings()
@@ -108,12 +108,12 @@ def pages(home: Path, n_versions: int, repeats: int) -> dict[str, float]:
         at.session_state["ad_search"] = "soft"
 
     return {
-        "Adapters: catalog page 1": page_ms("studio/ui/adapters_page.py", repeats),
-        "Adapters: text search": page_ms("studio/ui/adapters_page.py", repeats, search),
-        "Adapters: one adapter": page_ms("studio/ui/adapters_page.py", repeats, detail),
-        "Generate (stack picker)": page_ms("studio/ui/generate_page.py", repeats),
-        "Train": page_ms("studio/ui/train_page.py", repeats),
-        "Datasets": page_ms("studio/ui/datasets_page.py", repeats),
+        "Adapters: catalog page 1": page_ms("studio/app/ui/adapters_page.py", repeats),
+        "Adapters: text search": page_ms("studio/app/ui/adapters_page.py", repeats, search),
+        "Adapters: one adapter": page_ms("studio/app/ui/adapters_page.py", repeats, detail),
+        "Generate (stack picker)": page_ms("studio/app/ui/generate_page.py", repeats),
+        "Train": page_ms("studio/app/ui/train_page.py", repeats),
+        "Datasets": page_ms("studio/app/ui/datasets_page.py", repeats),
     }
 
 

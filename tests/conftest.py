@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def studio_home(tmp_path, monkeypatch):
     """Every test gets an empty LORA_STUDIO_HOME, so nothing leaks between tests or into ~."""
-    from studio.settings import reload_settings
+    from studio.core.settings import reload_settings
 
     home = tmp_path / "home"
     monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
@@ -29,7 +29,7 @@ def studio_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from studio.base_models import load_pipeline
+    from studio.core.base_models import load_pipeline
 
     return load_pipeline("tiny")
 

@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub, for tests: a real HTTP server on 127.0.0.1 in a thread.
 
 It answers the endpoints ``huggingface_hub``'s own client calls (read from its source, version in
-constraints.txt) for what ``studio.hub`` does, with the Hub's status codes and error headers:
+constraints.txt) for what ``studio.app.hub`` does, with the Hub's status codes and error headers:
 
     POST /api/repos/create                           create_repo (409 + url when it exists)
     POST /api/validate-yaml                          create_commit's README.md front matter check

@@ -6,22 +6,22 @@ import shutil
 
 import pytest
 
-from studio.base_models import (
+from studio.core.base_models import (
     clear_pipeline_cache,
     list_base_models,
     load_pipeline,
     native_resolution,
     resolve,
 )
-from studio.errors import (
+from studio.core.embedded import TINY_MODEL_DIR
+from studio.core.errors import (
     BaseModelNotFoundError,
     CorruptWeightsError,
     InvalidRequestError,
     OfflineError,
     UnsafeWeightsError,
 )
-from studio.families import FAMILIES, get_family
-from studio.tiny import TINY_MODEL_DIR
+from studio.core.families import FAMILIES, get_family
 
 
 def test_sd1_family_describes_itself():

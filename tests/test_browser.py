@@ -121,7 +121,7 @@ def _non_loopback_ipv4() -> str | None:
 
 @pytest.fixture
 def studio_server(tmp_path):
-    """``python -m studio.cli ui --headless --port P`` with a private home; yields (url, port, pid)."""
+    """``python -m studio.app.cli ui --headless --port P`` with a private home; yields (url, port, pid)."""
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", LORA_STUDIO_HOME=str(tmp_path / "home"))
     if Path(BASE_MODEL).expanduser().exists():  # a local base typed into the page must lie under a data root
@@ -129,7 +129,7 @@ def studio_server(tmp_path):
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "studio.cli", "ui", "--headless", "--port", str(port)],
+            [sys.executable, "-m", "studio.app.cli", "ui", "--headless", "--port", str(port)],
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

@@ -1,4 +1,4 @@
-"""``lora-studio gc`` (studio.cleanup) on a real studio home: a registry with versions and samples, the
+"""``lora-studio gc`` (studio.app.cleanup) on a real studio home: a registry with versions and samples, the
 blob store, caches, finished and unfinished runs, inputs pinned by recipes and outputs."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from adapters.registry import Registry, SampleImage, VersionInfo
-from studio import cleanup, jobs
-from studio.cli import main
-from studio.errors import InvalidRequestError
+from studio.app import cleanup, jobs
+from studio.app.cli import main
+from studio.core.errors import InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
 STRIPED = ROOT / "datasets" / "striped" / "train.toml"

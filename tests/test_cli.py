@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from studio.cli import main
+from studio.app.cli import main
 
 
 def test_generate_writes_pngs_and_json(tmp_path, capsys):
@@ -47,7 +47,7 @@ def test_base_models_list_json(capsys):
 
 
 def _run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "studio.app.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
@@ -97,7 +97,7 @@ def test_ui_hides_error_details_and_takes_large_uploads(monkeypatch, capsys):
     assert status == 0
     # "none": tracebacks stay on the server's console; "false" would still show them ("stacktrace").
     assert _option(argv, "--client.showErrorDetails") == "none"
-    from studio.dataset_files import MAX_EXPANDED_BYTES
+    from studio.app.dataset_files import MAX_EXPANDED_BYTES
 
     assert int(_option(argv, "--server.maxUploadSize")) * 1024**2 >= MAX_EXPANDED_BYTES  # a dataset zip fits
     assert _option(argv, "--server.address") == "127.0.0.1"
@@ -123,7 +123,7 @@ def test_ui_on_a_non_loopback_address_needs_allow_remote(monkeypatch, capsys):
 def _recipe_png(path, **overrides):
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.generate import RECIPE_KEY, GenerationRequest
+    from studio.generation.generate import RECIPE_KEY, GenerationRequest
 
     request = {**GenerationRequest(prompt="a red circle on a blue background", seed=1, width=32, height=32,
                                    guidance_scale=2.0).to_dict(), **overrides}
@@ -134,7 +134,7 @@ def _recipe_png(path, **overrides):
 
 
 def test_a_costly_recipe_runs_only_with_yes(tmp_path, capsys, monkeypatch):
-    from studio import generate as gen
+    from studio.generation import generate as gen
 
     costly = _recipe_png(tmp_path / "costly.png", num_inference_steps=1000, width=4096, height=4096)
     assert main(["generate", "--recipe", str(costly), "--out", str(tmp_path / "out")]) == 2

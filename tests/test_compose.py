@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from adapters.compose import AdapterEngine, AdapterSpec, engine_for, parse_adapter_arg, resolve_adapter
-from studio.base_models import load_fresh_pipeline, load_pipeline
-from studio.errors import InvalidRequestError
-from studio.generate import GenerationRequest, generate, generate_with_pipeline
+from studio.core.base_models import load_fresh_pipeline, load_pipeline
+from studio.core.errors import InvalidRequestError
+from studio.generation.generate import GenerationRequest, generate, generate_with_pipeline
 
 PROMPT = "a red circle on a blue background"
 
@@ -160,7 +160,7 @@ def test_recipe_records_adapters_and_reruns_the_same_bytes_in_a_fresh_process(lo
     assert 'Lora hashes: "style0: ' in text["parameters"] and "style2: " in text["parameters"]
     recorded = json.loads(text["lora_studio"])["request"]["adapters"]
     assert [a["weight"] for a in recorded] == [0.7, -0.3] and all(len(a["tensor_sha256"]) == 64 for a in recorded)
-    proc = subprocess.run([sys.executable, "-m", "studio.cli", "generate", "--recipe", str(path),
+    proc = subprocess.run([sys.executable, "-m", "studio.app.cli", "generate", "--recipe", str(path),
                            "--out", str(tmp_path / "b"), "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout.strip().splitlines()[-1])[0]["path"]
@@ -168,7 +168,7 @@ def test_recipe_records_adapters_and_reruns_the_same_bytes_in_a_fresh_process(lo
 
 
 def test_cli_adapter_flag(loras, tmp_path, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     assert main(["generate", PROMPT, "--seed", "2", "--steps", "4", "--adapter", f"{loras[1]}:0.5",
                  "--out", str(tmp_path), "--json"]) == 0
@@ -305,7 +305,7 @@ def test_loha_and_lokr_weights_follow_set_adapters(method_adapters):
 
 def test_registry_references_generate(loras, reg):
     """Registry blobs are named by hash only; diffusers must still read them as safetensors."""
-    from adapters.importer import import_adapter
+    from adapters.ingest import import_adapter
 
     version = import_adapter(reg, loras[0], name="stripes-test")
     assert version.path.suffix == ""  # a bare blob name: the case that once reached diffusers' pickle path
@@ -349,7 +349,7 @@ def test_strength_change_of_a_fused_stack_rescales_exactly_and_reads_no_file(lor
 
 def test_adapter_for_another_family_is_refused_before_touching_the_pipeline(loras, reg):
     from adapters.registry import VersionInfo
-    from studio.errors import AdapterNotFoundError, IncompatibleAdapterError
+    from studio.core.errors import AdapterNotFoundError, IncompatibleAdapterError
 
     base = _px(_req())
     reg.register("xl-style", loras[0], VersionInfo(family="sdxl"))

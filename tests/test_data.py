@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.cli import main
-from studio.errors import DatasetError, DatasetNotFoundError, NoUsableImagesError, UnusableImageError
+from studio.app.cli import main
+from studio.core.errors import DatasetError, DatasetNotFoundError, NoUsableImagesError, UnusableImageError
 from trainer.config import DatasetConfig, TrainConfig
 from trainer.data import (
     BucketSpec,
@@ -195,7 +195,7 @@ def test_shipped_datasets(name):
 
 
 def test_shipped_datasets_are_small_and_match_the_recipe(tmp_path):
-    from studio.tiny.make_datasets import SAMPLE_SETS, make
+    from studio.app.tiny.make_datasets import SAMPLE_SETS, make
 
     for sample in SAMPLE_SETS:
         shipped = REPO / "datasets" / sample.name

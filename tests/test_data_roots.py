@@ -1,6 +1,6 @@
 """Data roots: every path typed into the UI must lie under ``$LORA_STUDIO_HOME``, the sample datasets or a
 folder listed in ``LORA_STUDIO_DATA_ROOTS`` (symlinks and '..' resolved first). The pages refuse anything
-else with a message naming the setting; the library check is ``studio.settings.check_data_path``."""
+else with a message naming the setting; the library check is ``studio.core.settings.check_data_path``."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from studio import errors, jobs
-from studio.errors import StudioError
-from studio.settings import get_settings, reload_settings
+from studio.app import jobs
+from studio.core import errors
+from studio.core.errors import StudioError
+from studio.core.settings import get_settings, reload_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-UI = ROOT / "studio" / "ui"
+UI = ROOT / "studio" / "app" / "ui"
 
 
 def _allow(monkeypatch, *roots: Path) -> None:
@@ -36,7 +37,7 @@ def _image_folder(folder: Path, count: int = 1) -> Path:
 
 
 def test_check_data_path_accepts_the_roots_and_refuses_the_rest(studio_home, tmp_path, monkeypatch):
-    from studio.settings import check_data_path
+    from studio.core.settings import check_data_path
 
     monkeypatch.delenv("LORA_STUDIO_DATA_ROOTS", raising=False)
     reload_settings()
@@ -80,7 +81,7 @@ def test_check_data_path_accepts_the_roots_and_refuses_the_rest(studio_home, tmp
 
 
 def test_check_base_model_lets_hub_ids_and_tiny_through(studio_home, tmp_path, monkeypatch):
-    from studio.settings import check_base_model
+    from studio.core.base_models import check_base_model
 
     monkeypatch.delenv("LORA_STUDIO_DATA_ROOTS", raising=False)
     reload_settings()
@@ -143,7 +144,7 @@ def test_datasets_page_hides_images_that_link_outside_the_roots(studio_home, tmp
 
 
 def test_datasets_page_listing_is_bounded_and_read_once_per_run(studio_home, monkeypatch):
-    from studio import dataset_files
+    from studio.app import dataset_files
 
     _image_folder(studio_home / "datasets" / "big", 6)
     calls = []
@@ -163,11 +164,11 @@ def test_datasets_page_listing_is_bounded_and_read_once_per_run(studio_home, mon
     assert len(calls) <= 1
 
     # Past the entry bound (or the depth bound), the page refuses the folder instead of walking all of it.
-    monkeypatch.setattr("studio.ui.common.MAX_LISTED_ENTRIES", 5)
+    monkeypatch.setattr("studio.app.ui.common.MAX_LISTED_ENTRIES", 5)
     at = AppTest.from_file(str(UI / "datasets_page.py"), default_timeout=60).run()
     at.selectbox(key="ds_source").set_value("big").run()
     assert not at.exception and any("more than 5" in e.value for e in at.error), [e.value for e in at.error]
-    monkeypatch.setattr("studio.ui.common.MAX_LISTED_ENTRIES", 1000)
+    monkeypatch.setattr("studio.app.ui.common.MAX_LISTED_ENTRIES", 1000)
     deep = studio_home / "datasets" / "deep"
     _image_folder(deep / "a" / "b" / "c" / "d" / "e" / "f")
     at = AppTest.from_file(str(UI / "datasets_page.py"), default_timeout=60).run()

@@ -1,4 +1,4 @@
-"""studio.dataset_files uploads: size checked before decoding, and a zip added all or nothing (a damaged
+"""studio.app.dataset_files uploads: size checked before decoding, and a zip added all or nothing (a damaged
 entry or a full disk leaves the dataset as it was). Safe names and zip slip: tests/test_ui_datasets.py."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import zipfile
 import pytest
 from PIL import Image
 
-from studio import dataset_files
-from studio.errors import DiskFullError, InvalidRequestError
+from studio.app import dataset_files
+from studio.core.errors import DiskFullError, InvalidRequestError
 
 
 def _png(color=(200, 30, 30), size=(48, 32)) -> bytes:
@@ -90,12 +90,12 @@ def test_a_zip_entry_listed_twice_is_added_once(studio_home):
 
 
 def test_a_full_disk_during_a_zip_leaves_the_dataset_as_it_was(studio_home, monkeypatch):
-    import studio.atomic
+    import studio.core.atomic
 
     folder = studio_home / "datasets" / "koh"
     dataset_files.add_files("koh", [("old.png", _png((1, 2, 3)))])
     writes = []
-    real_fsync = studio.atomic.os.fsync
+    real_fsync = studio.core.atomic.os.fsync
 
     def fsync_then_full(fd):  # the second file's flush finds the disk full
         writes.append(fd)
@@ -103,7 +103,7 @@ def test_a_full_disk_during_a_zip_leaves_the_dataset_as_it_was(studio_home, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(studio.atomic.os, "fsync", fsync_then_full)
+    monkeypatch.setattr(studio.core.atomic.os, "fsync", fsync_then_full)
     with pytest.raises(DiskFullError, match="lora-studio gc") as err:
         dataset_files.add_files("koh", [("set.zip", _zip({"a.png": _png(), "b.png": _png((0, 90, 0))}))])
     assert err.value.folder == str(folder)

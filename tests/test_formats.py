@@ -22,17 +22,17 @@ from types import SimpleNamespace
 import pytest
 
 from adapters import formats
-from adapters.hashes import tensor_sha256
-from adapters.importer import default_name, export_adapter, import_adapter
+from adapters.ingest import default_name, export_adapter, import_adapter
 from adapters.registry import Registry
-from studio import errors
-from studio.errors import (
+from studio.core import errors, filesafety
+from studio.core.errors import (
     CorruptWeightsError,
     IncompatibleAdapterError,
     InvalidNameError,
     InvalidRequestError,
     UnsupportedAdapterError,
 )
+from studio.core.hashing import tensor_sha256
 
 HERE = Path(__file__).resolve().parent
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -58,7 +58,7 @@ def fresh_pipeline():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from studio.tiny import TINY_MODEL_DIR
+    from studio.core.embedded import TINY_MODEL_DIR
 
     pipe = StableDiffusionPipeline.from_pretrained(TINY_MODEL_DIR, safety_checker=None, requires_safety_checker=False,
                                                    dtype=torch.float32)
@@ -361,7 +361,7 @@ def test_dora_round_trips_and_refuses_kohya(reg, tmp_path, viewer):
     assert (v.adapter_type, v.rank, v.alpha) == ("dora", 4, 8.0)
     # text-encoder magnitudes are stored with '.weight', or diffusers re-initialises them (FIELD-NOTES)
     assert any(k.startswith("text_encoder.") and k.endswith("lora_magnitude_vector.weight")
-               for k in formats.check_safetensors(v.path).tensors)
+               for k in filesafety.check_safetensors(v.path).tensors)
     out = export_adapter(reg, "dora_style", format="diffusers", out=tmp_path / "dora_out.safetensors")
     assert max_diff(image_with(viewer, out, "dora"), reference) <= ATOL
     with pytest.raises(UnsupportedAdapterError, match="DoRA cannot be exported to kohya"):
@@ -478,7 +478,7 @@ def test_corrupt_file_errors_name_the_problem_in_detect(corpus):
 
 
 def test_cli_import_and_export(made, corpus, tmp_path, capsys, studio_home):
-    from studio.cli import main
+    from studio.app.cli import main
 
     rc = main(["adapters", "import", str(made.kohya), "--name", "cli_style", "--trigger", "zz", "zz two",
                "--tag", "shapes", "--json"])
@@ -533,7 +533,7 @@ def test_registry_refuses_files_the_safetensors_library_cannot_open(name, corpus
 
 @pytest.mark.parametrize("name", HEADER_CORPUS)
 def test_base_model_files_get_the_same_header_check(name, corpus, tmp_path):
-    from studio.base_models import _check_safetensors
+    from studio.core.base_models import _check_safetensors
 
     fragments = make_corpus.CORPUS[name][1]
     with pytest.raises(CorruptWeightsError) as caught:
@@ -548,7 +548,7 @@ def test_every_corpus_file_the_check_passes_opens_in_safetensors(corpus):
     passed = []
     for name, path in sorted(corpus.items()):
         try:
-            formats.check_safetensors(path)
+            filesafety.check_safetensors(path)
         except errors.StudioError:
             continue
         load_file(str(path))
@@ -566,7 +566,7 @@ def test_damaged_json_in_metadata_is_ignored_with_a_warning(tmp_path):
 
 
 def test_cli_import_of_a_hostile_header_is_one_line(corpus, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     for name in ("deep_header.safetensors", "boolean_shape.safetensors"):
         assert main(["adapters", "import", str(corpus[name])]) == 2

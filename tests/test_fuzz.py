@@ -1,14 +1,14 @@
 """Fuzzing the two places where bytes from strangers enter the studio: recipe PNGs and safetensors headers.
 
-Every generated input must end in a :class:`~studio.errors.StudioError` (one clear line for the user)
+Every generated input must end in a :class:`~studio.core.errors.StudioError` (one clear line for the user)
 or in success, never in another exception. Two sources of inputs for each:
 
 - recipes: arbitrary JSON values, arbitrary text, and valid recipes with one field (or an adapter
   entry's field) replaced, removed or added, put into the ``lora_studio`` text chunk of a PNG and taken
-  through :func:`studio.generate.read_recipe`, the cost check, the base-model reference and the adapter
+  through :func:`studio.generation.generate.read_recipe`, the cost check, the base-model reference and the adapter
   stack's resolution: everything up to the point where a pipeline would run.
 - safetensors files: valid headers with one entry, field or the length prefix mutated, and arbitrary
-  bytes, through :func:`adapters.formats.check_safetensors` and the importer's detection. A file the
+  bytes, through :func:`adapters.filesafety.check_safetensors` and the importer's detection. A file the
   check lets through must then open in the safetensors library: the check is never looser than it.
 
 The default run tries a few hundred inputs in seconds; the ``slow`` siblings try many thousands. Each
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 TRIED: Counter = Counter()  # test name -> inputs tried
 TINY_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -61,7 +61,7 @@ def _count(name: str) -> None:
 
 
 def _valid_request() -> dict:
-    from studio.generate import GenerationRequest
+    from studio.generation.generate import GenerationRequest
 
     entry = {"ref": "style@1", "weight": 0.8, "blocks": {"down": 0.5, "up": {"block_0": 0.2}}, "name": "style",
              "version": 1, "tensor_sha256": "ab" * 32}
@@ -105,8 +105,8 @@ recipe_texts = st.one_of(mutated_recipes(), json_values.map(json.dumps), st.text
 def _through_recipe(folder: Path, text: str) -> None:
     """Read ``text`` as a PNG's recipe and take it as far as the studio goes before a pipeline runs."""
     from adapters.compose import AdapterSpec, resolve_adapter
-    from studio.base_models import resolve
-    from studio.generate import RECIPE_KEY, check_recipe_cost, read_recipe
+    from studio.core.base_models import resolve
+    from studio.generation.generate import RECIPE_KEY, check_recipe_cost, read_recipe
 
     info = PngInfo()
     info.add_text(RECIPE_KEY, text)
@@ -208,11 +208,12 @@ def _through_header(folder: Path, blob: bytes) -> None:
     from safetensors import safe_open
 
     from adapters import formats
+    from studio.core import filesafety
 
     path = folder / "adapter.safetensors"
     path.write_bytes(blob)
     try:
-        header = formats.check_safetensors(path)
+        header = filesafety.check_safetensors(path)
     except StudioError:
         return
     with safe_open(str(path), framework="pt") as f:  # the check is never looser than the library

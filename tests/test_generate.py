@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.errors import InvalidRequestError, RecipeError
-from studio.generate import (
+from studio.core.errors import InvalidRequestError, RecipeError
+from studio.generation.generate import (
     RECIPE_KEY,
     SCHEDULERS,
     GenerationRequest,
@@ -217,7 +217,7 @@ def test_img2img_and_inpaint_recipes_rerun_exactly_after_the_originals_are_gone(
 
 
 def test_a_changed_init_image_is_refused_when_its_copy_is_gone(init_png, tmp_path):
-    from studio.generate import inputs_dir
+    from studio.generation.generate import inputs_dir
 
     result = generate(GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=4, init_image=str(init_png),
                                         strength=0.5))
@@ -245,7 +245,7 @@ def test_bad_img2img_requests_name_the_problem(kwargs, message):
 
 
 def test_unreadable_init_image_and_black_mask_are_refused(init_png, tmp_path):
-    from studio.errors import InputFileNotFoundError
+    from studio.core.errors import InputFileNotFoundError
 
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
@@ -261,7 +261,7 @@ def test_unreadable_init_image_and_black_mask_are_refused(init_png, tmp_path):
 
 
 def test_cli_img2img_and_inpaint(init_png, tmp_path, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     mask = _mask(tmp_path)
     assert main(["generate", PROMPT, "--seed", "4", "--steps", "6", "--init-image", str(init_png), "--strength", "0.5",
@@ -371,7 +371,7 @@ def test_a_recipe_takes_input_images_from_the_inputs_store_only(init_png, tmp_pa
     with pytest.raises(RecipeError, match="not in the inputs store"):
         read_recipe(_recipe_with(tmp_path, init_image=named_like_a_stored_input, init_image_sha256=sha, strength=0.5))
     # once stored, the recipe names the local stored copy whatever folder it was written in
-    from studio.generate import store_input_image
+    from studio.generation.generate import store_input_image
 
     stored = store_input_image(init_png)
     recipe = read_recipe(_recipe_with(tmp_path, init_image=named_like_a_stored_input, init_image_sha256=sha,
@@ -380,8 +380,8 @@ def test_a_recipe_takes_input_images_from_the_inputs_store_only(init_png, tmp_pa
 
 
 def test_recipe_cost_and_its_bound():
-    from studio.errors import RecipeTooCostlyError
-    from studio.generate import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
+    from studio.core.errors import RecipeTooCostlyError
+    from studio.generation.generate import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
 
     normal = GenerationRequest(prompt=PROMPT, num_inference_steps=50, width=1024, height=1024, seed=1)
     costly = GenerationRequest(prompt=PROMPT, num_inference_steps=1000, width=4096, height=4096, seed=1)
@@ -402,7 +402,7 @@ def _bomb_png(path, width=10_000, height=10_000):
 def test_input_images_are_size_checked_and_decoded_with_a_pixel_bound(tmp_path, monkeypatch, init_png):
     import warnings
 
-    from studio import generate as gen
+    from studio.generation import generate as gen
 
     bomb = _bomb_png(tmp_path / "bomb.png")  # 100 M pixels: above Pillow's warning, below its error
     with warnings.catch_warnings():
@@ -428,8 +428,8 @@ def test_input_images_are_size_checked_and_decoded_with_a_pixel_bound(tmp_path, 
 
 
 def test_a_home_folder_of_no_user_is_a_clear_error(tmp_path):
-    from studio.errors import InputFileNotFoundError
-    from studio.generate import store_input_image
+    from studio.core.errors import InputFileNotFoundError
+    from studio.generation.generate import store_input_image
 
     with pytest.raises(RecipeError, match="names no user's home folder"):
         read_recipe(_recipe_with(tmp_path, base_model="~no-such-user-here/model"))

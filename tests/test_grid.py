@@ -10,11 +10,11 @@ from PIL import Image
 from test_compose import _save_lora
 
 from adapters.compose import engine_for
-from adapters.importer import import_adapter
-from studio.base_models import load_fresh_pipeline, load_pipeline
-from studio.errors import InvalidRequestError
-from studio.generate import GenerationRequest, generate, read_recipe
-from studio.grid import GRID_KEY, GridAxis, render_grid
+from adapters.ingest import import_adapter
+from studio.core.base_models import load_fresh_pipeline, load_pipeline
+from studio.core.errors import InvalidRequestError
+from studio.generation.generate import GenerationRequest, generate, read_recipe
+from studio.generation.grid import GRID_KEY, GridAxis, render_grid
 
 PROMPT = "a red circle on a blue background"
 
@@ -94,7 +94,7 @@ def test_grid_errors(styles, tmp_path):
 
 
 def test_cli_grid_and_stack_flags(styles, tmp_path, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     assert main(["grid", PROMPT, "--x", "strength=0,1", "--y", "prompt=a red circle|a green square", "--steps", "4",
                  "--seed", "1", "--adapter", f"{styles[1]}:0.5", "--te-weight", "0", "--out", str(tmp_path),

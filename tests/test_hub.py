@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapters import formats
-from adapters.importer import import_adapter
+from adapters.ingest import import_adapter
 from adapters.registry import Registry, SampleImage, VersionInfo
-from studio import hub as studio_hub
-from studio.errors import (
+from studio.app import hub as studio_hub
+from studio.core.errors import (
     HubAuthError,
     HubConflictError,
     HubError,
@@ -37,7 +37,7 @@ from studio.errors import (
     OfflineError,
     UnsupportedAdapterError,
 )
-from studio.settings import reload_settings
+from studio.core.settings import reload_settings
 
 TOKEN = "hf_AliceSecretToken0123456789abcdef"
 BOB = "hf_BobSecretToken0123456789abcdefgh"
@@ -53,7 +53,7 @@ def _save_lora(out_dir: Path, *, seed: int, rank: int = 4, alpha: int = 8) -> Pa
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from studio.base_models import load_fresh_pipeline
+    from studio.core.base_models import load_fresh_pipeline
 
     pipe = load_fresh_pipeline("tiny")
     torch.manual_seed(seed)
@@ -409,8 +409,8 @@ def test_weights_load_in_diffusers_from_the_repo(reg, versions, hub, monkeypatch
     import huggingface_hub.constants as constants
     import numpy as np
 
-    from studio.base_models import load_fresh_pipeline
-    from studio.generate import GenerationRequest, generate_with_pipeline
+    from studio.core.base_models import load_fresh_pipeline
+    from studio.generation.generate import GenerationRequest, generate_with_pipeline
 
     studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
     # diffusers calls hf_hub_download without an endpoint: point the library's defaults at the local Hub.
@@ -451,7 +451,7 @@ def test_public_value_drops_local_folders():
 
 
 def test_cli_publish_show_pull(reg, versions, hub, monkeypatch, capsys, tmp_path):
-    from studio.cli import main
+    from studio.app.cli import main
 
     assert main(["adapters", "publish", "stripes@2", "--repo", REPO, "--kohya", "--dry-run", str(tmp_path / "dry"),
                  "--json"]) == 0
@@ -578,7 +578,7 @@ def marked_version(reg, tmp_path):
     """outlined@1, trained for 2 steps from a dataset, a single-file base model and an output folder that all
     lie below a folder named with MARKER (the sample PNG and the metadata hold those paths as the trainer wrote
     them)."""
-    from studio.single_file import export_single_file
+    from studio.core.single_file import export_single_file
     from trainer.config import TrainConfig
     from trainer.loop import train
 
@@ -601,7 +601,7 @@ def marked_version(reg, tmp_path):
 
 
 def test_no_published_byte_names_a_local_folder(reg, marked_version, hub, tmp_path, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     version = marked_version
     needles = (MARKER, str(tmp_path))
@@ -734,7 +734,7 @@ def test_pull_checks_sizes_from_the_file_list_before_downloading(reg, versions, 
 
 def test_pull_refuses_a_decompression_bomb_sample_and_keeps_the_rest(reg, versions, hub, studio_home, capsys,
                                                                    monkeypatch):
-    from studio.cli import main
+    from studio.app.cli import main
 
     studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
     bomb = _bomb_png()
@@ -780,7 +780,7 @@ def test_adapters_page_lists_adapters_whose_stored_sample_is_bad(reg, versions):
     sample = Path(versions[1].samples[0].path)
     os.chmod(sample, 0o644)
     sample.write_bytes(_bomb_png())
-    at = AppTest.from_file(str(ROOT / "studio" / "ui" / "adapters_page.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(ROOT / "studio" / "app" / "ui" / "adapters_page.py"), default_timeout=120).run()
     assert not at.exception and not at.error
     assert "**stripes**" in "\n".join(m.value for m in at.markdown)
     assert any("sample" in c.value and "100000x100000" in c.value for c in at.caption)
@@ -850,7 +850,7 @@ def test_adapters_page_publishes_and_shows_the_publications_warnings(reg, versio
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    page = str(Path(__file__).resolve().parent.parent / "studio" / "ui" / "adapters_page.py")
+    page = str(Path(__file__).resolve().parent.parent / "studio" / "app" / "ui" / "adapters_page.py")
     at = AppTest.from_file(page, default_timeout=120).run()
     next(b for b in at.button if b.label == "Open").click().run()
     at.text_input(key="ad_repo").input(REPO)

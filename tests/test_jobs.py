@@ -1,4 +1,4 @@
-"""studio.jobs with the real trainer: the queue runs jobs one after another, cancel, resume, settling
+"""studio.app.jobs with the real trainer: the queue runs jobs one after another, cancel, resume, settling
 records a dead runner left behind, and the ``lora-studio jobs`` commands."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from studio import jobs
-from studio.cli import main
-from studio.errors import ConfigError, InvalidRequestError
+from studio.app import jobs
+from studio.app.cli import main
+from studio.core.errors import ConfigError, InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
 STRIPED = ROOT / "datasets" / "striped" / "train.toml"

@@ -9,12 +9,12 @@ import pytest
 from test_compose import _save_lora, _save_method_adapter
 
 from adapters.compose import AdapterSpec, engine_for
-from adapters.importer import import_adapter
+from adapters.ingest import import_adapter
 from adapters.merge import merge_adapters, parse_merge_arg
 from adapters.registry import VersionInfo
-from studio.base_models import load_fresh_pipeline, load_pipeline
-from studio.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
-from studio.generate import GenerationRequest, generate
+from studio.core.base_models import load_fresh_pipeline, load_pipeline
+from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
+from studio.generation.generate import GenerationRequest, generate
 
 PROMPT = "a red circle on a blue background"
 
@@ -100,7 +100,7 @@ def test_what_peft_cannot_merge_is_refused_with_a_reason(reg, parents, files, tm
 
 
 def test_cli_adapters_merge(parents, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     assert main(["adapters", "merge", f"{parents['a']}:0.5", f"{parents['b']}:0.5", "--method", "linear",
                  "--name", "cli-merged", "--json"]) == 0

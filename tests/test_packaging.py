@@ -35,7 +35,7 @@ def test_pyproject_ships_the_three_packages_and_the_console_script():
     for name in ("studio", "trainer", "adapters"):
         assert name in packages
         assert (ROOT / name / "__init__.py").exists()
-    assert meta["project"]["scripts"]["lora-studio"] == "studio.cli:main"
+    assert meta["project"]["scripts"]["lora-studio"] == "studio.app.cli:main"
     assert "datasets" not in packages
 
 
@@ -47,7 +47,7 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one():
 
 def test_library_imports_without_streamlit():
     code = (
-        "import sys; import studio.generate, studio.base_models, studio.cli, trainer, adapters; "
+        "import sys; import studio.generation.generate, studio.core.base_models, studio.app.cli, trainer, adapters; "
         "print('streamlit' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

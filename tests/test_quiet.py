@@ -59,7 +59,7 @@ def test_the_forced_probe_reproduces_the_noise_without_the_guard(tmp_path):
 
 @needs_bnb
 def test_cli_errors_are_one_line_even_where_bitsandbytes_is_noisy(tmp_path):
-    code = ("import sys\nfrom studio.cli import main\n"
+    code = ("import sys\nfrom studio.app.cli import main\n"
             f"sys.exit(main(['generate', 'x', '--steps', '0', '--out', {str(tmp_path)!r}]))")
     proc = _child(code, tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -69,7 +69,7 @@ def test_cli_errors_are_one_line_even_where_bitsandbytes_is_noisy(tmp_path):
 
 @needs_bnb
 def test_a_generation_prints_nothing_but_its_result(tmp_path):
-    code = ("import sys\nfrom studio.cli import main\n"
+    code = ("import sys\nfrom studio.app.cli import main\n"
             f"sys.exit(main(['generate', 'a red circle on a blue background', '--steps', '2', "
             f"'--out', {str(tmp_path / 'out')!r}]))")
     proc = _child(code, tmp_path)
@@ -77,7 +77,7 @@ def test_a_generation_prints_nothing_but_its_result(tmp_path):
     assert proc.stderr == ""
     assert proc.stdout.strip().endswith(".png")
     # peft was imported (the generation loads LoRA machinery) and bitsandbytes was not.
-    code = ("from studio.thirdparty import quiet_third_party\nquiet_third_party()\nimport sys, peft\n"
+    code = ("from studio.core.thirdparty import quiet_third_party\nquiet_third_party()\nimport sys, peft\n"
             "print(sys.modules.get('bitsandbytes'))")
     proc = _child(code, tmp_path)
     assert proc.stdout.strip() == "None" and proc.stderr == ""
@@ -85,7 +85,7 @@ def test_a_generation_prints_nothing_but_its_result(tmp_path):
 
 @needs_bnb
 def test_verbose_shows_library_lines_and_the_log_file_keeps_them(tmp_path):
-    code = ("from studio.thirdparty import quiet_third_party, allow_bitsandbytes\n"
+    code = ("from studio.core.thirdparty import quiet_third_party, allow_bitsandbytes\n"
             "quiet_third_party({verbose})\nbnb = allow_bitsandbytes()\nprint(hasattr(bnb.optim, 'AdamW8bit'))")
     quiet = _child(code.format(verbose=""), tmp_path)
     assert quiet.stdout.strip() == "True" and NOISE not in quiet.stderr

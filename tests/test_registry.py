@@ -32,7 +32,7 @@ from adapters.registry import (
     registry_info,
     version_info_fields,
 )
-from studio.errors import (
+from studio.core.errors import (
     AdapterNotFoundError,
     AliasInUseError,
     AmbiguousReferenceError,
@@ -123,7 +123,7 @@ def test_every_field_round_trips_through_a_fresh_client(reg, tmp_path, studio_ho
     assert [s.recipe for s in v.samples] == [s.recipe for s in info.samples]
     assert v.samples[0].path.read_bytes() == _png() and v.samples[1].path.read_bytes() == sample_file.read_bytes()
     assert all(oct(s.path.stat().st_mode)[-3:] == "644" for s in v.samples)
-    from adapters.hashes import hash_weights
+    from studio.core.hashing import hash_weights
 
     header, hashes = hash_weights(weights)
     assert (v.weights_sha256, v.tensor_sha256, v.autov2, v.a1111_legacy, v.size_bytes) == (
@@ -159,7 +159,7 @@ def test_identical_tensors_under_the_same_name_return_the_existing_version(reg, 
     edited = make_weights(tmp_path / "2.safetensors", 7, metadata={"modelspec.title": "renamed"})
     again = reg.register("dup", edited, VersionInfo(family="sd1", description="ignored"))
     assert again == first and reg.adapter("dup").versions == (1,)
-    assert again.weights_sha256 != __import__("adapters.hashes").hashes.file_sha256(edited)
+    assert again.weights_sha256 != __import__("studio.core.hashing").hashes.file_sha256(edited)
     assert sorted(p.name for p in (studio_home / "blobs").rglob("*") if p.is_file()) == [first.weights_sha256]
     # Under another name the same file is a new adapter, sharing the blob.
     twin = reg.register("dup-twin", tmp_path / "1.safetensors", VersionInfo(family="sd1"))
@@ -484,7 +484,7 @@ def test_sqlite_file_uses_wal_and_a_busy_timeout(reg, studio_home):
 
 
 def test_registry_url_comes_from_the_environment(tmp_path, monkeypatch, studio_home):
-    from studio.settings import reload_settings
+    from studio.core.settings import reload_settings
 
     other = tmp_path / "elsewhere" / "catalog.db"
     monkeypatch.setenv("LORA_STUDIO_REGISTRY_URL", f"sqlite:///{other}")
@@ -607,7 +607,7 @@ def test_kill_9_during_register_leaves_no_half_version(reg, tmp_path, studio_hom
         assert after.adapter("victim").versions == (1,)
         assert after.get("victim").number == 1 and after.list_versions(tag="t").total == 0
         assert after.check() == []
-        from adapters.hashes import file_sha256
+        from studio.core.hashing import file_sha256
 
         sha = file_sha256(weights)
         assert after.store.exists(sha)  # the blob was written first ...
@@ -620,7 +620,7 @@ def test_kill_9_during_register_leaves_no_half_version(reg, tmp_path, studio_hom
 
 
 def test_cli_list_show_tag_untag_delete(reg, tmp_path, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     register_file(reg, "cli-style", 1, tmp_path, tags=["anime"], trigger_words=["clistyle"], rank=4)
     register_file(reg, "cli-style", 2, tmp_path, tags=["anime"], rank=8)
@@ -659,7 +659,7 @@ def test_cli_list_show_tag_untag_delete(reg, tmp_path, capsys):
 
 
 def _run_cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "studio.app.cli", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT)
 
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from studio.tiny.scenes import (
+from studio.app.tiny.scenes import (
     COLOURS,
     SHAPES,
     STYLES,

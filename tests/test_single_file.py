@@ -9,11 +9,11 @@ import stat
 import numpy as np
 import pytest
 
-from studio.base_models import load_fresh_pipeline, load_pipeline
-from studio.cli import main
-from studio.errors import CorruptWeightsError, InvalidRequestError, UnsafeWeightsError
-from studio.generate import GenerationRequest, generate
-from studio.single_file import (
+from studio.app.cli import main
+from studio.core.base_models import load_fresh_pipeline, load_pipeline
+from studio.core.embedded import TINY_MODEL_DIR
+from studio.core.errors import CorruptWeightsError, InvalidRequestError, UnsafeWeightsError
+from studio.core.single_file import (
     CONFIGS_KEY,
     FORMAT,
     FORMAT_KEY,
@@ -22,7 +22,7 @@ from studio.single_file import (
     unet_to_ldm,
     vae_to_ldm,
 )
-from studio.tiny import TINY_MODEL_DIR
+from studio.generation.generate import GenerationRequest, generate
 
 PROMPT = "a red circle on a blue background"
 
@@ -32,7 +32,7 @@ def source(tmp_path_factory) -> str:
     """A tiny SD-1 base-model reference: the embedded model, or a smoke build where it has no weights."""
     if (TINY_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors").exists():
         return "tiny"
-    from studio.tiny.build import BuildConfig, build
+    from studio.app.tiny.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("tiny-smoke")
     cfg = BuildConfig(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, scenes_per_combo=1, warmup_steps=1,
@@ -126,7 +126,7 @@ def test_sd15_shaped_models_get_the_layout_diffusers_reads():
         convert_ldm_vae_checkpoint,
     )
 
-    from studio.families import get_family
+    from studio.core.families import get_family
 
     configs = get_family("sd1").single_file_config_dir
     with init_empty_weights():

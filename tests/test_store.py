@@ -11,7 +11,16 @@ import time
 import pytest
 
 from adapters import store as store_module
-from adapters.hashes import (
+from adapters.store import BlobStore
+from studio.core.errors import (
+    BlobNotFoundError,
+    CorruptWeightsError,
+    HashMismatchError,
+    InputFileNotFoundError,
+    InvalidRequestError,
+    StudioError,
+)
+from studio.core.hashing import (
     A1111_LENGTH,
     A1111_OFFSET,
     a1111_legacy_hash,
@@ -20,15 +29,6 @@ from adapters.hashes import (
     hash_weights,
     read_header,
     tensor_sha256,
-)
-from adapters.store import BlobStore
-from studio.errors import (
-    BlobNotFoundError,
-    CorruptWeightsError,
-    HashMismatchError,
-    InputFileNotFoundError,
-    InvalidRequestError,
-    StudioError,
 )
 
 
@@ -115,7 +115,7 @@ def test_a_failed_rename_leaves_no_blob_and_no_temp(tmp_path, monkeypatch):
     def boom(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", boom)  # the rename inside studio.atomic.write_atomic
+    monkeypatch.setattr(os, "replace", boom)  # the rename inside studio.core.atomic.write_atomic
     with pytest.raises(OSError, match="disk full"):
         store.put_bytes(b"payload")
     assert not store.exists(_sha(b"payload"))
@@ -285,7 +285,7 @@ def _tiny_lora(path, seed: int):
 
 def test_a_full_disk_during_an_import_stores_nothing_and_says_so(studio_home, tmp_path, monkeypatch, capsys):
     from adapters.registry import Registry
-    from studio.cli import main
+    from studio.app.cli import main
 
     assert main(["adapters", "import", str(_tiny_lora(tmp_path / "a.safetensors", 1)), "--name", "style"]) == 0
     blobs = studio_home / "blobs"
@@ -307,7 +307,7 @@ def test_a_full_disk_during_an_import_stores_nothing_and_says_so(studio_home, tm
 def test_a_full_disk_during_a_checkpoint_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    from studio.errors import DiskFullError
+    from studio.core.errors import DiskFullError
     from trainer.loop import list_checkpoints, load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
@@ -328,7 +328,7 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_earlier_checkpoint(tmp_p
 def test_a_training_run_that_fills_the_disk_fails_clearly_and_keeps_its_checkpoint(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from studio.errors import DiskFullError
+    from studio.core.errors import DiskFullError
     from trainer.config import TrainConfig
     from trainer.events import run_state
     from trainer.loop import list_checkpoints, load_checkpoint, train
@@ -351,7 +351,7 @@ def test_a_training_run_that_fills_the_disk_fails_clearly_and_keeps_its_checkpoi
 
 
 def test_a_full_disk_during_a_png_write_leaves_no_partial_image(studio_home, tmp_path, monkeypatch, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     out = tmp_path / "out"
     prompt = "a red circle on a blue background"

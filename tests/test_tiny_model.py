@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from studio.tiny import TINY_MODEL_DIR
-from studio.tiny.quality import QUALITY_PROMPTS, measure_quality
-from studio.tiny.tokenizer import bytes_to_unicode, convert_openai_bpe
+from studio.app.tiny.quality import QUALITY_PROMPTS, measure_quality
+from studio.app.tiny.tokenizer import bytes_to_unicode, convert_openai_bpe
+from studio.core.embedded import TINY_MODEL_DIR
 
 
 def test_tokenizer_is_sd1_vocabulary():
@@ -47,8 +47,8 @@ def test_converter_refuses_a_wrong_merge_file(tmp_path):
 
 
 def test_recipe_smoke_run_builds_a_loadable_pipeline(tmp_path):
-    from studio.generate import GenerationRequest, generate
-    from studio.tiny.build import main
+    from studio.app.tiny.build import main
+    from studio.generation.generate import GenerationRequest, generate
 
     out = tmp_path / "tiny"
     main(["--smoke", "--out", str(out)])

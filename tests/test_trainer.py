@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from studio.errors import CheckpointError, NoUsableImagesError, TrainingDivergedError
+from studio.core.errors import CheckpointError, NoUsableImagesError, TrainingDivergedError
 from trainer.config import TrainConfig
 from trainer.events import read_events, run_state
 from trainer.loop import list_checkpoints, train
@@ -83,8 +83,8 @@ def test_run_writes_adapter_metadata_samples_and_registers(tmp_path, reg):
 def test_preview_matches_real_inference(tmp_path, reg):
     """The last validation sample equals what the studio generates with the registered adapter."""
     from adapters.compose import engine_for
-    from studio.base_models import load_pipeline
-    from studio.generate import GenerationRequest, generate, read_recipe
+    from studio.core.base_models import load_pipeline
+    from studio.generation.generate import GenerationRequest, generate, read_recipe
 
     prompt = "zkoutline, a red circle on a blue background"
     cfg = _config(tmp_path, "training.max_train_steps=5", "training.learning_rate=5e-3",
@@ -186,12 +186,12 @@ def test_bad_dataset_fails_before_loading_a_model(tmp_path, monkeypatch):
     empty.mkdir()
     (empty / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     cfg = _config(tmp_path, f"dataset.path={empty}")
-    import studio.base_models
+    import studio.core.base_models
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded for a dataset without usable images")
 
-    monkeypatch.setattr(studio.base_models, "load_fresh_pipeline", boom)
+    monkeypatch.setattr(studio.core.base_models, "load_fresh_pipeline", boom)
     with pytest.raises(NoUsableImagesError, match="broken.png"):
         train(cfg, register=False, console=False)
 
@@ -219,8 +219,8 @@ def test_cli_unknown_option_is_named(tmp_path):
 def test_methods_train_save_and_load_exactly(tmp_path, reg, method, te):
     """Every method's saved file reloads into the studio's generation path as it was trained."""
     from adapters.compose import engine_for
-    from studio.base_models import load_pipeline
-    from studio.generate import GenerationRequest, generate, read_recipe
+    from studio.core.base_models import load_pipeline
+    from studio.generation.generate import GenerationRequest, generate, read_recipe
 
     prompt = "zkoutline, a yellow square on a green background"
     cfg = _config(tmp_path, f"network.adapter_type={method}", f"network.train_text_encoder={str(te).lower()}",
@@ -292,13 +292,13 @@ def test_two_processes_with_accelerate_launch(tmp_path):
 def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
     """The shipped train.toml of each sample style trains an adapter that draws that style.
 
-    Scored by studio.tiny.style on the same prompts and seeds with and without the adapter (trigger
+    Scored by studio.app.tiny.style on the same prompts and seeds with and without the adapter (trigger
     word in both). Validation samples are left out to save time; everything else is the shipped
     config. Figures seen: stripes 0.00 -> 0.15, outlines 0.00 -> 0.47 (training images 0.59, 0.83).
     """
     from adapters.compose import engine_for
-    from studio.base_models import load_pipeline
-    from studio.tiny.style import measure_style
+    from studio.app.tiny.style import measure_style
+    from studio.core.base_models import load_pipeline
 
     scores: dict[str, dict] = {}
     base: dict[str, float] = {}

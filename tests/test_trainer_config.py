@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.errors import ConfigError, StudioError
+from studio.core.errors import ConfigError, StudioError
 from trainer.config import (
     SECTIONS,
     DatasetConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = str(ROOT / "studio" / "ui" / "generate_page.py")
+PAGE = str(ROOT / "studio" / "app" / "ui" / "generate_page.py")
 
 
 def _page() -> AppTest:

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 from ui_support import register, save_lora
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = str(ROOT / "studio" / "ui" / "adapters_page.py")
+PAGE = str(ROOT / "studio" / "app" / "ui" / "adapters_page.py")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_set_bad_alias_and_publish_report_errors(reg, lora_files):
     assert not at.exception and "latest" in at.error[0].value
     at.text_input(key="ad_repo").input("someone/outlined")
     at.button(key="ad_publish").click().run()
-    # Offline (tests) or without studio.hub: either way a message, never a traceback.
+    # Offline (tests) or without studio.app.hub: either way a message, never a traceback.
     assert not at.exception and at.error
 
 

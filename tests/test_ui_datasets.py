@@ -1,4 +1,4 @@
-"""The Datasets page (AppTest) and studio.dataset_files: uploads, zip slip, captions, checks, crop previews."""
+"""The Datasets page (AppTest) and studio.app.dataset_files: uploads, zip slip, captions, checks, crop previews."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from studio import dataset_files
-from studio.errors import InvalidNameError, InvalidRequestError
+from studio.app import dataset_files
+from studio.core.errors import InvalidNameError, InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = str(ROOT / "studio" / "ui" / "datasets_page.py")
+PAGE = str(ROOT / "studio" / "app" / "ui" / "datasets_page.py")
 
 
 def _png(color=(200, 30, 30), size=(48, 32)) -> bytes:

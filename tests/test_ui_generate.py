@@ -13,13 +13,13 @@ from streamlit.testing.v1 import AppTest
 from ui_support import register, save_lora
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = str(ROOT / "studio" / "ui" / "generate_page.py")
+PAGE = str(ROOT / "studio" / "app" / "ui" / "generate_page.py")
 
 
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory):
     from adapters.compose import engine_for
-    from studio.base_models import load_pipeline
+    from studio.core.base_models import load_pipeline
 
     root = tmp_path_factory.mktemp("loras")
     yield [save_lora(root, seed=s) for s in range(2)]
@@ -70,7 +70,7 @@ def test_stack_two_adapters_generate_and_recipe_lists_both(reg, lora_files):
     # The downloaded PNG carries the recipe; loading it back restores settings and the stack.
     png = at.get("download_button")[0]
     data = result.outputs[0]
-    from studio.ui.common import png_bytes
+    from studio.app.ui.common import png_bytes
 
     payload = png_bytes(data.image, data.pnginfo())
     fresh = _page()
@@ -176,7 +176,7 @@ def _recipe_png(**fields) -> bytes:
 
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.generate import RECIPE_KEY
+    from studio.generation.generate import RECIPE_KEY
 
     request = {"prompt": "a blue square on a red background", "seed": 5, "num_inference_steps": 3, **fields}
     info = PngInfo()
@@ -206,7 +206,7 @@ def test_recipe_values_the_form_cannot_hold_are_refused_not_clamped(studio_home)
 
 
 def test_recipe_restores_init_image_mask_and_strength(studio_home):
-    from studio.generate import store_input_image
+    from studio.generation.generate import store_input_image
 
     init = store_input_image(_png_bytes(Image.new("RGB", (32, 32), (255, 255, 0))))
     mask_image = Image.new("L", (32, 32), 0)
@@ -231,7 +231,7 @@ def test_recipe_restores_init_image_mask_and_strength(studio_home):
 
 def test_recipe_inputs_outside_the_data_roots_are_refused(studio_home, tmp_path, monkeypatch):
     monkeypatch.delenv("LORA_STUDIO_DATA_ROOTS", raising=False)
-    from studio.settings import reload_settings
+    from studio.core.settings import reload_settings
 
     reload_settings()
     private = tmp_path / "private.png"
@@ -250,7 +250,7 @@ def test_malformed_recipe_pngs_are_one_line_errors(studio_home):
 
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.generate import RECIPE_KEY
+    from studio.generation.generate import RECIPE_KEY
 
     info = PngInfo()
     info.add_text(RECIPE_KEY, "[" * 100_000 + "]" * 100_000)
@@ -270,9 +270,9 @@ def test_malformed_recipe_pngs_are_one_line_errors(studio_home):
 
 
 def test_generate_asks_the_library_for_the_pipeline_every_time(studio_home, monkeypatch):
-    # The library's LRU (studio.base_models.load_pipeline, 2 pipelines) is the only cache: a page
+    # The library's LRU (studio.core.base_models.load_pipeline, 2 pipelines) is the only cache: a page
     # cache of its own kept every base model ever typed in memory.
-    from studio import base_models
+    from studio.core import base_models
 
     asked = []
     original = base_models.load_pipeline
@@ -328,9 +328,9 @@ def _png_bytes(image) -> bytes:
 
 
 def test_costly_recipe_asks_for_a_confirmation(studio_home, monkeypatch):
-    import studio.generate
+    import studio.generation.generate
 
-    monkeypatch.setattr(studio.generate, "MAX_RECIPE_COST", 1000)  # any real recipe is costly now
+    monkeypatch.setattr(studio.generation.generate, "MAX_RECIPE_COST", 1000)  # any real recipe is costly now
     at = _load_recipe(_page(), _recipe_png(num_inference_steps=7, width=32, height=32))
     assert not at.success and any("pixel-steps" in w.value for w in at.warning), [w.value for w in at.warning]
     assert at.number_input(key="steps").value == 20  # nothing loaded yet

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from studio import jobs
+from studio.app import jobs
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = str(ROOT / "studio" / "ui" / "train_page.py")
+PAGE = str(ROOT / "studio" / "app" / "ui" / "train_page.py")
 QUICK = "striped: tiny model, quick (20 steps)"
 
 

@@ -22,7 +22,7 @@ def save_lora(out_dir: Path, *, seed: int, rank: int = 4, alpha: float = 4.0) ->
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from studio.base_models import load_fresh_pipeline
+    from studio.core.base_models import load_fresh_pipeline
 
     pipe = load_fresh_pipeline("tiny")
     torch.manual_seed(seed)

@@ -75,7 +75,7 @@ class TensorCache:
     def put(self, key: str, entry: dict[str, Any]) -> None:
         from safetensors.torch import save
 
-        from studio.atomic import write_bytes_atomic
+        from studio.core.atomic import write_bytes_atomic
 
         entry = {k: v.detach().to("cpu").contiguous() for k, v in entry.items()}
         self._remember(key, entry)
@@ -91,7 +91,7 @@ class TensorCache:
 
 
 def cache_root() -> Path:
-    from studio.settings import get_settings
+    from studio.core.settings import get_settings
 
     return get_settings().home / "cache"
 

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _load_config(args):
-    from studio.errors import ConfigError
+    from studio.core.errors import ConfigError
     from trainer.config import TrainConfig
     from trainer.events import CONFIG_FILE
     from trainer.loop import find_resume_point
@@ -46,14 +46,14 @@ def _load_config(args):
 
 def run(args) -> int:
     """Run the command; returns the exit code (0 done, 1 failed, 2 bad input, 130/143 stopped)."""
-    from studio.errors import StudioError
+    from studio.core.errors import StudioError
     from trainer.loop import record_failure, train
 
     try:
         config = _load_config(args)
         result = train(config, run_dir=args.run_dir, resume=args.resume, register=not args.no_register)
     except StudioError as e:
-        from studio.errors import TrainingDivergedError
+        from studio.core.errors import TrainingDivergedError
 
         if args.run_dir and not (Path(args.run_dir) / "result.json").exists():
             record_failure(args.run_dir, str(e))
@@ -77,7 +77,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio.thirdparty import quiet_third_party
+    from studio.core.thirdparty import quiet_third_party
 
     quiet_third_party()
     parser = add_arguments(argparse.ArgumentParser(prog="python -m trainer",

@@ -4,7 +4,7 @@ A config is six small dataclasses, one per TOML table: ``[model]``, ``[dataset]`
 ``[training]``, ``[validation]``, ``[output]``. Every field carries its help text in
 ``metadata["help"]``; that one text serves the TOML comments :meth:`TrainConfig.to_toml` writes,
 the CLI and the UI's tooltips. Each section checks itself in ``__post_init__`` and raises
-:class:`~studio.errors.ConfigError` naming the option (``network.rank must be >= 1, got 0``);
+:class:`~studio.core.errors.ConfigError` naming the option (``network.rank must be >= 1, got 0``);
 nothing is silently corrected.
 
 Option names are the ones users already know: diffusers' training scripts (``learning_rate``,
@@ -35,7 +35,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli backport
     import tomli as tomllib
 
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
 
 METHODS = ("lora", "dora", "loha", "lokr")
 TARGET_PRESETS = ("attention", "attention+conv")
@@ -315,7 +315,7 @@ class OutputConfig(_Section):
     def __post_init__(self) -> None:
         if self.name:
             from adapters.registry import check_name  # lazy: the registry module imports SQLAlchemy
-            from studio.errors import InvalidNameError
+            from studio.core.errors import InvalidNameError
 
             try:
                 check_name(self.name)
@@ -585,7 +585,7 @@ class TrainConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            from studio.errors import InputFileNotFoundError
+            from studio.core.errors import InputFileNotFoundError
 
             raise InputFileNotFoundError(f"training config {path} not found") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -683,7 +683,7 @@ class TrainConfig:
         if not output.name:
             output = replace(output, name=_name_from_folder(d.path))
         if not output.dir:
-            from studio.settings import get_settings
+            from studio.core.settings import get_settings
 
             output = replace(output, dir=str(get_settings().home / "runs"))
         return replace(self, dataset=dataset, network=network, training=training, output=output)
@@ -741,8 +741,8 @@ def base_model_defaults(ref: str) -> dict[str, Any]:
     """
     import json
 
-    from studio.base_models import resolve
-    from studio.families import get_family
+    from studio.core.base_models import resolve
+    from studio.core.families import get_family
 
     resolved = resolve(ref)
     family = get_family(resolved.family)

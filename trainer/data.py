@@ -14,7 +14,7 @@ What a user points the trainer at, in the four layouts the ecosystem uses (found
 Every image is decoded once when the dataset is scanned, so a corrupt, truncated, empty,
 non-image, oversized ("decompression bomb") or unconvertible file is skipped with its reason before
 any model is loaded; a dataset left with no usable image raises
-:class:`~studio.errors.NoUsableImagesError`. :func:`check_dataset` returns the same scan as a
+:class:`~studio.core.errors.NoUsableImagesError`. :func:`check_dataset` returns the same scan as a
 :class:`DatasetReport` (``lora-studio datasets check``); :func:`open_training_dataset` returns a
 :class:`TrainDataset`, a map-style dataset a ``torch.utils.data.DataLoader`` can read, with
 bucket-grouped batches, deterministic augmentation per (seed, epoch, sample) and a held-out split.
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from studio.errors import DatasetError, DatasetNotFoundError, NoUsableImagesError, UnusableImageError
+from studio.core.errors import DatasetError, DatasetNotFoundError, NoUsableImagesError, UnusableImageError
 from trainer.config import DatasetConfig, default_bucket_bounds
 
 LAYOUTS: dict[str, str] = {
@@ -244,7 +244,7 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     """Decode an image to RGB: EXIF orientation applied, transparency composited onto white.
 
     Palette, greyscale, 16-bit, CMYK and LAB images are converted; 16-bit values map 65535 to 255
-    (divide by 257). Raises :class:`~studio.errors.UnusableImageError` with a reason for an empty
+    (divide by 257). Raises :class:`~studio.core.errors.UnusableImageError` with a reason for an empty
     file, something that is not an image, a corrupt or truncated file, an image over
     ``max_pixels`` (a decompression bomb), and floating-point images (no agreed value range).
     """
@@ -825,7 +825,7 @@ def _effective(path: str | Path | None, config: DatasetConfig | None, resolution
         changes["bucket_reso_steps"] = bucket_step
     cfg = replace(cfg, **changes)  # runs the checks again
     if not cfg.resolution or not cfg.bucket_reso_steps:
-        from studio.settings import get_settings
+        from studio.core.settings import get_settings
         from trainer.config import base_model_defaults
 
         facts = base_model_defaults(get_settings().default_base_model)

@@ -6,7 +6,7 @@ A run directory holds (the trainer writes, everything else only reads):
 - ``events.jsonl``: one JSON object per line, appended and flushed as the run goes
   (``start``, ``step``, ``validation``, ``checkpoint``, ``done``, ``stopped``, ``error``);
 - ``dataset_report.json``: the dataset scan (skipped files with reasons, buckets, tags);
-- ``samples/step-NNNNNN/*.png``: validation images, made by ``studio.generate`` with their recipes;
+- ``samples/step-NNNNNN/*.png``: validation images, made by ``studio.generation.generate`` with their recipes;
 - ``checkpoints/checkpoint-NNNNNN/``: resumable states (rotated);
 - ``adapter/<name>.safetensors``: the finished adapter;
 - ``result.json``: written atomically when the run ends, whatever the way; its presence is the
@@ -16,7 +16,7 @@ Every event has ``event`` and ``time`` (Unix seconds). ``step`` events carry ``s
 ``total_steps``, ``epoch``, ``loss``, ``lr``, ``sec_per_step`` and ``eta_s``; ``validation``
 events carry ``step``, ``val_loss`` (or None) and ``samples`` (paths relative to the run directory).
 
-Not here: the training loop (``trainer/loop.py``) and background jobs (``studio/jobs.py``).
+Not here: the training loop (``trainer/loop.py``) and background jobs (``studio/app/jobs.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _clean(value: Any) -> Any:
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half a file)."""
-    from studio.atomic import write_bytes_atomic
+    from studio.core.atomic import write_bytes_atomic
 
     text = json.dumps(_clean(data), indent=2, sort_keys=True, allow_nan=False)
     return write_bytes_atomic(path, text.encode("utf-8"))

@@ -8,7 +8,7 @@ The order of work, and why:
 
 1. Scan the dataset and split off held-out images, before any model is loaded: a bad dataset
    fails in a second, not after a minute of loading.
-2. Load the base model the studio's way (``studio.base_models.load_fresh_pipeline``), freeze it,
+2. Load the base model the studio's way (``studio.core.base_models.load_fresh_pipeline``), freeze it,
    inject peft adapter layers (``trainer/methods.py``) into the UNet and optionally the text encoder.
 3. Every random choice is a pure function of (seed, step): data order and augmentation come from
    ``trainer/data.py`` per (seed, epoch, sample), and the noise, timesteps and adapter dropout of a
@@ -17,7 +17,7 @@ The order of work, and why:
 4. VAE latents and frozen text embeddings come from ``trainer/caches.py``.
 5. Every ``validation.every_n_steps`` and at the end: a validation loss on held-out images at fixed
    timesteps and noise (comparable across steps and runs), and sample images made by
-   ``studio.generate`` (the code the studio serves with) from the training modules themselves.
+   ``studio.generation.generate`` (the code the studio serves with) from the training modules themselves.
 6. Checkpoints (adapter tensors, optimizer and schedule state; safetensors + JSON, nothing
    pickled) are written to a temporary folder and renamed into place, then rotated. SIGINT/SIGTERM
    finish the current step, save a checkpoint and stop cleanly; a NaN/inf loss stops the run and
@@ -45,8 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from studio.atomic import write_bytes_atomic, write_folder_atomic
-from studio.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
+from studio.core.atomic import write_bytes_atomic, write_folder_atomic
+from studio.core.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
 from trainer.config import TrainConfig
 from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, write_json_atomic
 
@@ -228,13 +228,13 @@ def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimi
 
     A crash mid-save leaves only a dot-folder that :func:`list_checkpoints` ignores, so the previous
     checkpoint stays the one ``--resume latest`` uses; a full disk raises
-    :class:`~studio.errors.DiskFullError` with the temporary folder already removed.
+    :class:`~studio.core.errors.DiskFullError` with the temporary folder already removed.
     """
     from safetensors.torch import save
 
     # Serialized in memory, then written by the atomic writer: safetensors' own save_file reports a
     # full disk as a SafetensorError with no errno, which the one place that names full disks
-    # (studio.atomic) could not recognise. A checkpoint is the adapter plus ~2x it of AdamW state.
+    # (studio.core.atomic) could not recognise. A checkpoint is the adapter plus ~2x it of AdamW state.
     tensors, plain = _flatten_optimizer(optimizer_state)
     files = {ADAPTER_FILE: save(adapter), OPTIMIZER_FILE: save(tensors),
              "optimizer.json": json.dumps(plain, sort_keys=True).encode(),
@@ -294,7 +294,7 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]):
                "eps": t.adam_epsilon}
     if t.optimizer == "adamw8bit":
         try:
-            from studio.thirdparty import allow_bitsandbytes
+            from studio.core.thirdparty import allow_bitsandbytes
 
             bnb = allow_bitsandbytes()  # heavy, optional and noisy at import: only when asked for
         except ImportError:
@@ -335,8 +335,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from studio.base_models import component_sha256, load_fresh_pipeline, model_hash, resolve
-        from studio.families import get_family
+        from studio.core.base_models import component_sha256, load_fresh_pipeline, model_hash, resolve
+        from studio.core.families import get_family
         from trainer import methods
         from trainer.caches import TensorCache, cache_root
         from trainer.data import open_training_dataset
@@ -591,11 +591,11 @@ class Trainer:
         return pipe
 
     def sample_images(self, step: int) -> list[str]:
-        """Validation prompts x seeds through studio.generate with the training modules; paths relative to the run."""
+        """Validation prompts x seeds through the generation path with the training modules; paths are run-relative."""
         import torch
 
-        from studio.base_models import recommended_settings
-        from studio.generate import GenerationRequest, generate_with_pipeline
+        from studio.core.base_models import recommended_settings
+        from studio.generation.generate import GenerationRequest, generate_with_pipeline
 
         v = self.config.validation
         if not v.prompts:
@@ -977,7 +977,7 @@ class Trainer:
         n = c.network
         recipes = []
         for rel in samples:
-            from studio.generate import read_recipe
+            from studio.generation.generate import read_recipe
 
             request = read_recipe(self.run_dir / rel)
             recipe = {**request.to_dict(), "adapters": [{"ref": c.output.name, "weight": 1.0}],

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from studio.families.base import Family
+from studio.core.families.base import Family
 from trainer.config import NetworkConfig
 
 # Text-encoder targets need their own names (q_proj... in CLIP) and a preset of the UNet's names
@@ -94,7 +94,7 @@ def inject(model, config, adapter_name: str = "default"):
     try:
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
     except ValueError as e:
-        from studio.errors import ConfigError
+        from studio.core.errors import ConfigError
 
         raise ConfigError(f"network.target_modules: {e}", option="network.target_modules") from None
     for name, p in model.named_parameters():
@@ -125,7 +125,7 @@ def load_adapter_state_dict(model, state: dict[str, Any], adapter_name: str = "d
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        from studio.errors import CheckpointError
+        from studio.core.errors import CheckpointError
 
         raise CheckpointError(f"checkpoint holds {len(unexpected)} tensor(s) this network does not have, e.g. "
                               f"{unexpected[0]}: it was saved with other network settings")

@@ -1,0 +1,348 @@
+"""Resolve a base-model reference to a loaded diffusers pipeline, offline-aware and cached.
+
+References users type (``--base``, the UI's base-model box, recipes):
+
+- ``tiny`` - the embedded tiny SD-1 model (the default; ships inside the package).
+- a local diffusers folder (has ``model_index.json``).
+- a single-file SD-1.x checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component
+  configs ship in ``studio/core/families/configs/sd1`` so this needs no network. Files written by
+  ``studio.core.single_file.export_single_file`` carry their own configs in their metadata and use those.
+- a Hugging Face Hub id ``owner/name`` (optionally ``owner/name@revision``). Offline
+  (``HF_HUB_OFFLINE=1``) a Hub id fails fast, unless the Hub cache already holds it.
+
+Only safetensors weights are ever loaded: ``.ckpt``/``.pt``/``.bin``/``.pth`` files are pickles that can
+run code when loaded, and are refused. Pipelines are kept in a small cache keyed by reference, so a
+grid of prompts or a Streamlit session costs one model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from studio.core.embedded import TINY_MODEL_DIR
+from studio.core.errors import (
+    BaseModelNotFoundError,
+    CorruptWeightsError,
+    InvalidRequestError,
+    OfflineError,
+    UnsafeWeightsError,
+)
+from studio.core.families import Family, family_for_pipeline_class, get_family
+from studio.core.filesafety import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
+from studio.core.settings import check_data_path, get_settings
+
+TINY = "tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,200})?$")
+PIPELINE_CACHE_SIZE = 2  # a real SD-1 pipeline is ~4 GB in float32: keep the cache small
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """A resolved reference: what kind of source it is and where, plus its family."""
+
+    ref: str
+    kind: str  # "tiny" | "diffusers" | "single_file" | "hub"
+    location: str
+    family: str
+    revision: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _diffusers_family(folder: Path) -> Family:
+    index = folder / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptWeightsError(f"{index} is not a valid diffusers model_index.json ({e})") from None
+    return family_for_pipeline_class(class_name)
+
+
+def _check_folder_weights(folder: Path) -> None:
+    """Refuse folders whose weights are pickles only; check every safetensors header."""
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in component.iterdir() if p.is_file()]
+        safetensors = [p for p in files if p.suffix == ".safetensors"]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not safetensors:
+            raise UnsafeWeightsError(
+                f"{component} has only pickle weights ({pickles[0].name}); the studio loads safetensors only. "
+                f"Re-save the model with save_pretrained(..., safe_serialization=True)."
+            )
+        for f in safetensors:
+            check_safetensors(f)
+
+
+def resolve(ref: str | None = None) -> BaseModelRef:
+    """Turn what a user typed into a :class:`BaseModelRef`, without loading any weights."""
+    ref = (ref or get_settings().default_base_model).strip()
+    if not ref:
+        raise InvalidRequestError("empty base-model reference: use 'tiny', a local folder or file, or a Hub id")
+    if ref == TINY:
+        return BaseModelRef(ref=TINY, kind="tiny", location=str(TINY_MODEL_DIR), family="sd1")
+    path = Path(ref).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise BaseModelNotFoundError(
+                    f"{path} is a folder but not a diffusers pipeline (no model_index.json): pass the folder "
+                    f"that pipe.save_pretrained() wrote, or a single .safetensors checkpoint"
+                )
+            return BaseModelRef(ref=ref, kind="diffusers", location=str(path), family=_diffusers_family(path).name)
+        refuse_pickle(path)
+        if path.suffix.lower() != ".safetensors":
+            raise InvalidRequestError(
+                f"{path} is not a .safetensors checkpoint or a diffusers folder: pass one of those"
+            )
+        return BaseModelRef(ref=ref, kind="single_file", location=str(path), family="sd1")
+    refuse_pickle(path)
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        repo_id, _, revision = ref.partition("@")
+        return BaseModelRef(ref=ref, kind="hub", location=repo_id, family="sd1", revision=revision or None)
+    raise BaseModelNotFoundError(
+        f"base model {ref!r} not found: use 'tiny', a local diffusers folder, a .safetensors checkpoint, "
+        f"or a Hub id like owner/name"
+    )
+
+
+class _PipelineCache:
+    """A small LRU of loaded pipelines, keyed by reference; loading is serialised by a lock."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, load):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            pipe = load()
+            self._items[key] = pipe
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return pipe
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_CACHE = _PipelineCache(PIPELINE_CACHE_SIZE)
+
+
+def device_and_dtype():
+    """CUDA in float16 where there is a GPU, else CPU in float32 (float16 on CPU is slow and lossy)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+def _load(resolved: BaseModelRef):
+    import torch  # noqa: F401  (diffusers needs it; imported here to keep CLI start-up light)
+
+    family = get_family(resolved.family)
+    cls = family.pipeline_class("text2img")
+    device, dtype = device_and_dtype()
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if resolved.kind in ("tiny", "diffusers"):
+        folder = Path(resolved.location)
+        if not (folder / "model_index.json").exists():
+            hint = "rebuild it with: python -m studio.app.tiny.build" if resolved.kind == "tiny" else "check the folder"
+            raise BaseModelNotFoundError(f"{folder} has no model_index.json: {hint}")
+        _check_folder_weights(folder)
+        try:
+            pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **common)
+        except (OSError, ValueError) as e:
+            raise CorruptWeightsError(f"{folder} is not a complete {family.display_name} pipeline: {e}") from None
+    elif resolved.kind == "single_file":
+        path = Path(resolved.location)
+        check_safetensors(path)
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+        from transformers import CLIPTokenizer
+
+        from studio.core.single_file import single_file_config_dir
+
+        # SD-1's tokenizer is the embedded model's (the real vocabulary): no download needed.
+        tokenizer = CLIPTokenizer.from_pretrained(TINY_MODEL_DIR / "tokenizer")
+        # Files the studio exported carry their own component configs (any SD-1 shape, the tiny
+        # model's included); other files are read with SD-1.5's.
+        with single_file_config_dir(path, family.single_file_config_dir) as config_dir:
+            try:
+                pipe = cls.from_single_file(
+                    str(path), config=str(config_dir), tokenizer=tokenizer, local_files_only=True, **common,
+                )
+            except (KeyError, ValueError, RuntimeError, SingleFileComponentError) as e:
+                raise CorruptWeightsError(
+                    f"{path} is not a {family.display_name} checkpoint the studio can read ({type(e).__name__}: {e})"
+                ) from None
+    else:
+        if get_settings().offline:
+            raise OfflineError(
+                f"{resolved.ref!r} is a Hugging Face Hub id and the studio is offline (HF_HUB_OFFLINE=1). "
+                f"Download it on a connected machine (huggingface-cli download {resolved.location}) and pass the "
+                f"local folder: --base /path/to/folder"
+            )
+        try:
+            pipe = cls.from_pretrained(resolved.location, revision=resolved.revision, use_safetensors=True, **common)
+        except OSError as e:  # huggingface_hub's not-found and network errors are OSErrors
+            raise BaseModelNotFoundError(
+                f"could not load {resolved.ref!r} from the Hub ({type(e).__name__}: {e}); check the id and revision, "
+                f"or pass a local folder"
+            ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_pipeline(ref: str | None = None):
+    """The text-to-image pipeline for ``ref``, loaded once and then served from the cache."""
+    resolved = resolve(ref)
+    key = f"{resolved.kind}:{resolved.location}@{resolved.revision or ''}"
+    return _CACHE.get(key, lambda: _load(resolved))
+
+
+def load_fresh_pipeline(ref: str | None = None):
+    """A private, uncached copy of the pipeline for ``ref`` (training, adapter experiments, tests).
+
+    The embedded tiny model is stored in float16 to stay small; plain ``from_pretrained(folder)``
+    without ``dtype`` would keep some modules in float16 and fail on CPU with a dtype mismatch.
+    This loads it (and every other model) the studio's way: float32 on CPU, float16 on CUDA.
+    """
+    return _load(resolve(ref))
+
+
+def clear_pipeline_cache() -> None:
+    _CACHE.clear()
+
+
+RECOMMENDED_SETTINGS_FILE = "lora_studio.json"
+
+
+def recommended_settings(resolved: BaseModelRef) -> dict:
+    """Sampling defaults the model's maker measured to work best (``lora_studio.json`` in its folder).
+
+    The embedded tiny model ships one (its shapes are sharpest at CFG 2); other models fall back to
+    their family's defaults. Unknown keys are ignored, so the file can grow.
+    """
+    settings = {"guidance_scale": get_family(resolved.family).default_guidance_scale}
+    if resolved.kind in ("tiny", "diffusers"):
+        path = Path(resolved.location) / RECOMMENDED_SETTINGS_FILE
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text()).get("recommended", {})
+            except (OSError, ValueError, AttributeError):
+                data = {}
+            if isinstance(data.get("guidance_scale"), (int, float)):
+                settings["guidance_scale"] = float(data["guidance_scale"])
+    return settings
+
+
+def native_resolution(pipe) -> int:
+    """The side the pipeline's UNet was trained at: ``sample_size * vae_scale_factor``."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def model_hash(resolved: BaseModelRef) -> str:
+    """A short hash (10 hex, A1111's "Model hash" length) identifying the base weights.
+
+    Single files hash the whole file (Civitai's AutoV2); folders hash the denoiser's weights file.
+    Hub ids that are not downloaded have no local bytes to hash and return "".
+    """
+    if resolved.kind == "single_file":
+        target = Path(resolved.location)
+    elif resolved.kind in ("tiny", "diffusers"):
+        candidates = sorted((Path(resolved.location) / "unet").glob("*.safetensors"))
+        if not candidates:
+            return ""
+        target = candidates[0]
+    else:
+        return ""
+    return _file_sha256(str(target), target.stat().st_mtime_ns)[:10]
+
+
+def component_sha256(resolved: BaseModelRef, component: str) -> str:
+    """Full sha256 of one component's weights (``vae``, ``text_encoder``...), for cache keys.
+
+    Training caches (VAE latents, text embeddings) depend only on that component, so a fine-tune
+    that changes the UNet alone keeps them valid. A single file holds every component in one file
+    and is hashed whole; Hub ids without local bytes give "".
+    """
+    if resolved.kind == "single_file":
+        target = Path(resolved.location)
+    elif resolved.kind in ("tiny", "diffusers"):
+        candidates = sorted((Path(resolved.location) / component).glob("*.safetensors"))
+        if not candidates:
+            return ""
+        target = candidates[0]
+    else:
+        return ""
+    return _file_sha256(str(target), target.stat().st_mtime_ns)
+
+
+_HASHES: dict[tuple[str, int], str] = {}
+
+
+def _file_sha256(path: str, mtime_ns: int) -> str:
+    key = (path, mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """One row of ``lora-studio base-models list``."""
+
+    ref: str
+    kind: str
+    family: str
+    location: str
+    description: str
+
+
+def list_base_models() -> list[BaseModelInfo]:
+    """The embedded model plus every diffusers folder / .safetensors file in ``$LORA_STUDIO_HOME/models``."""
+    rows = [BaseModelInfo(ref=TINY, kind="tiny", family="sd1", location=str(TINY_MODEL_DIR),
+                          description="embedded tiny SD-1 model (32 px scenes), works offline")]
+    models_dir = get_settings().home / "models"
+    if models_dir.is_dir():
+        for entry in sorted(models_dir.iterdir()):
+            if entry.is_dir() and (entry / "model_index.json").exists():
+                try:
+                    fam = _diffusers_family(entry).name
+                except Exception as e:  # an unsupported folder is listed with its reason, not hidden
+                    rows.append(BaseModelInfo(str(entry), "diffusers", "?", str(entry), f"unsupported: {e}"))
+                    continue
+                rows.append(BaseModelInfo(str(entry), "diffusers", fam, str(entry), "diffusers folder"))
+            elif entry.suffix.lower() == ".safetensors":
+                rows.append(BaseModelInfo(str(entry), "single_file", "sd1", str(entry), "single-file checkpoint"))
+    return rows
+
+
+def check_base_model(ref: str, *, what: str = "base model") -> str:
+    """``ref`` (stripped) if the UI may use it as a base model: ``tiny``, a Hugging Face Hub id
+    (``owner/name[@revision]``: not a path, so not a file on this machine), or a path that
+    :func:`check_data_path` accepts. A name that is both a Hub id and an existing relative path is
+    judged as the path, as :func:`resolve` would load it."""
+    # The same rule resolve() applies to tell a Hub id from a path.
+    text = (ref or "").strip()
+    hub_id = bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+    if text == TINY or (hub_id and not Path(text).expanduser().exists()):
+        return text
+    check_data_path(text, what=what)
+    return text

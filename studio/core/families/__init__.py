@@ -1,0 +1,52 @@
+"""Base-model families: what differs between SD-1, SDXL, SD3 and Flux, in one place each.
+
+A family says which diffusers pipeline classes run it, how prompts become the conditioning the
+denoiser sees (training needs this without a pipeline), which modules LoRA targets by default, its
+native resolution, and the names other tools use for it (kohya's ``ss_base_model_version``,
+Stability's ModelSpec ``modelspec.architecture``).
+
+Families live one per module (``sd1.py`` now; ``sdxl.py``, ``sd3.py`` and ``flux.py`` join the same
+way) and are added to :data:`FAMILIES` by one explicit :func:`register_family` call each, at the
+bottom of this file. Nothing here imports torch or diffusers at import time.
+"""
+
+from __future__ import annotations
+
+from studio.core.errors import InvalidRequestError
+from studio.core.families.base import Family
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` under its ``name``; registering a name twice is a programming error."""
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name`` (e.g. ``"sd1"``); unknown names list the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise InvalidRequestError(
+            f"unknown base-model family {name!r}: known families are {', '.join(sorted(FAMILIES))}"
+        ) from None
+
+
+def family_for_pipeline_class(class_name: str) -> Family:
+    """The family whose pipelines include ``class_name`` (as written in ``model_index.json``)."""
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_class_names:
+            return family
+    raise InvalidRequestError(
+        f"{class_name} is not a pipeline of a supported family; supported: "
+        + "; ".join(f"{f.name}: {', '.join(f.pipeline_class_names)}" for f in FAMILIES.values())
+    )
+
+
+from studio.core.families.sd1 import SD1  # noqa: E402  (registration needs the functions above)
+
+register_family(SD1)

@@ -1,0 +1,51 @@
+"""Stable Diffusion 1.x (SD 1.4, 1.5 and their fine-tunes; the embedded tiny model is one too).
+
+One CLIP ViT-L/14 text encoder (last hidden state, 77 tokens), a UNet2DConditionModel denoiser with
+epsilon prediction, and a VAE with 8x downsampling (4x for the tiny model). Native resolution
+512 px. ``configs/sd1/`` holds SD-1.5's component configs so that single-file checkpoints load
+offline (the tokenizer comes from the embedded model: it is SD-1's real vocabulary).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.core.families.base import Family
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# LoCon-style: attention plus the ResNet convolutions, the projections around the transformer
+# blocks and the time embedding (what kohya's conv_dim reaches on SD-1).
+ATTENTION_CONV = ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                              "conv_shortcut", "time_emb_proj")
+TEXT_ENCODER = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]):
+    """Prompts -> the ``encoder_hidden_states`` SD-1's UNet expects (last hidden state, 77 tokens).
+
+    The same padding and truncation as ``StableDiffusionPipeline.encode_prompt``, so training sees
+    exactly what inference will.
+    """
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+SD1 = Family(
+    name="sd1",
+    display_name="Stable Diffusion 1.x",
+    pipelines={
+        "text2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+    },
+    native_resolution=512,
+    latent_granularity=8,
+    target_modules={"attention": ATTENTION, "attention+conv": ATTENTION_CONV},
+    text_encoder_target_modules=TEXT_ENCODER,
+    kohya_base_model_version="sd_v1",
+    modelspec_architecture="stable-diffusion-v1",
+    single_file_config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
+    encode_prompts=encode_prompts,
+)

@@ -1,0 +1,376 @@
+"""SD-1 pipelines as one safetensors file in the original LDM/A1111 key layout, and back.
+
+:func:`export_single_file` writes the UNet, VAE and CLIP text encoder of a diffusers SD-1 pipeline
+into one ``.safetensors`` file under the keys the original Stable Diffusion code, A1111 and ComfyUI
+use (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``). It
+is the inverse of diffusers' own single-file conversion (``diffusers.loaders.single_file_utils``):
+diffusers loads what this writes and gets back the very same tensors.
+
+The file's safetensors metadata names the format and carries the diffusers component configs as
+JSON (``lora_studio.configs``). :func:`single_file_config_dir` turns those back into a config folder
+for ``from_single_file``, so checkpoints that are not shaped like SD-1.5 (the embedded tiny model,
+say) load offline too; files without them (A1111/Civitai downloads) use SD-1.5's configs.
+Nothing here imports torch or diffusers at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from studio.core.errors import CorruptWeightsError, InvalidRequestError
+
+FORMAT_KEY = "lora_studio.format"
+FORMAT = "sd1-ldm-single-file"
+FORMAT_VERSION_KEY = "lora_studio.format_version"
+FORMAT_VERSION = "1"
+CONFIGS_KEY = "lora_studio.configs"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+# The component classes an SD-1 single file holds; anything else has no place in the LDM layout.
+_COMPONENT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+_UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# diffusers ResnetBlock2D parameter names -> LDM ResBlock names (UNet) / ResnetBlock names (VAE).
+_UNET_RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
+# diffusers VAE mid-block Attention -> LDM AttnBlock, whose projections are 1x1 convolutions.
+_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers -> LDM key mapping
+# --------------------------------------------------------------------------------------------
+
+
+def _rename(key: str, prefixes: dict[str, tuple[str, dict[str, str]]], what: str) -> str:
+    """Map ``key`` by its longest matching module prefix, renaming the parameter's own module path."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in prefixes:
+            target, names = prefixes[prefix]
+            rest = ".".join(parts[cut:])
+            module, _, param = rest.rpartition(".")
+            if module in names:
+                rest = f"{names[module]}.{param}"
+            return f"{target}.{rest}"
+    raise InvalidRequestError(
+        f"the {what} has a weight {key!r} with no place in the SD-1 (LDM) layout: only plain SD-1 pipelines "
+        f"can be exported (fuse or unload LoRA adapters first)"
+    )
+
+
+def _unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
+    """diffusers UNet module prefix -> (LDM prefix, renames inside it), for an SD-1-shaped config."""
+    down_types = list(config.get("down_block_types") or ())
+    up_types = list(config.get("up_block_types") or ())
+    per_block = config.get("layers_per_block")
+    problems = []
+    if not isinstance(per_block, int):
+        problems.append(f"layers_per_block {per_block!r} is not one number")
+    if not down_types or any(t not in _UNET_DOWN_BLOCKS for t in down_types):
+        problems.append(f"down blocks {down_types} are not all of {_UNET_DOWN_BLOCKS}")
+    if len(up_types) != len(down_types) or any(t not in _UNET_UP_BLOCKS for t in up_types):
+        problems.append(f"up blocks {up_types} are not all of {_UNET_UP_BLOCKS}")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        problems.append(f"mid block {config.get('mid_block_type')!r} is not UNetMidBlock2DCrossAttn")
+    for option in ("class_embed_type", "addition_embed_type", "num_class_embeds", "time_cond_proj_dim"):
+        if config.get(option) is not None:
+            problems.append(f"{option} is set")
+    if problems:
+        raise InvalidRequestError("the UNet is not SD-1 shaped, so it has no LDM layout: " + "; ".join(problems))
+
+    plain: dict[str, str] = {}
+    resnet = _UNET_RESNET_NAMES
+    prefixes = {
+        "time_embedding.linear_1": ("time_embed.0", plain),
+        "time_embedding.linear_2": ("time_embed.2", plain),
+        "conv_in": ("input_blocks.0.0", plain),
+        "conv_norm_out": ("out.0", plain),
+        "conv_out": ("out.2", plain),
+        # LDM's middle block is one sequence: ResBlock, SpatialTransformer, ResBlock.
+        "mid_block.resnets.0": ("middle_block.0", resnet),
+        "mid_block.attentions.0": ("middle_block.1", plain),
+        "mid_block.resnets.1": ("middle_block.2", resnet),
+    }
+    # LDM numbers the down path as one flat list after conv_in: each block's layers, then its
+    # downsampler (every block but the last) as an entry of its own.
+    index = 1
+    for block in range(len(down_types)):
+        for layer in range(per_block):
+            prefixes[f"down_blocks.{block}.resnets.{layer}"] = (f"input_blocks.{index}.0", resnet)
+            prefixes[f"down_blocks.{block}.attentions.{layer}"] = (f"input_blocks.{index}.1", plain)
+            index += 1
+        if block < len(down_types) - 1:
+            prefixes[f"down_blocks.{block}.downsamplers.0.conv"] = (f"input_blocks.{index}.0.op", plain)
+            index += 1
+    # The up path: layers_per_block + 1 entries per block; the upsampler rides in the block's last
+    # entry, after the transformer where the block has one (index 2), else after the ResBlock (1).
+    index = 0
+    for block, block_type in enumerate(up_types):
+        for layer in range(per_block + 1):
+            prefixes[f"up_blocks.{block}.resnets.{layer}"] = (f"output_blocks.{index}.0", resnet)
+            prefixes[f"up_blocks.{block}.attentions.{layer}"] = (f"output_blocks.{index}.1", plain)
+            if layer == per_block and block < len(up_types) - 1:
+                slot = 2 if block_type.startswith("CrossAttn") else 1
+                prefixes[f"up_blocks.{block}.upsamplers.0.conv"] = (f"output_blocks.{index}.{slot}.conv", plain)
+            index += 1
+    return prefixes
+
+
+def unet_to_ldm(state_dict: dict, config: dict) -> dict:
+    """A diffusers ``UNet2DConditionModel`` state dict -> LDM keys (``model.diffusion_model.*``)."""
+    prefixes = _unet_prefixes(dict(config))
+    return {UNET_PREFIX + _rename(k, prefixes, "UNet"): v for k, v in state_dict.items()}
+
+
+def _vae_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
+    plain: dict[str, str] = {}
+    resnet = _VAE_RESNET_NAMES
+    blocks = len(config.get("down_block_types") or ())
+    per_block = config.get("layers_per_block")
+    if not blocks or not isinstance(per_block, int) or len(config.get("up_block_types") or ()) != blocks:
+        raise InvalidRequestError("the VAE is not SD-1 shaped (AutoencoderKL with matching encoder and decoder)")
+    prefixes = {name: (name, plain) for name in ("quant_conv", "post_quant_conv")}
+    for part in ("encoder", "decoder"):
+        prefixes[f"{part}.conv_in"] = (f"{part}.conv_in", plain)
+        prefixes[f"{part}.conv_out"] = (f"{part}.conv_out", plain)
+        prefixes[f"{part}.conv_norm_out"] = (f"{part}.norm_out", plain)
+        prefixes[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", resnet)
+        prefixes[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", resnet)
+        prefixes[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _VAE_ATTENTION_NAMES)
+    for block in range(blocks):
+        prefixes[f"encoder.down_blocks.{block}.downsamplers.0.conv"] = (f"encoder.down.{block}.downsample.conv", plain)
+        # The LDM decoder counts its up blocks from the lowest resolution: diffusers' first is LDM's last.
+        ldm = blocks - 1 - block
+        prefixes[f"decoder.up_blocks.{block}.upsamplers.0.conv"] = (f"decoder.up.{ldm}.upsample.conv", plain)
+        for layer in range(per_block + 1):  # the decoder has one more ResNet per block than the encoder
+            prefixes[f"encoder.down_blocks.{block}.resnets.{layer}"] = (f"encoder.down.{block}.block.{layer}", resnet)
+            prefixes[f"decoder.up_blocks.{block}.resnets.{layer}"] = (f"decoder.up.{ldm}.block.{layer}", resnet)
+    return prefixes
+
+
+def vae_to_ldm(state_dict: dict, config: dict) -> dict:
+    """A diffusers ``AutoencoderKL`` state dict -> LDM keys (``first_stage_model.*``).
+
+    The mid-block attention's linear projections become the 1x1 convolutions of LDM's AttnBlock
+    (``[C, C]`` -> ``[C, C, 1, 1]``), which is what diffusers' loader and A1111 expect.
+    """
+    prefixes = _vae_prefixes(dict(config))
+    out = {}
+    for key, value in state_dict.items():
+        ldm = _rename(key, prefixes, "VAE")
+        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[VAE_PREFIX + ldm] = value
+    return out
+
+
+def text_encoder_to_ldm(state_dict: dict) -> dict:
+    """A transformers ``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*``."""
+    out = {}
+    for key, value in state_dict.items():
+        # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); the layout keeps it.
+        if not key.startswith("text_model."):
+            key = f"text_model.{key}"
+        out[TEXT_ENCODER_PREFIX + key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+
+def _component_configs(pipe) -> dict:
+    """The diffusers/transformers configs of the exported components, as plain JSON values."""
+    configs = {}
+    for name in ("unet", "vae", "scheduler"):
+        configs[name] = json.loads(getattr(pipe, name).to_json_string())
+    configs["text_encoder"] = json.loads(pipe.text_encoder.config.to_json_string(use_diff=False))
+    for config in configs.values():
+        config.pop("_name_or_path", None)  # a path on the exporting machine: no use elsewhere
+    return configs
+
+
+def _check_pipeline(pipe) -> None:
+    for name, class_name in _COMPONENT_CLASSES.items():
+        component = getattr(pipe, name, None)
+        if component is None or type(component).__name__ != class_name:
+            found = "nothing" if component is None else type(component).__name__
+            raise InvalidRequestError(
+                f"the pipeline's {name} is {found}, not {class_name}: only SD-1 pipelines have a single-file layout"
+            )
+
+
+def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | None = None) -> Path:
+    """Write an SD-1 pipeline's UNet, VAE and text encoder as one LDM-layout safetensors file.
+
+    ``pipeline_or_folder`` is a loaded pipeline or any base-model reference (``tiny``, a diffusers
+    folder, a single file...), loaded through the studio's cache. ``dtype`` (``float16``,
+    ``bfloat16``, ``float32``) converts the floating-point weights; ``None`` keeps the pipeline's.
+    The file is written atomically (temp file in the same folder, then rename), mode 0644;
+    an existing file at ``path`` is replaced. Returns ``path``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".safetensors":
+        raise InvalidRequestError(f"{path} must end in .safetensors: the studio writes safetensors files only")
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(pipeline_or_folder, (str, Path)):
+        from studio.core.base_models import load_fresh_pipeline
+
+        pipe = load_fresh_pipeline(str(pipeline_or_folder))
+    else:
+        pipe = pipeline_or_folder
+    _check_pipeline(pipe)
+    for name in _COMPONENT_CLASSES:
+        if any(".base_layer." in k or ".lora_" in k for k in getattr(pipe, name).state_dict()):
+            raise InvalidRequestError(
+                f"the pipeline's {name} has LoRA layers in it: fuse them (pipe.fuse_lora()) and unload them, "
+                f"or export the base model without adapters"
+            )
+
+    tensors = {
+        **unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
+        **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
+        **text_encoder_to_ldm(pipe.text_encoder.state_dict()),
+    }
+    target = getattr(torch, dtype) if dtype else None
+    for key, value in tensors.items():
+        value = value.detach().to("cpu")
+        if target is not None and value.is_floating_point():
+            value = value.to(target)
+        tensors[key] = value.contiguous()
+    from studio.core.families import get_family
+
+    metadata = {
+        "format": "pt",  # what safetensors' torch helpers and A1111 write
+        FORMAT_KEY: FORMAT,
+        FORMAT_VERSION_KEY: FORMAT_VERSION,
+        CONFIGS_KEY: json.dumps(_component_configs(pipe), sort_keys=True),
+        "modelspec.architecture": get_family("sd1").modelspec_architecture,
+    }
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be shared and read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# loading: configs from the file's metadata
+# --------------------------------------------------------------------------------------------
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of ``path`` (``{}`` when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise CorruptWeightsError(
+            f"{path} cannot be read as safetensors ({e}); the file is damaged or not a weights file: "
+            f"download or export it again"
+        ) from None
+
+
+def embedded_configs(path: str | Path) -> dict | None:
+    """The component configs an exported file carries, checked; ``None`` for other files."""
+    raw = read_metadata(path).get(CONFIGS_KEY)
+    if raw is None:
+        return None
+
+    def damaged(reason: str) -> CorruptWeightsError:
+        return CorruptWeightsError(f"{path} has damaged model configs in its metadata ({CONFIGS_KEY}: {reason}): "
+                                   f"export it again")
+
+    try:
+        configs = json.loads(raw)
+    except ValueError as e:
+        raise damaged(f"not JSON, {e}") from None
+    if not isinstance(configs, dict) or not all(isinstance(configs.get(n), dict) for n in (*_COMPONENT_CLASSES,
+                                                                                          "scheduler")):
+        raise damaged("needs objects for unet, vae, text_encoder and scheduler")
+    # The configs choose which classes get built: only SD-1's own ones, never whatever a file names.
+    for name in ("unet", "vae"):
+        if configs[name].get("_class_name") != _COMPONENT_CLASSES[name]:
+            raise damaged(f"{name} is {configs[name].get('_class_name')!r}, not {_COMPONENT_CLASSES[name]}")
+    if configs["text_encoder"].get("model_type") != "clip_text_model":
+        raise damaged(f"text_encoder is {configs['text_encoder'].get('model_type')!r}, not clip_text_model")
+    configs["text_encoder"].pop("auto_map", None)  # never point transformers at code from a file
+    scheduler = configs["scheduler"].get("_class_name")
+    if not _is_diffusers_scheduler(scheduler):
+        raise damaged(f"scheduler {scheduler!r} is not a diffusers scheduler")
+    return configs
+
+
+def _is_diffusers_scheduler(name) -> bool:
+    import diffusers
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    cls = getattr(diffusers, name, None)
+    return isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)
+
+
+@contextlib.contextmanager
+def single_file_config_dir(path: str | Path, default: Path) -> Iterator[Path]:
+    """A diffusers config folder for loading ``path`` with ``from_single_file``.
+
+    Files this module exported carry their configs: they are written to a temporary folder that
+    lives while the ``with`` block runs. Other files get ``default`` (the family's configs).
+    """
+    configs = embedded_configs(path)
+    if configs is None:
+        yield Path(default)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="lora-studio-config-"))
+    try:
+        # model_index.json comes from the family's own (it names the libraries and classes that get
+        # imported); only the scheduler class is the file's, and it was checked above.
+        index = json.loads((Path(default) / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", configs["scheduler"]["_class_name"]]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        files = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                 "scheduler": "scheduler_config.json"}
+        for name, filename in files.items():
+            (tmp / name).mkdir()
+            (tmp / name / filename).write_text(json.dumps(configs[name], indent=2))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
