@@ -39,9 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -49,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from studio.core.atomic import write_atomic
 from studio.core.errors import (
     CorruptWeightsError,
     IncompatibleAdapterError,
@@ -63,6 +62,7 @@ from studio.core.filesafety import (
     quoted,
     refuse_json_constant,
 )
+from studio.core.jsonutil import jsonable
 
 FORMATS = ("diffusers", "kohya")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -847,18 +847,6 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if hasattr(value, "value") and type(value).__module__.startswith("peft"):  # peft enums (PeftType)
-        return value.value
-    return value
-
-
 def _lora_config(scales: dict[str, tuple[int, float]], *, use_dora: bool, use_rslora: bool,
                  lora_bias: bool) -> dict:
     """A LoraConfig dict reproducing each module's rank and alpha exactly.
@@ -958,12 +946,12 @@ def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[st
     configs = {}
     for component, sd in by_component.items():
         if component in source:
-            configs[component] = _jsonable({"peft_type": adapter_type.upper(), **source[component]})
+            configs[component] = jsonable({"peft_type": adapter_type.upper(), **source[component]})
             continue
         if adapter_type == "lokr":
             from diffusers.utils.peft_utils import _create_lokr_config
 
-            configs[component] = _jsonable(_create_lokr_config(sd, None).to_dict())
+            configs[component] = jsonable(_create_lokr_config(sd, None).to_dict())
             continue
         ranks = {}
         for k, t in sd.items():
@@ -1045,26 +1033,10 @@ def _serialize(tensors: Mapping[str, Any], metadata: dict[str, str]) -> tuple[by
 
 
 def _write_atomic(out: str | Path, chunks: tuple[bytes, ...]) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; an exported file is meant to be shared
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename is durable only once the folder entry is flushed
-    finally:
-        os.close(dir_fd)
-    return out
+    """Write ``chunks`` to ``out`` through the studio's atomic writer: a reader sees the old file or the
+    whole new one, a full disk is a :class:`~studio.core.errors.DiskFullError` with nothing partial
+    left, and the folder is flushed so the export survives a power cut."""
+    return write_atomic(out, lambda f: f.writelines(chunks), durable=True)
 
 
 def to_diffusers(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
@@ -1076,7 +1048,7 @@ def to_diffusers(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[
     packed = {f"{component}.{k}": v for component, config in sorted(adapter.configs.items())
               for k, v in config.items()}
     md = {k: str(v) for k, v in (metadata or {}).items()}
-    md[ADAPTER_METADATA_KEY] = json.dumps(_jsonable(packed), sort_keys=True)
+    md[ADAPTER_METADATA_KEY] = json.dumps(jsonable(packed), sort_keys=True)
     return _write_atomic(out, _serialize(adapter.tensors, md))
 
 

@@ -70,6 +70,7 @@ from studio.core.errors import (
     StudioError,
 )
 from studio.core.hashing import hash_weights
+from studio.core.jsonutil import jsonable
 
 # 2: the version_publications table (Hub publications). A version-1 database gains it when opened
 # (_migrate); a version-1 client refuses a version-2 database, since its deletes would not remove those rows.
@@ -402,15 +403,7 @@ class AdapterVersion:
             s["path"] = str(s["path"])
         for p, parent in zip(d["parents"], self.parents):
             p["ref"] = parent.ref
-        return _jsonable(d)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+        return jsonable(d)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from studio.core.atomic import fsync_dir, write_atomic
 from studio.core.errors import BlobNotFoundError, HashMismatchError, InputFileNotFoundError, InvalidRequestError
+from studio.core.hashing import file_sha256
 
 CHUNK = 1 << 20
 BLOB_MODE = 0o644  # readable by everyone like any shared model file; safetensors writes 0600 sources
@@ -82,13 +83,10 @@ class BlobStore:
     def verify(self, sha256: str) -> bool:
         """Re-hash the stored blob: True when its bytes still hash to its name."""
         try:
-            with open(self.path(sha256), "rb") as f:
-                h = hashlib.sha256()
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
+            actual = file_sha256(self.path(sha256))
         except FileNotFoundError:
             raise BlobNotFoundError(f"blob {sha256} is not in the store {self.root}") from None
-        return h.hexdigest() == sha256
+        return actual == sha256
 
     def __iter__(self) -> Iterator[str]:
         """Every stored sha256 (a folder walk: for garbage collection, never for lookups)."""
@@ -127,11 +125,7 @@ class BlobStore:
         if not source.is_file():
             raise InputFileNotFoundError(f"{source} does not exist or is not a file")
         if sha256 is None:
-            h = hashlib.sha256()
-            with open(source, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-            sha256 = h.hexdigest()
+            sha256 = file_sha256(source)
         check_sha256(sha256)
         if self._present(sha256, source.stat().st_size):
             return sha256

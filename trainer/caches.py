@@ -27,6 +27,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from studio.core.atomic import write_bytes_atomic
+
 # In-memory entries per cache. SD-1 latents at 512 px are 2 x 4x64x64 fp32 = 128 KiB and text
 # embeddings 77x768 fp32 = 231 KiB, so 4096 entries stay under ~1 GiB in the worst case.
 MEMORY_ENTRIES = 4096
@@ -74,8 +76,6 @@ class TensorCache:
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         from safetensors.torch import save
-
-        from studio.core.atomic import write_bytes_atomic
 
         entry = {k: v.detach().to("cpu").contiguous() for k, v in entry.items()}
         self._remember(key, entry)

@@ -22,11 +22,13 @@ Not here: the training loop (``trainer/loop.py``) and background jobs (``studio/
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from studio.core.atomic import write_bytes_atomic
+from studio.core.jsonutil import jsonable
 
 EVENTS_FILE = "events.jsonl"
 RESULT_FILE = "result.json"
@@ -35,22 +37,9 @@ REPORT_FILE = "dataset_report.json"
 STATES = ("pending", "running", "done", "stopped", "failed")
 
 
-def _clean(value: Any) -> Any:
-    # JSON has no NaN: a diverged loss is written as null (the message says what happened).
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half a file)."""
-    from studio.core.atomic import write_bytes_atomic
-
-    text = json.dumps(_clean(data), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=False)
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
@@ -63,7 +52,7 @@ class EventLog:
 
     def append(self, event: str, **fields: Any) -> dict:
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        line = json.dumps(_clean(record), sort_keys=True, allow_nan=False)
+        line = json.dumps(jsonable(record), sort_keys=True, allow_nan=False)
         # One write of a whole line in append mode: a reader never sees a torn line mid-file, and
         # tolerates (skips) a torn last line if the process dies mid-write.
         with open(self.path, "a", encoding="utf-8") as f:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from studio.core.families.base import Family
+from studio.core.jsonutil import jsonable
 from trainer.config import NetworkConfig
 
 # Text-encoder targets need their own names (q_proj... in CLIP) and a preset of the UNet's names
@@ -137,7 +138,7 @@ def canonical_weights(states: dict[str, dict[str, Any]], configs: dict[str, Any]
     Keys become ``<component>.<module>.<part>``; a DoRA magnitude gets ``.weight`` (without it the
     text encoder's magnitudes are silently re-initialised on load: FIELD-NOTES.md).
     """
-    from adapters.formats import AdapterWeights, _jsonable
+    from adapters.formats import AdapterWeights
 
     tensors = {}
     for component, sd in states.items():
@@ -147,7 +148,7 @@ def canonical_weights(states: dict[str, dict[str, Any]], configs: dict[str, Any]
             tensors[f"{component}.{key}"] = t
     packed = {}
     for component, config in configs.items():
-        d = _jsonable(config.to_dict())
+        d = jsonable(config.to_dict())
         d["peft_type"] = adapter_type.upper() if adapter_type in ("loha", "lokr") else "LORA"
         d["target_modules"] = sorted(d["target_modules"]) if isinstance(d.get("target_modules"), list) \
             else d.get("target_modules")

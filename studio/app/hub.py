@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -48,6 +49,7 @@ from typing import Any
 from adapters import formats
 from adapters import registry as registry_module
 from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name, decode_sample
+from studio.core.atomic import write_atomic, write_bytes_atomic, write_folder_atomic
 from studio.core.errors import (
     AdapterNotFoundError,
     AmbiguousReferenceError,
@@ -352,8 +354,6 @@ def public_version(version: AdapterVersion, known: tuple[str, ...] = ()) -> Adap
 def _public_safetensors(path: Path, known: tuple[str, ...]) -> None:
     """Rewrite the ``__metadata__`` of a safetensors file through :func:`public_value`; the tensors' bytes
     (and so every tensor hash) are copied unchanged."""
-    from studio.core.atomic import write_atomic
-
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
@@ -597,10 +597,7 @@ def stage_files(registry: Registry, version: AdapterVersion, repo_id: str, out_d
     ``known``: the weights' metadata (kohya copy too), the samples' PNG text chunks (each sample is
     re-encoded as a PNG that holds nothing else), their recipes in ``lora_studio.json``, the record, the card.
     """
-    import hashlib
-
     from adapters.ingest import export_adapter
-    from studio.core.atomic import write_bytes_atomic
 
     out_dir = Path(out_dir)
     known = _version_paths(version)
@@ -635,22 +632,15 @@ def stage_files(registry: Registry, version: AdapterVersion, repo_id: str, out_d
 
 
 def _dry_run(registry: Registry, version: AdapterVersion, repo_id: str, out: Path, **kw) -> tuple[list[str], list]:
-    """Stage beside ``out`` and rename into place: a dry run leaves a complete folder or none."""
+    """Stage beside ``out`` and rename into place (:func:`~studio.core.atomic.write_folder_atomic`): a dry run
+    leaves a complete folder or none, and a full disk is a DiskFullError naming the folder."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"{out} exists and is not an empty folder: give --dry-run a new or empty folder, "
                                   f"so it holds exactly the files a publication uploads")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        paths, warnings = stage_files(registry, version, repo_id, tmp, **kw)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return paths, warnings
+    staged: list[tuple[list[str], list]] = []
+    write_folder_atomic(out, lambda tmp: staged.append(stage_files(registry, version, repo_id, tmp, **kw)))
+    return staged[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ grid of prompts or a Streamlit session costs one model load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -35,6 +34,7 @@ from studio.core.errors import (
 )
 from studio.core.families import Family, family_for_pipeline_class, get_family
 from studio.core.filesafety import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
+from studio.core.hashing import file_sha256
 from studio.core.settings import check_data_path, get_settings
 
 TINY = "tiny"
@@ -268,7 +268,7 @@ def model_hash(resolved: BaseModelRef) -> str:
         target = candidates[0]
     else:
         return ""
-    return _file_sha256(str(target), target.stat().st_mtime_ns)[:10]
+    return _cached_file_sha256(str(target), target.stat().st_mtime_ns)[:10]
 
 
 def component_sha256(resolved: BaseModelRef, component: str) -> str:
@@ -287,20 +287,18 @@ def component_sha256(resolved: BaseModelRef, component: str) -> str:
         target = candidates[0]
     else:
         return ""
-    return _file_sha256(str(target), target.stat().st_mtime_ns)
+    return _cached_file_sha256(str(target), target.stat().st_mtime_ns)
 
 
 _HASHES: dict[tuple[str, int], str] = {}
 
 
-def _file_sha256(path: str, mtime_ns: int) -> str:
+def _cached_file_sha256(path: str, mtime_ns: int) -> str:
+    """A base model's sha256, hashed once per (path, modification time): a multi-GB file is read once
+    however many cache keys and listings ask for it."""
     key = (path, mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(path)
     return _HASHES[key]
 
 

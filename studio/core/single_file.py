@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from studio.core.atomic import write_atomic
 from studio.core.errors import CorruptWeightsError, InvalidRequestError
 
 FORMAT_KEY = "lora_studio.format"
@@ -233,7 +233,6 @@ def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | Non
     an existing file at ``path`` is replaced. Returns ``path``.
     """
     import torch
-    from safetensors.torch import save_file
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
@@ -275,19 +274,45 @@ def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | Non
         "modelspec.architecture": get_family("sd1").modelspec_architecture,
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be shared and read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Streamed tensor by tensor through the studio's atomic writer: safetensors' own save_file would
+    # hide a full disk in an errno-less SafetensorError, and save() would hold a second copy of a
+    # multi-GB model in memory.
+    write_atomic(path, lambda f: _write_safetensors(f, tensors, metadata), durable=True)
     return path
+
+
+# safetensors' dtype names (the format's spec); a tensor of any other dtype cannot go in a file.
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                       "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def _write_safetensors(f, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write contiguous CPU ``tensors`` to the binary file ``f`` in the safetensors layout, one tensor at
+    a time: 8 bytes little-endian header length, the JSON header padded with spaces to a multiple of 8,
+    then each tensor's bytes. Wider dtypes go first (then by name), as safetensors orders them, so every
+    tensor starts aligned to its element size for readers that map the file."""
+    import torch
+
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _SAFETENSORS_DTYPES:
+            raise InvalidRequestError(f"{key} is {name}, which a safetensors file cannot hold: export with "
+                                      f"dtype float16, bfloat16 or float32")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[name], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little") + raw)
+    for key in order:
+        # Bytes as stored in memory (little-endian on every platform torch runs on), no copy made.
+        f.write(tensors[key].reshape(-1).view(torch.uint8).numpy().data)
 
 
 # --------------------------------------------------------------------------------------------

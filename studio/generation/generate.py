@@ -27,6 +27,7 @@ load adapters.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from studio.core.errors import InvalidRequestError, RecipeError, StudioError
+from studio.core.hashing import file_sha256
 
 RECIPE_KEY = "lora_studio"
 RECIPE_VERSION = 1
@@ -617,16 +619,6 @@ def resolve_request(request: GenerationRequest, pipe, recommended: dict | None =
 # ---- input images (img2img, inpainting) ------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _TooManyPixels(Exception):
     """An image claims more pixels than the caller's bound; ``str()`` says how many ("WxH pixels")."""
 
@@ -691,7 +683,6 @@ def store_input_image(source) -> Path:
 
     The UI calls this with an upload's bytes; the CLI's files go through it when a request runs.
     """
-    import hashlib
     import io
 
     from PIL import UnidentifiedImageError
@@ -764,7 +755,7 @@ def _pin_input(label: str, path_text: str | None, pinned: str | None) -> tuple[s
                 f"the {label} {path} is gone and no copy with sha256 {pinned[:12]} is in {inputs_dir()}: "
                 f"put the original image back at that path")
         _check_input_size(path, f"the {label}")
-        actual = _file_sha256(path)
+        actual = file_sha256(path)
         if actual != pinned:
             raise RecipeError(f"the {label} {path} has sha256 {actual[:12]}, the recipe used {pinned[:12]}: "
                               f"the file changed since the image was made")
