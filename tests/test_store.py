@@ -364,3 +364,32 @@ def test_a_full_disk_during_a_png_write_leaves_no_partial_image(studio_home, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "disk is full" in err and str(out) in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the earlier image intact, nothing else
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_full_disk_during_an_adapter_export_keeps_the_old_file(tmp_path, monkeypatch, fmt):
+    from adapters.formats import read_adapter, to_diffusers, to_kohya
+    from studio.core.errors import DiskFullError
+
+    write = to_diffusers if fmt == "diffusers" else to_kohya
+    adapter = read_adapter(_tiny_lora(tmp_path / "lora.safetensors", 1))
+    out_dir = tmp_path / "out"
+    out = write(adapter, out_dir / "style.safetensors")
+    before = out.read_bytes()
+    hit = _disk_full_under(monkeypatch, out_dir)
+    with pytest.raises(DiskFullError, match="disk is full") as err:
+        write(read_adapter(_tiny_lora(tmp_path / "other.safetensors", 2)), out)
+    assert hit and err.value.folder == str(out_dir)
+    assert out.read_bytes() == before and _leftovers(out_dir) == []  # the old export intact, nothing partial
+
+
+def test_a_full_disk_during_a_single_file_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    from studio.core.errors import DiskFullError
+    from studio.core.single_file import export_single_file
+
+    out_dir = tmp_path / "models"
+    hit = _disk_full_under(monkeypatch, out_dir)
+    with pytest.raises(DiskFullError, match="lora-studio gc") as err:
+        export_single_file("tiny", out_dir / "tiny.safetensors")
+    assert hit and err.value.folder == str(out_dir)
+    assert list(out_dir.iterdir()) == []  # no model file, no temporary file
