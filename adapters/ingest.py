@@ -1,34 +1,49 @@
-"""Bring adapter files into the registry, and take versions back out as diffusers or kohya files.
+"""The one way a registry version is born, and the way back out to a diffusers or kohya file.
 
-Holds :func:`import_adapter` (detect, validate against a base model, normalise to the canonical
-diffusers/peft file with full metadata, register) and :func:`export_adapter` (a registry version
-to a diffusers or kohya file with ``ss_*`` and ``modelspec.*`` metadata), plus :func:`default_name`.
+Holds :func:`ingest` (a file or in-memory weights -> detection, the architecture pre-check against the
+base's family, validation against the base pipeline, the canonical diffusers/peft file with full
+metadata, registration) and its :class:`IngestResult`; :func:`import_adapter` (a user's file, with the
+file's own name, trigger words and tags as defaults), :func:`export_adapter` (a registry version to a
+diffusers or kohya file with ``ss_*`` and ``modelspec.*`` metadata), :func:`default_name` and
+:func:`clean_values`.
+
+Every origin calls :func:`ingest`: ``adapters import`` (:func:`import_adapter`), a Hub pull
+(``studio.app.hub.pull_adapter``), a merge (``adapters.merge.merge_adapters``) and the end of a
+training run (``trainer.loop.Trainer``). So a pulled file is refused by the same pre-check as an
+imported one, and every version's file carries the same kohya/ModelSpec keys.
 
 Does not hold: key layouts, validation and writers (``adapters/formats.py``), storage rules and
-deduplication (``adapters/registry.py``).
+deduplication (``adapters/registry.py``, whose ``register`` is the only writer of the registry).
 
 The registry stores one format: a diffusers/peft file (``unet.<module>.lora_A.weight``) whose
-metadata keeps every key of the imported file and adds the peft config (``lora_adapter_metadata``)
+metadata keeps every key of the source file and adds the peft config (``lora_adapter_metadata``)
 and the kohya/ModelSpec keys. Everything that can refuse a file runs before the registry is
-touched, so a refused import leaves it exactly as it was.
+touched, so a refused ingest leaves it exactly as it was.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters import formats
-from adapters.formats import FormatInfo
-from adapters.registry import AdapterVersion, Registry, VersionInfo, check_name
+from adapters.formats import AdapterWeights, FormatInfo
+from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name
 from studio.core.errors import IncompatibleAdapterError, InvalidNameError, InvalidRequestError
 
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def _clean(values, limit: int) -> list[str]:
-    """Strip, drop empty and over-long values, drop case-insensitive duplicates; keep order."""
+def clean_values(values: Iterable[Any] | None, limit: int) -> list[str]:
+    """Strip, drop empty and over-long values, drop case-insensitive duplicates; keep order.
+
+    For values read from a file or a remote record, where a quirk is nobody's typo; what a user typed
+    is only stripped, so :class:`~adapters.registry.VersionInfo` can refuse it with a clear message.
+    """
     out, seen = [], set()
     for v in values or ():
         v = str(v).strip()
@@ -67,81 +82,178 @@ def default_name(info: FormatInfo) -> str:
                            f"e.g. --name {suggestion}")
 
 
+@dataclass(frozen=True)
+class IngestResult:
+    """What :func:`ingest` did: the version it registered, and what it learned from the source."""
+
+    version: AdapterVersion  # the new version, or the existing one that already held these tensors
+    created: bool  # False: a version of this name already held the same tensors and alpha, and is returned
+    detected: FormatInfo | None  # formats.detect() of the source file; None for in-memory weights
+    warnings: tuple[str, ...]  # what detection noticed (alphas missing, trigger words only suggested...)
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref
+
+
+def _check_architecture(arch: str | None, evidence: str, family, base: str, where: str) -> None:
+    """Refuse weights whose keys alone show another model tree than the base's family, before any base
+    pipeline is loaded: a pull or import of an SDXL LoRA against an SD-1 base ends here, in one line."""
+    if arch in formats._OTHER_TREES and arch != family.name:
+        raise IncompatibleAdapterError(
+            f"{where}: this adapter was made for {formats.ARCHITECTURES[arch]} ({evidence}); the base {base!r} is "
+            f"{family.display_name}: use --base with a base model of that architecture, or pick an adapter made "
+            f"for {family.display_name}", arch)
+
+
+def _strip(values: Iterable[Any] | None) -> list[str]:
+    return [str(v).strip() for v in values or ()]
+
+
+def ingest(registry: Registry, source: str | Path | AdapterWeights, *, name: str, origin: str, base: str,
+           family=None, detected: FormatInfo | None = None, validate: bool = True, pipeline=None,
+           trigger_words: Iterable[str] | None = None, tags: Iterable[str] | None = None,
+           description: str | None = None, author: str | None = None, license: str | None = None,
+           source_info: Mapping[str, Any] | None = None, parents: Iterable[str] = (),
+           samples: Iterable[SampleImage] = (), training_config: dict | None = None,
+           dataset_fingerprint: str | None = None, base_model_sha256: str | None = None,
+           metrics: dict | None = None, metadata: Mapping[str, str] | None = None,
+           target_modules: Iterable[str] | None = None, out: str | Path | None = None) -> IngestResult:
+    """Register ``source`` as the next version of ``name``: the one path import, pull, merge and training take.
+
+    ``source`` is an adapter file (diffusers/peft or kohya safetensors; pickles and damaged files are
+    refused by detection) or in-memory :class:`~adapters.formats.AdapterWeights` (a merge, a training
+    run). Steps, each able to refuse before the registry is touched: detect the file (``detected``
+    skips it when the caller already ran :func:`adapters.formats.detect`); refuse keys made for another
+    model tree than ``family``; with ``validate``, check every module and shape against the base
+    pipeline (``pipeline``, else the cached pipeline of ``base``); read into canonical form; build the
+    kohya/ModelSpec metadata from the record's values over the source's metadata and ``metadata``; refuse
+    the same tensors under ``name`` with another alpha; write the canonical diffusers/peft file (at
+    ``out``, else a temporary file); and call :meth:`Registry.register`, the registry's only writer.
+
+    Args:
+        name: the adapter name (callers choose defaults, e.g. :func:`default_name`).
+        origin: how the version was born: imported, pulled, merged or trained.
+        base: the base model the version is recorded against and validated with.
+        family: its family (name or ``Family``); default the family ``base`` resolves to.
+        validate: check against the base pipeline; False where the weights were made from that base's
+            own modules (training). A kohya file is read against the pipeline either way, since only
+            the base's module list turns its flat names back into modules.
+        pipeline: an already loaded base pipeline to validate with (a merge's private copy).
+        trigger_words, tags, description, author, license: the record's values (stripped), also written
+            into the file's ModelSpec keys; None records none.
+        source_info: where it came from (the record's ``source``): a path, a Hub repo, a merge, a run.
+        parents, samples, training_config, dataset_fingerprint, base_model_sha256, metrics: recorded as given.
+        metadata: extra file metadata over the source's (training settings, merge settings).
+        target_modules: the module names to record; default the leaf names the weights patch.
+        out: where the canonical file is written and kept (a training run's adapter file).
+
+    The registry deduplicates by tensor hash: the same tensors under the same name return the existing
+    version (``IngestResult.created`` is False) unless they come with another alpha, which would be a
+    different adapter at another strength and is refused.
+    """
+    from studio.core.families import get_family
+
+    check_name(name)
+    if family is None:
+        from studio.core.base_models import resolve
+
+        family = resolve(base).family
+    family = get_family(family) if isinstance(family, str) else family
+    in_memory = isinstance(source, AdapterWeights)
+    if in_memory:
+        info = None
+        shapes = {k: tuple(t.shape) for k, t in source.tensors.items()}
+        arch, evidence = formats.guess_architecture(shapes)
+        _check_architecture(arch, evidence, family, base, f"the {origin} adapter {name!r}")
+    else:
+        info = detected if detected is not None else formats.detect(source)
+        _check_architecture(info.architecture, info.architecture_evidence, family, base, info.path)
+
+    pipe = pipeline
+    if pipe is None and (validate or (info is not None and info.format == "kohya")):
+        from studio.core.base_models import load_pipeline
+
+        pipe = load_pipeline(base)
+    if in_memory:
+        adapter = source
+        if validate:
+            formats.validate_against(pipe, adapter.tensors, family, base_name=base)
+    else:
+        adapter = formats.read_adapter(info.path, base_pipeline=pipe if validate or info.format == "kohya" else None,
+                                       family=family, base_name=base, info=info)
+
+    words, labels = _strip(trigger_words), _strip(tags)
+    text = description or ""
+    version_info = VersionInfo(
+        family=family.name, adapter_type=adapter.adapter_type, rank=adapter.rank, alpha=adapter.alpha,
+        target_modules=list(target_modules) if target_modules is not None else adapter.target_modules,
+        components=adapter.components, trigger_words=words, description=text, tags=labels, license=license,
+        author=author, base_model=base, base_model_sha256=base_model_sha256, training_config=training_config,
+        dataset_fingerprint=dataset_fingerprint, origin=origin,
+        source=dict(source_info) if source_info is not None else None, parents=list(parents),
+        metrics=metrics, samples=list(samples), weights_format="peft")
+    underlying = adapter.metadata if in_memory else info.metadata
+    file_metadata = formats.build_metadata(
+        adapter_type=adapter.adapter_type, rank=adapter.rank, alpha=adapter.alpha, family=family, name=name,
+        trigger_words=words, tags=labels, description=text or None, author=author, license=license,
+        base={**underlying, **(metadata or {})})
+    with tempfile.TemporaryDirectory(prefix=f"lora-studio-{origin}-") as tmp:
+        target = Path(out) if out is not None else Path(tmp) / formats.DIFFUSERS_WEIGHT_NAME
+        canonical = formats.to_diffusers(adapter, target, metadata=file_metadata)
+        existing = _same_tensors(registry, name, canonical, adapter, base)
+        version = registry.register(name, canonical, version_info)
+    return IngestResult(version=version, created=existing is None, detected=info,
+                        warnings=tuple(info.warnings) if info is not None else ())
+
+
 def import_adapter(registry: Registry, path: str | Path, *, name: str | None = None, base: str = "tiny",
                    trigger_words: list[str] | None = None, tags: list[str] | None = None,
                    description: str | None = None) -> AdapterVersion:
     """Import an adapter file (diffusers/peft or kohya safetensors) as a new version of ``name``.
 
-    Steps: refuse pickles and damaged files; detect the layout; validate every key against the
+    The file's own metadata gives the defaults, then :func:`ingest` does the rest with origin
+    "imported": refuse pickles and damaged files; detect the layout; validate every key against the
     base model ``base`` (shapes included); convert to the canonical diffusers/peft file with full
-    metadata; register it with origin "imported". The same tensors imported again under the same
-    name return the existing version (the registry deduplicates by tensor hash) - unless this file
-    gives them another alpha, which would be a different adapter and is refused.
+    metadata; register. The same tensors imported again under the same name return the existing
+    version - unless this file gives them another alpha, which would be a different adapter and is refused.
 
     ``trigger_words``, ``tags`` and ``description`` replace what the file's metadata says; without
     them the file's declared trigger words (``modelspec.trigger_phrase``, ``ssmd_keywords``) are used.
     Words only suggested from training tags are not recorded (see :func:`adapters.formats.detect`).
     """
-    from studio.core.base_models import load_pipeline, resolve
-    from studio.core.families import get_family
-
     if name is not None:
         check_name(name)
     info = formats.detect(path)
     name = name if name is not None else default_name(info)
-    resolved = resolve(base)
-    family = get_family(resolved.family)
-    if info.architecture in formats._OTHER_TREES and info.architecture != family.name:
-        # Refused before loading the base: the keys alone say it cannot fit.
-        arch = formats.ARCHITECTURES[info.architecture]
-        raise IncompatibleAdapterError(
-            f"{info.path}: this adapter was made for {arch} ({info.architecture_evidence}); the base {base!r} is "
-            f"{family.display_name}: import it with --base set to a base model of that architecture, or pick an "
-            f"adapter made for {family.display_name}", info.architecture)
-    pipe = load_pipeline(base)
-    adapter = formats.read_adapter(info.path, base_pipeline=pipe, family=family, base_name=base, info=info)
-
     # Values the user typed are only stripped (VersionInfo refuses empty, duplicate or over-long ones
     # with a clear message); values from the file are cleaned, since a quirk there is nobody's typo.
-    if trigger_words is not None:
-        words = [str(w).strip() for w in trigger_words]
-    else:
-        words = _clean([] if info.trigger_words_suggested else info.trigger_words, 256)
-    if tags is not None:
-        labels = [str(t).strip() for t in tags]
-    else:
-        labels = _clean((_meta(info, "modelspec.tags", "ssmd_tags") or "").split(","), 100)
-    text = description if description is not None else (_meta(info, "modelspec.description", "ssmd_description")
-                                                         or "")
-    author = _meta(info, "modelspec.author", "ssmd_author", limit=256)
-    license_ = _meta(info, "modelspec.license", limit=128)
-    version_info = VersionInfo(
-        family=family.name, adapter_type=adapter.adapter_type, rank=adapter.rank, alpha=adapter.alpha,
-        target_modules=adapter.target_modules, components=adapter.components, trigger_words=words,
-        description=text, tags=labels, license=license_, author=author, base_model=base, origin="imported",
-        source={"path": str(Path(info.path).resolve()), "format": info.format, "key_style": info.key_style,
-                "file_name": Path(info.path).name},
-        weights_format="peft",
-    )
-    metadata = formats.build_metadata(
-        adapter_type=adapter.adapter_type, rank=adapter.rank, alpha=adapter.alpha, family=family, name=name,
-        trigger_words=words, tags=labels, description=text or None, author=author, license=license_,
-        base=info.metadata)
-    with tempfile.TemporaryDirectory(prefix="lora-studio-import-") as tmp:
-        canonical = formats.to_diffusers(adapter, Path(tmp) / formats.DIFFUSERS_WEIGHT_NAME, metadata=metadata)
-        _refuse_other_alpha(registry, name, canonical, adapter, pipe)
-        return registry.register(name, canonical, version_info)
+    if trigger_words is None:
+        trigger_words = clean_values([] if info.trigger_words_suggested else info.trigger_words, 256)
+    if tags is None:
+        tags = clean_values((_meta(info, "modelspec.tags", "ssmd_tags") or "").split(","), 100)
+    if description is None:
+        description = _meta(info, "modelspec.description", "ssmd_description") or ""
+    return ingest(
+        registry, info.path, name=name, origin="imported", base=base, detected=info, trigger_words=trigger_words,
+        tags=tags, description=description, author=_meta(info, "modelspec.author", "ssmd_author", limit=256),
+        license=_meta(info, "modelspec.license", limit=128),
+        source_info={"path": str(Path(info.path).resolve()), "format": info.format, "key_style": info.key_style,
+                     "file_name": Path(info.path).name}).version
 
 
-def _scales(adapter: formats.AdapterWeights) -> dict:
+def _scales(adapter: AdapterWeights) -> dict:
     # CLIP module names with or without transformers 4's 'text_model.' root are the same module
     return {(c, n.removeprefix("text_model.")): s for (c, n), s in adapter.scales().items()}
 
 
-def _refuse_other_alpha(registry: Registry, name: str, canonical: Path, adapter: formats.AdapterWeights,
-                        pipe) -> None:
-    """The registry deduplicates by tensor hash, and alpha is metadata, not a tensor: the same tensors
-    with another alpha would come back as the existing version at the wrong strength."""
+def _same_tensors(registry: Registry, name: str, canonical: Path, adapter: AdapterWeights,
+                  base: str) -> AdapterVersion | None:
+    """The version of ``name`` that already holds these tensors at the same alpha (None when there is none).
+
+    The registry deduplicates by tensor hash, and alpha is metadata, not a tensor: the same tensors
+    with another alpha would come back as the existing version at the wrong strength, so they are refused.
+    """
     from studio.core.hashing import tensor_sha256
 
     digest = tensor_sha256(canonical)
@@ -149,14 +261,19 @@ def _refuse_other_alpha(registry: Registry, name: str, canonical: Path, adapter:
         if v.tensor_sha256 != digest:
             continue
         stored = formats.detect(v.path)
-        theirs = formats.read_adapter(v.path, base_pipeline=pipe if stored.format == "kohya" else None,
-                                      family=v.family, info=stored)
+        stored_pipe = None
+        if stored.format == "kohya":  # registered by a direct register() call: flat names need the base
+            from studio.core.base_models import load_pipeline
+
+            stored_pipe = load_pipeline(v.base_model or base)
+        theirs = formats.read_adapter(v.path, base_pipeline=stored_pipe, family=v.family, info=stored)
         if _scales(theirs) != _scales(adapter):
             raise InvalidRequestError(
-                f"{v.ref} already holds these tensors with alpha {v.alpha:g} (rank {v.rank}); this file gives them "
-                f"alpha {adapter.alpha:g}, so it is a different adapter at another strength: import it under "
+                f"{v.ref} already holds these tensors with alpha {v.alpha:g} (rank {v.rank}); this adapter gives them "
+                f"alpha {adapter.alpha:g}, so it is a different adapter at another strength: register it under "
                 f"another --name")
-        return
+        return v
+    return None
 
 
 def export_adapter(registry: Registry, ref: str, *, format: str, out: str | Path, force: bool = False) -> Path:

@@ -21,9 +21,7 @@ sum factors of one shape (linear, ties, dare_linear), and the same version twice
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
 
@@ -99,7 +97,8 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
     LoRAs of one family; the merged adapter is a LoRA of that family on the parents' base model, with
     the parents as lineage and the settings in ``source["merge"]``.
     """
-    from adapters.registry import VersionInfo, check_name
+    from adapters.ingest import ingest
+    from adapters.registry import check_name
 
     check_name(name)
     _check_settings(parents, method, density, rank)
@@ -150,25 +149,17 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
                for c, s in merged_scales.items()}
     merged = formats.AdapterWeights(tensors=dict(sorted(merged_tensors.items())), configs=configs,
                                     adapter_type="lora")
-    family = versions[0].family
-    formats.validate_against(pipe, merged.tensors, family, base_name=base)  # every key fits the base
     settings = MergeSettings(method=method, parents=refs, weights=[float(w) for _, w in parents], density=density,
                              rank=rank, components=components)
     words = trigger_words if trigger_words is not None else list(dict.fromkeys(
         w for v in versions for w in v.trigger_words))
-    metadata = formats.build_metadata(
-        adapter_type="lora", rank=merged.rank, alpha=merged.alpha, family=family, name=name, trigger_words=words,
-        tags=tags or (), description=description or None)
-    metadata["modelspec.merged_from"] = ", ".join(f"{r}:{w:g}" for r, (_, w) in zip(refs, parents))
-    metadata["lora_studio_merge"] = _json(settings.to_dict())
-    info = VersionInfo(
-        family=family, adapter_type="lora", rank=merged.rank, alpha=merged.alpha,
-        target_modules=merged.target_modules, components=merged.components, trigger_words=words,
-        description=description, tags=list(tags or ()), base_model=base, origin="merged",
-        source={"merge": settings.to_dict()}, parents=refs, weights_format="peft")
-    with tempfile.TemporaryDirectory(prefix="lora-studio-merge-") as tmp:
-        path = formats.to_diffusers(merged, Path(tmp) / formats.DIFFUSERS_WEIGHT_NAME, metadata=metadata)
-        return registry.register(name, path, info)
+    # One path for every new version: ingest validates every key against the private copy (which holds
+    # the same modules as the base), writes the canonical file and registers it.
+    return ingest(registry, merged, name=name, origin="merged", base=base, family=versions[0].family,
+                  pipeline=pipe, trigger_words=words, tags=tags or (), description=description,
+                  source_info={"merge": settings.to_dict()}, parents=refs,
+                  metadata={"modelspec.merged_from": ", ".join(f"{r}:{w:g}" for r, (_, w) in zip(refs, parents)),
+                            "lora_studio_merge": _json(settings.to_dict())}).version
 
 
 def _json(value) -> str:

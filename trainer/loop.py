@@ -925,7 +925,8 @@ class Trainer:
         }
         trigger = self.trigger_words()
         md = build_metadata(adapter_type=n.adapter_type, rank=n.rank, alpha=n.lora_alpha, family=self.family.name,
-                            name=c.output.name, trigger_words=trigger, base=kohya)
+                            name=c.output.name, trigger_words=trigger, description=self._description(step),
+                            base=kohya)
         md[METADATA_NAMESPACE] = json.dumps(ours, sort_keys=True, allow_nan=False, default=str)
         return md
 
@@ -947,6 +948,11 @@ class Trainer:
         images = self.report.usable_count
         return [tag for tag, n in counts.most_common() if n >= images and images][:3]
 
+    def _description(self, step: int) -> str:
+        c, n = self.config, self.config.network
+        return (f"{n.adapter_type} rank {n.rank} trained on {Path(c.dataset.path).name} "
+                f"({len(self.train_set.records)} images, {step} steps)")
+
     def _finish(self, step: int, last_loss, val_loss, samples: list[str]) -> tuple[Path | None, str | None]:
         """Write the adapter file (main process) and register it; returns (path, registry ref)."""
         from adapters.formats import to_diffusers
@@ -965,39 +971,39 @@ class Trainer:
                 if self.te_config is not None else {})},
             configs, self.config.network.adapter_type)
         last = None if last_loss is None or not math.isfinite(last_loss) else last_loss
-        path = to_diffusers(weights, self.run_dir / "adapter" / f"{self.config.output.name}.safetensors",
-                            metadata=self._metadata(step, last, val_loss))
-        ref = self._register(path, step, last, val_loss, samples) if self.register_result else None
-        return path, ref
+        out = self.run_dir / "adapter" / f"{self.config.output.name}.safetensors"
+        metadata = self._metadata(step, last, val_loss)
+        if not self.register_result:
+            return to_diffusers(weights, out, metadata=metadata), None
+        return out, self._register(weights, out, metadata, step, last, val_loss, samples)
 
-    def _register(self, path: Path, step: int, last_loss, val_loss, samples: list[str]) -> str:
-        from adapters.registry import Registry, SampleImage, VersionInfo
+    def _register(self, weights, out: Path, metadata: dict[str, str], step: int, last_loss, val_loss,
+                  samples: list[str]) -> str:
+        """Register the trained weights through :func:`adapters.ingest.ingest` (origin "trained"), which writes
+        the run's adapter file at ``out`` and registers that same file."""
+        from adapters.ingest import ingest
+        from adapters.registry import Registry, SampleImage
+        from studio.generation.generate import read_recipe
 
         c = self.config
-        n = c.network
         recipes = []
         for rel in samples:
-            from studio.generation.generate import read_recipe
-
             request = read_recipe(self.run_dir / rel)
             recipe = {**request.to_dict(), "adapters": [{"ref": c.output.name, "weight": 1.0}],
                       "training_step": step}
             recipes.append(SampleImage(image=self.run_dir / rel, recipe=recipe))
-        targets = sorted(set(methods_targets(self)))
-        info = VersionInfo(
-            family=self.family.name, adapter_type=n.adapter_type, rank=n.rank, alpha=float(n.lora_alpha),
-            target_modules=targets, components=["unet"] + (["text_encoder"] if self.te_config is not None else []),
-            trigger_words=self.trigger_words(),
-            description=f"{n.adapter_type} rank {n.rank} trained on {Path(c.dataset.path).name} "
-                        f"({len(self.train_set.records)} images, {step} steps)",
-            base_model=c.model.base_model, base_model_sha256=self.model_hash or None,
-            training_config=c.to_dict(), dataset_fingerprint=self.train_set.fingerprint, origin="trained",
-            source={"run_dir": str(self.run_dir), "dataset": c.dataset.path},
-            metrics={"steps": step, "final_loss": last_loss, "val_loss": val_loss},
-            samples=recipes, weights_format="peft")
         with Registry() as reg:
-            version = reg.register(c.output.name, path, info)
-        return version.ref
+            # validate=False: the weights were taken from this base's own modules, and loading the base
+            # pipeline a second time in the training process would only cost memory.
+            result = ingest(
+                reg, weights, name=c.output.name, origin="trained", base=c.model.base_model, family=self.family,
+                validate=False, trigger_words=self.trigger_words(), description=self._description(step),
+                source_info={"run_dir": str(self.run_dir), "dataset": c.dataset.path}, samples=recipes,
+                training_config=c.to_dict(), dataset_fingerprint=self.train_set.fingerprint,
+                base_model_sha256=self.model_hash or None,
+                metrics={"steps": step, "final_loss": last_loss, "val_loss": val_loss}, metadata=metadata,
+                target_modules=sorted(set(methods_targets(self))), out=out)
+        return result.version.ref
 
 
 def methods_targets(trainer: Trainer) -> list[str]:

@@ -48,7 +48,7 @@ from typing import Any
 
 from adapters import formats
 from adapters import registry as registry_module
-from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name, decode_sample
+from adapters.registry import AdapterVersion, Registry, SampleImage, check_name, decode_sample
 from studio.core.atomic import write_atomic, write_bytes_atomic, write_folder_atomic
 from studio.core.errors import (
     AdapterNotFoundError,
@@ -980,10 +980,9 @@ def _sample_files(record: dict | None, card: Path | None, files: list[str]) -> l
 
 def _register_pulled(registry: Registry, name: str, weights: Path, record: dict | None, card: dict, source: dict,
                      samples: list[SampleImage], base: str | None) -> AdapterVersion:
-    """Validate and convert as ``adapters import`` does (copied steps: the origin, source and lineage differ)."""
-    from adapters.ingest import _clean, _refuse_other_alpha
-    from studio.core.base_models import load_pipeline, resolve
-    from studio.core.families import get_family
+    """Register the downloaded weights through :func:`adapters.ingest.ingest` (origin "pulled"), with the values
+    a publication's record and card give: the same detection, architecture pre-check and validation as an import."""
+    from adapters.ingest import clean_values, ingest
     from studio.core.settings import get_settings
 
     record = record or {}
@@ -995,17 +994,11 @@ def _register_pulled(registry: Registry, name: str, weights: Path, record: dict 
     # The user's choice, never the remote record's: a record can name a Hub model of many GB, or a path on
     # this machine; a publication from a local file names only that file, which no other machine has.
     base = base or get_settings().default_base_model
-    family = get_family(resolve(base).family)
-    pipe = load_pipeline(base)
-    adapter = formats.read_adapter(weights, base_pipeline=pipe, family=family, base_name=base, info=info)
     words = _str_list(record.get("trigger_words"))
     if words is None:
         words = [] if info.trigger_words_suggested else list(info.trigger_words)
         if not words and isinstance(card.get("instance_prompt"), str) and card["instance_prompt"].strip():
             words = [card["instance_prompt"].strip()]
-    words = _clean(words, 256)
-    tags = _clean(_str_list(record.get("tags")) or [], 100)
-    description = _get(record, "description", str, "") or ""
     license_ = _get(record, "license", str) or (card.get("license") if isinstance(card.get("license"), str)
                                                  and card.get("license") != "unknown" else None)
     author = _get(record, "author", str)
@@ -1017,21 +1010,12 @@ def _register_pulled(registry: Registry, name: str, weights: Path, record: dict 
     if record.get("ref"):
         source["published_from"] = str(record["ref"])
         source["published_origin"] = str(record.get("origin"))
-    version_info = VersionInfo(
-        family=family.name, adapter_type=adapter.adapter_type, rank=adapter.rank, alpha=adapter.alpha,
-        target_modules=adapter.target_modules, components=adapter.components, trigger_words=words,
-        description=description, tags=tags, license=license_[:128] if license_ else None,
-        author=author[:256] if author else None, base_model=base,
+    return ingest(
+        registry, weights, name=name, origin="pulled", base=base, detected=info, trigger_words=clean_values(words, 256),
+        tags=clean_values(_str_list(record.get("tags")) or [], 100),
+        description=_get(record, "description", str, "") or "", author=author[:256] if author else None,
+        license=license_[:128] if license_ else None, source_info=source,
+        parents=_local_parents(registry, lineage), samples=samples,
         base_model_sha256=_get(record, "base_model_sha256", str),
-        training_config=_get(record, "training_config", dict), dataset_fingerprint=_get(record, "dataset_fingerprint",
-                                                                                         str),
-        origin="pulled", source=source, parents=_local_parents(registry, lineage),
-        metrics=_get(record, "metrics", dict), samples=samples, weights_format="peft")
-    metadata = formats.build_metadata(
-        adapter_type=adapter.adapter_type, rank=adapter.rank, alpha=adapter.alpha, family=family, name=name,
-        trigger_words=words, tags=tags, description=description or None, author=version_info.author,
-        license=version_info.license, base=info.metadata)
-    with tempfile.TemporaryDirectory(prefix="lora-studio-pull-canonical-") as tmp:
-        canonical = formats.to_diffusers(adapter, Path(tmp) / WEIGHTS_FILE, metadata=metadata)
-        _refuse_other_alpha(registry, name, canonical, adapter, pipe)
-        return registry.register(name, canonical, version_info)
+        training_config=_get(record, "training_config", dict),
+        dataset_fingerprint=_get(record, "dataset_fingerprint", str), metrics=_get(record, "metrics", dict)).version
