@@ -35,6 +35,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli backport
     import tomli as tomllib
 
+from studio.core.atomic import write_bytes_atomic
 from studio.core.errors import ConfigError
 
 METHODS = ("lora", "dora", "loha", "lokr")
@@ -627,9 +628,8 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_toml(), encoding="utf-8")
-        return path
+        """Write the config as TOML to ``path``, atomically: a job's page reading it never sees half a file."""
+        return write_bytes_atomic(path, self.to_toml().encode("utf-8"))
 
     # ---- changing -----------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ Holds: :func:`read_header` (validates a ``.safetensors`` file's layout and retur
 metadata without loading a byte of weights), :func:`hash_weights` (every hash in one pass over the
 file), and the single hashes on their own: :func:`file_sha256`, :func:`tensor_sha256`,
 :func:`autov2`, :func:`a1111_legacy_hash`.
+Every file's sha256 in the studio is read here (the blob store, registration, base-model cache
+keys, input images): one chunked reader, so a multi-GB file never sits in memory.
 
 Does not hold: key-format detection or conversion (peft vs kohya), metadata writing, or anything that
 needs torch; those live in ``adapters/formats.py``.
