@@ -393,3 +393,20 @@ def test_a_full_disk_during_a_single_file_export_leaves_no_partial_file(tmp_path
         export_single_file("tiny", out_dir / "tiny.safetensors")
     assert hit and err.value.folder == str(out_dir)
     assert list(out_dir.iterdir()) == []  # no model file, no temporary file
+
+
+def test_jsonable_makes_any_record_json_ready():
+    import enum
+    import json
+
+    from studio.core.jsonutil import jsonable
+
+    class Kind(enum.Enum):  # peft's PeftType is an enum like this one
+        LORA = "LORA"
+
+    value = {"loss": float("nan"), "best": float("-inf"), 3: ("a", {"b"}), "kind": Kind.LORA,
+             "modules": {"to_v", "to_q"}, "nested": [{"r": 4.0}]}
+    clean = jsonable(value)
+    assert clean == {"loss": None, "best": None, "3": ["a", ["b"]], "kind": "LORA", "modules": ["to_q", "to_v"],
+                     "nested": [{"r": 4.0}]}
+    assert type(clean["kind"]) is str and json.loads(json.dumps(clean, allow_nan=False)) == clean
