@@ -28,12 +28,15 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters import formats
 from adapters.formats import AdapterWeights, FormatInfo
 from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name
 from studio.core.errors import IncompatibleAdapterError, InvalidNameError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from studio.core.families import Family
 
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -96,7 +99,7 @@ class IngestResult:
         return self.version.ref
 
 
-def _check_architecture(arch: str | None, evidence: str, family, base: str, where: str) -> None:
+def _check_architecture(arch: str | None, evidence: str, family: Family, base: str, where: str) -> None:
     """Refuse weights whose keys alone show another model tree than the base's family, before any base
     pipeline is loaded: a pull or import of an SDXL LoRA against an SD-1 base ends here, in one line."""
     if arch in formats._OTHER_TREES and arch != family.name:
@@ -111,8 +114,8 @@ def _strip(values: Iterable[Any] | None) -> list[str]:
 
 
 def ingest(registry: Registry, source: str | Path | AdapterWeights, *, name: str, origin: str, base: str,
-           family=None, detected: FormatInfo | None = None, validate: bool = True, pipeline=None,
-           trigger_words: Iterable[str] | None = None, tags: Iterable[str] | None = None,
+           family: str | Family | None = None, detected: FormatInfo | None = None, validate: bool = True,
+           pipeline: Any = None, trigger_words: Iterable[str] | None = None, tags: Iterable[str] | None = None,
            description: str | None = None, author: str | None = None, license: str | None = None,
            source_info: Mapping[str, Any] | None = None, parents: Iterable[str] = (),
            samples: Iterable[SampleImage] = (), training_config: dict | None = None,
