@@ -7,8 +7,9 @@ Holds :func:`merge_adapters` (parents + weights + method -> a new registry versi
 How: every parent is read in canonical form (``adapters.formats.read_adapter``), injected into a
 private float32 copy of the base model's UNet (and text encoder, where parents have one) as its own
 peft adapter, and peft's ``LoraModel.add_weighted_adapter`` builds the merged adapter from them
-(``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``). The result is written as the diffusers/peft
-file ``adapters.compose`` loads, and registered.
+(``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``). The result goes through ``adapters.ingest.ingest``,
+like every new version: validated against the private copy, written as the diffusers/peft file
+``adapters.compose`` loads, and registered.
 
 Does not hold: runtime composition without merging (``adapters/compose.py``), file layouts
 (``adapters/formats.py``).
