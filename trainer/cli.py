@@ -8,6 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+from studio.core.errors import ConfigError, StudioError, TrainingDivergedError
+from studio.core.thirdparty import quiet_third_party
+from trainer.config import TrainConfig
+from trainer.events import CONFIG_FILE
+from trainer.loop import find_resume_point, record_failure, train
+
 EXIT_STOPPED = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -25,11 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _load_config(args):
-    from studio.core.errors import ConfigError
-    from trainer.config import TrainConfig
-    from trainer.events import CONFIG_FILE
-    from trainer.loop import find_resume_point
-
     if args.config:
         config = TrainConfig.from_toml(args.config)
     elif args.resume:
@@ -46,15 +47,10 @@ def _load_config(args):
 
 def run(args) -> int:
     """Run the command; returns the exit code (0 done, 1 failed, 2 bad input, 130/143 stopped)."""
-    from studio.core.errors import StudioError
-    from trainer.loop import record_failure, train
-
     try:
         config = _load_config(args)
         result = train(config, run_dir=args.run_dir, resume=args.resume, register=not args.no_register)
     except StudioError as e:
-        from studio.core.errors import TrainingDivergedError
-
         if args.run_dir and not (Path(args.run_dir) / "result.json").exists():
             record_failure(args.run_dir, str(e))
         print(f"error: {e}", file=sys.stderr)
@@ -77,8 +73,6 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio.core.thirdparty import quiet_third_party
-
     quiet_third_party()
     parser = add_arguments(argparse.ArgumentParser(prog="python -m trainer",
                                                    description="Train a LoRA (or DoRA, LoHa, LoKr) adapter."))

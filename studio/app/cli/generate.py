@@ -1,0 +1,181 @@
+"""``lora-studio generate`` and ``lora-studio grid``: prompts (and an adapter stack) to PNGs with recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adapters.compose import AdapterSpec, parse_adapter_arg
+from studio.app.cli.common import number, quiet_libraries, whole_number
+from studio.app.cli.output import print_json, print_line, print_result
+from studio.core.errors import InvalidRequestError
+from studio.generation import generate as generation
+from studio.generation.generate import DEFAULT_SCHEDULER, GenerationRequest, check_recipe_cost, read_recipe
+from studio.generation.grid import GridAxis, render_grid
+
+
+def register(sub) -> None:
+    """Add ``generate`` and ``grid`` to the ``lora-studio`` subcommands."""
+    _add_generate(sub)
+    _add_grid(sub)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-image with a base model; PNGs carry their recipe")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file / --recipe)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--base", default=None, help="base model: tiny (default), a folder, a .safetensors file, a Hub id")
+    p.add_argument("--seed", type=whole_number, default=None, help="seed of the first image (random if omitted)")
+    p.add_argument("--num-images", type=whole_number, default=1, help="images per prompt; image i uses seed + i")
+    p.add_argument("--steps", type=whole_number, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=number, default=None,
+                   help="classifier-free guidance scale (default: the base model's recommendation; tiny: 2)")
+    p.add_argument("--width", type=whole_number, default=None, help="width in pixels (multiple of 8)")
+    p.add_argument("--height", type=whole_number, default=None, help="height in pixels (multiple of 8)")
+    p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'Euler a', 'DPM++ 2M', 'UniPC'")
+    _add_stack_args(p)
+    p.add_argument("--init-image", type=Path, default=None,
+                   help="img2img: start from this image (PNG, JPEG, WebP); resized to --width x --height")
+    p.add_argument("--strength", type=number, default=None,
+                   help="img2img/inpainting: how much of the init image is re-noised, 0 < S <= 1 (default 0.75)")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="inpainting: a mask image, white = repaint, black = keep (needs --init-image)")
+    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote")
+    p.add_argument("--yes", action="store_true",
+                   help="run a --recipe even when it asks for more work than a normal recipe "
+                        "(more than 150 steps at 2048x2048)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, prompt, seed}")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_stack_args(p) -> None:
+    """``--adapter`` and the options that refine the adapter before them, kept in typed order."""
+    p.add_argument("--adapter", dest="stack", action="append", default=[], metavar="REF[:WEIGHT]",
+                   type=lambda text: ("adapter", text),
+                   help="add an adapter to the stack (repeatable): name, name@3, name@prod, sha256:<prefix> or a "
+                        ".safetensors path, with an optional weight, e.g. mystyle@2:0.8")
+    p.add_argument("--te-weight", dest="stack", action="append", metavar="W", type=lambda text: ("te", text),
+                   help="text-encoder weight of the --adapter before it (ComfyUI's strength_clip)")
+    p.add_argument("--blocks", dest="stack", action="append", metavar="JSON", type=lambda text: ("blocks", text),
+                   help="per-block UNet weights of the --adapter before it, e.g. "
+                        "'{\"down\": 0.9, \"up\": {\"block_0\": 0.6}}'")
+
+
+def _stack_from_args(items) -> list[dict]:
+    """The ``--adapter``/``--te-weight``/``--blocks`` sequence -> the request's adapter stack."""
+    stack: list[dict] = []
+    for kind, text in items or ():
+        if kind == "adapter":
+            stack.append(parse_adapter_arg(text).to_dict())
+            continue
+        flag = "--te-weight" if kind == "te" else "--blocks"
+        if not stack:
+            raise InvalidRequestError(f"{flag} refines the --adapter before it, and the stack is empty: "
+                                      f"write --adapter REF[:WEIGHT] first, then {flag} {text}")
+        if kind == "te":
+            try:
+                stack[-1]["text_encoder"] = float(text)
+            except ValueError:
+                raise InvalidRequestError(f"--te-weight {text!r} is not a number") from None
+        else:
+            try:
+                stack[-1]["blocks"] = json.loads(text)
+            except ValueError as e:
+                raise InvalidRequestError(f"--blocks {text!r} is not JSON ({e}): write it like "
+                                          f"'{{\"down\": 0.9, \"up\": {{\"block_0\": 0.6}}}}'") from None
+        AdapterSpec.from_dict(stack[-1])  # names a bad value now, with the flag that gave it
+    return stack
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"cannot read prompts file {path}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InvalidRequestError(f"prompts file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    sources = sum(x is not None for x in (args.prompt, args.prompts_file, args.recipe))
+    if sources != 1:
+        raise InvalidRequestError("give exactly one of: a PROMPT, --prompts-file FILE, or --recipe IMAGE.png")
+    if args.recipe is not None:
+        # A PNG can come from anyone: a recipe that asks for hours of work runs only when confirmed.
+        requests = [read_recipe(args.recipe)]
+        check_recipe_cost(requests[0], confirmed=args.yes)
+    else:
+        prompts = [args.prompt] if args.prompt is not None else _read_prompts_file(args.prompts_file)
+        requests = [
+            GenerationRequest(
+                prompt=prompt,
+                negative_prompt=args.negative,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                width=args.width,
+                height=args.height,
+                seed=args.seed,
+                num_images=args.num_images,
+                scheduler=args.scheduler or DEFAULT_SCHEDULER,
+                base_model=args.base or "tiny",
+                adapters=_stack_from_args(args.stack),
+                init_image=str(args.init_image) if args.init_image is not None else None,
+                strength=args.strength,
+                mask_image=str(args.mask) if args.mask is not None else None,
+            )
+            for prompt in prompts
+        ]
+    quiet_libraries()
+    rows = []
+    for index, request in enumerate(requests):
+        # Looked up on the module at each call, so a caller (a test) can stand in its own generate.
+        result = generation.generate(request)  # the pipeline is loaded once and cached for every prompt
+        stem = None if len(requests) == 1 else f"{result.request.seed}-p{index:03d}"
+        for path, out in zip(result.save(args.out, stem=stem), result.outputs):
+            rows.append({"path": str(path), "prompt": out.request.prompt, "seed": out.seed})
+            if not args.json:
+                print_line(path)
+    if args.json:
+        print_json(rows)
+    return 0
+
+
+def _add_grid(sub) -> None:
+    p = sub.add_parser("grid", help="an X/Y grid (strengths, seeds, adapter versions, prompts) as one labelled PNG")
+    p.add_argument("prompt", help="the prompt (a prompt axis replaces it per cell)")
+    p.add_argument("--x", required=True, metavar="KIND[@N]=V1,V2",
+                   help="the x axis: strength=0,0.5,1 | seed=1,2,3 | version=1,2,prod | prompt=a|b (prompts split "
+                        "on '|'); @N picks the N-th --adapter for strength and version (default 1)")
+    p.add_argument("--y", default=None, metavar="KIND[@N]=V1,V2", help="the y axis (same forms); omit for one row")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--base", default=None, help="base model: tiny (default), a folder, a .safetensors file, a Hub id")
+    p.add_argument("--seed", type=whole_number, default=None,
+                   help="seed of every cell without a seed axis (random if omitted)")
+    p.add_argument("--steps", type=whole_number, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=number, default=None, help="CFG scale (default: the base model's)")
+    p.add_argument("--width", type=whole_number, default=None, help="width in pixels (multiple of 8)")
+    p.add_argument("--height", type=whole_number, default=None, help="height in pixels (multiple of 8)")
+    p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'DPM++ 2M'")
+    _add_stack_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder: the grid PNG and every cell's PNG")
+    p.add_argument("--json", action="store_true",
+                   help="print {grid_path, image_paths, x_title, x_labels, y_title, y_labels, seconds}")
+    p.set_defaults(func=cmd_grid)
+
+
+def cmd_grid(args) -> int:
+    x = GridAxis.parse(args.x)
+    y = GridAxis.parse(args.y) if args.y else None
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
+        scheduler=args.scheduler or DEFAULT_SCHEDULER, base_model=args.base or "tiny",
+        adapters=_stack_from_args(args.stack))
+    quiet_libraries()
+    result = render_grid(request, x, y, args.out)
+    print_result(args.json, result.to_dict(), result.grid_path)
+    return 0
