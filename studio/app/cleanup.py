@@ -47,7 +47,11 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from studio.app import jobs
 from studio.core.errors import InvalidRequestError
+from studio.core.settings import get_settings
+from trainer.events import EVENTS_FILE, RESULT_FILE
+from trainer.loop import CHECKPOINTS, list_checkpoints
 
 CATEGORIES = ("blobs", "caches", "checkpoints", "inputs", "outputs")
 # Outputs are the user's images, not the studio's leftovers: cleaned only when named.
@@ -113,8 +117,6 @@ def collect(*, categories: tuple[str, ...] | list[str] = DEFAULT_CATEGORIES,
     if isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float)) or \
             not older_than_days >= 0:
         raise InvalidRequestError(f"the age threshold must be a number of days >= 0, not {older_than_days!r}")
-    from studio.core.settings import get_settings
-
     home = get_settings().home
     now = time.time() if now is None else now
     cutoff = now - older_than_days * _DAY_S
@@ -171,6 +173,7 @@ def _last_used(path: Path) -> float:
 
 
 def _blobs(part: CategoryReport, dry_run: bool) -> None:
+    # Local: adapters.registry loads SQLAlchemy (~0.3 s); `lora-studio --help` imports this module.
     from adapters.registry import Registry
 
     with Registry() as registry:
@@ -225,15 +228,10 @@ def _caches(root: Path, part: CategoryReport, dry_run: bool, cutoff: float, now:
 
 def _active_run_dirs() -> set[Path]:
     """Run directories of queued or running jobs (a resume may be waiting to continue one)."""
-    from studio.app import jobs
-
     return {Path(j.run_dir).resolve() for j in jobs.list_jobs(start_runner=False) if not j.finished}
 
 
 def _checkpoints(runs: Path, part: CategoryReport, kept: list[str], dry_run: bool, cutoff: float) -> None:
-    from trainer.events import EVENTS_FILE, RESULT_FILE
-    from trainer.loop import CHECKPOINTS, list_checkpoints
-
     if not runs.is_dir():
         return
     active = _active_run_dirs()
@@ -300,6 +298,7 @@ def _pinned_inputs(home: Path, inputs: Path, removed: set[str]) -> set[str]:
                 if str(png) not in removed:
                     _add_pins(_png_recipe(png), inputs, pins)
     if (home / "registry.db").exists() or os.environ.get("LORA_STUDIO_REGISTRY_URL"):
+        # Local: SQLAlchemy, as in _blobs.
         from adapters.registry import Registry
 
         with Registry() as registry:
@@ -321,6 +320,7 @@ def _png_recipe(path: Path) -> dict | None:
     Pillow reads only the chunks before the pixels (where the studio writes its recipe) and never
     decodes the image; a size that looks like a decompression bomb is just not a recipe here.
     """
+    # Local: Pillow (~0.1 s with its plugins) only when there are PNGs to read.
     from PIL import Image
 
     try:

@@ -31,6 +31,7 @@ from studio.core.errors import (
     InvalidRequestError,
     UnusableImageError,
 )
+from studio.core.settings import SAMPLE_DATASETS_DIR, get_settings
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 # Per upload: a zip may not expand past 2 GiB or 20,000 entries (a zip bomb stops at the first check,
@@ -65,18 +66,17 @@ class DatasetImage:
 
 def datasets_root() -> Path:
     """``$LORA_STUDIO_HOME/datasets``: where uploads go and the Datasets page looks first."""
-    from studio.core.settings import get_settings
-
     return get_settings().home / "datasets"
 
 
 def sample_datasets_root() -> Path:
     """The sample datasets shipped in the project's ``datasets/`` folder."""
-    return Path(__file__).resolve().parent.parent / "datasets"
+    return SAMPLE_DATASETS_DIR
 
 
 def dataset_folder(name: str) -> Path:
     """The folder of dataset ``name`` in the studio's area (a registry-style name: no slashes, no dot first)."""
+    # Local: adapters.registry loads SQLAlchemy (~0.3 s); the jobs queue and the CLI import this module.
     from adapters.registry import check_name
 
     try:
@@ -96,6 +96,7 @@ def list_datasets() -> list[tuple[str, Path]]:
 
 
 def _image_suffixes() -> frozenset[str]:
+    # Local: trainer.data loads PIL and numpy (~0.15 s); the jobs queue and the CLI import this module.
     from trainer.data import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
@@ -144,7 +145,7 @@ def _check(folder: Path, parts: list[str], data: bytes, shown: str, report: AddR
             report.skipped.append((shown, "caption file is not UTF-8 text"))
             return None
     else:
-        from trainer.data import open_image
+        from trainer.data import open_image  # local: PIL and numpy, as in _image_suffixes
 
         try:
             open_image(data)  # decodes it: a corrupt or bomb image is refused now, not at training time
@@ -357,6 +358,7 @@ class CropPreview:
 def crop_preview(image: str | Path, *, resolution: int, bucket_step: int, enable_bucket: bool = True,
                  min_bucket_reso: int = 0, max_bucket_reso: int = 0, max_upscale: float = 1.0) -> CropPreview:
     """The bucket and centre crop the trainer uses for ``image`` (trainer.data's own code, no copy)."""
+    # Local: PIL and numpy, as in _image_suffixes.
     from PIL import ImageDraw
 
     from trainer.data import BucketSpec, open_image, prepare_image

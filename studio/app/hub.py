@@ -46,8 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCardData, constants, get_token
+
 from adapters import formats
 from adapters import registry as registry_module
+from adapters.ingest import clean_values, export_adapter, ingest
 from adapters.registry import AdapterVersion, Registry, SampleImage, check_name, decode_sample
 from studio.core.atomic import write_atomic, write_bytes_atomic, write_folder_atomic
 from studio.core.errors import (
@@ -62,6 +65,7 @@ from studio.core.errors import (
     OfflineError,
     StudioError,
 )
+from studio.core.settings import get_settings
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 WEIGHTS_FILE = formats.DIFFUSERS_WEIGHT_NAME
@@ -158,10 +162,6 @@ def hub_endpoint() -> str:
 
 
 def _require_online(action: str, hint: str = "") -> None:
-    from huggingface_hub import constants
-
-    from studio.core.settings import get_settings
-
     if get_settings().offline or constants.is_offline_mode():
         raise OfflineError(f"cannot {action}: the studio is offline (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to "
                            f"reach the Hub{hint}")
@@ -173,8 +173,6 @@ def _token(token: str | None, *, required: bool, action: str) -> str | None:
         raise HubAuthError("the token given is empty: pass a Hugging Face access token, or none to use HF_TOKEN or "
                            "the `hf auth login` cache")
     if token is None:
-        from huggingface_hub import get_token
-
         token = get_token()
     if token is None and required:
         raise HubAuthError(f"cannot {action}: no Hugging Face token. Run `hf auth login`, or set HF_TOKEN to a token "
@@ -201,6 +199,7 @@ def _hub_errors(action: str, *, repo_id: str, endpoint: str, token: str | None, 
     The messages are built here (never the library's own, which can carry request details) and scrubbed of
     the token; ``from None`` keeps the original exception, and whatever it holds, out of tracebacks.
     """
+    # Local, like every part of huggingface_hub's HTTP client here (~0.2 s): `publish --dry-run` never needs it.
     from huggingface_hub.errors import (
         HfHubHTTPError,
         OfflineModeIsEnabled,
@@ -242,7 +241,7 @@ def _hub_errors(action: str, *, repo_id: str, endpoint: str, token: str | None, 
         if isinstance(e, ValueError) and "Invalid metadata in README.md" in str(e):
             raise HubError(f"cannot {action}: the Hub refused the model card's metadata: "
                            f"{_scrub(' '.join(str(e).split())[:300], token)}") from None
-        import httpx2
+        import httpx2  # local: huggingface_hub's HTTP library, loaded with the errors above
 
         if any(isinstance(x, (httpx2.TransportError, ConnectionError, TimeoutError)) for x in _chain(e)):
             raise HubError(f"cannot {action}: the connection to {endpoint} failed or dropped while talking to "
@@ -380,7 +379,7 @@ def _public_image(image: Path, known: tuple[str, ...], what: str) -> bytes:
     """A sample as published: decoded within the registry's bounds and re-encoded as PNG holding only its
     text chunks, cleaned (the recipe chunk and A1111's ``parameters`` included); other metadata (EXIF,
     ICC profiles, comments) is not carried over."""
-    from PIL.PngImagePlugin import PngInfo
+    from PIL.PngImagePlugin import PngInfo  # local: Pillow only when a version has samples to publish
 
     im = decode_sample(image, what)
     info = PngInfo()
@@ -453,8 +452,6 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     repo as an adapter of it: without one (the embedded ``tiny`` model, a local file) it is left out and a
     warning says so. The text goes through :func:`public_value` (``known`` as there) like every published byte.
     """
-    from huggingface_hub import ModelCardData
-
     warnings: list[str] = []
     hub_base = _hub_base_model(version, base_model)
     if hub_base is None:
@@ -597,8 +594,6 @@ def stage_files(registry: Registry, version: AdapterVersion, repo_id: str, out_d
     ``known``: the weights' metadata (kohya copy too), the samples' PNG text chunks (each sample is
     re-encoded as a PNG that holds nothing else), their recipes in ``lora_studio.json``, the record, the card.
     """
-    from adapters.ingest import export_adapter
-
     out_dir = Path(out_dir)
     known = _version_paths(version)
     public = public_version(version, known)
@@ -687,7 +682,7 @@ def publish_version(registry: Registry, ref: str, repo_id: str, *, private: bool
                              ref=version.ref, dry_run=True, out_dir=out, warnings=tuple(warnings))
     _require_online("publish to the Hub", ", or use --dry-run DIR to write the files without uploading")
     token = _token(token, required=True, action="publish to the Hub")
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi  # local: the HTTP client
 
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="lora-studio-publish-") as tmp:
@@ -758,7 +753,7 @@ def _check_existing_tag(api, version: AdapterVersion, repo_id: str, tag: str, co
 
 
 def _download(repo_id: str, filename: str, commit: str, local_dir: Path, endpoint: str, token: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # local: the HTTP client
 
     return Path(hf_hub_download(repo_id, filename, revision=commit, local_dir=local_dir, endpoint=endpoint,
                                 token=token if token is not None else False))
@@ -906,7 +901,7 @@ def pull_adapter(registry: Registry, repo: str, *, revision: str | None = None, 
     _require_online("pull from the Hub")
     token = _token(token, required=False, action="pull from the Hub")
     endpoint = hub_endpoint()
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # local: the HTTP client
 
     api = HfApi(endpoint=endpoint, token=token if token is not None else False)
     with tempfile.TemporaryDirectory(prefix="lora-studio-pull-") as tmp_text:
@@ -951,7 +946,7 @@ def pull_adapter(registry: Registry, repo: str, *, revision: str | None = None, 
 def _card_data(card: Path | None) -> dict:
     if card is None:
         return {}
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard  # local: the card loader comes with the HTTP client
 
     try:
         return ModelCard.load(card, ignore_metadata_errors=True).data.to_dict()
@@ -982,9 +977,6 @@ def _register_pulled(registry: Registry, name: str, weights: Path, record: dict 
                      samples: list[SampleImage], base: str | None) -> AdapterVersion:
     """Register the downloaded weights through :func:`adapters.ingest.ingest` (origin "pulled"), with the values
     a publication's record and card give: the same detection, architecture pre-check and validation as an import."""
-    from adapters.ingest import clean_values, ingest
-    from studio.core.settings import get_settings
-
     record = record or {}
     info = formats.detect(weights)
     card_base = card.get("base_model") if isinstance(card.get("base_model"), str) else None

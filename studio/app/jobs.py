@@ -40,6 +40,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +50,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from studio.core.errors import InvalidRequestError, StudioError
+from studio.app.dataset_files import sample_datasets_root
+from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
+from studio.core.settings import get_settings
+from trainer.config import TrainConfig
+from trainer.events import run_state, write_json_atomic
 
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.toml"
@@ -103,8 +108,6 @@ class Job:
 
     def progress(self):
         """The run's :class:`trainer.events.RunState` (steps, losses, samples, result)."""
-        from trainer.events import run_state
-
         return run_state(self.run_dir)
 
     def log_tail(self, max_chars: int = 4000) -> str:
@@ -129,8 +132,6 @@ class Job:
 
 
 def jobs_dir() -> Path:
-    from studio.core.settings import get_settings
-
     return get_settings().home / "jobs"
 
 
@@ -163,8 +164,6 @@ def _queue_lock():
 
 
 def _write(job: Job) -> None:
-    from trainer.events import write_json_atomic
-
     write_json_atomic(job.job_dir / JOB_FILE, job.to_dict())
 
 
@@ -279,8 +278,6 @@ def submit(config, *, overrides: list[str] | tuple[str, ...] = (), run_dir: str 
         run_dir: the run directory; default ``<output.dir>/<output.name>-<job id>``.
         start_runner: start the background runner if none is alive (tests of the queue turn it off).
     """
-    from trainer.config import TrainConfig
-
     if isinstance(config, (str, Path)):
         config = TrainConfig.from_toml(config)
     elif not isinstance(config, TrainConfig):
@@ -290,8 +287,6 @@ def submit(config, *, overrides: list[str] | tuple[str, ...] = (), run_dir: str 
     resolved = config.resolved()  # raises ConfigError for a missing dataset.path, an unknown base model...
     dataset = Path(resolved.dataset.path)
     if not dataset.exists():
-        from studio.core.errors import DatasetNotFoundError
-
         raise DatasetNotFoundError(f"dataset.path {dataset} does not exist: choose a dataset folder")
     job_id, job_dir = _new_job_dir()
     if run_dir is None:
@@ -344,8 +339,6 @@ def presets() -> dict[str, tuple[Path, tuple[str, ...]]]:
 
     Each sample dataset gives its full config and a "quick" variant (:data:`QUICK_OVERRIDES`).
     """
-    from studio.app.dataset_files import sample_datasets_root
-
     out: dict[str, tuple[Path, tuple[str, ...]]] = {}
     for toml in sorted(sample_datasets_root().glob("*/train.toml")):
         name = toml.parent.name
@@ -405,8 +398,6 @@ def _stays_running(job: Job, runner_is_alive: bool) -> bool:
 
 def _finish(job: Job, returncode: int | None, lost: str) -> None:
     """Record how a started job ended, from its result.json (the completion marker)."""
-    from trainer.events import run_state
-
     state = run_state(job.run_dir)
     job.returncode = returncode
     job.ended_at = time.time()
@@ -425,8 +416,6 @@ def _finish(job: Job, returncode: int | None, lost: str) -> None:
 def cancel(job_id: str) -> Job:
     """Cancel a job: a queued one is removed; a running one gets SIGTERM on its process group (the
     trainer saves a checkpoint and stops, so it can be resumed). Returns the record as it was left."""
-    import shutil
-
     with _queue_lock():
         job = _read(job_id)
         if job.finished:
@@ -477,7 +466,7 @@ def ensure_runner() -> bool:
         # A new session: the runner and its trainers survive the studio's process group being stopped.
         subprocess.Popen([sys.executable, "-m", "studio.app.jobs"], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                         cwd=str(Path(__file__).resolve().parent.parent))
+                         cwd=str(Path(__file__).resolve().parents[2]))  # the project folder
     return True
 
 

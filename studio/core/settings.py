@@ -22,7 +22,7 @@ from pathlib import Path
 _TRUE = {"1", "true", "yes", "on"}
 DATA_ROOTS_VARIABLE = "LORA_STUDIO_DATA_ROOTS"
 # The project's own sample datasets (datasets/ beside the packages): presets and the Datasets page use them.
-SAMPLE_DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
+SAMPLE_DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"  # studio/core/ -> ../../datasets
 
 
 @dataclass(frozen=True)

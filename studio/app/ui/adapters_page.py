@@ -14,9 +14,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from adapters.ingest import export_adapter, import_adapter
 from adapters.registry import ADAPTER_TYPES, decode_sample
+from studio.app.dataset_files import safe_name
 from studio.app.ui.common import enlarged, get_registry, reported
-from studio.core.errors import StudioError
+from studio.core.base_models import check_base_model
+from studio.core.errors import InvalidRequestError, StudioError
+from studio.core.families import FAMILIES
 
 PAGE_SIZE = 12
 ANY = "any"
@@ -59,13 +63,7 @@ with st.expander("Import an adapter file (diffusers/peft or kohya .safetensors)"
     if do_import:
         with reported("Import"):
             if upload is None:
-                from studio.core.errors import InvalidRequestError
-
                 raise InvalidRequestError("choose a .safetensors file to import")
-            from adapters.ingest import import_adapter
-            from studio.app.dataset_files import safe_name
-            from studio.core.base_models import check_base_model
-
             base = check_base_model(imp_base.strip() or "tiny")  # a path typed here must lie under the data roots
 
             with tempfile.TemporaryDirectory(prefix="lora-studio-upload-") as tmp, \
@@ -84,8 +82,6 @@ opened = st.session_state.get("ad_open")
 
 # ---- the catalog -----------------------------------------------------------------------------
 if not opened:
-    from studio.core.families import FAMILIES
-
     c1, c2, c3, c4, c5 = st.columns([3, 1, 1, 1, 2])
     search = c1.text_input("Search names and descriptions", key="ad_search")
     family = c2.selectbox("Family", [ANY, *sorted(FAMILIES)], key="ad_family")
@@ -211,8 +207,6 @@ with tab_actions:
     fmt = c1.selectbox("Format", ["diffusers", "kohya"], key="ad_export_format",
                        help="diffusers/peft keys, or kohya keys for A1111 / ComfyUI / Civitai")
     if c2.button("Prepare download", key="ad_export"):
-        from adapters.ingest import export_adapter
-
         with reported("Export"), tempfile.TemporaryDirectory(prefix="lora-studio-export-") as tmp, \
                 st.spinner("Writing the file..."):
             out = export_adapter(reg, v.ref, format=fmt, out=Path(tmp) / f"{v.name}_v{v.number}_{fmt}.safetensors")
@@ -228,6 +222,7 @@ with tab_actions:
     private = c2.checkbox("Private", value=True, key="ad_private")
     kohya = c3.checkbox("Also a kohya file", key="ad_kohya")
     if c4.button("Publish", key="ad_publish"):
+        # Local: huggingface_hub and its HTTP client load only when someone publishes.
         from studio.app.hub import publish_version
 
         with reported("Publishing"), st.spinner(f"Uploading {v.ref} to {repo_id}..."):

@@ -11,7 +11,10 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
-from studio.core.errors import InvalidRequestError, StudioError
+from adapters.registry import Registry
+from studio.app import dataset_files
+from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
+from studio.core.settings import check_data_path, get_settings
 
 
 def enlarged(image, min_side: int = 160):
@@ -54,21 +57,15 @@ def reported(action: str):
 @st.cache_resource(show_spinner=False)
 def registry():
     """One registry client per studio home, shared by every session (it holds a connection pool)."""
-    from studio.core.settings import get_settings
-
     return _registry_for(str(get_settings().home))
 
 
 def _registry_for(home: str):
-    from adapters.registry import Registry
-
     return Registry(home=home)
 
 
 def get_registry():
     """The registry of the current ``$LORA_STUDIO_HOME`` (re-created when the home changes, as in tests)."""
-    from studio.core.settings import get_settings
-
     reg = registry()
     if reg.store.root != get_settings().home / "blobs":
         registry.clear()
@@ -112,8 +109,6 @@ def _check_size(folder: Path, max_entries: int, max_depth: int) -> None:
 
 
 def _inside_roots(path: Path) -> bool:
-    from studio.core.settings import check_data_path
-
     try:
         check_data_path(path, what="file")
     except StudioError:
@@ -124,10 +119,8 @@ def _inside_roots(path: Path) -> bool:
 @st.cache_data(ttl=LISTING_TTL_S, max_entries=16, show_spinner=False)
 def _dataset_images(folder: str, mtime_ns: int, max_entries: int, max_depth: int, roots: tuple[str, ...]):
     # mtime_ns and roots are part of the cache key only: a new file at the top, or other roots, list anew.
-    from studio.app.dataset_files import list_images
-
     _check_size(Path(folder), max_entries, max_depth)
-    items, _ = list_images(folder, limit=None)
+    items, _ = dataset_files.list_images(folder, limit=None)  # on the module: tests count the calls
     # An image or caption that is a symlink to a file outside the roots is left out: it is outside.
     return [i for i in items
             if _inside_roots(i.path) and (not i.caption_path.exists() or _inside_roots(i.caption_path))]
@@ -140,9 +133,6 @@ def dataset_images(folder: str | Path) -> tuple[Path, list]:
     bounded by :data:`MAX_LISTED_ENTRIES` and :data:`MAX_LISTED_DEPTH`, and the listing is read once
     and reused for :data:`LISTING_TTL_S` seconds (call :func:`forget_listings` after writing captions).
     """
-    from studio.core.errors import DatasetNotFoundError
-    from studio.core.settings import check_data_path, get_settings
-
     resolved = check_data_path(folder, what="dataset folder")
     if not resolved.is_dir():
         raise DatasetNotFoundError(f"dataset folder {folder} does not exist or is not a folder: pick one from the "

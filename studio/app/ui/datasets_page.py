@@ -13,6 +13,7 @@ import streamlit as st
 from studio.app import dataset_files
 from studio.app.ui.common import dataset_images, enlarged, forget_listings, reported
 from studio.core.errors import StudioError
+from trainer.config import base_model_defaults
 
 PAGE_SIZE = 24
 TYPE_A_PATH = "(type a folder path)"
@@ -55,7 +56,7 @@ if folder is None:
     st.info("Choose a dataset, or type the path of a folder of images.")
     st.stop()
 
-from trainer.data import LAYOUTS, detect_layout  # noqa: E402  (after st.stop: only pages that show a dataset)
+from trainer.data import LAYOUTS, check_dataset, detect_layout  # noqa: E402  (after st.stop: only pages that show a dataset)
 
 try:
     # Checked against the data roots (a symlink is judged by where it points), bounded, cached.
@@ -109,8 +110,6 @@ with tab_check:
                                  key="ds_resolution")
     step = c2.number_input("Bucket step (0 = base model's)", min_value=0, max_value=256, value=0, key="ds_step")
     if c3.button("Check dataset", type="primary", key="ds_check"):
-        from trainer.data import check_dataset
-
         with reported("Checking the dataset"), st.spinner("Decoding every image..."):
             st.session_state["ds_report"] = check_dataset(folder, resolution=int(resolution) or None,
                                                           bucket_step=int(step) or None)
@@ -149,8 +148,6 @@ with tab_crop:
     if not all_images:
         st.info("No images to preview.")
     else:
-        from trainer.config import base_model_defaults
-
         facts = base_model_defaults("tiny")
         c1, c2, c3 = st.columns(3)
         picked = c1.selectbox("Image", [i.rel for i in all_images], key="crop_image")

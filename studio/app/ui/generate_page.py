@@ -21,10 +21,25 @@ from pathlib import Path
 
 import streamlit as st
 
+from adapters.merge import METHODS, merge_adapters
 from studio.app.ui import recipes
 from studio.app.ui.common import enlarged, get_registry, png_bytes, reported
-from studio.core.errors import StudioError
-from studio.generation.generate import DEFAULT_SCHEDULER, MAX_SEED, GenerationRequest, scheduler_names
+from studio.core.base_models import check_base_model, load_pipeline, model_hash, recommended_settings, resolve
+from studio.core.errors import RecipeError, RecipeTooCostlyError, StudioError
+from studio.core.settings import get_settings
+from studio.generation.generate import (
+    DEFAULT_SCHEDULER,
+    MAX_RECIPE_COST,
+    MAX_SEED,
+    GenerationRequest,
+    check_recipe_cost,
+    generate_with_pipeline,
+    read_recipe,
+    recipe_cost,
+    scheduler_names,
+    store_input_image,
+)
+from studio.generation.grid import AXIS_KINDS, GridAxis, render_grid
 
 GALLERY_SIZE = 24
 _ids = itertools.count()
@@ -74,9 +89,6 @@ def _random_seed() -> None:
 def _read_recipe_upload():
     """The request in the dropped PNG; any failure (a damaged chunk, JSON nested 100,000 deep, a PNG
     claiming 100000x100000 pixels) is a RecipeError with one line, never an exception in the page."""
-    from studio.core.errors import RecipeError
-    from studio.generation.generate import read_recipe
-
     upload = st.session_state.get("recipe_png")
     if upload is None:
         raise RecipeError("drop a PNG made by the studio first")
@@ -96,9 +108,6 @@ def _read_recipe_upload():
 def _apply_recipe(confirmed: bool = False) -> None:
     # A callback: it runs before the widgets are drawn, so it may set their values; an exception
     # here would escape the page, so every failure becomes the message shown under the button.
-    from studio.core.errors import RecipeTooCostlyError
-    from studio.generation.generate import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
-
     try:
         request = _read_recipe_upload()
         values = recipes.form_values(request)
@@ -136,8 +145,6 @@ def _clear_recipe_inputs() -> None:
 def _input_image(upload_key: str, recipe_key: str) -> str | None:
     """An upload (checked and stored by content hash by the library: recipes pin the hash), else
     the input a loaded recipe restored, else None."""
-    from studio.generation.generate import store_input_image
-
     upload = st.session_state.get(upload_key)
     if upload is not None:
         return str(store_input_image(upload.getvalue()))
@@ -146,8 +153,6 @@ def _input_image(upload_key: str, recipe_key: str) -> str | None:
 
 def _parse_axis(kind: str, text: str):
     # The CLI's --x/--y form, so the page and `lora-studio grid` read values the same way.
-    from studio.generation.grid import GridAxis
-
     return GridAxis.parse(f"{kind}={text}")
 
 
@@ -229,15 +234,11 @@ with tab_make:
                     tw[k + 1].button(word, key=f"tw-{e['id']}-{k}", on_click=_insert_trigger, args=(word,))
 
     with st.expander("Merge this stack into a new adapter"):
-        from adapters.merge import METHODS
-
         m1, m2, m3 = st.columns([2, 1, 1])
         merge_name = m1.text_input("New adapter name", key="merge_name")
         merge_method = m2.selectbox("Method", METHODS, key="merge_method",
                                     help="peft combination_type: linear needs equal ranks; cat is exact")
         if m3.button("Merge", key="merge_go"):
-            from adapters.merge import merge_adapters
-
             with reported("Merge"), st.spinner("Merging..."):
                 merged = merge_adapters(reg, [(e["ref"], e["weight"]) for e in _stack_entries()],
                                         method=merge_method, name=merge_name.strip())
@@ -288,8 +289,6 @@ with tab_make:
             st.error(f"Seed {seed_text!r} is not a whole number: type one, or leave it empty for a random seed.")
             st.stop()
         with reported("Generation"):
-            from studio.core.base_models import check_base_model
-
             init_image = _input_image("init_upload", "recipe_init")
             request = GenerationRequest(
                 prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps),
@@ -300,9 +299,6 @@ with tab_make:
                 mask_image=_input_image("mask_upload", "recipe_mask"),
                 strength=float(st.session_state["strength"]) if init_image else None,
             )
-            from studio.core.base_models import load_pipeline, model_hash, recommended_settings, resolve
-            from studio.generation.generate import generate_with_pipeline
-
             with st.spinner("Loading the base model..."):
                 # The library's LRU: at most PIPELINE_CACHE_SIZE base models stay in memory.
                 pipe = load_pipeline(request.base_model)
@@ -339,8 +335,6 @@ with tab_make:
                             for a in out.request.adapters))
 
 with tab_grid:
-    from studio.generation.grid import AXIS_KINDS
-
     st.caption("Uses the prompt, settings and adapter stack of the Generate tab; strength and version axes "
                "vary the first adapter of the stack. Prompts are separated by |, other values by commas.")
     g1, g2, g3, g4 = st.columns([1, 2, 1, 2])
@@ -349,10 +343,6 @@ with tab_grid:
     y_kind = g3.selectbox("Y axis", ["none", *AXIS_KINDS], key="grid_y_kind")
     y_text = g4.text_input("Y values", key="grid_y_values")
     if st.button("Render grid", type="primary", key="grid_go"):
-        from studio.core.base_models import check_base_model
-        from studio.core.settings import get_settings
-        from studio.generation.grid import render_grid
-
         with reported("Grid"):
             ss = st.session_state
             request = GenerationRequest(

@@ -11,6 +11,8 @@ and restores the img2img/inpainting inputs only from folders the UI may read
 from __future__ import annotations
 
 from studio.core.errors import InputFileNotFoundError, RecipeError
+from studio.core.settings import check_data_path
+from studio.generation.generate import DEFAULT_STRENGTH, IMAGE_SUFFIXES, inputs_dir
 
 # (low, high) of each widget on the Generate page; the page builds its widgets from these.
 STEPS = (1, 150)
@@ -30,9 +32,6 @@ def _stored_input(label: str, path: str | None, sha256: str | None) -> str | Non
     """The input image a recipe names, as a path the UI may read: the studio's stored copy of its
     sha256 when there is one (recipes from other machines name their own folders), else the path
     itself if it lies under the data roots and exists."""
-    from studio.core.settings import check_data_path
-    from studio.generation.generate import IMAGE_SUFFIXES, inputs_dir
-
     if path is None:
         return None
     if sha256 is not None:
@@ -83,7 +82,5 @@ def form_values(request) -> dict:
         "recipe_init": init, "recipe_mask": mask,
     }
     if init is not None:
-        from studio.generation.generate import DEFAULT_STRENGTH
-
         values["strength"] = float(request.strength if request.strength is not None else DEFAULT_STRENGTH)
     return values

@@ -16,7 +16,9 @@ import streamlit as st
 
 from studio.app import jobs
 from studio.app.ui.common import enlarged, reported
-from studio.core.errors import StudioError
+from studio.core.base_models import check_base_model
+from studio.core.errors import ConfigError, StudioError
+from studio.core.settings import check_data_path
 from trainer.config import SECTIONS, TrainConfig
 
 OPEN_SECTIONS = ("dataset", "network", "training", "output")
@@ -52,8 +54,6 @@ def _parse_list(text: str, item: type, *, lines: bool = False) -> list:
         try:
             return [int(v) for v in values]
         except ValueError:
-            from studio.core.errors import ConfigError
-
             raise ConfigError(f"{text!r} must be whole numbers separated by commas") from None
     return values
 
@@ -64,9 +64,6 @@ def _check_paths(config: TrainConfig) -> TrainConfig:
     The run directory is made inside ``output.dir`` (``$LORA_STUDIO_HOME/runs`` when empty), so
     checking that folder covers it. An empty ``dataset.path`` is left to the config's own message.
     """
-    from studio.core.base_models import check_base_model
-    from studio.core.settings import check_data_path
-
     check_base_model(config.model.base_model, what="model.base_model")
     if config.dataset.path.strip():
         check_data_path(config.dataset.path, what="dataset.path")
