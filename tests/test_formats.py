@@ -533,7 +533,7 @@ def test_registry_refuses_files_the_safetensors_library_cannot_open(name, corpus
 
 @pytest.mark.parametrize("name", HEADER_CORPUS)
 def test_base_model_files_get_the_same_header_check(name, corpus, tmp_path):
-    from studio.core.base_models import _check_safetensors
+    from studio.core.filesafety import check_safetensors as _check_safetensors
 
     fragments = make_corpus.CORPUS[name][1]
     with pytest.raises(CorruptWeightsError) as caught:

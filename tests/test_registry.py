@@ -159,7 +159,7 @@ def test_identical_tensors_under_the_same_name_return_the_existing_version(reg, 
     edited = make_weights(tmp_path / "2.safetensors", 7, metadata={"modelspec.title": "renamed"})
     again = reg.register("dup", edited, VersionInfo(family="sd1", description="ignored"))
     assert again == first and reg.adapter("dup").versions == (1,)
-    assert again.weights_sha256 != __import__("studio.core.hashing").hashes.file_sha256(edited)
+    assert again.weights_sha256 != __import__("studio.core.hashing").core.hashing.file_sha256(edited)
     assert sorted(p.name for p in (studio_home / "blobs").rglob("*") if p.is_file()) == [first.weights_sha256]
     # Under another name the same file is a new adapter, sharing the blob.
     twin = reg.register("dup-twin", tmp_path / "1.safetensors", VersionInfo(family="sd1"))

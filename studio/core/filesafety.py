@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from studio.core.errors import CorruptWeightsError, UnsafeWeightsError
+from studio.core.errors import CorruptWeightsError, InputFileNotFoundError, UnsafeWeightsError
 from studio.core.hashing import SafetensorsHeader, TensorEntry
 
 # Suffixes of torch.save / pickle checkpoints: never opened, whatever they hold.
@@ -201,6 +201,8 @@ def check_safetensors(path: str | Path) -> SafetensorsHeader:
         return CorruptWeightsError(f"{path} cannot be read as safetensors ({reason}); the file is damaged or not "
                                    f"a weights file: download or export it again")
 
+    if not path.exists():
+        raise InputFileNotFoundError(f"{path} does not exist")
     if not path.is_file():
         raise corrupt("it is not a regular file")  # a FIFO or device would block or never end
     with open(path, "rb") as f:
