@@ -836,7 +836,9 @@ def _add_ui(sub) -> None:
 
 
 def app_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "app_streamlit.py"
+    from studio.core.settings import PROJECT_ROOT
+
+    return PROJECT_ROOT / "app_streamlit.py"
 
 
 # Uploads up to 2048 MB: a dataset zip may expand to 2 GiB (studio.app.dataset_files.MAX_EXPANDED_BYTES)

@@ -31,6 +31,7 @@ from studio.core.errors import (
     InvalidRequestError,
     UnusableImageError,
 )
+from studio.core.settings import SAMPLE_DATASETS_DIR
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 # Per upload: a zip may not expand past 2 GiB or 20,000 entries (a zip bomb stops at the first check,
@@ -72,7 +73,7 @@ def datasets_root() -> Path:
 
 def sample_datasets_root() -> Path:
     """The sample datasets shipped in the project's ``datasets/`` folder."""
-    return Path(__file__).resolve().parent.parent / "datasets"
+    return SAMPLE_DATASETS_DIR
 
 
 def dataset_folder(name: str) -> Path:

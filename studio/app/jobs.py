@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from studio.core.errors import InvalidRequestError, StudioError
+from studio.core.settings import PROJECT_ROOT
 
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.toml"
@@ -477,7 +478,7 @@ def ensure_runner() -> bool:
         # A new session: the runner and its trainers survive the studio's process group being stopped.
         subprocess.Popen([sys.executable, "-m", "studio.app.jobs"], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                         cwd=str(Path(__file__).resolve().parent.parent))
+                         cwd=str(PROJECT_ROOT))
     return True
 
 
