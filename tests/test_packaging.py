@@ -31,10 +31,13 @@ def test_constraints_pin_torch_and_core_libraries():
 
 def test_pyproject_ships_the_three_packages_and_the_console_script():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = meta["tool"]["setuptools"]["packages"]
-    for name in ("studio", "trainer", "adapters"):
+    from setuptools import find_packages
+
+    packages = find_packages(str(ROOT), include=meta["tool"]["setuptools"]["packages"]["find"]["include"])
+    for name in ("studio", "trainer", "adapters", "studio.core", "studio.core.embedded", "studio.generation",
+                 "studio.app", "studio.app.ui"):
         assert name in packages
-        assert (ROOT / name / "__init__.py").exists()
+        assert (ROOT / name.replace(".", "/") / "__init__.py").exists()
     assert meta["project"]["scripts"]["lora-studio"] == "studio.app.cli:main"
     assert "datasets" not in packages
 

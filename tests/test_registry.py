@@ -528,6 +528,27 @@ def _register_worker(home: str, jobs: list, barrier, results) -> None:
         results.put(f"worker failed: {e!r}")
 
 
+def _collect(procs, results, *, deadline_s: float) -> list:
+    """One outcome per worker; fails at once, naming the exit codes, when a worker died without reporting,
+    and names the workers still running when the deadline passes (a slow machine vs a stuck lock)."""
+    import queue
+    import time
+
+    outcomes, start = [], time.monotonic()
+    while len(outcomes) < len(procs):
+        try:
+            outcomes.append(results.get(timeout=5))
+            continue
+        except queue.Empty:
+            pass
+        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        assert not dead, f"{len(dead)} worker(s) died without reporting, exit codes {dead}"
+        elapsed = time.monotonic() - start
+        assert elapsed < deadline_s, (f"{len(outcomes)} of {len(procs)} workers reported in {elapsed:.0f} s; "
+                                      f"alive: {[p.pid for p in procs if p.is_alive()]}")
+    return outcomes
+
+
 def test_concurrent_processes_never_lose_or_duplicate_a_number(reg, tmp_path, studio_home):
     # 8 processes x 50 registrations, all 400 files distinct, over 3 names so every counter is contended.
     jobs = [[(NAMES[(w + i) % len(NAMES)], str(make_weights(tmp_path / f"w{w}-{i}.safetensors", 1000 * w + i,
@@ -539,7 +560,7 @@ def test_concurrent_processes_never_lose_or_duplicate_a_number(reg, tmp_path, st
              for w in range(WORKERS)]
     for p in procs:
         p.start()
-    outcomes = [results.get(timeout=300) for _ in procs]
+    outcomes = _collect(procs, results, deadline_s=600)
     assert not [o for o in outcomes if isinstance(o, str)], outcomes
     got = [row for rows in outcomes for row in rows]
     for p in procs:

@@ -52,7 +52,7 @@ from pathlib import Path
 
 from studio.app.dataset_files import sample_datasets_root
 from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
-from studio.core.settings import get_settings
+from studio.core.settings import PROJECT_ROOT, get_settings
 from trainer.config import TrainConfig
 from trainer.events import run_state, write_json_atomic
 
@@ -466,7 +466,7 @@ def ensure_runner() -> bool:
         # A new session: the runner and its trainers survive the studio's process group being stopped.
         subprocess.Popen([sys.executable, "-m", "studio.app.jobs"], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                         cwd=str(Path(__file__).resolve().parents[2]))  # the project folder
+                         cwd=str(PROJECT_ROOT))
     return True
 
 

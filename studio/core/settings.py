@@ -22,7 +22,9 @@ from pathlib import Path
 _TRUE = {"1", "true", "yes", "on"}
 DATA_ROOTS_VARIABLE = "LORA_STUDIO_DATA_ROOTS"
 # The project's own sample datasets (datasets/ beside the packages): presets and the Datasets page use them.
-SAMPLE_DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"  # studio/core/ -> ../../datasets
+# The checkout (or installed tree) that holds app_streamlit.py and the sample datasets: studio/core/ is two below it.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_DATASETS_DIR = PROJECT_ROOT / "datasets"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from studio.app.cli.common import whole_number
 from studio.app.cli.output import print_warning
 from studio.core.errors import InvalidRequestError, StudioError
+from studio.core.settings import PROJECT_ROOT
 
 # Uploads up to 2048 MB: a dataset zip may expand to 2 GiB (studio.app.dataset_files.MAX_EXPANDED_BYTES)
 # and an SDXL LoRA file is up to ~1.7 GB. Streamlit keeps an upload in the server's memory.
@@ -31,8 +32,8 @@ def register(sub) -> None:
 
 
 def app_path() -> Path:
-    """The Streamlit entrypoint at the project's top level (studio/app/cli/ui.py -> ../../../app_streamlit.py)."""
-    return Path(__file__).resolve().parents[3] / "app_streamlit.py"
+    """The Streamlit entrypoint at the project's top level."""
+    return PROJECT_ROOT / "app_streamlit.py"
 
 
 def _is_loopback(address: str) -> bool:

@@ -33,8 +33,9 @@ from pathlib import Path
 
 from studio.app.tiny.scenes import SHAPES, random_scene, render
 from studio.core.embedded import TINY_NATIVE_RESOLUTION
+from studio.core.settings import SAMPLE_DATASETS_DIR
 
-DATASETS_DIR = Path(__file__).resolve().parents[3] / "datasets"  # studio/app/tiny/ -> ../../../datasets
+DATASETS_DIR = SAMPLE_DATASETS_DIR
 TRIGGERS = {"striped": "zkstripes", "outlined": "zkoutline"}
 KOHYA_REPEATS = 10
 # The trigger word goes at the END of every caption. CLIP's text encoder is causal: tokens appended
