@@ -9,7 +9,19 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's AppTest installs the page it ran as ``sys.modules["__main__"]`` and leaves it there;
+    a later ``multiprocessing`` spawn would then re-run that page in every child (they died with a
+    NameError in the concurrent-registration test). Each test starts and ends with pytest's own main."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture(autouse=True)
