@@ -65,6 +65,7 @@ from studio.core.errors import (
     OfflineError,
     StudioError,
 )
+from studio.core.families import FAMILIES
 from studio.core.settings import get_settings
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -90,9 +91,12 @@ _SAMPLE_FILE = re.compile(r"images/sample_(\d{1,4})\.(png|jpg|jpeg|webp)")
 _MANAGED = re.compile(r"[^/]+\.safetensors|images/sample_\d{1,4}\.(png|jpg|jpeg|webp)")
 # Tags the Hub and diffusers' training scripts put on a LoRA repo; the family adds its own.
 BASE_TAGS = ("text-to-image", "diffusers", "lora", "template:sd-lora")
-FAMILY_TAGS = {"sd1": ("stable-diffusion", "stable-diffusion-diffusers"), "sd2": ("stable-diffusion",),
-               "sdxl": ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"), "sd3": ("sd3", "sd3-diffusers"),
-               "flux": ("flux", "flux-diffusers")}
+
+
+def _family_tags(name: str) -> tuple[str, ...]:
+    """The Hub tags of the version's family (its name alone for a family the studio does not serve)."""
+    family = FAMILIES.get(name)
+    return family.hub_tags if family is not None else (name,)
 
 
 def _help(text: str, **kw) -> Any:
@@ -458,7 +462,7 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
         warnings.append(f"the base model {version.base_model or 'unknown'!r} is not a Hub repo id, so the card has no "
                         f"base_model and the Hub will not list this repo as an adapter of a base model; pass "
                         f"--base-model OWNER/NAME when the weights fit a model on the Hub")
-    tags = list(BASE_TAGS) + [t for t in FAMILY_TAGS.get(version.family, (version.family,))]
+    tags = list(BASE_TAGS) + list(_family_tags(version.family))
     tags += ["lora-studio"] + [t for t in version.tags if t.lower() not in {x.lower() for x in tags}]
     tags = list(dict.fromkeys(tags))
     widget = [{"text": _yaml_text(s["recipe"].get("prompt") or ", ".join(version.trigger_words) or version.name),

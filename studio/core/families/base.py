@@ -1,11 +1,38 @@
-"""The :class:`Family` description every base-model family fills in."""
+"""The :class:`Family` description every base-model family fills in, and its parts.
+
+A family is data plus a few hooks: which pipeline components exist and which of them carry LoRA
+layers (as diffusers' loader mixins name them: ``unet`` or ``transformer``, ``text_encoder``,
+``text_encoder_2``, ...), how kohya-style files prefix each of them, how prompts become the
+denoiser's keyword arguments, what the denoiser is trained to predict, how latents are packed, and
+how other tools name the family. Code outside ``studio/core/families`` asks the family instead of
+spelling ``"unet"`` or a width like 768.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+OBJECTIVES = ("epsilon", "v_prediction", "flow_matching")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family, named as the diffusers pipeline names its components.
+
+    ``kohya_prefixes`` are the key prefixes kohya-style files use for it; the first is the one the
+    studio writes (SD-1: ``lora_te_``; SDXL: ``lora_te1_``/``lora_te2_``; T5: ``lora_te3_``).
+    ``lora`` says whether the studio trains and loads LoRA layers on it.
+    """
+
+    component: str
+    tokenizer: str
+    kohya_prefixes: tuple[str, ...]
+    kind: str = "clip"  # "clip" | "clip_with_projection" | "t5"
+    lora: bool = True
+    target_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,10 +59,50 @@ class Family:
     # (tokenizer, text_encoder, prompts) -> the denoiser's conditioning; training encodes prompts
     # without a pipeline, exactly as the family's pipeline does at inference.
     encode_prompts: Callable[..., Any] | None = None
+    # The denoiser's component name in the pipeline and in peft/diffusers keys ("unet" | "transformer").
+    denoiser: str = "unet"
+    # kohya-style key prefixes of the denoiser; the first is the one the studio writes.
+    denoiser_kohya_prefixes: tuple[str, ...] = ("lora_unet_",)
+    text_encoders: tuple[TextEncoder, ...] = ()
+    # What the denoiser is trained to predict (one of OBJECTIVES) and the scheduler class it trains with.
+    objective: str = "epsilon"
+    training_scheduler: str = "DDPMScheduler"
+    # Tags the Hub puts on a repo of this family (beside the generic LoRA tags).
+    hub_tags: tuple[str, ...] = ()
+    # Settings a first run should start from (keys as in the training config's sections).
+    recommended: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def pipeline_class_names(self) -> tuple[str, ...]:
         return tuple(self.pipelines.values()) + self.extra_pipeline_class_names
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The pipeline components that carry LoRA layers, denoiser first (diffusers' ``_lora_loadable_modules``)."""
+        return (self.denoiser,) + tuple(te.component for te in self.text_encoders if te.lora)
+
+    @property
+    def text_encoder_components(self) -> tuple[str, ...]:
+        return tuple(te.component for te in self.text_encoders)
+
+    def kohya_prefix_map(self) -> dict[str, str]:
+        """Every kohya-style key prefix of this family -> the component it names."""
+        out = {prefix: self.denoiser for prefix in self.denoiser_kohya_prefixes}
+        for te in self.text_encoders:
+            out.update({prefix: te.component for prefix in te.kohya_prefixes})
+        return out
+
+    def kohya_prefix(self, component: str) -> str:
+        """The prefix the studio writes for ``component`` in a kohya-style file."""
+        if component == self.denoiser:
+            return self.denoiser_kohya_prefixes[0]
+        for te in self.text_encoders:
+            if te.component == component:
+                return te.kohya_prefixes[0]
+        raise KeyError(f"{self.display_name} has no component {component!r}")
+
+    def is_denoiser(self, component: str) -> bool:
+        return component == self.denoiser
 
     def pipeline_class(self, task: str = "text2img"):
         """The diffusers pipeline class for ``task`` (imports diffusers)."""
@@ -51,3 +118,7 @@ class Family:
     def modelspec_lora_architecture(self, adapter_type: str = "lora") -> str:
         """``modelspec.architecture`` for an adapter of this family, e.g. ``stable-diffusion-v1/lora``."""
         return f"{self.modelspec_architecture}/{adapter_type}"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"family {self.name}: objective {self.objective!r} is not one of {OBJECTIVES}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.core.families.base import Family
+from studio.core.families.base import Family, TextEncoder
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # LoCon-style: attention plus the ResNet convolutions, the projections around the transformer
@@ -48,4 +48,13 @@ SD1 = Family(
     modelspec_architecture="stable-diffusion-v1",
     single_file_config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
     encode_prompts=encode_prompts,
+    denoiser="unet",
+    denoiser_kohya_prefixes=("lora_unet_",),
+    # kohya writes SD-1's one CLIP encoder as lora_te_; diffusers' converter (transformers 5) writes lora_te1_.
+    text_encoders=(TextEncoder("text_encoder", "tokenizer", ("lora_te_", "lora_te1_"), kind="clip",
+                               target_modules=TEXT_ENCODER),),
+    objective="epsilon",
+    training_scheduler="DDPMScheduler",
+    hub_tags=("stable-diffusion", "stable-diffusion-diffusers"),
+    recommended={"network.rank": 8, "training.learning_rate": 1e-4, "dataset.resolution": 512},
 )
