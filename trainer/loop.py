@@ -447,9 +447,10 @@ class Trainer:
         vae_hash = component_sha256(self.resolved, "vae") or model_hash(self.resolved) or c.model.base_model
         te_hash = component_sha256(self.resolved, "text_encoder") or model_hash(self.resolved) or c.model.base_model
         self.latent_cache = TensorCache(cache_root() / "latents" / vae_hash[:16])
-        self.text_cache = TensorCache(cache_root() / "text" / te_hash[:16])
+        # "conditioning": entries hold the family's denoiser kwargs by name (an older "text" cache
+        # held one unnamed tensor per caption)
+        self.text_cache = TensorCache(cache_root() / "conditioning" / te_hash[:16])
         self.model_hash = model_hash(self.resolved)
-        self.encode_prompts = self.family.encode_prompts
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         batches = self.train_set.bucket_batches(self.config.training.train_batch_size, epoch=epoch)
@@ -497,27 +498,29 @@ class Trainer:
         latents = (latents - shift) * vae.config.scaling_factor
         return latents.to(self.accelerator.device, dtype=self.weight_dtype)
 
-    def _text(self, captions: list[str]):
-        """Conditioning for ``captions``: cached while the text encoder is frozen, else computed with grad."""
+    def _text(self, captions: list[str]) -> dict:
+        """The denoiser's conditioning for ``captions`` (the family's hook): cached per caption while
+        the text encoders are frozen, else computed with grad."""
         import torch
 
+        components = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
         if self.te_config is not None:
-            return self.encode_prompts(self.tokenizer, self.text_encoder, captions)
-        out = []
+            return self.family.conditioning(components, captions)
+        out: list[dict | None] = []
         missing = []
-        for i, caption in enumerate(captions):
+        for caption in captions:
             entry = self.text_cache.get(self.text_cache.key(caption))
-            out.append(entry["h"] if entry is not None else None)
+            out.append(entry)
             if entry is None:
-                missing.append(i)
+                missing.append(len(out) - 1)
         if missing:
             with torch.no_grad():
-                hidden = self.encode_prompts(self.tokenizer, self.text_encoder, [captions[i] for i in missing])
+                fresh = self.family.conditioning(components, [captions[i] for i in missing])
             for j, i in enumerate(missing):
-                h = hidden[j].float().cpu()
-                out[i] = h
-                self.text_cache.put(self.text_cache.key(captions[i]), {"h": h})
-        return torch.stack(out).to(self.accelerator.device, dtype=self.weight_dtype)
+                out[i] = {name: value[j].float().cpu() for name, value in fresh.items()}
+                self.text_cache.put(self.text_cache.key(captions[i]), out[i])
+        return {name: torch.stack([row[name] for row in out]).to(self.accelerator.device, dtype=self.weight_dtype)
+                for name in out[0]}
 
     def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, unet=None, reduce=True):
         import torch
@@ -537,12 +540,12 @@ class Trainer:
             timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
         timesteps = timesteps.to(latents.device).long()
         noisy = sched.add_noise(latents, noise, timesteps)
-        hidden = self._text([s["caption"] for s in samples])
+        conditioning = self._text([s["caption"] for s in samples])
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        pred = (unet or self.unet)(noisy, timesteps, hidden, return_dict=False)[0]
+        pred = self.family.predict(unet or self.unet, noisy, timesteps, conditioning)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if c.min_snr_gamma:
             snr = _compute_snr(sched.alphas_cumprod, timesteps)

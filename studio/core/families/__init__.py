@@ -13,6 +13,7 @@ bottom of this file. Nothing here imports torch or diffusers at import time.
 from __future__ import annotations
 
 from studio.core.errors import InvalidRequestError
+from studio.core.families.architectures import ARCHITECTURES
 from studio.core.families.base import Family
 
 FAMILIES: dict[str, Family] = {}
@@ -45,6 +46,29 @@ def family_for_pipeline_class(class_name: str) -> Family:
         f"{class_name} is not a pipeline of a supported family; supported: "
         + "; ".join(f"{f.name}: {', '.join(f.pipeline_class_names)}" for f in FAMILIES.values())
     )
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family a loaded diffusers pipeline belongs to (by its class, as ``model_index.json`` names it)."""
+    return family_for_pipeline_class(type(pipe).__name__)
+
+
+def kohya_prefixes() -> dict[str, str]:
+    """Every kohya-style key prefix a family or a known architecture uses -> the component it names."""
+    out: dict[str, str] = {}
+    for family in FAMILIES.values():
+        for prefix, component in family.kohya_prefix_map().items():
+            out.setdefault(prefix, component)
+    for arch in ARCHITECTURES.values():
+        for prefix, component in arch.kohya_prefixes.items():
+            out.setdefault(prefix, component)
+    return out
+
+
+def architecture_of(family: Family | str):
+    """The :class:`Architecture` of a family (or family name)."""
+    family = get_family(family) if isinstance(family, str) else family
+    return family.architecture or ARCHITECTURES[family.name]
 
 
 from studio.core.families.sd1 import SD1  # noqa: E402  (registration needs the functions above)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.core.families.architectures import Architecture
+
 OBJECTIVES = ("epsilon", "v_prediction", "flow_matching")
 
 
@@ -56,9 +58,17 @@ class Family:
     default_guidance_scale: float = 7.5
     single_file_config_dir: Path | None = None
     extra_pipeline_class_names: tuple[str, ...] = field(default=())
-    # (tokenizer, text_encoder, prompts) -> the denoiser's conditioning; training encodes prompts
-    # without a pipeline, exactly as the family's pipeline does at inference.
-    encode_prompts: Callable[..., Any] | None = None
+    # What identifies the family in files (key patterns, widths, single-file prefixes, pipeline classes).
+    architecture: Architecture | None = None
+    # The conditioning hook: (components by pipeline name, prompts) -> the denoiser's keyword
+    # arguments for those prompts, batched along dim 0 (SD-1: {"encoder_hidden_states": ...}).
+    # Training calls it without a pipeline, exactly as the family's pipeline encodes at inference;
+    # every value is a tensor with one row per prompt, so rows can be cached per prompt.
+    condition: Callable[[Mapping[str, Any], list[str]], dict[str, Any]] | None = None
+    # Latent packing: (latents) -> what the denoiser takes, and back (latents, height, width);
+    # None for families whose denoiser takes the VAE's latents as they are (UNets).
+    pack_latents: Callable[[Any], Any] | None = None
+    unpack_latents: Callable[[Any, int, int], Any] | None = None
     # The denoiser's component name in the pipeline and in peft/diffusers keys ("unet" | "transformer").
     denoiser: str = "unet"
     # kohya-style key prefixes of the denoiser; the first is the one the studio writes.
@@ -104,6 +114,28 @@ class Family:
     def is_denoiser(self, component: str) -> bool:
         return component == self.denoiser
 
+    def text_encoder(self, component: str) -> TextEncoder:
+        for te in self.text_encoders:
+            if te.component == component:
+                return te
+        raise KeyError(f"{self.display_name} has no text encoder {component!r}")
+
+    def conditioning(self, components: Mapping[str, Any], prompts: list[str]) -> dict[str, Any]:
+        """The denoiser's keyword arguments for ``prompts`` (see ``condition``)."""
+        if self.condition is None:
+            raise NotImplementedError(f"{self.display_name} has no conditioning hook")
+        return self.condition(components, prompts)
+
+    def predict(self, denoiser, latents, timesteps, conditioning: Mapping[str, Any]):
+        """The denoiser's output for noisy ``latents`` at ``timesteps`` under ``conditioning``.
+
+        Latents go in and come out as the VAE makes them: packing, if the family has any, happens here.
+        """
+        height, width = latents.shape[-2:]
+        packed = self.pack_latents(latents) if self.pack_latents else latents
+        out = denoiser(packed, timesteps, **conditioning, return_dict=False)[0]
+        return self.unpack_latents(out, height, width) if self.unpack_latents else out
+
     def pipeline_class(self, task: str = "text2img"):
         """The diffusers pipeline class for ``task`` (imports diffusers)."""
         import diffusers
@@ -120,5 +152,7 @@ class Family:
         return f"{self.modelspec_architecture}/{adapter_type}"
 
     def __post_init__(self) -> None:
+        if self.architecture is not None and self.architecture.name != self.name:
+            raise ValueError(f"family {self.name}: its architecture is {self.architecture.name!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"family {self.name}: objective {self.objective!r} is not one of {OBJECTIVES}")

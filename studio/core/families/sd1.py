@@ -8,8 +8,11 @@ offline (the tokenizer comes from the embedded model: it is SD-1's real vocabula
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from studio.core.families import architectures
 from studio.core.families.base import Family, TextEncoder
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -32,14 +35,15 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]):
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
+def condition(components: Mapping[str, Any], prompts: list[str]) -> dict[str, Any]:
+    """SD-1's UNet takes one conditioning tensor: ``encoder_hidden_states`` (batch x 77 x 768)."""
+    return {"encoder_hidden_states": encode_prompts(components["tokenizer"], components["text_encoder"], prompts)}
+
+
 SD1 = Family(
     name="sd1",
     display_name="Stable Diffusion 1.x",
-    pipelines={
-        "text2img": "StableDiffusionPipeline",
-        "img2img": "StableDiffusionImg2ImgPipeline",
-        "inpaint": "StableDiffusionInpaintPipeline",
-    },
+    pipelines=dict(zip(("text2img", "img2img", "inpaint"), architectures.SD1.pipeline_class_names, strict=True)),
     native_resolution=512,
     latent_granularity=8,
     target_modules={"attention": ATTENTION, "attention+conv": ATTENTION_CONV},
@@ -47,10 +51,10 @@ SD1 = Family(
     kohya_base_model_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1",
     single_file_config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
-    encode_prompts=encode_prompts,
+    architecture=architectures.SD1,
+    condition=condition,
     denoiser="unet",
     denoiser_kohya_prefixes=("lora_unet_",),
-    # kohya writes SD-1's one CLIP encoder as lora_te_; diffusers' converter (transformers 5) writes lora_te1_.
     text_encoders=(TextEncoder("text_encoder", "tokenizer", ("lora_te_", "lora_te1_"), kind="clip",
                                target_modules=TEXT_ENCODER),),
     objective="epsilon",
