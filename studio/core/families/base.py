@@ -69,6 +69,12 @@ class Family:
     # None for families whose denoiser takes the VAE's latents as they are (UNets).
     pack_latents: Callable[[Any], Any] | None = None
     unpack_latents: Callable[[Any, int, int], Any] | None = None
+    # Per-image conditioning from sizes: (original (h, w), crop top-left (top, left), target (h, w))
+    # -> extra denoiser kwargs for that image, one row (SDXL's ``time_ids``); None when the family has none.
+    size_conditioning: Callable[[tuple[int, int], tuple[int, int], tuple[int, int]], dict[str, Any]] | None = None
+    # How the denoiser is called: (denoiser, latents, timesteps, conditioning) -> prediction; None for
+    # ``denoiser(latents, timesteps, **conditioning)`` (SD-1's UNet).
+    call_denoiser: Callable[..., Any] | None = None
     # The denoiser's component name in the pipeline and in peft/diffusers keys ("unet" | "transformer").
     denoiser: str = "unet"
     # kohya-style key prefixes of the denoiser; the first is the one the studio writes.
@@ -133,7 +139,10 @@ class Family:
         """
         height, width = latents.shape[-2:]
         packed = self.pack_latents(latents) if self.pack_latents else latents
-        out = denoiser(packed, timesteps, **conditioning, return_dict=False)[0]
+        if self.call_denoiser is not None:
+            out = self.call_denoiser(denoiser, packed, timesteps, conditioning)
+        else:
+            out = denoiser(packed, timesteps, **conditioning, return_dict=False)[0]
         return self.unpack_latents(out, height, width) if self.unpack_latents else out
 
     def pipeline_class(self, task: str = "text2img"):
