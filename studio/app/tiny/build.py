@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from studio.app.tiny.scenes import COLOURS, SHAPES, STYLES, random_scene, random_texture, render
-from studio.core.embedded import TINY_MODEL_DIR
+from studio.core.embedded import EMBEDDED_DIR, TINY_MODEL_DIR
 
 IMAGE_SIZE = 32
 
@@ -56,28 +56,50 @@ class BuildConfig:
     # CFG the model is evaluated at and recommends (lora_studio.json). Measured on the committed
     # weights, 72 images, Euler 20 steps: shape rate 96% at CFG 2, 85% at 3, 81% at 4, 69% at 6.
     eval_guidance: float = 2.0
+    # Reuse the embedded SD-1 model's VAE (trained on the same scenes and textures, 4x8x8 latents)
+    # instead of training one: tiny-sdxl does, so both models share a latent space and a build phase.
+    reuse_vae: bool = False
 
 
-def _components(vocab_size: int):
-    """Fresh, randomly initialised tiny SD-1 components (architecture only; no weights)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip(vocab_size: int, hidden: int, *, with_projection: bool = False):
+    """A narrow CLIP text encoder over SD's real vocabulary (SD's BOS/EOS token ids)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=64,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+
+
+def _sd_scheduler():
+    """SD's noise schedule (SD-1 and SDXL share it); steps_offset=1 as their scheduler configs have it."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+        prediction_type="epsilon",
     )
+
+
+def _sd1_components(vocab_size: int) -> dict:
+    """Fresh, randomly initialised tiny SD-1 components (architecture only; no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -101,17 +123,43 @@ def _components(vocab_size: int):
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    # SD-1's noise schedule; steps_offset=1 as SD-1's own scheduler config has it.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        clip_sample=False,
-        prediction_type="epsilon",
+    return {"text_encoder": _clip(vocab_size, 64), "vae": vae, "unet": unet, "scheduler": _sd_scheduler()}
+
+
+# Text width of each tiny SDXL encoder: the UNet's cross-attention reads both, concatenated (32 + 32).
+SDXL_TEXT_WIDTH = 32
+# SDXL's add_embedding input: six size numbers, each embedded in addition_time_embed_dim channels,
+# plus the second encoder's pooled projection: 6 x 8 + 32 = 80.
+SDXL_TIME_EMBED_DIM = 8
+
+
+def _sdxl_components(vocab_size: int) -> dict:
+    """Fresh tiny SDXL components: two CLIP encoders (the second with projection), a UNet with
+    SDXL's ``text_time`` added conditioning and linear projections. Sized to stay under 15 MB in
+    float16 with the shared VAE: 2 x 1.6 M (encoders, mostly the 49408-token embedding) + 2.85 M
+    (UNet) + 0.95 M (VAE) = 7.0 M parameters."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 96),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2 * SDXL_TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        transformer_layers_per_block=1,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_TEXT_WIDTH,
     )
-    return text_encoder, vae, unet, scheduler
+    return {"text_encoder": _clip(vocab_size, SDXL_TEXT_WIDTH),
+            "text_encoder_2": _clip(vocab_size, SDXL_TEXT_WIDTH, with_projection=True),
+            "unet": unet, "scheduler": _sd_scheduler()}
 
 
 def _to_tensor(images) -> torch.Tensor:  # noqa: F821
@@ -175,8 +223,13 @@ def scene_dataset(cfg: BuildConfig, rng: random.Random):
     return scenes
 
 
-def train_unet(text_encoder, tokenizer, vae, unet, scheduler, cfg: BuildConfig, rng: random.Random, log) -> float:
-    """Joint UNet + text-encoder training on cached latents; returns the VAE scaling factor."""
+def train_denoiser(family, models: dict, vae, scheduler, cfg: BuildConfig, rng: random.Random, log) -> float:
+    """Joint denoiser + text-encoder training on cached latents; returns the VAE scaling factor.
+
+    ``models`` holds the family's pipeline components by name (denoiser, text encoders, tokenizers);
+    prompts become conditioning through the family's own hook, the one the trainer and the
+    pipelines use, so the model learns exactly the conditioning inference will give it.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -189,32 +242,33 @@ def train_unet(text_encoder, tokenizer, vae, unet, scheduler, cfg: BuildConfig, 
             means.append(dist.mean)
             stds.append(dist.std)
         lat_mean, lat_std = torch.cat(means), torch.cat(stds)
-    scaling_factor = float(1.0 / lat_mean.std())
+    scaling_factor = vae.config.scaling_factor if cfg.reuse_vae else float(1.0 / lat_mean.std())
     log(f"cached {len(scenes)} latents; scaling_factor {scaling_factor:.4f}")
-    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids[0]
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    denoiser = models[family.denoiser]
+    encoders = [models[c] for c in family.text_encoder_components]
+    params = list(denoiser.parameters()) + [p for e in encoders for p in e.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, cfg.unet_steps), cfg.unet_steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     alphas_cumprod = scheduler.alphas_cumprod
-    unet.train()
-    text_encoder.train()
+    # Every scene is rendered whole at IMAGE_SIZE: original = target size, no crop.
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    per_image = family.size_conditioning(size, (0, 0), size) if family.size_conditioning else {}
+    for module in [denoiser, *encoders]:
+        module.train()
     n = len(scenes)
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling_factor
-        ids = ids_all[idx].clone()
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.empty_caption_rate
-        ids[drop] = empty_ids
+        batch_captions = ["" if dropped else captions[i] for i, dropped in zip(idx.tolist(), drop.tolist())]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
-        hidden = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        conditioning = family.conditioning(models, batch_captions)
+        conditioning.update({k: v.expand(cfg.unet_batch, *v.shape) for k, v in per_image.items()})
+        pred = family.predict(denoiser, noisy, t, conditioning)
         # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: min(SNR, 5) / SNR.
         snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
         weight = torch.clamp(snr, max=5.0) / snr
@@ -225,9 +279,10 @@ def train_unet(text_encoder, tokenizer, vae, unet, scheduler, cfg: BuildConfig, 
         opt.step()
         sched.step()
         if step % 100 == 0 or step == cfg.unet_steps - 1:
-            log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
-    unet.eval()
-    text_encoder.eval()
+            log(f"{family.denoiser} step {step}/{cfg.unet_steps} loss {loss.item():.4f} "
+                f"lr {sched.get_last_lr()[0]:.2e}")
+    for module in [denoiser, *encoders]:
+        module.eval()
     return scaling_factor
 
 
@@ -238,12 +293,30 @@ def evaluate(model_dir: Path, cfg: BuildConfig, seeds=(1, 2, 3)) -> dict:
     return measure_quality(model_dir, seeds=seeds, steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance)
 
 
-def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True) -> dict:
-    """Run the whole recipe and write a diffusers folder to ``out_dir``; returns the build report."""
+# embedded model name -> (family, component builder, pipeline kwargs beyond the components)
+MODELS = {
+    "tiny": ("sd1", _sd1_components, {"safety_checker": None, "feature_extractor": None,
+                                      "requires_safety_checker": False}),
+    # Empty prompts are encoded, not zeroed: the model learns its unconditional branch from "" (10% of captions).
+    "tiny-sdxl": ("sdxl", _sdxl_components, {"force_zeros_for_empty_prompt": False}),
+}
+# Components read from the embedded SD-1 model instead of shipping a copy (lora_studio.json's
+# "shared_components"; the studio's loader reads them from there): SD's vocabulary is 1.5 MB a copy.
+SHARED_TOKENIZER = "../tiny/tokenizer"
+
+
+def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, model: str = "tiny") -> dict:
+    """Run the whole recipe for embedded ``model`` and write a diffusers folder to ``out_dir``;
+    returns the build report."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
+    from studio.core.families.sd1 import SD1
+    from studio.core.families.sdxl import SDXL
+
+    family_name, make_components, pipeline_kwargs = MODELS[model]
+    family = {"sd1": SD1, "sdxl": SDXL}[family_name]
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -251,46 +324,51 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True) -> 
     rng = random.Random(cfg.seed)
 
     out_dir = Path(out_dir)
-    tok_dir = out_dir / "tokenizer"
-    if not (tok_dir / "vocab.json").exists():
-        shutil.copytree(TINY_MODEL_DIR / "tokenizer", tok_dir, dirs_exist_ok=True)
+    shared = {}
+    if family_name == "sd1":
+        tok_dir = out_dir / "tokenizer"
+        if not (tok_dir / "vocab.json").exists():
+            shutil.copytree(TINY_MODEL_DIR / "tokenizer", tok_dir, dirs_exist_ok=True)
+    else:
+        tok_dir = TINY_MODEL_DIR / "tokenizer"
+        shared = {te.tokenizer: SHARED_TOKENIZER for te in family.text_encoders}
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder, vae, unet, scheduler = _components(len(tokenizer))
-
-    train_vae(vae, cfg, rng, log)
+    models = make_components(len(tokenizer))
+    models.update({te.tokenizer: tokenizer for te in family.text_encoders})
+    if cfg.reuse_vae:
+        models["vae"] = AutoencoderKL.from_pretrained(TINY_MODEL_DIR / "vae", torch_dtype=torch.float32)
+        log("reusing the embedded SD-1 model's VAE")
+    else:
+        train_vae(models["vae"], cfg, rng, log)
     t_vae = time.perf_counter() - t0
-    scaling_factor = train_unet(text_encoder, tokenizer, vae, unet, scheduler, cfg, rng, log)
-    vae.register_to_config(scaling_factor=scaling_factor)
+    scaling_factor = train_denoiser(family, models, models["vae"], models["scheduler"], cfg, rng, log)
+    models["vae"].register_to_config(scaling_factor=scaling_factor)
     t_train = time.perf_counter() - t0
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    # Stored in float16 (17 MB instead of 35 MB); loading upcasts to float32 for CPU inference.
+    pipe = family.pipeline_class("text2img")(**models, **pipeline_kwargs)
+    # Stored in float16 (half the bytes); loading upcasts to float32 for CPU inference.
     pipe.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     pipe.to(torch.float32)
     for weights in out_dir.rglob("*.safetensors"):
         weights.chmod(0o644)  # safetensors writes 0600 whatever the umask; these are shipped files
     # save_pretrained rewrites the tokenizer with a 3.6 MB tokenizer.json that vocab.json and
-    # merges.txt already describe; keep the folder small.
-    (tok_dir / "tokenizer.json").unlink(missing_ok=True)
-    recommended = {"recommended": {"guidance_scale": cfg.eval_guidance, "num_inference_steps": cfg.eval_steps,
-                                   "scheduler": "Euler"}}
-    (out_dir / "lora_studio.json").write_text(json.dumps(recommended, indent=2) + "\n")
-    params = {
-        name: sum(p.numel() for p in module.parameters())
-        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
-    }
+    # merges.txt already describe; keep the folder small. Shared tokenizers are not shipped at all.
+    for name in {te.tokenizer for te in family.text_encoders}:
+        if name in shared:
+            shutil.rmtree(out_dir / name)
+        else:
+            (out_dir / name / "tokenizer.json").unlink(missing_ok=True)
+    record = {"recommended": {"guidance_scale": cfg.eval_guidance, "num_inference_steps": cfg.eval_steps,
+                              "scheduler": "Euler"}}
+    if shared:
+        record["shared_components"] = shared
+    (out_dir / "lora_studio.json").write_text(json.dumps(record, indent=2) + "\n")
+    params = {name: sum(p.numel() for p in module.parameters())
+              for name, module in models.items() if hasattr(module, "parameters")}
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     report = {
+        "model": model,
         "config": asdict(cfg),
         "parameters": params,
         "size_bytes": size,
@@ -305,18 +383,21 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded tiny SD-1 model from a seed.")
-    parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help="output folder (default: the embedded model)")
+    parser = argparse.ArgumentParser(
+        description="Build an embedded tiny model (tiny: SD-1, tiny-sdxl: SDXL) from a seed.")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--out", type=Path, help="output folder (default: the embedded model's own folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of every phase (seconds), for tests")
+    parser.add_argument("--no-eval", action="store_true", help="skip the quality grid at the end")
     parser.add_argument("--vae-steps", type=int)
     parser.add_argument("--unet-steps", type=int)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    cfg = BuildConfig(seed=args.seed)
+    cfg = BuildConfig(seed=args.seed, reuse_vae=args.model != "tiny")
     if args.smoke:
         cfg = BuildConfig(seed=args.seed, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, scenes_per_combo=1,
-                          warmup_steps=1, eval_steps=2)
+                          warmup_steps=1, eval_steps=2, reuse_vae=cfg.reuse_vae)
     if args.vae_steps is not None:
         cfg.vae_steps = args.vae_steps
     if args.unet_steps is not None:
@@ -330,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    report = build(args.out, cfg, log=log, run_eval=not args.smoke)
+    out = args.out or EMBEDDED_DIR / args.model
+    report = build(out, cfg, log=log, run_eval=not (args.smoke or args.no_eval), model=args.model)
     print(json.dumps(report, indent=2))
 
 

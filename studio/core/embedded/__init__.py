@@ -7,5 +7,6 @@ of the app layer (``studio/app/tiny/``); this package holds only the weights and
 
 from pathlib import Path
 
-TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny"
+EMBEDDED_DIR = Path(__file__).resolve().parent
+TINY_MODEL_DIR = EMBEDDED_DIR / "tiny"
 TINY_NATIVE_RESOLUTION = 32
