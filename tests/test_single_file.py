@@ -13,18 +13,18 @@ from studio.app.cli import main
 from studio.core.base_models import load_fresh_pipeline, load_pipeline
 from studio.core.embedded import TINY_MODEL_DIR
 from studio.core.errors import CorruptWeightsError, InvalidRequestError, UnsafeWeightsError
+from studio.core.families import get_family
 from studio.core.single_file import (
     CONFIGS_KEY,
-    FORMAT,
     FORMAT_KEY,
     export_single_file,
     read_metadata,
-    unet_to_ldm,
-    vae_to_ldm,
+    to_single_file,
 )
 from studio.generation.generate import GenerationRequest, generate
 
 PROMPT = "a red circle on a blue background"
+LAYOUT = get_family("sd1").single_file
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,8 @@ def test_export_writes_one_ldm_layout_file(exported):
     assert stat.S_IMODE(os.stat(exported).st_mode) == 0o644
     assert os.listdir(exported.parent) == ["model.safetensors"]  # no temp file left behind
     metadata = read_metadata(exported)
-    assert metadata[FORMAT_KEY] == FORMAT and metadata["format"] == "pt"
+    # The format name files already written carry: it must never change.
+    assert metadata[FORMAT_KEY] == LAYOUT.format == "sd1-ldm-single-file" and metadata["format"] == "pt"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
     assert set(json.loads(metadata[CONFIGS_KEY])) == {"unet", "vae", "text_encoder", "scheduler"}
 
@@ -126,14 +127,13 @@ def test_sd15_shaped_models_get_the_layout_diffusers_reads():
         convert_ldm_vae_checkpoint,
     )
 
-    from studio.core.families import get_family
-
-    configs = get_family("sd1").single_file_config_dir
+    configs = LAYOUT.config_dir
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(json.loads((configs / "unet" / "config.json").read_text()))
         vae = AutoencoderKL.from_config(json.loads((configs / "vae" / "config.json").read_text()))
     unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
-    ldm_unet, ldm_vae = unet_to_ldm(unet_sd, unet.config), vae_to_ldm(vae_sd, vae.config)
+    ldm_unet = to_single_file(LAYOUT, "unet", unet_sd, unet.config)
+    ldm_vae = to_single_file(LAYOUT, "vae", vae_sd, vae.config)
     # The key counts and landmarks of an original SD-1.5 checkpoint.
     assert len(ldm_unet) == 686 and len(ldm_vae) == 248
     assert CHECKPOINT_KEY_NAMES["v1"] in ldm_unet
@@ -175,9 +175,13 @@ def test_damaged_or_hostile_embedded_configs_are_refused(tmp_path, exported):
         "scheduler": json.dumps({**configs, "scheduler": {**configs["scheduler"], "_class_name": "os"}}),
         "unet": json.dumps({**configs, "unet": {**configs["unet"], "_class_name": "SD3Transformer2DModel"}}),
     }
+    cases["format"] = (json.dumps(configs), "sdxl-ldm-single-file")
     for name, raw in cases.items():
+        raw, written_as = raw if isinstance(raw, tuple) else (raw, LAYOUT.format)
         path = tmp_path / f"{name}.safetensors"
-        save_file({"x": torch.zeros(1)}, str(path), metadata={CONFIGS_KEY: raw})
+        # One SD-1 text-encoder tensor: enough for the file to be recognised as SD-1 and reach its configs.
+        save_file({"cond_stage_model.transformer.text_model.x": torch.zeros(1)}, str(path),
+                  metadata={CONFIGS_KEY: raw, FORMAT_KEY: written_as})
         with pytest.raises(CorruptWeightsError, match="damaged model configs"):
             load_pipeline(str(path))
 
@@ -200,7 +204,7 @@ def test_pickles_and_other_targets_are_refused(tmp_path, source):
         export_single_file(source, tmp_path / "out.ckpt")
     with pytest.raises(InvalidRequestError, match="dtype must be one of"):
         export_single_file(source, tmp_path / "out.safetensors", dtype="int8")
-    with pytest.raises(InvalidRequestError, match="only SD-1 pipelines"):
+    with pytest.raises(InvalidRequestError, match="object has no single-file layout"):
         export_single_file(object(), tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 

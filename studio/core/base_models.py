@@ -4,11 +4,18 @@ References users type (``--base``, the UI's base-model box, recipes):
 
 - ``tiny`` - the embedded tiny SD-1 model (the default; ships inside the package).
 - a local diffusers folder (has ``model_index.json``).
-- a single-file SD-1.x checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component
-  configs ship in ``studio/core/families/configs/sd1`` so this needs no network. Files written by
-  ``studio.core.single_file.export_single_file`` carry their own configs in their metadata and use those.
+- a single-file checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component configs
+  ship with its family's single-file layout (``studio/core/families/configs/``) so this needs no
+  network. Files written by ``studio.core.single_file.export_single_file`` carry their own configs in
+  their metadata and use those.
 - a Hugging Face Hub id ``owner/name`` (optionally ``owner/name@revision``). Offline
   (``HF_HUB_OFFLINE=1``) a Hub id fails fast, unless the Hub cache already holds it.
+
+Every reference knows its family, recognised from the files rather than assumed: a folder's (and a
+Hub repo's) ``model_index.json`` names its pipeline class; a single file's tensor names give away its
+architecture. A model of an architecture the studio knows but does not run yet (SDXL, say) is refused
+with one line naming it. A Hub id's family is looked up only when first asked, so resolving stays
+cheap and works offline.
 
 Only safetensors weights are ever loaded: ``.ckpt``/``.pt``/``.bin``/``.pth`` files are pickles that can
 run code when loaded, and are refused. Pipelines are kept in a small cache keyed by reference, so a
@@ -21,7 +28,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.core.embedded import TINY_MODEL_DIR
@@ -30,39 +37,141 @@ from studio.core.errors import (
     CorruptWeightsError,
     InvalidRequestError,
     OfflineError,
+    StudioError,
     UnsafeWeightsError,
 )
-from studio.core.families import Family, family_for_pipeline_class, get_family
+from studio.core.families import (
+    FAMILIES,
+    Family,
+    architecture_of,
+    architectures,
+    family_for_pipeline_class,
+    family_of_pipeline,
+    get_family,
+)
+from studio.core.families.base import SingleFileLayout
 from studio.core.filesafety import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
 from studio.core.hashing import file_sha256
 from studio.core.settings import check_data_path, get_settings
+from studio.core.single_file import layout_of, single_file_config_dir
 
 TINY = "tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,200})?$")
 PIPELINE_CACHE_SIZE = 2  # a real SD-1 pipeline is ~4 GB in float32: keep the cache small
+MODEL_INDEX = "model_index.json"
 
 
 @dataclass(frozen=True)
 class BaseModelRef:
-    """A resolved reference: what kind of source it is and where, plus its family."""
+    """A resolved reference: what kind of source it is and where, plus its family.
+
+    ``family`` is the family's name. :func:`resolve` recognises it from local files at once; a Hub
+    id's is looked up the first time it is asked for (the cached ``model_index.json``, else that one
+    file from the Hub), and an :class:`~studio.core.errors.OfflineError` says so when that cannot be
+    done offline. ``known_family`` is the name once known, ``None`` before.
+    """
 
     ref: str
     kind: str  # "tiny" | "diffusers" | "single_file" | "hub"
     location: str
-    family: str
     revision: str | None = None
+    known_family: str | None = field(default=None, compare=False)
+
+    @property
+    def family(self) -> str:
+        if self.known_family is None:
+            # Memoised on the (frozen) instance: one lookup per resolved reference, never a guess.
+            object.__setattr__(self, "known_family", _hub_family(self).name)
+        return self.known_family
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The reference as JSON values; ``family`` is None for a Hub id whose family is not looked up yet."""
+        return {"ref": self.ref, "kind": self.kind, "location": self.location, "revision": self.revision,
+                "family": self.known_family}
+
+
+def _supported_family(arch_name: str, evidence: str, what: str) -> Family:
+    """The family that runs architecture ``arch_name``, or one line naming the architecture."""
+    family = next((f for f in FAMILIES.values() if architecture_of(f).name == arch_name), None)
+    if family is None:
+        runs = ", ".join(f.display_name for f in FAMILIES.values())
+        raise InvalidRequestError(f"{what} is a model of the {architectures.display_name(arch_name)} family "
+                                  f"({evidence}): the studio does not run that family yet (it runs {runs})")
+    return family
+
+
+def _index_family(index: Path, what: str) -> Family:
+    """The family of the pipeline whose ``model_index.json`` is ``index`` (its ``_class_name``)."""
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptWeightsError(f"{index} is not a valid diffusers model_index.json ({e})") from None
+    if not isinstance(class_name, str):
+        raise CorruptWeightsError(f"{index} is not a valid diffusers model_index.json (_class_name {class_name!r})")
+    try:
+        return family_for_pipeline_class(class_name)
+    except InvalidRequestError:
+        arch = architectures.recognise_pipeline_class(class_name)
+        if arch is None:
+            raise
+        return _supported_family(arch.name, f"model_index.json names {class_name}", what)
 
 
 def _diffusers_family(folder: Path) -> Family:
-    index = folder / "model_index.json"
+    return _index_family(folder / MODEL_INDEX, str(folder))
+
+
+def _single_file_family(path: Path) -> Family:
+    """The family of a single-file checkpoint, from its tensor names (only the header is read)."""
+    header = check_safetensors(path)
+    arch_name, evidence = architectures.recognise_single_file(header.tensors)
+    if arch_name is None:
+        expected = "; ".join(f"{a.display_name}: {' or '.join(p + '*' for p in a.single_file_prefixes)}"
+                             for a in architectures.ARCHITECTURES.values() if a.single_file_prefixes)
+        raise InvalidRequestError(
+            f"{path} is not a base-model checkpoint the studio recognises: none of its {len(header.tensors)} "
+            f"tensor names is a known model's (expected, e.g. {expected}); an adapter (LoRA) file is imported "
+            f"with 'lora-studio adapters import', not used as a base model"
+        )
+    return _supported_family(arch_name, evidence, str(path))
+
+
+def _hub_family(resolved: BaseModelRef) -> Family:
+    """A Hub id's family from its ``model_index.json``: the Hub cache's copy, else that one file downloaded."""
+    # Imported here, not at the top: resolve() and the CLI's start-up never need huggingface_hub.
+    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    repo_id, revision, what = resolved.location, resolved.revision, f"the Hub model {resolved.ref!r}"
+    not_a_pipeline = BaseModelNotFoundError(
+        f"{what} has no {MODEL_INDEX}, so it is not a diffusers pipeline: pass a diffusers model's id, or a "
+        f"local folder or .safetensors checkpoint")
     try:
-        class_name = json.loads(index.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CorruptWeightsError(f"{index} is not a valid diffusers model_index.json ({e})") from None
-    return family_for_pipeline_class(class_name)
+        cached = try_to_load_from_cache(repo_id, MODEL_INDEX, revision=revision)
+    except HFValidationError as e:  # the Hub's own rules are stricter than the shape resolve() checks
+        raise InvalidRequestError(f"{what} is not a valid Hub id: {e}") from None
+    if isinstance(cached, str):
+        return _index_family(Path(cached), what)
+    if cached is _CACHED_NO_EXIST:
+        raise not_a_pipeline
+    if get_settings().offline:
+        raise OfflineError(
+            f"the family of {what} cannot be known offline (HF_HUB_OFFLINE=1): its {MODEL_INDEX} is not in the "
+            f"Hub cache. Download it on a connected machine (huggingface-cli download {repo_id}) and pass the "
+            f"local folder: --base /path/to/folder"
+        )
+    try:
+        index = hf_hub_download(repo_id, MODEL_INDEX, revision=revision)
+    except LocalEntryNotFoundError as e:  # the Hub could not be reached
+        raise BaseModelNotFoundError(f"could not reach the Hub to read {what}'s {MODEL_INDEX} ({e})") from None
+    except EntryNotFoundError:
+        raise not_a_pipeline from None
+    except OSError as e:  # huggingface_hub's not-found and HTTP errors are OSErrors
+        raise BaseModelNotFoundError(
+            f"could not read {what} from the Hub ({type(e).__name__}: {e}); check the id and revision, or pass a "
+            f"local folder"
+        ) from None
+    return _index_family(Path(index), what)
 
 
 def _check_folder_weights(folder: Path) -> None:
@@ -81,32 +190,42 @@ def _check_folder_weights(folder: Path) -> None:
 
 
 def resolve(ref: str | None = None) -> BaseModelRef:
-    """Turn what a user typed into a :class:`BaseModelRef`, without loading any weights."""
+    """Turn what a user typed into a :class:`BaseModelRef`, without loading any weights.
+
+    Local references are recognised here (a folder's ``model_index.json``, a single file's safetensors
+    header: cheap reads); a Hub id touches neither the network nor the cache until its family is asked for.
+    """
     ref = (ref or get_settings().default_base_model).strip()
     if not ref:
         raise InvalidRequestError("empty base-model reference: use 'tiny', a local folder or file, or a Hub id")
     if ref == TINY:
-        return BaseModelRef(ref=TINY, kind="tiny", location=str(TINY_MODEL_DIR), family="sd1")
+        if not (TINY_MODEL_DIR / MODEL_INDEX).exists():
+            raise BaseModelNotFoundError(f"{TINY_MODEL_DIR} has no {MODEL_INDEX}: rebuild it with: "
+                                         f"python -m studio.app.tiny.build")
+        return BaseModelRef(ref=TINY, kind="tiny", location=str(TINY_MODEL_DIR),
+                            known_family=_diffusers_family(TINY_MODEL_DIR).name)
     path = Path(ref).expanduser()
     if path.exists():
         path = path.resolve()
         if path.is_dir():
-            if not (path / "model_index.json").exists():
+            if not (path / MODEL_INDEX).exists():
                 raise BaseModelNotFoundError(
-                    f"{path} is a folder but not a diffusers pipeline (no model_index.json): pass the folder "
+                    f"{path} is a folder but not a diffusers pipeline (no {MODEL_INDEX}): pass the folder "
                     f"that pipe.save_pretrained() wrote, or a single .safetensors checkpoint"
                 )
-            return BaseModelRef(ref=ref, kind="diffusers", location=str(path), family=_diffusers_family(path).name)
+            return BaseModelRef(ref=ref, kind="diffusers", location=str(path),
+                                known_family=_diffusers_family(path).name)
         refuse_pickle(path)
         if path.suffix.lower() != ".safetensors":
             raise InvalidRequestError(
                 f"{path} is not a .safetensors checkpoint or a diffusers folder: pass one of those"
             )
-        return BaseModelRef(ref=ref, kind="single_file", location=str(path), family="sd1")
+        return BaseModelRef(ref=ref, kind="single_file", location=str(path),
+                            known_family=_single_file_family(path).name)
     refuse_pickle(path)
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         repo_id, _, revision = ref.partition("@")
-        return BaseModelRef(ref=ref, kind="hub", location=repo_id, family="sd1", revision=revision or None)
+        return BaseModelRef(ref=ref, kind="hub", location=repo_id, revision=revision or None)
     raise BaseModelNotFoundError(
         f"base model {ref!r} not found: use 'tiny', a local diffusers folder, a .safetensors checkpoint, "
         f"or a Hub id like owner/name"
@@ -152,15 +271,21 @@ def device_and_dtype():
 def _load(resolved: BaseModelRef):
     import torch  # noqa: F401  (diffusers needs it; imported here to keep CLI start-up light)
 
+    if resolved.kind == "hub" and get_settings().offline:
+        raise OfflineError(
+            f"{resolved.ref!r} is a Hugging Face Hub id and the studio is offline (HF_HUB_OFFLINE=1). "
+            f"Download it on a connected machine (huggingface-cli download {resolved.location}) and pass the "
+            f"local folder: --base /path/to/folder"
+        )
     family = get_family(resolved.family)
     cls = family.pipeline_class("text2img")
     device, dtype = device_and_dtype()
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if resolved.kind in ("tiny", "diffusers"):
         folder = Path(resolved.location)
-        if not (folder / "model_index.json").exists():
+        if not (folder / MODEL_INDEX).exists():
             hint = "rebuild it with: python -m studio.app.tiny.build" if resolved.kind == "tiny" else "check the folder"
-            raise BaseModelNotFoundError(f"{folder} has no model_index.json: {hint}")
+            raise BaseModelNotFoundError(f"{folder} has no {MODEL_INDEX}: {hint}")
         _check_folder_weights(folder)
         try:
             pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **common)
@@ -170,18 +295,16 @@ def _load(resolved: BaseModelRef):
         path = Path(resolved.location)
         check_safetensors(path)
         from diffusers.loaders.single_file_utils import SingleFileComponentError
-        from transformers import CLIPTokenizer
 
-        from studio.core.single_file import single_file_config_dir
-
-        # SD-1's tokenizer is the embedded model's (the real vocabulary): no download needed.
-        tokenizer = CLIPTokenizer.from_pretrained(TINY_MODEL_DIR / "tokenizer")
-        # Files the studio exported carry their own component configs (any SD-1 shape, the tiny
-        # model's included); other files are read with SD-1.5's.
-        with single_file_config_dir(path, family.single_file_config_dir) as config_dir:
+        layout = layout_of(family)
+        # Single files hold no tokenizer: the layout names a folder with the family's own (no download).
+        tokenizers = _layout_tokenizers(layout)
+        # Files the studio exported carry their own component configs (any shape of the family, the
+        # tiny model's included); other files are read with the layout's reference configs.
+        with single_file_config_dir(path, layout) as config_dir:
             try:
                 pipe = cls.from_single_file(
-                    str(path), config=str(config_dir), tokenizer=tokenizer, local_files_only=True, **common,
+                    str(path), config=str(config_dir), local_files_only=True, **tokenizers, **common,
                 )
             except (KeyError, ValueError, RuntimeError, SingleFileComponentError) as e:
                 raise CorruptWeightsError(
@@ -203,6 +326,20 @@ def _load(resolved: BaseModelRef):
             ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _layout_tokenizers(layout: SingleFileLayout) -> dict:
+    """The tokenizers a single file of ``layout`` needs, by component, as its ``model_index.json`` classes them."""
+    import transformers  # only loading a single file needs it
+
+    index = json.loads((Path(layout.config_dir) / MODEL_INDEX).read_text())
+    out = {}
+    for name, folder in layout.tokenizers.items():
+        library, class_name = index[name]
+        if library != "transformers":
+            raise ValueError(f"{layout.config_dir}/{MODEL_INDEX}: tokenizer {name} is from {library!r}")
+        out[name] = getattr(transformers, class_name).from_pretrained(folder)
+    return out
 
 
 def load_pipeline(ref: str | None = None):
@@ -249,8 +386,9 @@ def recommended_settings(resolved: BaseModelRef) -> dict:
 
 
 def native_resolution(pipe) -> int:
-    """The side the pipeline's UNet was trained at: ``sample_size * vae_scale_factor``."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The side the pipeline's denoiser was trained at: ``sample_size * vae_scale_factor``."""
+    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
+    return int(denoiser.config.sample_size * pipe.vae_scale_factor)
 
 
 def model_hash(resolved: BaseModelRef) -> str:
@@ -259,16 +397,9 @@ def model_hash(resolved: BaseModelRef) -> str:
     Single files hash the whole file (Civitai's AutoV2); folders hash the denoiser's weights file.
     Hub ids that are not downloaded have no local bytes to hash and return "".
     """
-    if resolved.kind == "single_file":
-        target = Path(resolved.location)
-    elif resolved.kind in ("tiny", "diffusers"):
-        candidates = sorted((Path(resolved.location) / "unet").glob("*.safetensors"))
-        if not candidates:
-            return ""
-        target = candidates[0]
-    else:
+    if resolved.kind == "hub":
         return ""
-    return _cached_file_sha256(str(target), target.stat().st_mtime_ns)[:10]
+    return component_sha256(resolved, get_family(resolved.family).denoiser)[:10]
 
 
 def component_sha256(resolved: BaseModelRef, component: str) -> str:
@@ -314,21 +445,29 @@ class BaseModelInfo:
 
 
 def list_base_models() -> list[BaseModelInfo]:
-    """The embedded model plus every diffusers folder / .safetensors file in ``$LORA_STUDIO_HOME/models``."""
-    rows = [BaseModelInfo(ref=TINY, kind="tiny", family="sd1", location=str(TINY_MODEL_DIR),
-                          description="embedded tiny SD-1 model (32 px scenes), works offline")]
+    """The embedded model plus every diffusers folder / .safetensors file in ``$LORA_STUDIO_HOME/models``.
+
+    Families are recognised as :func:`resolve` recognises them; a model the studio cannot run (an
+    unsupported family, an unrecognised file) is listed with family ``?`` and the reason, not hidden.
+    """
+    tiny = get_family(resolve(TINY).family)
+    rows = [BaseModelInfo(ref=TINY, kind="tiny", family=tiny.name, location=str(TINY_MODEL_DIR),
+                          description=f"embedded tiny {tiny.display_name} model (32 px scenes), works offline")]
     models_dir = get_settings().home / "models"
     if models_dir.is_dir():
         for entry in sorted(models_dir.iterdir()):
-            if entry.is_dir() and (entry / "model_index.json").exists():
-                try:
-                    fam = _diffusers_family(entry).name
-                except Exception as e:  # an unsupported folder is listed with its reason, not hidden
-                    rows.append(BaseModelInfo(str(entry), "diffusers", "?", str(entry), f"unsupported: {e}"))
-                    continue
-                rows.append(BaseModelInfo(str(entry), "diffusers", fam, str(entry), "diffusers folder"))
-            elif entry.suffix.lower() == ".safetensors":
-                rows.append(BaseModelInfo(str(entry), "single_file", "sd1", str(entry), "single-file checkpoint"))
+            if entry.is_dir() and (entry / MODEL_INDEX).exists():
+                kind, recognise, description = "diffusers", _diffusers_family, "diffusers folder"
+            elif entry.is_file() and entry.suffix.lower() == ".safetensors":
+                kind, recognise, description = "single_file", _single_file_family, "single-file checkpoint"
+            else:
+                continue
+            try:
+                family = recognise(entry).name
+            except (StudioError, OSError) as e:  # a model the studio cannot run is listed with its reason
+                rows.append(BaseModelInfo(str(entry), kind, "?", str(entry), f"unsupported: {e}"))
+                continue
+            rows.append(BaseModelInfo(str(entry), kind, family, str(entry), description))
     return rows
 
 

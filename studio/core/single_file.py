@@ -1,16 +1,20 @@
-"""SD-1 pipelines as one safetensors file in the original LDM/A1111 key layout, and back.
+"""Pipelines as one safetensors file in their family's original (A1111/ComfyUI) key layout, and back.
 
-:func:`export_single_file` writes the UNet, VAE and CLIP text encoder of a diffusers SD-1 pipeline
-into one ``.safetensors`` file under the keys the original Stable Diffusion code, A1111 and ComfyUI
-use (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``). It
-is the inverse of diffusers' own single-file conversion (``diffusers.loaders.single_file_utils``):
-diffusers loads what this writes and gets back the very same tensors.
+Which components go in, under which key prefixes, as which classes, and with which renaming is the
+family's :class:`~studio.core.families.base.SingleFileLayout`; this module holds the renamings and
+the file handling. SD-1's layout is the original Stable Diffusion (LDM) one: the UNet, VAE and CLIP
+text encoder under ``model.diffusion_model.*``, ``first_stage_model.*`` and
+``cond_stage_model.transformer.*``. :func:`export_single_file` is the inverse of diffusers' own
+single-file conversion (``diffusers.loaders.single_file_utils``): diffusers loads what this writes
+and gets back the very same tensors. The SD UNet's and VAE's LDM renamings are shared by the
+families built on them; a layout reaches them by name (:data:`CONVERTERS`), so a file is only ever
+converted the way its own family's layout says.
 
 The file's safetensors metadata names the format and carries the diffusers component configs as
 JSON (``lora_studio.configs``). :func:`single_file_config_dir` turns those back into a config folder
-for ``from_single_file``, so checkpoints that are not shaped like SD-1.5 (the embedded tiny model,
-say) load offline too; files without them (A1111/Civitai downloads) use SD-1.5's configs.
-Nothing here imports torch or diffusers at import time.
+for ``from_single_file``, so checkpoints not shaped like the family's reference model (the embedded
+tiny model, say) load offline too; files without them (A1111/Civitai downloads) use the layout's
+configs. Nothing here imports torch or diffusers at import time.
 """
 
 from __future__ import annotations
@@ -25,21 +29,19 @@ from pathlib import Path
 
 from studio.core.atomic import write_atomic
 from studio.core.errors import CorruptWeightsError, InvalidRequestError
+from studio.core.families import FAMILIES, family_of_pipeline
+from studio.core.families.base import Family, SingleFileLayout
 
 FORMAT_KEY = "lora_studio.format"
-FORMAT = "sd1-ldm-single-file"
 FORMAT_VERSION_KEY = "lora_studio.format_version"
 FORMAT_VERSION = "1"
 CONFIGS_KEY = "lora_studio.configs"
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+# The file names diffusers gives a model's and a scheduler's config inside a pipeline folder.
+MODEL_CONFIG_FILE = "config.json"
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-# The component classes an SD-1 single file holds; anything else has no place in the LDM layout.
-_COMPONENT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
 _UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -75,13 +77,13 @@ def _rename(key: str, prefixes: dict[str, tuple[str, dict[str, str]]], what: str
                 rest = f"{names[module]}.{param}"
             return f"{target}.{rest}"
     raise InvalidRequestError(
-        f"the {what} has a weight {key!r} with no place in the SD-1 (LDM) layout: only plain SD-1 pipelines "
+        f"the {what} has a weight {key!r} with no place in the original (LDM) layout: only plain pipelines "
         f"can be exported (fuse or unload LoRA adapters first)"
     )
 
 
 def _unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
-    """diffusers UNet module prefix -> (LDM prefix, renames inside it), for an SD-1-shaped config."""
+    """diffusers UNet module prefix -> (LDM prefix, renames inside it), for an SD-UNet-shaped config."""
     down_types = list(config.get("down_block_types") or ())
     up_types = list(config.get("up_block_types") or ())
     per_block = config.get("layers_per_block")
@@ -98,7 +100,7 @@ def _unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
         if config.get(option) is not None:
             problems.append(f"{option} is set")
     if problems:
-        raise InvalidRequestError("the UNet is not SD-1 shaped, so it has no LDM layout: " + "; ".join(problems))
+        raise InvalidRequestError("the UNet is not SD-UNet shaped, so it has no LDM layout: " + "; ".join(problems))
 
     plain: dict[str, str] = {}
     resnet = _UNET_RESNET_NAMES
@@ -139,9 +141,9 @@ def _unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
 
 
 def unet_to_ldm(state_dict: dict, config: dict) -> dict:
-    """A diffusers ``UNet2DConditionModel`` state dict -> LDM keys (``model.diffusion_model.*``)."""
+    """A diffusers ``UNet2DConditionModel`` state dict -> LDM UNet keys (``input_blocks.*``, ...), unprefixed."""
     prefixes = _unet_prefixes(dict(config))
-    return {UNET_PREFIX + _rename(k, prefixes, "UNet"): v for k, v in state_dict.items()}
+    return {_rename(k, prefixes, "UNet"): v for k, v in state_dict.items()}
 
 
 def _vae_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
@@ -150,7 +152,7 @@ def _vae_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
     blocks = len(config.get("down_block_types") or ())
     per_block = config.get("layers_per_block")
     if not blocks or not isinstance(per_block, int) or len(config.get("up_block_types") or ()) != blocks:
-        raise InvalidRequestError("the VAE is not SD-1 shaped (AutoencoderKL with matching encoder and decoder)")
+        raise InvalidRequestError("the VAE is not LDM shaped (AutoencoderKL with matching encoder and decoder)")
     prefixes = {name: (name, plain) for name in ("quant_conv", "post_quant_conv")}
     for part in ("encoder", "decoder"):
         prefixes[f"{part}.conv_in"] = (f"{part}.conv_in", plain)
@@ -171,7 +173,7 @@ def _vae_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
 
 
 def vae_to_ldm(state_dict: dict, config: dict) -> dict:
-    """A diffusers ``AutoencoderKL`` state dict -> LDM keys (``first_stage_model.*``).
+    """A diffusers ``AutoencoderKL`` state dict -> LDM VAE keys (``encoder.down.*``, ...), unprefixed.
 
     The mid-block attention's linear projections become the 1x1 convolutions of LDM's AttnBlock
     (``[C, C]`` -> ``[C, C, 1, 1]``), which is what diffusers' loader and A1111 expect.
@@ -182,19 +184,46 @@ def vae_to_ldm(state_dict: dict, config: dict) -> dict:
         ldm = _rename(key, prefixes, "VAE")
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and value.ndim == 2:
             value = value[:, :, None, None]
-        out[VAE_PREFIX + ldm] = value
+        out[ldm] = value
     return out
 
 
-def text_encoder_to_ldm(state_dict: dict) -> dict:
-    """A transformers ``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*``."""
+def clip_text_to_ldm(state_dict: dict, config=None) -> dict:
+    """A transformers ``CLIPTextModel`` state dict -> ``text_model.*`` keys, unprefixed (the LDM
+    checkpoints keep the whole transformers model under the text encoder's prefix)."""
     out = {}
     for key, value in state_dict.items():
         # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); the layout keeps it.
         if not key.startswith("text_model."):
             key = f"text_model.{key}"
-        out[TEXT_ENCODER_PREFIX + key] = value
+        out[key] = value
     return out
+
+
+# The renamings a layout names (``SingleFileComponent.converter``): (state dict, config) -> the
+# file's keys for that component, without its prefix.
+CONVERTERS = {"ldm_unet": unet_to_ldm, "ldm_vae": vae_to_ldm, "ldm_clip_text": clip_text_to_ldm}
+
+
+def to_single_file(layout: SingleFileLayout, component: str, state_dict: dict, config) -> dict:
+    """One component's state dict under the keys ``layout`` gives it (its renaming, then its prefix)."""
+    part = layout.component(component)
+    convert = CONVERTERS[part.converter]
+    return {part.prefix + key: value for key, value in convert(state_dict, config).items()}
+
+
+def layout_of(family: Family) -> SingleFileLayout:
+    """``family``'s single-file layout, or a clear error naming the families that have one."""
+    if family.single_file is None:
+        having = ", ".join(f.display_name for f in FAMILIES.values() if f.single_file is not None)
+        raise InvalidRequestError(f"the studio has no single-file layout for {family.display_name} "
+                                  f"(it has one for: {having})")
+    return family.single_file
+
+
+def layout_of_format(name: str | None) -> SingleFileLayout | None:
+    """The layout whose files carry ``lora_studio.format`` = ``name``; None if no family writes it."""
+    return next((f.single_file for f in FAMILIES.values() if f.single_file and name in f.single_file.formats), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,29 +231,41 @@ def text_encoder_to_ldm(state_dict: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _component_configs(pipe) -> dict:
-    """The diffusers/transformers configs of the exported components, as plain JSON values."""
-    configs = {}
-    for name in ("unet", "vae", "scheduler"):
-        configs[name] = json.loads(getattr(pipe, name).to_json_string())
-    configs["text_encoder"] = json.loads(pipe.text_encoder.config.to_json_string(use_diff=False))
+def _component_configs(pipe, layout: SingleFileLayout) -> dict:
+    """The diffusers/transformers configs of the exported components and the scheduler, as plain JSON values."""
+    configs = {layout.scheduler: json.loads(getattr(pipe, layout.scheduler).to_json_string())}
+    for part in layout.components:
+        component = getattr(pipe, part.component)
+        if part.library == "transformers":
+            configs[part.component] = json.loads(component.config.to_json_string(use_diff=False))
+        else:
+            configs[part.component] = json.loads(component.to_json_string())
     for config in configs.values():
         config.pop("_name_or_path", None)  # a path on the exporting machine: no use elsewhere
     return configs
 
 
-def _check_pipeline(pipe) -> None:
-    for name, class_name in _COMPONENT_CLASSES.items():
-        component = getattr(pipe, name, None)
-        if component is None or type(component).__name__ != class_name:
+def _pipeline_layout(pipe) -> tuple[Family, SingleFileLayout]:
+    """The family and single-file layout of ``pipe``, after checking it holds the layout's classes."""
+    try:
+        family = family_of_pipeline(pipe)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{type(pipe).__name__} has no single-file layout: {e}") from None
+    layout = layout_of(family)
+    for part in layout.components:
+        component = getattr(pipe, part.component, None)
+        if component is None or type(component).__name__ != part.class_name:
             found = "nothing" if component is None else type(component).__name__
             raise InvalidRequestError(
-                f"the pipeline's {name} is {found}, not {class_name}: only SD-1 pipelines have a single-file layout"
+                f"the pipeline's {part.component} is {found}, not {part.class_name}: only plain "
+                f"{family.display_name} pipelines have its single-file layout"
             )
+    return family, layout
 
 
 def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | None = None) -> Path:
-    """Write an SD-1 pipeline's UNet, VAE and text encoder as one LDM-layout safetensors file.
+    """Write a pipeline's weights as one safetensors file in its family's original layout (SD-1: the
+    UNet, VAE and text encoder in the LDM layout).
 
     ``pipeline_or_folder`` is a loaded pipeline or any base-model reference (``tiny``, a diffusers
     folder, a single file...), loaded through the studio's cache. ``dtype`` (``float16``,
@@ -240,38 +281,36 @@ def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | Non
     if dtype is not None and dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(pipeline_or_folder, (str, Path)):
+        # base_models imports this module to load single files: importing it back at the top would be a cycle.
         from studio.core.base_models import load_fresh_pipeline
 
         pipe = load_fresh_pipeline(str(pipeline_or_folder))
     else:
         pipe = pipeline_or_folder
-    _check_pipeline(pipe)
-    for name in _COMPONENT_CLASSES:
-        if any(".base_layer." in k or ".lora_" in k for k in getattr(pipe, name).state_dict()):
+    family, layout = _pipeline_layout(pipe)
+    state_dicts = {part.component: getattr(pipe, part.component).state_dict() for part in layout.components}
+    for name, state_dict in state_dicts.items():
+        if any(".base_layer." in k or ".lora_" in k for k in state_dict):
             raise InvalidRequestError(
                 f"the pipeline's {name} has LoRA layers in it: fuse them (pipe.fuse_lora()) and unload them, "
                 f"or export the base model without adapters"
             )
 
-    tensors = {
-        **unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
-        **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
-        **text_encoder_to_ldm(pipe.text_encoder.state_dict()),
-    }
+    tensors = {}
+    for name, state_dict in state_dicts.items():
+        tensors.update(to_single_file(layout, name, state_dict, getattr(pipe, name).config))
     target = getattr(torch, dtype) if dtype else None
     for key, value in tensors.items():
         value = value.detach().to("cpu")
         if target is not None and value.is_floating_point():
             value = value.to(target)
         tensors[key] = value.contiguous()
-    from studio.core.families import get_family
-
     metadata = {
         "format": "pt",  # what safetensors' torch helpers and A1111 write
-        FORMAT_KEY: FORMAT,
+        FORMAT_KEY: layout.format,
         FORMAT_VERSION_KEY: FORMAT_VERSION,
-        CONFIGS_KEY: json.dumps(_component_configs(pipe), sort_keys=True),
-        "modelspec.architecture": get_family("sd1").modelspec_architecture,
+        CONFIGS_KEY: json.dumps(_component_configs(pipe, layout), sort_keys=True),
+        "modelspec.architecture": family.modelspec_architecture,
     }
 
     # Streamed tensor by tensor through the studio's atomic writer: safetensors' own save_file would
@@ -334,9 +373,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         ) from None
 
 
-def embedded_configs(path: str | Path) -> dict | None:
-    """The component configs an exported file carries, checked; ``None`` for other files."""
-    raw = read_metadata(path).get(CONFIGS_KEY)
+def embedded_configs(path: str | Path, layout: SingleFileLayout) -> dict | None:
+    """The component configs an exported file of ``layout`` carries, checked; ``None`` for other files."""
+    metadata = read_metadata(path)
+    raw = metadata.get(CONFIGS_KEY)
     if raw is None:
         return None
 
@@ -344,23 +384,29 @@ def embedded_configs(path: str | Path) -> dict | None:
         return CorruptWeightsError(f"{path} has damaged model configs in its metadata ({CONFIGS_KEY}: {reason}): "
                                    f"export it again")
 
+    # A file that names another layout's format would have its configs built by the wrong pipeline.
+    written_as = metadata.get(FORMAT_KEY)
+    if written_as is not None and written_as not in layout.formats:
+        raise damaged(f"written as {written_as!r}, but its tensors are {layout.format!r}'s")
     try:
         configs = json.loads(raw)
     except ValueError as e:
         raise damaged(f"not JSON, {e}") from None
-    if not isinstance(configs, dict) or not all(isinstance(configs.get(n), dict) for n in (*_COMPONENT_CLASSES,
-                                                                                          "scheduler")):
-        raise damaged("needs objects for unet, vae, text_encoder and scheduler")
-    # The configs choose which classes get built: only SD-1's own ones, never whatever a file names.
-    for name in ("unet", "vae"):
-        if configs[name].get("_class_name") != _COMPONENT_CLASSES[name]:
-            raise damaged(f"{name} is {configs[name].get('_class_name')!r}, not {_COMPONENT_CLASSES[name]}")
-    if configs["text_encoder"].get("model_type") != "clip_text_model":
-        raise damaged(f"text_encoder is {configs['text_encoder'].get('model_type')!r}, not clip_text_model")
-    configs["text_encoder"].pop("auto_map", None)  # never point transformers at code from a file
-    scheduler = configs["scheduler"].get("_class_name")
+    names = (*(part.component for part in layout.components), layout.scheduler)
+    if not isinstance(configs, dict) or not all(isinstance(configs.get(n), dict) for n in names):
+        raise damaged(f"needs objects for {', '.join(names[:-1])} and {names[-1]}")
+    # The configs choose which classes get built: only the layout's own ones, never whatever a file names.
+    for part in layout.components:
+        config = configs[part.component]
+        if part.library == "transformers":
+            if config.get("model_type") != part.model_type:
+                raise damaged(f"{part.component} is {config.get('model_type')!r}, not {part.model_type}")
+            config.pop("auto_map", None)  # never point transformers at code from a file
+        elif config.get("_class_name") != part.class_name:
+            raise damaged(f"{part.component} is {config.get('_class_name')!r}, not {part.class_name}")
+    scheduler = configs[layout.scheduler].get("_class_name")
     if not _is_diffusers_scheduler(scheduler):
-        raise damaged(f"scheduler {scheduler!r} is not a diffusers scheduler")
+        raise damaged(f"{layout.scheduler} {scheduler!r} is not a diffusers scheduler")
     return configs
 
 
@@ -374,25 +420,25 @@ def _is_diffusers_scheduler(name) -> bool:
 
 
 @contextlib.contextmanager
-def single_file_config_dir(path: str | Path, default: Path) -> Iterator[Path]:
-    """A diffusers config folder for loading ``path`` with ``from_single_file``.
+def single_file_config_dir(path: str | Path, layout: SingleFileLayout) -> Iterator[Path]:
+    """A diffusers config folder for loading ``path``, a file of ``layout``, with ``from_single_file``.
 
     Files this module exported carry their configs: they are written to a temporary folder that
-    lives while the ``with`` block runs. Other files get ``default`` (the family's configs).
+    lives while the ``with`` block runs. Other files get the layout's own ``config_dir``.
     """
-    configs = embedded_configs(path)
+    configs = embedded_configs(path, layout)
     if configs is None:
-        yield Path(default)
+        yield Path(layout.config_dir)
         return
     tmp = Path(tempfile.mkdtemp(prefix="lora-studio-config-"))
     try:
-        # model_index.json comes from the family's own (it names the libraries and classes that get
+        # model_index.json comes from the layout's own (it names the libraries and classes that get
         # imported); only the scheduler class is the file's, and it was checked above.
-        index = json.loads((Path(default) / "model_index.json").read_text())
-        index["scheduler"] = ["diffusers", configs["scheduler"]["_class_name"]]
+        index = json.loads((Path(layout.config_dir) / "model_index.json").read_text())
+        index[layout.scheduler] = ["diffusers", configs[layout.scheduler]["_class_name"]]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        files = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                 "scheduler": "scheduler_config.json"}
+        files = {part.component: MODEL_CONFIG_FILE for part in layout.components}
+        files[layout.scheduler] = SCHEDULER_CONFIG_FILE
         for name, filename in files.items():
             (tmp / name).mkdir()
             (tmp / name / filename).write_text(json.dumps(configs[name], indent=2))

@@ -38,6 +38,54 @@ class TextEncoder:
 
 
 @dataclass(frozen=True)
+class SingleFileComponent:
+    """One pipeline component as the family's original single-file checkpoints hold it.
+
+    ``converter`` names the renaming (in ``studio.core.single_file``) that takes the component's
+    diffusers/transformers keys to the file's, without ``prefix``; ``class_name`` is the class the
+    component must be (diffusers' ``_class_name``), and for a transformers model ``model_type`` is
+    what its config must declare, so a file's embedded configs can never build another class.
+    """
+
+    component: str
+    prefix: str
+    class_name: str
+    converter: str
+    library: str = "diffusers"  # "diffusers" | "transformers": how its config is written and checked
+    model_type: str | None = None
+
+
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """How a family's pipeline is written as one ``.safetensors`` file in its original key layout.
+
+    ``format`` is the value the studio writes under ``lora_studio.format`` (``read_formats`` lists
+    older values it still reads); ``config_dir`` holds the component configs (and ``model_index.json``)
+    used for files that carry none; ``tokenizers`` maps a tokenizer component to a folder holding its
+    files, since single files carry no tokenizer; ``scheduler`` is the component whose config an
+    exported file carries beside the weights' own.
+    """
+
+    format: str
+    components: tuple[SingleFileComponent, ...]
+    config_dir: Path
+    tokenizers: Mapping[str, Path] = field(default_factory=dict)
+    scheduler: str = "scheduler"
+    read_formats: tuple[str, ...] = ()
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Every ``lora_studio.format`` value a file of this layout may carry."""
+        return (self.format, *self.read_formats)
+
+    def component(self, name: str) -> SingleFileComponent:
+        for part in self.components:
+            if part.component == name:
+                return part
+        raise KeyError(f"the single-file layout {self.format!r} has no component {name!r}")
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything the studio needs to know about one base-model architecture.
 
@@ -56,7 +104,6 @@ class Family:
     kohya_base_model_version: str
     modelspec_architecture: str
     default_guidance_scale: float = 7.5
-    single_file_config_dir: Path | None = None
     extra_pipeline_class_names: tuple[str, ...] = field(default=())
     # What identifies the family in files (key patterns, widths, single-file prefixes, pipeline classes).
     architecture: Architecture | None = None
@@ -87,6 +134,13 @@ class Family:
     hub_tags: tuple[str, ...] = ()
     # Settings a first run should start from (keys as in the training config's sections).
     recommended: Mapping[str, Any] = field(default_factory=dict)
+    # The original (A1111/ComfyUI) single-file layout; None when the studio has none for the family.
+    single_file: SingleFileLayout | None = None
+
+    @property
+    def single_file_config_dir(self) -> Path | None:
+        """The component configs for single files that carry none (see :class:`SingleFileLayout`)."""
+        return self.single_file.config_dir if self.single_file else None
 
     @property
     def pipeline_class_names(self) -> tuple[str, ...]:

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from studio.core.embedded import TINY_MODEL_DIR
 from studio.core.families import architectures
-from studio.core.families.base import Family, TextEncoder
+from studio.core.families.base import Family, SingleFileComponent, SingleFileLayout, TextEncoder
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # LoCon-style: attention plus the ResNet convolutions, the projections around the transformer
@@ -40,6 +41,22 @@ def condition(components: Mapping[str, Any], prompts: list[str]) -> dict[str, An
     return {"encoder_hidden_states": encode_prompts(components["tokenizer"], components["text_encoder"], prompts)}
 
 
+# The original Stable Diffusion (LDM) checkpoint layout that A1111 and ComfyUI read and write. The
+# format name is what the studio writes into the files it exports; files already written carry it,
+# so it never changes. The tokenizer is the embedded model's: SD-1's real CLIP vocabulary.
+SINGLE_FILE = SingleFileLayout(
+    format="sd1-ldm-single-file",
+    components=(
+        SingleFileComponent("unet", "model.diffusion_model.", "UNet2DConditionModel", converter="ldm_unet"),
+        SingleFileComponent("vae", "first_stage_model.", "AutoencoderKL", converter="ldm_vae"),
+        SingleFileComponent("text_encoder", "cond_stage_model.transformer.", "CLIPTextModel",
+                            converter="ldm_clip_text", library="transformers", model_type="clip_text_model"),
+    ),
+    config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
+    tokenizers={"tokenizer": TINY_MODEL_DIR / "tokenizer"},
+)
+
+
 SD1 = Family(
     name="sd1",
     display_name="Stable Diffusion 1.x",
@@ -50,7 +67,7 @@ SD1 = Family(
     text_encoder_target_modules=TEXT_ENCODER,
     kohya_base_model_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1",
-    single_file_config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
+    single_file=SINGLE_FILE,
     architecture=architectures.SD1,
     condition=condition,
     denoiser="unet",
