@@ -124,6 +124,8 @@ class Family:
     call_denoiser: Callable[..., Any] | None = None
     # The denoiser's component name in the pipeline and in peft/diffusers keys ("unet" | "transformer").
     denoiser: str = "unet"
+    # What a page calls the denoiser when it labels its strength ("UNet" for SD-1, "transformer" for Flux).
+    denoiser_label: str = "denoiser"
     # kohya-style key prefixes of the denoiser; the first is the one the studio writes.
     denoiser_kohya_prefixes: tuple[str, ...] = ("lora_unet_",)
     text_encoders: tuple[TextEncoder, ...] = ()

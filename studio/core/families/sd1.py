@@ -71,6 +71,7 @@ SD1 = Family(
     architecture=architectures.SD1,
     condition=condition,
     denoiser="unet",
+    denoiser_label="UNet",
     denoiser_kohya_prefixes=("lora_unet_",),
     text_encoders=(TextEncoder("text_encoder", "tokenizer", ("lora_te_", "lora_te1_"), kind="clip",
                                target_modules=TEXT_ENCODER),),
