@@ -31,11 +31,13 @@ import functools
 import math
 import os
 import re
+import reprlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from studio.core.errors import InvalidRequestError
+from studio.core.families import FAMILIES, Family
 
 MAX_ABS_WEIGHT = 4.0
 DEFAULT_CACHE_SIZE = 8
@@ -44,62 +46,136 @@ _BLOCK_KEYS = {"down", "mid", "up"}
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One adapter of a stack: what to load and how strongly.
+    """One adapter of a stack: what to load, how strongly, and (once it ran) the exact file it was.
 
-    ``weight`` scales every component; ``unet`` / ``text_encoder`` override it per component
-    (ComfyUI's strength_model / strength_clip); ``blocks`` gives per-block UNet weights in diffusers'
-    form, e.g. ``{"down": 0.9, "mid": 1.0, "up": {"block_0": 0.6}}`` (it replaces ``unet``).
+    ``weight`` scales every component. ``denoiser`` and ``text_encoders`` override it per role
+    (ComfyUI's strength_model / strength_clip): the denoiser is the family's UNet or transformer, the
+    text encoders are all of the family's text encoders. ``blocks`` gives per-block denoiser weights in
+    diffusers' form, e.g. ``{"down": 0.9, "mid": 1.0, "up": {"block_0": 0.6}}`` (it replaces ``denoiser``).
+
+    ``name``, ``version`` and ``tensor_sha256`` pin what ``ref`` resolved to when an image was made
+    (``version`` is None for an adapter used from a file): generation fills them in, the recipe records
+    them, and a re-run refuses an adapter whose tensors changed since.
+
+    A stack is parsed into specs once, where it enters the studio (the CLI's flags, the UI's widgets, a
+    recipe's JSON through :meth:`from_dict`), and carried as specs; :meth:`to_dict` writes a recipe's entry.
     """
 
     ref: str
     weight: float = 1.0
-    unet: float | None = None
-    text_encoder: float | None = None
+    denoiser: float | None = None
+    text_encoders: float | None = None
     blocks: dict | None = None
+    name: str | None = None
+    version: int | None = None
+    tensor_sha256: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ref, str) or not self.ref.strip():
+        if not isinstance(self.ref, str):
+            raise InvalidRequestError(f"an adapter reference must be text (a name, name@version or a file path), "
+                                      f"got {reprlib.repr(self.ref)}")
+        if not self.ref.strip():
             raise InvalidRequestError("an adapter reference is empty: give a name, name@version or a file path")
-        for label, value in (("weight", self.weight), ("unet weight", self.unet),
-                             ("text-encoder weight", self.text_encoder)):
-            if value is None:
-                continue
-            _check_weight(value, f"{label} of {self.ref}")
+        _check_weight(self.weight, f"weight of {self.ref}")
+        for label, value in (("denoiser weight", self.denoiser), ("text-encoder weight", self.text_encoders)):
+            if value is not None:
+                _check_weight(value, f"{label} of {self.ref}")
         if self.blocks is not None:
             _check_blocks(self.blocks, self.ref)
+        for key, ok, what in (
+            ("name", self.name is None or isinstance(self.name, str), "text"),
+            ("version", self.version is None or (isinstance(self.version, int) and not isinstance(self.version, bool)),
+             "a whole number (none for an adapter used from a file)"),
+            ("tensor_sha256", self.tensor_sha256 is None or (isinstance(self.tensor_sha256, str)
+                                                             and re.fullmatch(r"[0-9a-f]{64}", self.tensor_sha256)),
+             "64 lowercase hex digits"),
+        ):
+            if not ok:
+                raise InvalidRequestError(f"adapter entry for {self.ref}: {key} must be {what}, got "
+                                          f"{reprlib.repr(getattr(self, key))}")
 
     @property
-    def unet_weight(self):
+    def denoiser_weight(self) -> float | dict:
+        """What the denoiser gets: the per-block weights when given, else its strength."""
         if self.blocks is not None:
             return self.blocks
-        return self.weight if self.unet is None else self.unet
+        return self.weight if self.denoiser is None else self.denoiser
 
     @property
     def text_encoder_weight(self) -> float:
-        return self.weight if self.text_encoder is None else self.text_encoder
+        """What each of the family's text encoders gets."""
+        return self.weight if self.text_encoders is None else self.text_encoders
 
     def is_zero(self) -> bool:
-        return _all_zero(self.unet_weight) and self.text_encoder_weight == 0
+        return _all_zero(self.denoiser_weight) and self.text_encoder_weight == 0
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    @staticmethod
+    def strength_keys(family: Family | None = None) -> tuple[str, str]:
+        """The keys a recipe entry holds the denoiser's and the text encoders' strengths under.
+
+        For a family, the pipeline component names, as diffusers' ``set_adapters(adapter_weights=...)``
+        keys them: the denoiser's (SD-1: ``unet``), and the text encoder's when the family has one
+        (SD-1: ``text_encoder``) -- what SD-1 recipes have always held. A family with several text encoders,
+        or no family, uses the role names ``text_encoders`` (and ``denoiser``), one strength for all of them.
+        """
+        if family is None:
+            return "denoiser", "text_encoders"
+        encoders = family.text_encoder_components
+        return family.denoiser, encoders[0] if len(encoders) == 1 else "text_encoders"
+
+    @classmethod
+    def _strength_spellings(cls) -> dict[str, str]:
+        """Every key a recipe entry may hold a per-role strength under -> the field it fills."""
+        keys = [cls.strength_keys(None)] + [cls.strength_keys(family) for family in FAMILIES.values()]
+        return {key: role for pair in keys for key, role in zip(pair, ("denoiser", "text_encoders"), strict=True)}
+
+    def to_dict(self, family: Family | None = None) -> dict:
+        """The entry as a recipe stores it: the per-role strengths under :meth:`strength_keys` of the base
+        model's ``family``, fields left at None left out, except that a pinned entry always says its version
+        (null: a file)."""
+        data = asdict(self)  # a deep copy: the caller may change the blocks it gets
+        denoiser_key, text_encoders_key = self.strength_keys(family)
+        out = {"ref": data["ref"], "weight": data["weight"]}
+        for key, value in ((denoiser_key, data["denoiser"]), (text_encoders_key, data["text_encoders"]),
+                           ("blocks", data["blocks"]), ("name", data["name"])):
+            if value is not None:
+                out[key] = value
+        if self.tensor_sha256 is not None or self.version is not None:
+            out["version"] = self.version
+        if self.tensor_sha256 is not None:
+            out["tensor_sha256"] = self.tensor_sha256
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterSpec:
-        if not isinstance(data, dict) or "ref" not in data:
-            raise InvalidRequestError(f"adapter entry {data!r} needs at least a 'ref'")
-        unknown = set(data) - {"ref", "weight", "unet", "text_encoder", "blocks", "name", "version", "tensor_sha256"}
+        """An entry as a recipe stores it (see :meth:`to_dict`). The strengths may be spelled as any
+        family writes them (``unet`` for SD-1's denoiser) or by their role; a null means the default."""
+        if not isinstance(data, dict) or data.get("ref") is None:
+            raise InvalidRequestError(f"adapter entry {reprlib.repr(data)} needs at least a 'ref'")
+        spellings = cls._strength_spellings()
+        unknown = set(data) - {f.name for f in fields(cls)} - set(spellings)
         if unknown:
-            raise InvalidRequestError(f"adapter entry has unknown fields {sorted(unknown)}")
-        return cls(**{k: data[k] for k in ("ref", "weight", "unet", "text_encoder", "blocks") if k in data})
+            raise InvalidRequestError(f"adapter entry has unknown fields {reprlib.repr(sorted(unknown, key=str))}")
+        values: dict = {}
+        for key, value in data.items():
+            name = spellings.get(key, key)
+            if name in values:
+                both = ", ".join(k for k in data if spellings.get(k) == name)
+                raise InvalidRequestError(f"adapter entry for {reprlib.repr(data['ref'])} gives its {name} strength "
+                                          f"twice ({both}): keep one")
+            if value is not None:
+                values[name] = value
+        return cls(**values)
 
 
 def _check_weight(value, label: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(f"{label} must be a number, got {value!r}")
+    # An int is finite however large; math.isfinite would raise OverflowError for one no float holds (10**400).
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))):
+        raise InvalidRequestError(f"{label} must be a number, got {reprlib.repr(value)}")
     if abs(value) > MAX_ABS_WEIGHT:
         raise InvalidRequestError(
-            f"{label} is {value}: weights must lie in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]"
+            f"{label} is {reprlib.repr(value)}: weights must lie in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]"
         )
 
 
@@ -108,7 +184,8 @@ def _check_blocks(blocks, ref: str) -> None:
         raise InvalidRequestError(f"per-block weights of {ref} must be a non-empty dict like {{'down': 0.9}}")
     unknown = set(blocks) - _BLOCK_KEYS
     if unknown:
-        raise InvalidRequestError(f"per-block weights of {ref} have unknown parts {sorted(unknown)}: use down, mid, up")
+        parts = reprlib.repr(sorted(unknown, key=str))
+        raise InvalidRequestError(f"per-block weights of {ref} have unknown parts {parts}: use down, mid, up")
     for part, value in blocks.items():
         if isinstance(value, dict):
             for block, w in value.items():
@@ -268,7 +345,7 @@ class AdapterEngine:
         if len(set(keys)) != len(keys):
             dup = next(r for r in resolved if keys.count(r.key) > 1)
             raise InvalidRequestError(f"{dup.name} appears twice in the stack: combine its weights into one entry")
-        signature = tuple((r.key, s.unet_weight if not isinstance(s.unet_weight, dict) else repr(s.unet_weight),
+        signature = tuple((r.key, repr(s.denoiser_weight) if isinstance(s.denoiser_weight, dict) else s.denoiser_weight,
                            s.text_encoder_weight) for s, r in zip(stack, resolved))
         live = [(s, r) for s, r in zip(stack, resolved) if not s.is_zero()]
         if signature == self._fused:
@@ -368,7 +445,7 @@ class AdapterEngine:
             self.pipe.enable_lora()  # walks every module: only when something disabled the layers
             self._enabled = True
         names = tuple(self._loaded[r.key].adapter_name for _, r in live)
-        if names == self._set_names and not any(isinstance(s.unet_weight, dict) for s, _ in live):
+        if names == self._set_names and not any(isinstance(s.denoiser_weight, dict) for s, _ in live):
             self._rescale(live)
             return
         self.stats.set_adapters_calls += 1
@@ -378,7 +455,7 @@ class AdapterEngine:
             names.append(entry.adapter_name)
             weight = {}
             if "unet" in entry.components:
-                weight["unet"] = spec.unet_weight
+                weight["unet"] = spec.denoiser_weight
             if "text_encoder" in entry.components:
                 weight["text_encoder"] = spec.text_encoder_weight
             weights.append(weight)
@@ -390,7 +467,7 @@ class AdapterEngine:
         """New strengths for the adapters already active, in the same order: what ``set_adapters`` does
         per layer (``set_scale(adapter_name, weight)``), minus re-activating the same adapters."""
         per_component = {
-            "unet": [(self._loaded[r.key].adapter_name, s.unet_weight) for s, r in live],
+            "unet": [(self._loaded[r.key].adapter_name, s.denoiser_weight) for s, r in live],
             "text_encoder": [(self._loaded[r.key].adapter_name, s.text_encoder_weight) for s, r in live],
         }
         for component, _, module in self._adapter_layers():

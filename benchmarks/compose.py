@@ -20,7 +20,8 @@ import torch
 
 from adapters.compose import AdapterEngine, AdapterSpec, resolve_adapter
 from studio.core.base_models import load_fresh_pipeline
-from studio.generation.generate import GenerationRequest, generate_with_pipeline
+from studio.generation.requests import GenerationRequest
+from studio.generation.run import generate_with_pipeline
 
 
 def make_lora(out: Path, seed: int) -> Path:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from studio.core.base_models import load_pipeline
-from studio.generation.generate import GenerationRequest, generate_with_pipeline, make_scheduler
+from studio.generation.requests import GenerationRequest, make_scheduler
+from studio.generation.run import generate_with_pipeline
 
 PROMPT = "a red circle on a blue background"
 

@@ -123,7 +123,8 @@ def test_ui_on_a_non_loopback_address_needs_allow_remote(monkeypatch, capsys):
 def _recipe_png(path, **overrides):
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.generation.generate import RECIPE_KEY, GenerationRequest
+    from studio.generation.recipes import RECIPE_KEY
+    from studio.generation.requests import GenerationRequest
 
     request = {**GenerationRequest(prompt="a red circle on a blue background", seed=1, width=32, height=32,
                                    guidance_scale=2.0).to_dict(), **overrides}
@@ -134,7 +135,7 @@ def _recipe_png(path, **overrides):
 
 
 def test_a_costly_recipe_runs_only_with_yes(tmp_path, capsys, monkeypatch):
-    from studio.generation import generate as gen
+    from studio.generation import run as gen
 
     costly = _recipe_png(tmp_path / "costly.png", num_inference_steps=1000, width=4096, height=4096)
     assert main(["generate", "--recipe", str(costly), "--out", str(tmp_path / "out")]) == 2

@@ -14,7 +14,8 @@ from PIL import Image
 from adapters.compose import AdapterEngine, AdapterSpec, engine_for, parse_adapter_arg, resolve_adapter
 from studio.core.base_models import load_fresh_pipeline, load_pipeline
 from studio.core.errors import InvalidRequestError
-from studio.generation.generate import GenerationRequest, generate, generate_with_pipeline
+from studio.generation.requests import GenerationRequest
+from studio.generation.run import generate, generate_with_pipeline
 
 PROMPT = "a red circle on a blue background"
 
@@ -64,7 +65,7 @@ def _px(request) -> np.ndarray:
 
 def _req(adapters=(), **kw):
     return GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=8, guidance_scale=2.0,
-                             adapters=[a.to_dict() if isinstance(a, AdapterSpec) else a for a in adapters], **kw)
+                             adapters=list(adapters), **kw)
 
 
 def test_parse_adapter_arg():
@@ -72,6 +73,35 @@ def test_parse_adapter_arg():
     assert parse_adapter_arg("sha256:0123abcd") == AdapterSpec("sha256:0123abcd")
     assert parse_adapter_arg("sha256:0123abcd:-0.5") == AdapterSpec("sha256:0123abcd", -0.5)
     assert parse_adapter_arg("mystyle") == AdapterSpec("mystyle", 1.0)
+
+
+def test_spec_strengths_are_spelled_by_the_family_and_read_in_any_spelling():
+    from studio.core.families import get_family
+
+    sd1 = get_family("sd1")
+    spec = AdapterSpec("style@2", 0.8, denoiser=0.5, text_encoders=0.0, name="style", version=2,
+                       tensor_sha256="ab" * 32)
+    assert (spec.denoiser_weight, spec.text_encoder_weight) == (0.5, 0.0)
+    # SD-1 recipes keep the keys they always had, so the reader of earlier studios reads new ones.
+    written = spec.to_dict(sd1)
+    assert written == {"ref": "style@2", "weight": 0.8, "unet": 0.5, "text_encoder": 0.0, "name": "style",
+                       "version": 2, "tensor_sha256": "ab" * 32}
+    assert AdapterSpec.from_dict(written) == spec
+    # Without a family, the role names; they read back the same.
+    assert AdapterSpec.from_dict(spec.to_dict()) == spec and "denoiser" in spec.to_dict()
+    # A pinned file adapter says it has no version; null values mean the defaults.
+    file_spec = AdapterSpec("/x/style.safetensors", name="style", tensor_sha256="cd" * 32)
+    assert file_spec.to_dict(sd1)["version"] is None
+    assert AdapterSpec.from_dict({"ref": "a", "weight": None, "unet": None}) == AdapterSpec("a")
+    with pytest.raises(InvalidRequestError, match="denoiser strength twice"):
+        AdapterSpec.from_dict({"ref": "a", "unet": 0.5, "denoiser": 0.4})
+    for bad, message in (({"ref": "a", "unet_strength": 1}, "unknown fields"), ({"weight": 1}, "needs at least"),
+                         ({"ref": "a", "version": "2"}, "version must be a whole number"),
+                         ({"ref": "a", "tensor_sha256": "AB"}, "64 lowercase hex"),
+                         ({"ref": "a", "weight": 10**400}, r"\[-4, 4\]"), ({"ref": 5}, "must be text")):
+        with pytest.raises(InvalidRequestError, match=message) as caught:
+            AdapterSpec.from_dict(bad)
+        assert len(str(caught.value)) < 200
 
 
 def test_all_zero_weights_give_the_base_bit_for_bit_even_after_fusing(loras):
@@ -98,7 +128,7 @@ def test_one_adapter_equals_plain_diffusers(loras):
 
 def test_text_encoder_part_of_an_adapter_is_applied(loras):
     base = _px(_req())
-    te_only = _px(_req([AdapterSpec(str(loras[0]), 1.0, unet=0.0)]))
+    te_only = _px(_req([AdapterSpec(str(loras[0]), 1.0, denoiser=0.0)]))
     assert np.abs(te_only - base).max() > 5  # a silently dropped text-encoder LoRA would be a no-op
 
 
@@ -132,7 +162,7 @@ def test_cache_bound_evicts_least_recently_used(loras):
 def test_per_component_and_per_block_weights(loras):
     base = _px(_req())
     blocks = _px(_req([AdapterSpec(str(loras[1]), 1.0, blocks={"down": 0.0, "mid": 0.0, "up": 0.0},
-                                   text_encoder=0.0)]))
+                                   text_encoders=0.0)]))
     assert np.array_equal(blocks, base)
     some = _px(_req([AdapterSpec(str(loras[1]), 1.0, blocks={"down": 1.0, "up": {"block_0": 0.5}})]))
     assert not np.array_equal(some, base)
@@ -165,6 +195,16 @@ def test_recipe_records_adapters_and_reruns_the_same_bytes_in_a_fresh_process(lo
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout.strip().splitlines()[-1])[0]["path"]
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again)))
+
+
+def test_split_strengths_are_recorded_under_the_family_component_names(loras, tmp_path):
+    from studio.generation.recipes import read_recipe
+
+    out = generate(_req([AdapterSpec(str(loras[0]), 0.7, denoiser=0.5, text_encoders=0.0)]))
+    path = out.save(tmp_path)[0]
+    recorded = json.loads(Image.open(path).text["lora_studio"])["request"]["adapters"][0]
+    assert (recorded["unet"], recorded["text_encoder"]) == (0.5, 0.0) and "denoiser" not in recorded
+    assert read_recipe(path).adapters == out.outputs[0].request.adapters
 
 
 def test_cli_adapter_flag(loras, tmp_path, capsys):
@@ -313,7 +353,7 @@ def test_registry_references_generate(loras, reg):
     by_path = _px(_req([AdapterSpec(str(loras[0]), 0.8)]))
     assert np.array_equal(by_ref, by_path)
     out = generate(_req([AdapterSpec("stripes-test@latest", 0.8)]))
-    assert out.outputs[0].request.adapters[0]["ref"] == "stripes-test@1"
+    assert out.outputs[0].request.adapters[0].ref == "stripes-test@1"
 
 
 # -- strength changes without set_adapters, family and reference errors ---------------------------------
@@ -322,7 +362,7 @@ def test_registry_references_generate(loras, reg):
 def test_strength_change_of_a_fused_stack_rescales_exactly_and_reads_no_file(loras):
     """The fast path (exact unfuse by copy, set_scale on cached layers) gives what a fresh engine gives."""
     first = [AdapterSpec(str(p), w) for p, w in zip(loras, (0.8, 0.5, -0.3))]
-    second = [AdapterSpec(s.ref, s.weight * 0.6, text_encoder=0.2) for s in first]
+    second = [AdapterSpec(s.ref, s.weight * 0.6, text_encoders=0.2) for s in first]
     resolved = [resolve_adapter(s.ref) for s in first]
     pipe = load_fresh_pipeline("tiny")
     engine = AdapterEngine(pipe)

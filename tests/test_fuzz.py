@@ -61,7 +61,7 @@ def _count(name: str) -> None:
 
 
 def _valid_request() -> dict:
-    from studio.generation.generate import GenerationRequest
+    from studio.generation.requests import GenerationRequest
 
     entry = {"ref": "style@1", "weight": 0.8, "blocks": {"down": 0.5, "up": {"block_0": 0.2}}, "name": "style",
              "version": 1, "tensor_sha256": "ab" * 32}
@@ -104,9 +104,9 @@ recipe_texts = st.one_of(mutated_recipes(), json_values.map(json.dumps), st.text
 
 def _through_recipe(folder: Path, text: str) -> None:
     """Read ``text`` as a PNG's recipe and take it as far as the studio goes before a pipeline runs."""
-    from adapters.compose import AdapterSpec, resolve_adapter
+    from adapters.compose import resolve_adapter
     from studio.core.base_models import resolve
-    from studio.generation.generate import RECIPE_KEY, check_recipe_cost, read_recipe
+    from studio.generation.recipes import RECIPE_KEY, check_recipe_cost, read_recipe
 
     info = PngInfo()
     info.add_text(RECIPE_KEY, text)
@@ -117,7 +117,7 @@ def _through_recipe(folder: Path, text: str) -> None:
         check_recipe_cost(request, confirmed=False)
         resolve(request.base_model)
         for entry in request.adapters:
-            resolve_adapter(AdapterSpec.from_dict(entry).ref)
+            resolve_adapter(entry.ref)
     except StudioError:
         pass
 

@@ -9,13 +9,9 @@ import pytest
 from PIL import Image
 
 from studio.core.errors import InvalidRequestError, RecipeError
-from studio.generation.generate import (
-    RECIPE_KEY,
-    SCHEDULERS,
-    GenerationRequest,
-    generate,
-    read_recipe,
-)
+from studio.generation.recipes import RECIPE_KEY, read_recipe
+from studio.generation.requests import SCHEDULERS, GenerationRequest
+from studio.generation.run import generate
 
 PROMPT = "a red circle on a blue background"
 
@@ -217,7 +213,7 @@ def test_img2img_and_inpaint_recipes_rerun_exactly_after_the_originals_are_gone(
 
 
 def test_a_changed_init_image_is_refused_when_its_copy_is_gone(init_png, tmp_path):
-    from studio.generation.generate import inputs_dir
+    from studio.generation.inputs import inputs_dir
 
     result = generate(GenerationRequest(prompt=PROMPT, seed=5, num_inference_steps=4, init_image=str(init_png),
                                         strength=0.5))
@@ -309,6 +305,21 @@ def _claim_size(path, width: int, height: int):
     return path
 
 
+def test_recipes_keep_the_sd1_spelling_of_per_role_strengths(tmp_path):
+    from studio.core.families import get_family
+    from studio.generation.recipes import recipe_payload
+
+    # Recipes written before the strengths had role names load; what the studio writes for SD-1 keeps their keys.
+    entry = {"ref": "style@1", "weight": 0.8, "unet": 0.5, "text_encoder": 0.0, "name": "style", "version": 1,
+             "tensor_sha256": "ab" * 32}
+    request = read_recipe(_recipe_with(tmp_path, adapters=[entry]))
+    spec = request.adapters[0]
+    assert (spec.denoiser, spec.text_encoders, spec.version) == (0.5, 0.0, 1)
+    assert recipe_payload(request, family=get_family("sd1"))["request"]["adapters"] == [entry]
+    with pytest.raises(RecipeError, match="'adapters' entry 1: .*strength twice"):
+        read_recipe(_recipe_with(tmp_path, adapters=[{**entry, "denoiser": 0.4}]))
+
+
 def test_a_recipe_asks_for_one_image(tmp_path):
     with pytest.raises(RecipeError, match="num_images.*1"):
         read_recipe(_recipe_with(tmp_path, num_images=64))
@@ -371,7 +382,7 @@ def test_a_recipe_takes_input_images_from_the_inputs_store_only(init_png, tmp_pa
     with pytest.raises(RecipeError, match="not in the inputs store"):
         read_recipe(_recipe_with(tmp_path, init_image=named_like_a_stored_input, init_image_sha256=sha, strength=0.5))
     # once stored, the recipe names the local stored copy whatever folder it was written in
-    from studio.generation.generate import store_input_image
+    from studio.generation.inputs import store_input_image
 
     stored = store_input_image(init_png)
     recipe = read_recipe(_recipe_with(tmp_path, init_image=named_like_a_stored_input, init_image_sha256=sha,
@@ -381,7 +392,7 @@ def test_a_recipe_takes_input_images_from_the_inputs_store_only(init_png, tmp_pa
 
 def test_recipe_cost_and_its_bound():
     from studio.core.errors import RecipeTooCostlyError
-    from studio.generation.generate import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
+    from studio.generation.recipes import MAX_RECIPE_COST, check_recipe_cost, recipe_cost
 
     normal = GenerationRequest(prompt=PROMPT, num_inference_steps=50, width=1024, height=1024, seed=1)
     costly = GenerationRequest(prompt=PROMPT, num_inference_steps=1000, width=4096, height=4096, seed=1)
@@ -402,7 +413,7 @@ def _bomb_png(path, width=10_000, height=10_000):
 def test_input_images_are_size_checked_and_decoded_with_a_pixel_bound(tmp_path, monkeypatch, init_png):
     import warnings
 
-    from studio.generation import generate as gen
+    from studio.generation import inputs as gen
 
     bomb = _bomb_png(tmp_path / "bomb.png")  # 100 M pixels: above Pillow's warning, below its error
     with warnings.catch_warnings():
@@ -429,7 +440,7 @@ def test_input_images_are_size_checked_and_decoded_with_a_pixel_bound(tmp_path, 
 
 def test_a_home_folder_of_no_user_is_a_clear_error(tmp_path):
     from studio.core.errors import InputFileNotFoundError
-    from studio.generation.generate import store_input_image
+    from studio.generation.inputs import store_input_image
 
     with pytest.raises(RecipeError, match="names no user's home folder"):
         read_recipe(_recipe_with(tmp_path, base_model="~no-such-user-here/model"))

@@ -9,12 +9,14 @@ import pytest
 from PIL import Image
 from test_compose import _save_lora
 
-from adapters.compose import engine_for
+from adapters.compose import AdapterSpec, engine_for
 from adapters.ingest import import_adapter
 from studio.core.base_models import load_fresh_pipeline, load_pipeline
 from studio.core.errors import InvalidRequestError
-from studio.generation.generate import GenerationRequest, generate, read_recipe
 from studio.generation.grid import GRID_KEY, GridAxis, render_grid
+from studio.generation.recipes import read_recipe
+from studio.generation.requests import GenerationRequest
+from studio.generation.run import generate
 
 PROMPT = "a red circle on a blue background"
 
@@ -44,7 +46,7 @@ def test_axis_parse_and_validation():
 
 
 def test_strength_by_seed_grid_cells_equal_single_generations(styles, tmp_path):
-    stack = [{"ref": str(styles[0]), "weight": 1.0, "text_encoder": 0.3}]
+    stack = [AdapterSpec(str(styles[0]), 1.0, text_encoders=0.3)]
     loads = engine_for(load_pipeline("tiny")).stats.loads
     seen = []
     result = render_grid(_request(stack), GridAxis("strength", (0.0, 0.5, 1.0)), GridAxis("seed", (3, 4)),
@@ -56,8 +58,8 @@ def test_strength_by_seed_grid_cells_equal_single_generations(styles, tmp_path):
     for r, seed in enumerate((3, 4)):
         for c, weight in enumerate((0.0, 0.5, 1.0)):
             cell = read_recipe(result.image_paths[r][c])
-            assert cell.seed == seed and cell.adapters[0]["weight"] == weight and "text_encoder" not in cell.adapters[0]
-            alone = generate(GenerationRequest(**{**cell.to_dict()})).images[0]
+            assert cell.seed == seed and cell.adapters[0].weight == weight and cell.adapters[0].text_encoders is None
+            alone = generate(cell).images[0]
             assert np.array_equal(np.asarray(alone), np.asarray(Image.open(result.image_paths[r][c]).convert("RGB")))
     base = generate(_request(seed=4)).images[0]
     assert np.array_equal(np.asarray(base), np.asarray(Image.open(result.image_paths[1][0]).convert("RGB")))
@@ -73,10 +75,10 @@ def test_strength_by_seed_grid_cells_equal_single_generations(styles, tmp_path):
 def test_version_by_prompt_grid_uses_each_registered_version(styles, reg, tmp_path):
     for path in styles:
         import_adapter(reg, path, name="gridstyle")
-    result = render_grid(_request([{"ref": "gridstyle", "weight": 1.0}]), GridAxis("version", (1, 2)),
+    result = render_grid(_request([AdapterSpec("gridstyle", 1.0)]), GridAxis("version", (1, 2)),
                          GridAxis("prompt", (PROMPT, "a yellow square on a black background")), tmp_path)
     cells = [[read_recipe(p) for p in row] for row in result.image_paths]
-    assert [c.adapters[0]["version"] for c in cells[0]] == [1, 2]
+    assert [c.adapters[0].version for c in cells[0]] == [1, 2]
     assert [row[0].prompt for row in cells] == [PROMPT, "a yellow square on a black background"]
     a, b = (np.asarray(Image.open(p)) for p in result.image_paths[0])
     assert not np.array_equal(a, b)
@@ -89,7 +91,7 @@ def test_grid_errors(styles, tmp_path):
     with pytest.raises(InvalidRequestError, match="both axes vary"):
         render_grid(_request(), GridAxis("seed", (1, 2)), GridAxis("seed", (3, 4)), tmp_path)
     with pytest.raises(InvalidRequestError, match="is a file, which has no versions"):
-        render_grid(_request([{"ref": str(styles[0])}]), GridAxis("version", (1, 2)), None, tmp_path)
+        render_grid(_request([AdapterSpec(str(styles[0]))]), GridAxis("version", (1, 2)), None, tmp_path)
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -111,4 +113,4 @@ def test_cli_grid_and_stack_flags(styles, tmp_path, capsys):
     assert main(["generate", PROMPT, "--seed", "1", "--steps", "4", "--adapter", str(styles[1]), "--blocks",
                  '{"down": 0.5, "up": {"block_0": 0.0}}', "--out", str(tmp_path / "b"), "--json"]) == 0
     path = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["path"]
-    assert read_recipe(path).adapters[0]["blocks"] == {"down": 0.5, "up": {"block_0": 0.0}}
+    assert read_recipe(path).adapters[0].blocks == {"down": 0.5, "up": {"block_0": 0.0}}

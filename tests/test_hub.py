@@ -410,7 +410,8 @@ def test_weights_load_in_diffusers_from_the_repo(reg, versions, hub, monkeypatch
     import numpy as np
 
     from studio.core.base_models import load_fresh_pipeline
-    from studio.generation.generate import GenerationRequest, generate_with_pipeline
+    from studio.generation.requests import GenerationRequest
+    from studio.generation.run import generate_with_pipeline
 
     studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
     # diffusers calls hf_hub_download without an endpoint: point the library's defaults at the local Hub.

@@ -14,7 +14,8 @@ from adapters.merge import merge_adapters, parse_merge_arg
 from adapters.registry import VersionInfo
 from studio.core.base_models import load_fresh_pipeline, load_pipeline
 from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
-from studio.generation.generate import GenerationRequest, generate
+from studio.generation.requests import GenerationRequest
+from studio.generation.run import generate
 
 PROMPT = "a red circle on a blue background"
 

@@ -50,7 +50,7 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one():
 
 def test_library_imports_without_streamlit():
     code = (
-        "import sys; import studio.generation.generate, studio.core.base_models, studio.app.cli, trainer, adapters; "
+        "import sys; import studio.generation.run, studio.core.base_models, studio.app.cli, trainer, adapters; "
         "print('streamlit' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -21,7 +21,8 @@ from studio.core.single_file import (
     read_metadata,
     to_single_file,
 )
-from studio.generation.generate import GenerationRequest, generate
+from studio.generation.requests import GenerationRequest
+from studio.generation.run import generate
 
 PROMPT = "a red circle on a blue background"
 LAYOUT = get_family("sd1").single_file

@@ -48,7 +48,8 @@ def test_converter_refuses_a_wrong_merge_file(tmp_path):
 
 def test_recipe_smoke_run_builds_a_loadable_pipeline(tmp_path):
     from studio.app.tiny.build import main
-    from studio.generation.generate import GenerationRequest, generate
+    from studio.generation.requests import GenerationRequest
+    from studio.generation.run import generate
 
     out = tmp_path / "tiny"
     main(["--smoke", "--out", str(out)])

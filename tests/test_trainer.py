@@ -84,7 +84,9 @@ def test_preview_matches_real_inference(tmp_path, reg):
     """The last validation sample equals what the studio generates with the registered adapter."""
     from adapters.compose import engine_for
     from studio.core.base_models import load_pipeline
-    from studio.generation.generate import GenerationRequest, generate, read_recipe
+    from studio.generation.recipes import read_recipe
+    from studio.generation.requests import GenerationRequest
+    from studio.generation.run import generate
 
     prompt = "zkoutline, a red circle on a blue background"
     cfg = _config(tmp_path, "training.max_train_steps=5", "training.learning_rate=5e-3",
@@ -220,7 +222,9 @@ def test_methods_train_save_and_load_exactly(tmp_path, reg, method, te):
     """Every method's saved file reloads into the studio's generation path as it was trained."""
     from adapters.compose import engine_for
     from studio.core.base_models import load_pipeline
-    from studio.generation.generate import GenerationRequest, generate, read_recipe
+    from studio.generation.recipes import read_recipe
+    from studio.generation.requests import GenerationRequest
+    from studio.generation.run import generate
 
     prompt = "zkoutline, a yellow square on a green background"
     cfg = _config(tmp_path, f"network.adapter_type={method}", f"network.train_text_encoder={str(te).lower()}",

@@ -62,8 +62,8 @@ def test_stack_two_adapters_generate_and_recipe_lists_both(reg, lora_files):
     assert "2 image(s)" in at.success[0].value and "seed 11" in at.success[0].value
     result = at.session_state["last_result"]
     adapters = result.outputs[0].request.adapters
-    assert [(a["name"], a["version"], a["weight"]) for a in adapters] == [("striped", 1, 0.8), ("outlined", 1, 1.0)]
-    assert adapters[1]["unet"] == 0.5 and adapters[1]["text_encoder"] == 0.0
+    assert [(a.name, a.version, a.weight) for a in adapters] == [("striped", 1, 0.8), ("outlined", 1, 1.0)]
+    assert adapters[1].denoiser == 0.5 and adapters[1].text_encoders == 0.0
     assert any("striped@1:0.8" in m.value and "outlined@1:1" in m.value for m in at.markdown)
     assert any('Lora hashes: "striped: ' in c.value and "outlined: " in c.value for c in at.code)
 
@@ -176,7 +176,7 @@ def _recipe_png(**fields) -> bytes:
 
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.generation.generate import RECIPE_KEY
+    from studio.generation.recipes import RECIPE_KEY
 
     request = {"prompt": "a blue square on a red background", "seed": 5, "num_inference_steps": 3, **fields}
     info = PngInfo()
@@ -206,7 +206,7 @@ def test_recipe_values_the_form_cannot_hold_are_refused_not_clamped(studio_home)
 
 
 def test_recipe_restores_init_image_mask_and_strength(studio_home):
-    from studio.generation.generate import store_input_image
+    from studio.generation.inputs import store_input_image
 
     init = store_input_image(_png_bytes(Image.new("RGB", (32, 32), (255, 255, 0))))
     mask_image = Image.new("L", (32, 32), 0)
@@ -250,7 +250,7 @@ def test_malformed_recipe_pngs_are_one_line_errors(studio_home):
 
     from PIL.PngImagePlugin import PngInfo
 
-    from studio.generation.generate import RECIPE_KEY
+    from studio.generation.recipes import RECIPE_KEY
 
     info = PngInfo()
     info.add_text(RECIPE_KEY, "[" * 100_000 + "]" * 100_000)
@@ -328,9 +328,9 @@ def _png_bytes(image) -> bytes:
 
 
 def test_costly_recipe_asks_for_a_confirmation(studio_home, monkeypatch):
-    import studio.generation.generate
+    import studio.generation.recipes
 
-    monkeypatch.setattr(studio.generation.generate, "MAX_RECIPE_COST", 1000)  # any real recipe is costly now
+    monkeypatch.setattr(studio.generation.recipes, "MAX_RECIPE_COST", 1000)  # any real recipe is costly now
     at = _load_recipe(_page(), _recipe_png(num_inference_steps=7, width=32, height=32))
     assert not at.success and any("pixel-steps" in w.value for w in at.warning), [w.value for w in at.warning]
     assert at.number_input(key="steps").value == 20  # nothing loaded yet

@@ -598,7 +598,8 @@ class Trainer:
         import torch
 
         from studio.core.base_models import recommended_settings
-        from studio.generation.generate import GenerationRequest, generate_with_pipeline
+        from studio.generation.requests import GenerationRequest
+        from studio.generation.run import generate_with_pipeline
 
         v = self.config.validation
         if not v.prompts:
@@ -986,7 +987,7 @@ class Trainer:
         the run's adapter file at ``out`` and registers that same file."""
         from adapters.ingest import ingest
         from adapters.registry import Registry, SampleImage
-        from studio.generation.generate import read_recipe
+        from studio.generation.recipes import read_recipe
 
         c = self.config
         recipes = []

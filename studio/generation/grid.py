@@ -1,11 +1,11 @@
 """X/Y grids (A1111's X/Y plot): one request, varied along one or two axes, drawn as one labelled PNG.
 
 Holds :class:`GridAxis` (what varies: adapter strength or adapter version of one stack entry, seed,
-prompt), :func:`render_grid` (generate every cell through ``studio.generation.generate``, save each image with
-its own recipe, draw the grid) and :class:`GridResult` (the grid's path, every image's path, the
-labels). The CLI's ``lora-studio grid`` and the Streamlit pages call :func:`render_grid`.
+prompt), :func:`render_grid` (generate every cell through ``studio.generation.run.generate``, save each
+image with its own recipe, draw the grid) and :class:`GridResult` (the grid's path, every image's path,
+the labels). The CLI's ``lora-studio grid`` and the Streamlit pages call :func:`render_grid`.
 
-Does not hold: generation itself (``studio/generation/generate.py``); cells are ordinary requests, so every cell
+Does not hold: generation itself (``studio.generation.run``); cells are ordinary requests, so every cell
 image re-runs alone from its recipe, and changing only strengths between cells never reads an adapter
 file twice (``adapters.compose``).
 """
@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from adapters.compose import resolve_adapter
+from studio.core.atomic import write_atomic
 from studio.core.errors import InvalidRequestError
+from studio.generation.requests import MAX_SEED, GenerationRequest
+from studio.generation.run import generate
 
 AXIS_KINDS = ("strength", "seed", "version", "prompt")
 MAX_VALUES = 16  # per axis: a 16 x 16 grid is 256 generations, already minutes on a GPU
@@ -130,36 +138,26 @@ class GridResult:
                 "y_labels": self.y_labels, "seconds": round(self.seconds, 3)}
 
 
-def _cell_request(request, axes: list[tuple[GridAxis, object]]):
-    from studio.generation.generate import GenerationRequest
-
-    data = request.to_dict()
-    data["num_images"] = 1
-    data["adapters"] = [dict(a) for a in data["adapters"]]
+def _cell_request(request: GenerationRequest, axes: list[tuple[GridAxis, object]]) -> GenerationRequest:
+    changes: dict = {"num_images": 1}
+    stack = list(request.adapters)
     for axis, value in axes:
         if axis.kind == "seed":
-            data["seed"] = value
+            changes["seed"] = value
         elif axis.kind == "prompt":
-            data["prompt"] = value
+            changes["prompt"] = value
         elif axis.kind == "strength":
-            entry = data["adapters"][axis.entry]
-            entry["weight"] = float(value)
-            # the axis is the adapter's strength: per-component overrides would hide it
-            entry.pop("unet", None)
-            entry.pop("text_encoder", None)
+            # the axis is the adapter's strength: per-role overrides would hide it
+            stack[axis.entry] = replace(stack[axis.entry], weight=float(value), denoiser=None, text_encoders=None)
         else:
-            entry = data["adapters"][axis.entry]
-            entry["ref"] = value
-            for pinned in ("name", "version", "tensor_sha256"):  # they described the previous version
-                entry.pop(pinned, None)
-    return GenerationRequest(**data)
+            # the pins described the previous version
+            stack[axis.entry] = replace(stack[axis.entry], ref=value, name=None, version=None, tensor_sha256=None)
+    return replace(request, adapters=stack, **changes)
 
 
-def _version_refs(request, axis: GridAxis) -> list[str]:
+def _version_refs(request: GenerationRequest, axis: GridAxis) -> list[str]:
     """Version numbers and aliases (``3``, ``prod``) -> ``name@3`` of the entry's registry adapter;
     full references (``name@3``, ``sha256:...``) are kept."""
-    from adapters.compose import resolve_adapter
-
     refs = []
     name = None
     for v in axis.values:
@@ -167,7 +165,7 @@ def _version_refs(request, axis: GridAxis) -> list[str]:
             refs.append(v)
             continue
         if name is None:
-            resolved = resolve_adapter(request.adapters[axis.entry]["ref"])
+            resolved = resolve_adapter(request.adapters[axis.entry].ref)
             if resolved.version is None:
                 raise InvalidRequestError(
                     f"adapter {axis.entry + 1} of the stack is a file, which has no versions: give the version "
@@ -177,7 +175,7 @@ def _version_refs(request, axis: GridAxis) -> list[str]:
     return refs
 
 
-def render_grid(request, x: GridAxis, y: GridAxis | None = None, out_dir: str | Path = ".", *,
+def render_grid(request: GenerationRequest, x: GridAxis, y: GridAxis | None = None, out_dir: str | Path = ".", *,
                 stem: str | None = None, progress=None) -> GridResult:
     """Generate ``request`` for every (x, y) value pair and draw the grid; ``y`` may be None (one row).
 
@@ -186,10 +184,6 @@ def render_grid(request, x: GridAxis, y: GridAxis | None = None, out_dir: str | 
     ``<stem>-grid.png`` and ``<stem>-r<row>-c<col>.png``; nothing is overwritten.
     ``progress(done, total)`` is called after each cell.
     """
-    import random
-
-    from studio.generation.generate import MAX_SEED, GenerationRequest, generate
-
     if not isinstance(request, GenerationRequest):
         raise InvalidRequestError("render_grid needs a GenerationRequest")
     axes = [a for a in (x, y) if a is not None]
@@ -203,7 +197,7 @@ def render_grid(request, x: GridAxis, y: GridAxis | None = None, out_dir: str | 
                 f"{len(request.adapters)}: add --adapter REF")
     values = {id(a): (_version_refs(request, a) if a.kind == "version" else list(a.values)) for a in axes}
     if request.seed is None:
-        request = GenerationRequest(**{**request.to_dict(), "seed": random.SystemRandom().randrange(0, MAX_SEED)})
+        request = replace(request, seed=random.SystemRandom().randrange(0, MAX_SEED))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _free_stem(out_dir, stem or time.strftime("%Y%m%d-%H%M%S"))
@@ -211,12 +205,14 @@ def render_grid(request, x: GridAxis, y: GridAxis | None = None, out_dir: str | 
     cols = values[id(x)]
     t0 = time.perf_counter()
     images, paths = [], []
+    family = None  # the base model's, from the first cell: it spells the adapters' strengths in the grid's chunk
     done, total = 0, len(rows) * len(cols)
     for r, y_value in enumerate(rows):
         row_images, row_paths = [], []
         for c, x_value in enumerate(cols):
             pairs = [(x, x_value)] + ([(y, y_value)] if y is not None else [])
             out = generate(_cell_request(request, pairs)).outputs[0]
+            family = family or out.family
             row_paths.append(out.save(out_dir / f"{stem}-r{r:02d}-c{c:02d}.png"))
             row_images.append(out.image)
             done += 1
@@ -227,7 +223,7 @@ def render_grid(request, x: GridAxis, y: GridAxis | None = None, out_dir: str | 
     x_labels = [x.label(v) for v in x.values]
     y_labels = [y.label(v) for v in y.values] if y is not None else []
     canvas = draw_grid(images, x.title, x_labels, y.title if y is not None else None, y_labels)
-    info = {"x": x.to_dict(), "y": y.to_dict() if y is not None else None, "request": request.to_dict(),
+    info = {"x": x.to_dict(), "y": y.to_dict() if y is not None else None, "request": request.to_dict(family),
             "cells": [[p.name for p in row] for row in paths]}
     grid_path = _save_png(canvas, out_dir / f"{stem}-grid.png", {GRID_KEY: json.dumps(info, ensure_ascii=False)})
     return GridResult(grid_path=grid_path, image_paths=paths, x_title=x.title, x_labels=x_labels,
@@ -244,8 +240,6 @@ def _free_stem(out_dir: Path, stem: str) -> str:
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
     except TypeError:
@@ -277,8 +271,6 @@ def _fit(draw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
 def draw_grid(images: list[list], x_title: str, x_labels: list[str], y_title: str | None,
               y_labels: list[str]):
     """One PIL image: the cells in rows and columns, the x labels above, the y labels to the left."""
-    from PIL import Image, ImageDraw
-
     w, h = images[0][0].size
     scale = max(1, math.ceil(MIN_CELL / max(w, h)))  # integer factor: nearest-neighbour keeps pixels crisp
     cw, ch = w * scale, h * scale
@@ -314,11 +306,7 @@ def draw_grid(images: list[list], x_title: str, x_labels: list[str], y_title: st
 
 
 def _save_png(image, path: Path, text: dict[str, str]) -> Path:
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    from studio.core.atomic import write_atomic
-
     return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))  # never half a grid

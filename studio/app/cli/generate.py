@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from adapters.compose import AdapterSpec, parse_adapter_arg
 from studio.app.cli.common import number, quiet_libraries, whole_number
 from studio.app.cli.output import print_json, print_line, print_result
 from studio.core.errors import InvalidRequestError
-from studio.generation import generate as generation
-from studio.generation.generate import DEFAULT_SCHEDULER, GenerationRequest, check_recipe_cost, read_recipe
+from studio.generation import run
 from studio.generation.grid import GridAxis, render_grid
+from studio.generation.recipes import check_recipe_cost, read_recipe
+from studio.generation.requests import DEFAULT_SCHEDULER, GenerationRequest
 
 
 def register(sub) -> None:
@@ -59,16 +61,20 @@ def _add_stack_args(p) -> None:
     p.add_argument("--te-weight", dest="stack", action="append", metavar="W", type=lambda text: ("te", text),
                    help="text-encoder weight of the --adapter before it (ComfyUI's strength_clip)")
     p.add_argument("--blocks", dest="stack", action="append", metavar="JSON", type=lambda text: ("blocks", text),
-                   help="per-block UNet weights of the --adapter before it, e.g. "
+                   help="per-block denoiser weights of the --adapter before it, e.g. "
                         "'{\"down\": 0.9, \"up\": {\"block_0\": 0.6}}'")
 
 
-def _stack_from_args(items) -> list[dict]:
-    """The ``--adapter``/``--te-weight``/``--blocks`` sequence -> the request's adapter stack."""
-    stack: list[dict] = []
+def _stack_from_args(items) -> list[AdapterSpec]:
+    """The ``--adapter``/``--te-weight``/``--blocks`` sequence -> the request's adapter stack.
+
+    Each refinement replaces the spec before it with one holding the new value, checked at once, before
+    any model loads.
+    """
+    stack: list[AdapterSpec] = []
     for kind, text in items or ():
         if kind == "adapter":
-            stack.append(parse_adapter_arg(text).to_dict())
+            stack.append(parse_adapter_arg(text))
             continue
         flag = "--te-weight" if kind == "te" else "--blocks"
         if not stack:
@@ -76,16 +82,17 @@ def _stack_from_args(items) -> list[dict]:
                                       f"write --adapter REF[:WEIGHT] first, then {flag} {text}")
         if kind == "te":
             try:
-                stack[-1]["text_encoder"] = float(text)
+                weight = float(text)
             except ValueError:
                 raise InvalidRequestError(f"--te-weight {text!r} is not a number") from None
+            stack[-1] = replace(stack[-1], text_encoders=weight)
         else:
             try:
-                stack[-1]["blocks"] = json.loads(text)
+                blocks = json.loads(text)
             except ValueError as e:
                 raise InvalidRequestError(f"--blocks {text!r} is not JSON ({e}): write it like "
                                           f"'{{\"down\": 0.9, \"up\": {{\"block_0\": 0.6}}}}'") from None
-        AdapterSpec.from_dict(stack[-1])  # names a bad value now, with the flag that gave it
+            stack[-1] = replace(stack[-1], blocks=blocks)
     return stack
 
 
@@ -133,7 +140,7 @@ def cmd_generate(args) -> int:
     rows = []
     for index, request in enumerate(requests):
         # Looked up on the module at each call, so a caller (a test) can stand in its own generate.
-        result = generation.generate(request)  # the pipeline is loaded once and cached for every prompt
+        result = run.generate(request)  # the pipeline is loaded once and cached for every prompt
         stem = None if len(requests) == 1 else f"{result.request.seed}-p{index:03d}"
         for path, out in zip(result.save(args.out, stem=stem), result.outputs):
             rows.append({"path": str(path), "prompt": out.request.prompt, "seed": out.seed})

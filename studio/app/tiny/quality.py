@@ -32,7 +32,8 @@ def measure_quality(base: str | Path = "tiny", seeds=(1, 2, 3), steps: int = 20,
 
     Generation goes through :func:`studio.generation.generate.generate`, the same path users take.
     """
-    from studio.generation.generate import GenerationRequest, generate
+    from studio.generation.requests import GenerationRequest
+    from studio.generation.run import generate
 
     readings, expected, failures = [], [], []
     for prompt in prompts:

@@ -98,7 +98,8 @@ def measure_style(style: str, adapters: list[dict], *, trigger: str = "", base: 
     Returns ``{"base", "adapter", "margin", "images"}``; margin = adapter - base. ``base_score``: the
     base side measured earlier with the same arguments (skips generating it again).
     """
-    from studio.generation.generate import GenerationRequest, generate
+    from studio.generation.requests import GenerationRequest
+    from studio.generation.run import generate
 
     means = {} if base_score is None else {"base": base_score}
     for label, stack in (("base", []), ("adapter", adapters)):

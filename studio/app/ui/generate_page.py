@@ -2,14 +2,16 @@
 order), trigger words, sampling settings in; a gallery of images with their recipes out; recipes
 loaded back from a PNG.
 
-Widgets only: generation is ``studio.generation.generate`` (``lora-studio generate``) on a pipeline from the
+Widgets only: generation is ``studio.generation.run`` (``lora-studio generate``) on a pipeline from the
 library's small LRU (``studio.core.base_models.load_pipeline``), adapters come from ``adapters.registry``
 and are applied by ``adapters.compose`` inside ``generate_with_pipeline``; uploads are stored by
 ``store_input_image``, grid axes parsed by ``GridAxis.parse``, and a loaded recipe becomes form
 values through ``studio.app.ui.recipes`` (refused when the widgets cannot hold it). A base model typed
 as a path must lie under the data roots (``studio.core.base_models.check_base_model``).
-The stack lives in session state as plain dicts; every change goes through a button callback, so
-it happens before the widgets are drawn and nothing the user typed is lost.
+The stack's rows live in session state (an id, the reference, its trigger words; strengths in their
+widgets); every change goes through a button callback, so it happens before the widgets are drawn and
+nothing the user typed is lost. The rows and their widgets become ``AdapterSpec`` entries once, when a
+request is made (:func:`_stack_specs`).
 """
 
 from __future__ import annotations
@@ -21,25 +23,19 @@ from pathlib import Path
 
 import streamlit as st
 
+from adapters.compose import AdapterSpec
 from adapters.merge import METHODS, merge_adapters
 from studio.app.ui import recipes
 from studio.app.ui.common import enlarged, get_registry, png_bytes, reported
 from studio.core.base_models import check_base_model, load_pipeline, model_hash, recommended_settings, resolve
 from studio.core.errors import RecipeError, RecipeTooCostlyError, StudioError
+from studio.core.families import get_family
 from studio.core.settings import get_settings
-from studio.generation.generate import (
-    DEFAULT_SCHEDULER,
-    MAX_RECIPE_COST,
-    MAX_SEED,
-    GenerationRequest,
-    check_recipe_cost,
-    generate_with_pipeline,
-    read_recipe,
-    recipe_cost,
-    scheduler_names,
-    store_input_image,
-)
 from studio.generation.grid import AXIS_KINDS, GridAxis, render_grid
+from studio.generation.inputs import store_input_image
+from studio.generation.recipes import MAX_RECIPE_COST, check_recipe_cost, read_recipe, recipe_cost
+from studio.generation.requests import DEFAULT_SCHEDULER, MAX_SEED, GenerationRequest, scheduler_names
+from studio.generation.run import generate_with_pipeline
 
 GALLERY_SIZE = 24
 _ids = itertools.count()
@@ -124,16 +120,16 @@ def _apply_recipe(confirmed: bool = False) -> None:
         return
     st.session_state.update(values)
     st.session_state["stack"] = []
-    for a in request.adapters:
+    for spec in request.adapters:
         # The exact version the image used: name@version when the recipe pinned it.
-        ref = f"{a['name']}@{a['version']}" if a.get("name") and a.get("version") else a["ref"]
-        _add_adapter(ref)
+        _add_adapter(f"{spec.name}@{spec.version}" if spec.name and spec.version else spec.ref)
         entry = _stack()[-1]
-        st.session_state[f"w-{entry['id']}"] = float(a.get("weight", 1.0))
-        if a.get("unet") is not None or a.get("text_encoder") is not None:
+        st.session_state[f"w-{entry['id']}"] = float(spec.weight)
+        if spec.denoiser is not None or spec.text_encoders is not None:
+            # form_values refused per-block weights, so the denoiser's weight is a number here
             st.session_state[f"split-{entry['id']}"] = True
-            st.session_state[f"wu-{entry['id']}"] = float(a.get("unet", a.get("weight", 1.0)))
-            st.session_state[f"wt-{entry['id']}"] = float(a.get("text_encoder", a.get("weight", 1.0)))
+            st.session_state[f"wu-{entry['id']}"] = float(spec.denoiser_weight)
+            st.session_state[f"wt-{entry['id']}"] = float(spec.text_encoder_weight)
     st.session_state["recipe_msg"] = ("success", f"loaded the recipe of seed {request.seed} "
                                                  f"({len(request.adapters)} adapter(s))")
 
@@ -156,16 +152,27 @@ def _parse_axis(kind: str, text: str):
     return GridAxis.parse(f"{kind}={text}")
 
 
-def _stack_entries() -> list[dict]:
-    """The stack as GenerationRequest adapter dicts (ref, weight, and unet/text_encoder when split)."""
+def _stack_specs() -> list[AdapterSpec]:
+    """The stack's rows and their strength widgets as the request's entries (the denoiser's and the text
+    encoders' strengths when the row is split)."""
     out = []
     for e in _stack():
-        entry = {"ref": e["ref"], "weight": float(st.session_state.get(f"w-{e['id']}", 1.0))}
+        weight = float(st.session_state.get(f"w-{e['id']}", 1.0))
         if st.session_state.get(f"split-{e['id']}"):
-            entry["unet"] = float(st.session_state.get(f"wu-{e['id']}", entry["weight"]))
-            entry["text_encoder"] = float(st.session_state.get(f"wt-{e['id']}", entry["weight"]))
-        out.append(entry)
+            out.append(AdapterSpec(e["ref"], weight, denoiser=float(st.session_state.get(f"wu-{e['id']}", weight)),
+                                   text_encoders=float(st.session_state.get(f"wt-{e['id']}", weight))))
+        else:
+            out.append(AdapterSpec(e["ref"], weight))
     return out
+
+
+def _denoiser_label() -> str:
+    """What the base model's family calls its denoiser ("UNet" for SD-1), to label its strength; "denoiser"
+    while the base-model field names nothing the studio resolves."""
+    try:
+        return get_family(resolve(check_base_model(st.session_state.get("base") or "tiny")).family).denoiser_label
+    except StudioError:
+        return "denoiser"
 
 
 # ---- page ----------------------------------------------------------------------------------------
@@ -211,12 +218,14 @@ with tab_make:
         c3.button("Add", key="stack_add", on_click=_add_picked)
         if msg := st.session_state.pop("stack_msg", None):
             st.warning(msg)
+        denoiser = _denoiser_label() if _stack() else ""
         for i, e in enumerate(_stack()):
             c = st.columns([2, 3, 1, 0.5, 0.5, 0.5])
             c[0].markdown(f"`{e['ref']}`")
             c[1].slider("strength", *recipes.WEIGHT, step=0.05, key=f"w-{e['id']}", label_visibility="collapsed")
-            c[2].checkbox("UNet / text encoder", key=f"split-{e['id']}",
-                          help="separate strengths for the UNet and the text encoder (ComfyUI's model/clip)")
+            c[2].checkbox(f"{denoiser} / text encoder", key=f"split-{e['id']}",
+                          help=f"separate strengths for the {denoiser} and the text encoder(s) (ComfyUI's "
+                               f"model/clip)")
             c[3].button("↑", key=f"up-{e['id']}", on_click=_move, args=(i, -1), disabled=i == 0)
             c[4].button("↓", key=f"down-{e['id']}", on_click=_move, args=(i, 1), disabled=i == len(_stack()) - 1)
             c[5].button("✕", key=f"rm-{e['id']}", on_click=_remove, args=(i,))
@@ -225,7 +234,7 @@ with tab_make:
                 weight = st.session_state.get(f"w-{e['id']}", 1.0)
                 st.session_state.setdefault(f"wu-{e['id']}", weight)
                 st.session_state.setdefault(f"wt-{e['id']}", weight)
-                s1.slider("UNet strength", *recipes.WEIGHT, step=0.05, key=f"wu-{e['id']}")
+                s1.slider(f"{denoiser} strength", *recipes.WEIGHT, step=0.05, key=f"wu-{e['id']}")
                 s2.slider("text-encoder strength", *recipes.WEIGHT, step=0.05, key=f"wt-{e['id']}")
             if e["trigger_words"]:
                 tw = st.columns(min(6, len(e["trigger_words"])) + 1)
@@ -240,7 +249,7 @@ with tab_make:
                                     help="peft combination_type: linear needs equal ranks; cat is exact")
         if m3.button("Merge", key="merge_go"):
             with reported("Merge"), st.spinner("Merging..."):
-                merged = merge_adapters(reg, [(e["ref"], e["weight"]) for e in _stack_entries()],
+                merged = merge_adapters(reg, [(spec.ref, spec.weight) for spec in _stack_specs()],
                                         method=merge_method, name=merge_name.strip())
                 st.success(f"merged into {merged.ref}; it is in the catalog")
     with st.expander("img2img and inpainting", expanded=bool(st.session_state.get("recipe_init"))):
@@ -294,7 +303,7 @@ with tab_make:
                 prompt=prompt, negative_prompt=negative, num_inference_steps=int(steps),
                 guidance_scale=float(guidance) or None,
                 width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
-                scheduler=scheduler, base_model=check_base_model(base.strip() or "tiny"), adapters=_stack_entries(),
+                scheduler=scheduler, base_model=check_base_model(base.strip() or "tiny"), adapters=_stack_specs(),
                 init_image=init_image,
                 mask_image=_input_image("mask_upload", "recipe_mask"),
                 strength=float(st.session_state["strength"]) if init_image else None,
@@ -331,7 +340,7 @@ with tab_make:
                     st.code(out.parameters, language=None)
                     if out.request.adapters:
                         st.markdown("Adapters: " + ", ".join(
-                            f"`{a.get('name', a['ref'])}@{a.get('version', '?')}:{a['weight']:g}`"
+                            f"`{a.name or a.ref}@{a.version if a.version is not None else '?'}:{a.weight:g}`"
                             for a in out.request.adapters))
 
 with tab_grid:
@@ -350,7 +359,7 @@ with tab_grid:
                 guidance_scale=float(ss["guidance"]) or None, width=int(ss["width"]) or None,
                 height=int(ss["height"]) or None, seed=int(ss["seed"]) if str(ss["seed"]).strip().isdigit() else None,
                 scheduler=ss["scheduler"], base_model=check_base_model(ss["base"].strip() or "tiny"),
-                adapters=_stack_entries())
+                adapters=_stack_specs())
             x = _parse_axis(x_kind, x_text)
             y = None if y_kind == "none" else _parse_axis(y_kind, y_text)
             bar = st.progress(0.0, text="Rendering the grid...")

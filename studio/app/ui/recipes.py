@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from studio.core.errors import InputFileNotFoundError, RecipeError
 from studio.core.settings import check_data_path
-from studio.generation.generate import DEFAULT_STRENGTH, IMAGE_SUFFIXES, inputs_dir
+from studio.generation.inputs import stored_input
+from studio.generation.requests import DEFAULT_STRENGTH
 
 # (low, high) of each widget on the Generate page; the page builds its widgets from these.
 STEPS = (1, 150)
@@ -20,7 +21,7 @@ IMAGES = (1, 16)
 SIDE = (0, 2048)  # 0 = the base model's native size
 GUIDANCE = (0.0, 30.0)  # 0 = the base model's recommended CFG
 STRENGTH = (0.05, 1.0)  # img2img / inpainting denoising strength
-WEIGHT = (-2.0, 2.0)  # an adapter's strength, and its UNet / text-encoder strengths
+WEIGHT = (-2.0, 2.0)  # an adapter's strength, and its denoiser / text-encoder strengths
 
 
 def _outside(label: str, value, limits: tuple) -> str | None:
@@ -34,11 +35,9 @@ def _stored_input(label: str, path: str | None, sha256: str | None) -> str | Non
     itself if it lies under the data roots and exists."""
     if path is None:
         return None
-    if sha256 is not None:
-        for suffix in IMAGE_SUFFIXES:
-            stored = inputs_dir() / f"{sha256}{suffix}"
-            if stored.is_file():
-                return str(stored)
+    stored = stored_input(sha256) if sha256 is not None else None
+    if stored is not None:
+        return str(stored)
     checked = check_data_path(path, what=f"recipe's {label}")
     if not checked.is_file():
         raise InputFileNotFoundError(f"the recipe's {label} {path} is not on this machine: put the image back at "
@@ -62,11 +61,11 @@ def form_values(request) -> dict:
         _outside("CFG scale", request.guidance_scale, GUIDANCE),
         _outside("strength", request.strength, STRENGTH),
     ]
-    for i, a in enumerate(request.adapters, 1):
-        for key, label in (("weight", "strength"), ("unet", "UNet strength"),
-                           ("text_encoder", "text-encoder strength")):
-            problems.append(_outside(f"adapter {i}'s {label}", a.get(key), WEIGHT))
-        if a.get("blocks"):
+    for i, spec in enumerate(request.adapters, 1):
+        for label, value in (("strength", spec.weight), ("denoiser strength", spec.denoiser),
+                             ("text-encoder strength", spec.text_encoders)):
+            problems.append(_outside(f"adapter {i}'s {label}", value, WEIGHT))
+        if spec.blocks:
             problems.append(f"adapter {i}'s per-block strengths (the form has none)")
     problems = [p for p in problems if p]
     if problems:
