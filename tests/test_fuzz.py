@@ -5,7 +5,7 @@ or in success, never in another exception. Two sources of inputs for each:
 
 - recipes: arbitrary JSON values, arbitrary text, and valid recipes with one field (or an adapter
   entry's field) replaced, removed or added, put into the ``lora_studio`` text chunk of a PNG and taken
-  through :func:`studio.generation.generate.read_recipe`, the cost check, the base-model reference and the adapter
+  through :func:`studio.generation.recipes.read_recipe`, the cost check, the base-model reference and the adapter
   stack's resolution: everything up to the point where a pipeline would run.
 - safetensors files: valid headers with one entry, field or the length prefix mutated, and arbitrary
   bytes, through :func:`adapters.filesafety.check_safetensors` and the importer's detection. A file the
