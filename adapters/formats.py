@@ -55,6 +55,7 @@ from studio.core.errors import (
     InvalidRequestError,
     UnsupportedAdapterError,
 )
+from studio.core.families import Family, architectures, get_family, kohya_prefixes
 from studio.core.filesafety import (
     PICKLE_SUFFIXES,
     check_safetensors,
@@ -70,11 +71,6 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 MODELSPEC_VERSION = "1.0.1"
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 MAX_SUGGESTED_TRIGGERS = 5  # A1111 lists every tag by count; five is what fits a prompt box
-
-# Pipeline component <- key prefix. Diffusers/peft keys use "<component>."; kohya uses these:
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                  "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -103,15 +99,6 @@ _LEAVES = sorted(["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2
                   "time_emb_proj", "conv_shortcut", "conv1", "conv2", "conv_in", "conv_out", "conv", "q_proj",
                   "k_proj", "v_proj", "out_proj", "fc1", "fc2", "linear_1", "linear_2", "add_q_proj",
                   "add_k_proj", "add_v_proj", "to_add_out"], key=len, reverse=True)
-
-ARCHITECTURES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
-                 "dit": "a transformer (DiT) model such as Flux or SD3"}
-# UNet cross-attention width (attn2.to_k/to_v input) and CLIP text width of each SD generation.
-CROSS_ATTENTION_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-TEXT_ENCODER_WIDTHS = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
-# Architectures whose module tree differs from SD-1's: refused by name before any shape check.
-# SD-2 shares SD-1's tree (and its pipeline class), so it is told apart by shapes against the base.
-_OTHER_TREES = ("sdxl", "sd3", "flux", "dit")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,9 +140,21 @@ class _Module:
     parts: dict[str, str] = field(default_factory=dict)  # canonical part -> the file's key
 
 
-def _split_key(key: str) -> tuple[str, str, str, str] | None:
-    """(style, component, module name, canonical part) of one key, or None when not an adapter key."""
-    for prefix, component in KOHYA_PREFIXES.items():
+def _kohya_prefix_table() -> list[tuple[str, str]]:
+    """(kohya key prefix, component) of every family and known architecture, longest prefix first.
+
+    Asked for once per parse rather than kept at import: families register after this module loads.
+    Longest first, so that a prefix that begins another can never claim the other's keys.
+    """
+    return sorted(kohya_prefixes().items(), key=lambda item: -len(item[0]))
+
+
+def _split_key(key: str, prefixes: list[tuple[str, str]]) -> tuple[str, str, str, str] | None:
+    """(style, component, module name, canonical part) of one key, or None when not an adapter key.
+
+    ``prefixes`` is :func:`_kohya_prefix_table`.
+    """
+    for prefix, component in prefixes:
         if key.startswith(prefix) and "." in key:
             flat, _, suffix = key.partition(".")
             part = _KOHYA_PARTS.get(suffix)
@@ -163,14 +162,14 @@ def _split_key(key: str) -> tuple[str, str, str, str] | None:
                 return "kohya", component, flat[len(prefix):], part
             return None
     component, dot, rest = key.partition(".")
-    if not dot or component not in DIFFUSERS_COMPONENTS:
+    if not dot or component not in architectures.COMPONENTS:
         return None
     for suffix, part in _LEGACY_PARTS:
         if rest.endswith(suffix):
             return "legacy", component, rest[: -len(suffix)], part
     m = _LEGACY_PROCESSOR.match(rest)
     if m:
-        leaves = _LEGACY_UNET_LEAF if component in ("unet", "transformer") else _LEGACY_TE_LEAF
+        leaves = _LEGACY_UNET_LEAF if component in architectures.DENOISERS else _LEGACY_TE_LEAF
         return "legacy", component, f"{m['m']}.{leaves[m['p']]}", "lora_A" if m["d"] == "down" else "lora_B"
     for suffix, part in _PEFT_PARTS:
         if rest.endswith(suffix) and len(rest) > len(suffix):
@@ -199,8 +198,9 @@ def _parse(keys: list[str], path_text: str) -> tuple[str, str, dict[tuple[str, s
     """Group keys into modules; return (format, adapter type, modules). Raises on anything unknown."""
     modules: dict[tuple[str, str], _Module] = {}
     unknown, styles = [], Counter()
+    prefixes = _kohya_prefix_table()
     for key in keys:
-        split = _split_key(key)
+        split = _split_key(key, prefixes)
         if split is None:
             unknown.append(key)
             continue
@@ -356,7 +356,7 @@ def _split_adapter_metadata(metadata: Mapping[str, str], warnings: list[str],
     loose = []
     for key, value in packed.items():
         component, dot, option = key.partition(".")
-        if dot and component in DIFFUSERS_COMPONENTS:
+        if dot and component in architectures.COMPONENTS:
             if option in _CONFIG_OPTIONS and value is not None and not _CONFIG_OPTIONS[option][1](value):
                 raise CorruptWeightsError(
                     f"{path_text}: metadata {ADAPTER_METADATA_KEY!r} has {key} = {quoted(value, 40)}, which must be "
@@ -411,7 +411,7 @@ class FormatInfo:
 
     @property
     def architecture_name(self) -> str | None:
-        return ARCHITECTURES.get(self.architecture) if self.architecture else None
+        return architectures.display_name(self.architecture)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -459,35 +459,18 @@ def trigger_words(metadata: Mapping[str, str]) -> tuple[list[str], str | None, b
 
 
 def guess_architecture(shapes: Mapping[str, tuple]) -> tuple[str | None, str]:
-    """(architecture, evidence) from key names and shapes alone; (None, '') when they do not tell."""
-    keys = list(shapes)
-    for k in keys:
-        if any(s in k for s in ("double_blocks", "single_blocks", "single_transformer_blocks")):
-            return "flux", f"key {k!r} (Flux double/single-stream blocks)"
-        if "joint_blocks" in k:
-            return "sd3", f"key {k!r} (SD3 joint blocks)"
-    for k in keys:
-        if k.startswith(("transformer.", "lora_transformer_")):
-            return "dit", f"key {k!r} (a transformer denoiser, not a UNet)"
-    for k in keys:
-        if k.startswith(("text_encoder_2.", "lora_te2_")):
-            return "sdxl", f"key {k!r} (a second text encoder)"
-        if "add_embedding" in k or k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
-                                                 "lora_unet_middle_block", "lora_unet_label_emb")):
-            return "sdxl", f"key {k!r} (SDXL UNet naming)"
-    for k in keys:
-        split = _split_key(k)
-        if split and split[3] == "lora_A" and len(shapes[k]) >= 2:
-            _, component, name, _ = split
-            width = shapes[k][1]
-            if component == "unet" and re.search(r"attn2[._]to_[kv]$", name) and width in CROSS_ATTENTION_DIMS:
-                arch = CROSS_ATTENTION_DIMS[width]
-                return arch, f"cross-attention dim {width}"
-            if component == "text_encoder" and name.endswith(("q_proj", "k_proj", "v_proj")) \
-                    and width in TEXT_ENCODER_WIDTHS:
-                arch = TEXT_ENCODER_WIDTHS[width]
-                return arch, f"text encoder width {width}"
-    return None, ""
+    """(architecture, evidence) from key names and shapes alone; (None, '') when they do not tell.
+
+    The keys go to :func:`studio.core.families.architectures.recognise_lora` with, for each down/A
+    matrix, its (component, module name, input width): the widths tell the SD generations apart.
+    """
+    prefixes = _kohya_prefix_table()
+    modules = []
+    for key, shape in shapes.items():
+        split = _split_key(key, prefixes)
+        if split and split[3] == "lora_A" and len(shape) >= 2:
+            modules.append((split[1], split[2], shape[1]))
+    return architectures.recognise_lora(shapes, modules)
 
 
 def detect(path: str | Path) -> FormatInfo:
@@ -559,7 +542,7 @@ def detect(path: str | Path) -> FormatInfo:
         path=str(path), format=fmt, key_style=style, adapter_type=adapter_type, rank=rank,
         alpha=alpha, alpha_source=alpha_source, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         target_modules=sorted({_leaf(m.name, flat) for m in modules.values()}),
-        components=sorted({m.component for m in modules.values()}, key=DIFFUSERS_COMPONENTS.index),
+        components=sorted({m.component for m in modules.values()}, key=architectures.COMPONENTS.index),
         num_modules=len(modules), num_tensors=len(shapes),
         dtypes=sorted({e.dtype for e in header.tensors.values()}), architecture=arch, architecture_evidence=evidence,
         trigger_words=words, trigger_words_source=source, trigger_words_suggested=suggested,
@@ -579,7 +562,7 @@ def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _read_scalars(path: Path, keys: list[str]) -> dict[str, float]:
     if not keys:
         return {}
-    from safetensors import safe_open
+    from safetensors import safe_open  # framework="pt" needs torch: loaded when a file is read, not at import
 
     out = {}
     with safe_open(str(path), framework="pt") as f:
@@ -599,15 +582,23 @@ def _read_scalars(path: Path, keys: list[str]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def _clip_root(family: Family, component: str) -> bool:
+    """Whether kohya spells ``component``'s modules from a ``text_model.`` root: the family's CLIP text
+    encoders, as transformers 4 laid out ``CLIPTextModel`` (T5 encoders have no such root)."""
+    return any(te.component == component and te.kind.startswith("clip") for te in family.text_encoders)
+
+
 class _ModuleIndex:
     """The base pipeline's modules per component, by dotted name and by kohya's flat spelling."""
 
-    def __init__(self, pipe) -> None:
-        import torch
+    def __init__(self, pipe, family: Family) -> None:
+        import torch  # torch only once a pipeline is being checked: detection stays light
 
         self.components: dict[str, dict[str, Any]] = {}
         self.flat: dict[str, dict[str, str]] = {}
-        for component in DIFFUSERS_COMPONENTS:
+        # Every component the pipeline has: a key naming one the base lacks is then reported as such
+        # ("the base has no text_encoder_2") rather than as a module name that does not match.
+        for component in architectures.COMPONENTS:
             model = getattr(pipe, component, None)
             if not isinstance(model, torch.nn.Module):
                 continue
@@ -616,7 +607,7 @@ class _ModuleIndex:
             flat = {}
             for n in named:
                 flat[n.replace(".", "_")] = n
-                if component.startswith("text_encoder") and not n.startswith("text_model."):
+                if _clip_root(family, component) and not n.startswith("text_model."):
                     # kohya spells CLIP modules with transformers 4's 'text_model.' root; transformers 5
                     # flattened CLIPTextModel, so both spellings must find the same module.
                     flat["text_model_" + n.replace(".", "_")] = n
@@ -646,9 +637,7 @@ class ValidationReport:
         return len(self.resolved)
 
 
-def _family_obj(family):
-    from studio.core.families import Family, get_family
-
+def _family_obj(family: Family | str) -> Family:
     return family if isinstance(family, Family) else get_family(family)
 
 
@@ -706,12 +695,12 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
     for m in modules.values():
         _check_complete(m, adapter_type, shapes, "the adapter")
     arch, evidence = guess_architecture(shapes)
-    if arch in _OTHER_TREES and arch != family.name:
+    if architectures.other_tree(arch, family.name):
         raise IncompatibleAdapterError(
-            f"this adapter was made for {ARCHITECTURES[arch]} ({evidence}); {base_arch} cannot use it: "
+            f"this adapter was made for {architectures.display_name(arch)} ({evidence}); {base_arch} cannot use it: "
             f"import it with --base set to a base model of that architecture, or pick an adapter made for "
             f"{family.display_name}", arch)
-    index = _ModuleIndex(base_pipeline)
+    index = _ModuleIndex(base_pipeline, family)
     resolved, unmatched, misfits = {}, [], []
     for (component, name), m in modules.items():
         target = index.resolve(m)
@@ -724,11 +713,12 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
         else:
             resolved[(component, name)] = target
     if misfits:
-        raise _misfit_error(base_pipeline, misfits, shapes, base, base_arch, len(modules))
+        raise _misfit_error(base_pipeline, family, misfits, shapes, base, base_arch, len(modules))
     if unmatched:
         missing_components = sorted({m.component for m in unmatched} - set(index.components))
         examples = ", ".join(repr(f"{m.component}: {m.name}") for m in unmatched[:3])
-        hint = f" It looks made for {ARCHITECTURES[arch]} ({evidence})." if arch and arch != family.name else ""
+        hint = (f" It looks made for {architectures.display_name(arch)} ({evidence})."
+                if arch and arch != family.name else "")
         if missing_components:
             hint += f" {base_arch} has no {', '.join(missing_components)}."
         if not resolved:
@@ -741,10 +731,11 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
             f"(e.g. {examples}); every key must map to a module, or part of the adapter would be silently "
             f"dropped.{hint}", arch)
     return ValidationReport(resolved=resolved, components=tuple(sorted({c for c, _ in resolved},
-                                                                      key=DIFFUSERS_COMPONENTS.index)))
+                                                                      key=architectures.COMPONENTS.index)))
 
 
-def _misfit_error(pipe, misfits, shapes, base: str, base_arch: str, total: int) -> IncompatibleAdapterError:
+def _misfit_error(pipe, family: Family, misfits, shapes, base: str, base_arch: str,
+                  total: int) -> IncompatibleAdapterError:
     # Name the architecture by the width that disagrees: the cross-attention input of the UNet
     # (attn2.to_k/to_v read the text embedding) or the text encoder's hidden size.
     for m, target, _ in misfits:
@@ -752,22 +743,22 @@ def _misfit_error(pipe, misfits, shapes, base: str, base_arch: str, total: int) 
         if a is None:
             continue
         width = shapes[a][1]
-        if m.component == "unet" and re.search(r"attn2\.to_[kv]$", target):
-            theirs = CROSS_ATTENTION_DIMS.get(width)
-            ours = getattr(getattr(pipe, "unet", None), "config", None)
+        if family.is_denoiser(m.component) and re.search(r"attn2\.to_[kv]$", target):
+            theirs = architectures.by_cross_attention_dim(width)
+            ours = getattr(getattr(pipe, family.denoiser, None), "config", None)
             ours = getattr(ours, "cross_attention_dim", None)
             return IncompatibleAdapterError(
                 f"this LoRA was made for a model with cross-attention dim {width}"
-                f"{f' ({ARCHITECTURES[theirs]})' if theirs else ''}; {base} has {ours}: import it against a base "
-                f"model of that kind (--base), or pick an adapter made for this one", theirs)
-        if m.component.startswith("text_encoder") and target.endswith(("q_proj", "k_proj", "v_proj")):
-            theirs = TEXT_ENCODER_WIDTHS.get(width)
+                f"{f' ({theirs.display_name})' if theirs else ''}; {base} has {ours}: import it against a base "
+                f"model of that kind (--base), or pick an adapter made for this one", theirs and theirs.name)
+        if m.component in family.text_encoder_components and target.endswith(("q_proj", "k_proj", "v_proj")):
+            theirs = architectures.by_text_encoder_width(width)
             model = getattr(pipe, m.component, None)
             ours = getattr(getattr(model, "config", None), "hidden_size", None)
             return IncompatibleAdapterError(
                 f"this LoRA was made for a text encoder of width {width}"
-                f"{f' ({ARCHITECTURES[theirs]})' if theirs else ''}; {base} has {ours}: import it against a base "
-                f"model of that kind (--base), or pick an adapter made for this one", theirs)
+                f"{f' ({theirs.display_name})' if theirs else ''}; {base} has {ours}: import it against a base "
+                f"model of that kind (--base), or pick an adapter made for this one", theirs and theirs.name)
     m, target, problem = misfits[0]
     return IncompatibleAdapterError(
         f"{len(misfits)} of the {total} modules this adapter patches have other shapes than in {base_arch}; "
@@ -796,8 +787,9 @@ class AdapterWeights:
     def modules(self) -> dict[tuple[str, str], dict[str, Any]]:
         """(component, module) -> {canonical part: tensor}."""
         out: dict[tuple[str, str], dict[str, Any]] = {}
+        prefixes = _kohya_prefix_table()
         for key, tensor in self.tensors.items():
-            style, component, name, part = _split_key(key)
+            style, component, name, part = _split_key(key, prefixes)
             out.setdefault((component, name), {})[part] = tensor
         return out
 
@@ -823,7 +815,7 @@ class AdapterWeights:
 
     @property
     def components(self) -> list[str]:
-        return sorted({c for c, _ in self.modules()}, key=DIFFUSERS_COMPONENTS.index)
+        return sorted({c for c, _ in self.modules()}, key=architectures.COMPONENTS.index)
 
     @property
     def target_modules(self) -> list[str]:
@@ -861,15 +853,19 @@ def _lora_config(scales: dict[str, tuple[int, float]], *, use_dora: bool, use_rs
             "use_dora": use_dora, "use_rslora": use_rslora, "lora_bias": lora_bias, "bias": "none"}
 
 
-def read_adapter(path: str | Path, *, base_pipeline=None, family="sd1", base_name: str | None = None,
-                 info: FormatInfo | None = None) -> AdapterWeights:
+def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str | None = None,
+                 base_name: str | None = None, info: FormatInfo | None = None) -> AdapterWeights:
     """Read any supported adapter file into canonical :class:`AdapterWeights`.
 
-    With ``base_pipeline`` the file is validated against it first (:func:`validate_against`); kohya
-    files need it, since only the base model's module list turns flat kohya names back into modules.
+    With ``base_pipeline`` the file is validated against it first (:func:`validate_against`), for
+    ``family`` (the base's family, name or ``Family``; required with a base); kohya files need a base,
+    since only the base model's module list turns flat kohya names back into modules.
     Refuses LyCORIS-format LoHa/LoKr and kohya DoRA (``dora_scale``), which the studio cannot convert
     exactly, and tensors holding NaN or infinity.
     """
+    if base_pipeline is not None and family is None:
+        raise InvalidRequestError("read_adapter validates against base_pipeline for a family: pass family= "
+                                  "(the base model's family)")
     path = _resolve_path(path)
     info = info or detect(path)
     if info.format == "kohya" and info.adapter_type in ("loha", "lokr"):
@@ -883,7 +879,7 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family="sd1", base_nam
             f"{path} is a kohya-layout DoRA (dora_scale keys); diffusers drops those keys and would load it as a "
             f"plain LoRA, silently different. Export it as a peft DoRA (lora_magnitude_vector) from the tool that "
             f"trained it")
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch loads when weights are read, not at import
 
     tensors = load_file(str(path))
     for key, t in tensors.items():
@@ -949,7 +945,7 @@ def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[st
             configs[component] = jsonable({"peft_type": adapter_type.upper(), **source[component]})
             continue
         if adapter_type == "lokr":
-            from diffusers.utils.peft_utils import _create_lokr_config
+            from diffusers.utils.peft_utils import _create_lokr_config  # diffusers only for LoKr without a config
 
             configs[component] = jsonable(_create_lokr_config(sd, None).to_dict())
             continue
@@ -970,9 +966,9 @@ def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def build_metadata(*, adapter_type: str, rank: int | None, alpha: float | None, family="sd1", name: str | None = None,
-                   trigger_words=(), tags=(), description: str | None = None, author: str | None = None,
-                   license: str | None = None, date: datetime | None = None,
+def build_metadata(*, adapter_type: str, rank: int | None, alpha: float | None, family: Family | str,
+                   name: str | None = None, trigger_words=(), tags=(), description: str | None = None,
+                   author: str | None = None, license: str | None = None, date: datetime | None = None,
                    base: Mapping[str, str] | None = None) -> dict[str, str]:
     """kohya ``ss_*`` and ModelSpec ``modelspec.*`` keys for an adapter, over ``base`` (the source
     file's metadata, which is kept: ss_tag_frequency, training settings, thumbnails...).
@@ -1018,7 +1014,7 @@ def _serialize(tensors: Mapping[str, Any], metadata: dict[str, str]) -> tuple[by
     """(header bytes, data bytes) with ``sshs_model_hash``/``modelspec.hash_sha256`` set to the sha256 of
     the data bytes. The data section does not depend on metadata (only offsets are in the header),
     so the hash is computed on a first serialisation and the header is then rebuilt around it."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # torch loads when a file is written, not at import
 
     blob = save(dict(tensors), metadata=None)
     n = int.from_bytes(blob[:8], "little")
@@ -1064,18 +1060,18 @@ def check_kohya_exportable(adapter_type: str) -> None:
             f"kohya LoRA files cannot hold Hadamard or Kronecker factors): use --format diffusers")
 
 
-def kohya_state_dict(adapter: AdapterWeights) -> dict[str, Any]:
+def kohya_state_dict(adapter: AdapterWeights, family: Family | str) -> dict[str, Any]:
     """The kohya/A1111 keys of a LoRA: ``lora_unet_*``/``lora_te_text_model_*`` with ``.alpha`` per module.
 
+    Each component gets the prefix ``family`` writes for it (SD-1: ``lora_unet_``, ``lora_te_``).
     Alpha is written as each module's own alpha, so strength survives (diffusers'
     ``convert_state_dict_to_kohya`` writes alpha = rank). rsLoRA scales by alpha/sqrt(r); kohya by
     alpha/r, so an rsLoRA module is written with alpha * sqrt(r).
     """
-    import torch
+    import torch  # the .alpha scalars are tensors; importing this module must not load torch
 
     check_kohya_exportable(adapter.adapter_type)
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
-                "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
+    family = _family_obj(family)
     scales = adapter.scales()
     out: dict[str, Any] = {}
     for (component, name), parts in adapter.modules().items():
@@ -1083,9 +1079,9 @@ def kohya_state_dict(adapter: AdapterWeights) -> dict[str, Any]:
             raise UnsupportedAdapterError(f"{component} {name} has a lora_B bias (peft lora_bias=True), which kohya "
                                           f"files cannot hold: export with --format diffusers")
         flat = name.replace(".", "_")
-        if component.startswith("text_encoder") and not name.startswith("text_model."):
+        if _clip_root(family, component) and not name.startswith("text_model."):
             flat = "text_model_" + flat  # the usual SD-1 spelling: lora_te_text_model_encoder_layers_...
-        key = prefixes[component] + flat
+        key = family.kohya_prefix(component) + flat
         rank, alpha, rslora = scales[(component, name)]
         alpha = float(rank) if alpha is None else alpha
         if rslora:
@@ -1097,12 +1093,14 @@ def kohya_state_dict(adapter: AdapterWeights) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
-def to_kohya(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+def to_kohya(adapter: AdapterWeights, out: str | Path, *, family: Family | str,
+             metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically; LoRA only (DoRA, LoHa, LoKr refused).
 
-    ``lora_adapter_metadata`` is never written here: diffusers refuses a kohya file that carries both
-    ``.alpha`` tensors and that key ("Both network_alphas and metadata cannot be specified").
+    ``family`` (the adapter's) gives each component's key prefix. ``lora_adapter_metadata`` is never
+    written here: diffusers refuses a kohya file that carries both ``.alpha`` tensors and that key
+    ("Both network_alphas and metadata cannot be specified").
     """
-    state = kohya_state_dict(adapter)
+    state = kohya_state_dict(adapter, family)
     md = {k: str(v) for k, v in (metadata or {}).items() if k != ADAPTER_METADATA_KEY}
     return _write_atomic(out, _serialize(state, md))

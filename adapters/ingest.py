@@ -28,15 +28,15 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapters import formats
 from adapters.formats import AdapterWeights, FormatInfo
 from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo, check_name
+from studio.core import base_models
 from studio.core.errors import IncompatibleAdapterError, InvalidNameError, InvalidRequestError
-
-if TYPE_CHECKING:
-    from studio.core.families import Family
+from studio.core.families import Family, architectures, get_family
+from studio.core.hashing import tensor_sha256
 
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -102,9 +102,9 @@ class IngestResult:
 def _check_architecture(arch: str | None, evidence: str, family: Family, base: str, where: str) -> None:
     """Refuse weights whose keys alone show another model tree than the base's family, before any base
     pipeline is loaded: a pull or import of an SDXL LoRA against an SD-1 base ends here, in one line."""
-    if arch in formats._OTHER_TREES and arch != family.name:
+    if architectures.other_tree(arch, family.name):
         raise IncompatibleAdapterError(
-            f"{where}: this adapter was made for {formats.ARCHITECTURES[arch]} ({evidence}); the base {base!r} is "
+            f"{where}: this adapter was made for {architectures.display_name(arch)} ({evidence}); the base {base!r} is "
             f"{family.display_name}: use --base with a base model of that architecture, or pick an adapter made "
             f"for {family.display_name}", arch)
 
@@ -155,13 +155,9 @@ def ingest(registry: Registry, source: str | Path | AdapterWeights, *, name: str
     version (``IngestResult.created`` is False) unless they come with another alpha, which would be a
     different adapter at another strength and is refused.
     """
-    from studio.core.families import get_family
-
     check_name(name)
     if family is None:
-        from studio.core.base_models import resolve
-
-        family = resolve(base).family
+        family = base_models.resolve(base).family
     family = get_family(family) if isinstance(family, str) else family
     in_memory = isinstance(source, AdapterWeights)
     if in_memory:
@@ -175,9 +171,7 @@ def ingest(registry: Registry, source: str | Path | AdapterWeights, *, name: str
 
     pipe = pipeline
     if pipe is None and (validate or (info is not None and info.format == "kohya")):
-        from studio.core.base_models import load_pipeline
-
-        pipe = load_pipeline(base)
+        pipe = base_models.load_pipeline(base)
     if in_memory:
         adapter = source
         if validate:
@@ -257,8 +251,6 @@ def _same_tensors(registry: Registry, name: str, canonical: Path, adapter: Adapt
     The registry deduplicates by tensor hash, and alpha is metadata, not a tensor: the same tensors
     with another alpha would come back as the existing version at the wrong strength, so they are refused.
     """
-    from studio.core.hashing import tensor_sha256
-
     digest = tensor_sha256(canonical)
     for v in registry.list_versions(name=name, limit=None).items:
         if v.tensor_sha256 != digest:
@@ -266,9 +258,7 @@ def _same_tensors(registry: Registry, name: str, canonical: Path, adapter: Adapt
         stored = formats.detect(v.path)
         stored_pipe = None
         if stored.format == "kohya":  # registered by a direct register() call: flat names need the base
-            from studio.core.base_models import load_pipeline
-
-            stored_pipe = load_pipeline(v.base_model or base)
+            stored_pipe = base_models.load_pipeline(v.base_model or base)
         theirs = formats.read_adapter(v.path, base_pipeline=stored_pipe, family=v.family, info=stored)
         if _scales(theirs) != _scales(adapter):
             raise InvalidRequestError(
@@ -300,14 +290,13 @@ def export_adapter(registry: Registry, ref: str, *, format: str, out: str | Path
     info = formats.detect(version.path)
     pipe = None
     if info.format == "kohya":  # stored by something other than this importer: needs module names
-        from studio.core.base_models import load_pipeline
-
-        pipe = load_pipeline(version.base_model or "tiny")
+        pipe = base_models.load_pipeline(version.base_model or "tiny")
     adapter = formats.read_adapter(version.path, base_pipeline=pipe, family=version.family, info=info)
     metadata = formats.build_metadata(
         adapter_type=version.adapter_type, rank=adapter.rank, alpha=adapter.alpha, family=version.family,
         name=version.name, trigger_words=version.trigger_words, tags=version.tags,
         description=version.description or None, author=version.author, license=version.license,
         date=version.created_at, base=version.safetensors_metadata)
-    writer = formats.to_kohya if format == "kohya" else formats.to_diffusers
-    return writer(adapter, out, metadata=metadata)
+    if format == "kohya":
+        return formats.to_kohya(adapter, out, family=version.family, metadata=metadata)
+    return formats.to_diffusers(adapter, out, metadata=metadata)

@@ -21,15 +21,21 @@ sum factors of one shape (linear, ties, dare_linear), and the same version twice
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from adapters import formats
+from adapters.compose import parse_adapter_arg
+from adapters.ingest import ingest
+from adapters.registry import check_name
+from studio.core import base_models
 from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsupportedAdapterError
+from studio.core.families import get_family
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear")
 SAME_RANK_METHODS = ("linear", "ties", "dare_linear")  # factors are summed: every parent needs one shape
 DENSITY_METHODS = ("ties", "dare_linear")  # keep this fraction of each delta's entries
-COMPONENTS = ("unet", "text_encoder")
 MAX_ABS_WEIGHT = 4.0  # as a stack entry (adapters.compose)
 
 
@@ -43,7 +49,8 @@ class MergeSettings:
     density: float | None = field(default=None, metadata={"help": "ties / dare_linear: fraction of entries kept"})
     rank: int | None = field(default=None, metadata={"help": "svd: rank of the merged adapter (default: the "
                                                                 "largest parent rank)"})
-    components: list[str] = field(default_factory=list, metadata={"help": "components merged (unet, text_encoder)"})
+    components: list[str] = field(default_factory=list, metadata={"help": "components merged (the family's "
+                                                                          "denoiser and text encoders)"})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,8 +58,6 @@ class MergeSettings:
 
 def parse_merge_arg(text: str) -> tuple[str, float]:
     """``REF[:WEIGHT]`` (``mystyle@2:0.7``; weight 1.0 when omitted), as ``lora-studio adapters merge`` takes it."""
-    from adapters.compose import parse_adapter_arg
-
     spec = parse_adapter_arg(text)
     return spec.ref, spec.weight
 
@@ -98,9 +103,6 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
     LoRAs of one family; the merged adapter is a LoRA of that family on the parents' base model, with
     the parents as lineage and the settings in ``source["merge"]``.
     """
-    from adapters.ingest import ingest
-    from adapters.registry import check_name
-
     check_name(name)
     _check_settings(parents, method, density, rank)
     versions = [registry.get(ref) for ref, _ in parents]
@@ -119,11 +121,8 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
         raise IncompatibleAdapterError(
             f"the parents are made for different families ({', '.join(f'{v.ref}: {v.family}' for v in versions)}): "
             f"merge adapters of one base-model family only")
-    base_models = {v.base_model or "tiny" for v in versions}
-    base = sorted(base_models)[0]
-
-    from adapters import formats
-
+    family = get_family(families[0])  # an unknown family is refused here, before any weights are read
+    base = sorted({v.base_model or "tiny" for v in versions})[0]
     adapters = [formats.read_adapter(v.path, family=v.family) for v in versions]
     if method in SAME_RANK_METHODS and len(parents) > 1:
         ranks = [sorted(set(_module_ranks(a).values())) for a in adapters]
@@ -132,10 +131,12 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
             raise InvalidRequestError(
                 f"{method} merging sums the parents' factors, so every parent needs the same rank ({shown}): use "
                 f"--method cat (rank = sum of ranks) or --method svd --rank R")
-    components = [c for c in COMPONENTS if any(c in a.components for a in adapters)]
-    other = sorted({c for a in adapters for c in a.components} - set(COMPONENTS))
+    # The family's LoRA-bearing components, denoiser first: each is merged on its own model.
+    covered = family.lora_components
+    components = [c for c in covered if any(c in a.components for a in adapters)]
+    other = sorted({c for a in adapters for c in a.components} - set(covered))
     if other:
-        raise UnsupportedAdapterError(f"the parents adapt {', '.join(other)}; merging covers {', '.join(COMPONENTS)}")
+        raise UnsupportedAdapterError(f"the parents adapt {', '.join(other)}; merging covers {', '.join(covered)}")
 
     merged_tensors: dict = {}
     merged_scales: dict[str, dict[str, tuple[int, float]]] = {}
@@ -156,7 +157,7 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
         w for v in versions for w in v.trigger_words))
     # One path for every new version: ingest validates every key against the private copy (which holds
     # the same modules as the base), writes the canonical file and registers it.
-    return ingest(registry, merged, name=name, origin="merged", base=base, family=versions[0].family,
+    return ingest(registry, merged, name=name, origin="merged", base=base, family=family,
                   pipeline=pipe, trigger_words=words, tags=tags or (), description=description,
                   source_info={"merge": settings.to_dict()}, parents=refs,
                   metadata={"modelspec.merged_from": ", ".join(f"{r}:{w:g}" for r, (_, w) in zip(refs, parents)),
@@ -164,16 +165,12 @@ def merge_adapters(registry, parents: list[tuple[str, float]], *, method: str, n
 
 
 def _json(value) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True)
 
 
 def _fresh_pipeline(base: str):
     """A private float32 copy of the base: peft injects layers into it, which the cached pipeline must not see."""
-    from studio.core.base_models import load_fresh_pipeline
-
-    return load_fresh_pipeline(base)
+    return base_models.load_fresh_pipeline(base)
 
 
 def _merge_component(model, component: str, adapters, parents, method: str, density, rank):
@@ -182,6 +179,7 @@ def _merge_component(model, component: str, adapters, parents, method: str, dens
     Returns (``{component.module.lora_X.weight: tensor}``, ``{module: (rank, alpha)}``). Parents without
     this component take no part in its merge (for linear, cat and svd that is exactly a zero delta).
     """
+    # torch and peft load only when a merge runs, not whenever the CLI imports this module
     import torch
     from peft import LoraConfig, LoraModel, set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict

@@ -42,11 +42,13 @@ Safety rules, each relied on by a test:
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import math
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -55,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from PIL import Image
 from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql
 
@@ -69,8 +72,11 @@ from studio.core.errors import (
     RegistryBusyError,
     StudioError,
 )
+from studio.core.families import architectures
+from studio.core.filesafety import check_safetensors
 from studio.core.hashing import hash_weights
 from studio.core.jsonutil import jsonable
+from studio.core.settings import get_settings
 
 # 2: the version_publications table (Hub publications). A version-1 database gains it when opened
 # (_migrate); a version-1 client refuses a version-2 database, since its deletes would not remove those rows.
@@ -78,8 +84,8 @@ SCHEMA_VERSION = 2
 LATEST = "latest"
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
 ORIGINS = ("trained", "imported", "merged", "pulled")
-# Pipeline components an adapter can patch; sdxl/sd3/flux add the last three when their families land.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+# Pipeline components an adapter can patch, in any family the studio can name.
+COMPONENTS = architectures.COMPONENTS
 SORTS = ("name", "created", "newest")
 MIN_HASH_PREFIX = 8  # 8 hex = 32 bits: a chance collision needs ~65,000 versions (birthday bound, 2**16)
 MAX_NAME = 64
@@ -176,11 +182,6 @@ def decode_sample(image: str | Path | bytes, what: str = "sample image"):
     shows a stored sample, so one bad file costs its card the thumbnail and never the listing. Raises
     InvalidRequestError naming ``what`` and the problem.
     """
-    import io
-    import warnings
-
-    from PIL import Image
-
     if isinstance(image, bytes):
         data = image
     else:
@@ -656,8 +657,6 @@ class Registry:
 
     def __init__(self, url: str | None = None, *, home: str | Path | None = None, store: BlobStore | None = None,
                  busy_timeout_s: float = 30.0, retries: int = 8, echo: bool = False) -> None:
-        from studio.core.settings import get_settings
-
         settings = get_settings()
         home = Path(home) if home is not None else settings.home
         if url is None:
@@ -1013,8 +1012,6 @@ class Registry:
         if not isinstance(info, VersionInfo):
             raise InvalidRequestError(f"info must be a VersionInfo, not {type(info).__name__}")
         weights = Path(weights)
-        from studio.core.filesafety import check_safetensors
-
         # Pickles (by suffix or bytes) and headers the safetensors library would choke on end here, in one
         # clear line, before a byte is hashed or stored: the studio's one check of a user's weights file.
         check_safetensors(weights)

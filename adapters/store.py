@@ -27,6 +27,7 @@ from pathlib import Path
 from studio.core.atomic import fsync_dir, write_atomic
 from studio.core.errors import BlobNotFoundError, HashMismatchError, InputFileNotFoundError, InvalidRequestError
 from studio.core.hashing import file_sha256
+from studio.core.settings import get_settings
 
 CHUNK = 1 << 20
 BLOB_MODE = 0o644  # readable by everyone like any shared model file; safetensors writes 0600 sources
@@ -56,8 +57,6 @@ class BlobStore:
 
     def __init__(self, root: str | Path | None = None) -> None:
         if root is None:
-            from studio.core.settings import get_settings
-
             root = get_settings().blobs_dir
         self.root = Path(root)
 

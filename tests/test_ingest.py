@@ -70,7 +70,7 @@ def test_imported_pulled_merged_and_trained_versions_carry_the_metadata_ingest_s
     trained = reg.get(result.ref)
 
     # The keys build_metadata writes for every adapter, plus what the canonical writer adds.
-    ingest_keys = set(formats.build_metadata(adapter_type="lora", rank=1, alpha=1.0, name="x")) | {
+    ingest_keys = set(formats.build_metadata(adapter_type="lora", rank=1, alpha=1.0, family="sd1", name="x")) | {
         formats.ADAPTER_METADATA_KEY, "sshs_model_hash", "modelspec.hash_sha256"}
     versions = {"imported": imported, "pulled": pulled, "merged": merged, "trained": trained}
     for origin, v in versions.items():

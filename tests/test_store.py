@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -371,7 +372,7 @@ def test_a_full_disk_during_an_adapter_export_keeps_the_old_file(tmp_path, monke
     from adapters.formats import read_adapter, to_diffusers, to_kohya
     from studio.core.errors import DiskFullError
 
-    write = to_diffusers if fmt == "diffusers" else to_kohya
+    write = to_diffusers if fmt == "diffusers" else functools.partial(to_kohya, family="sd1")
     adapter = read_adapter(_tiny_lora(tmp_path / "lora.safetensors", 1))
     out_dir = tmp_path / "out"
     out = write(adapter, out_dir / "style.safetensors")

@@ -65,7 +65,7 @@ from studio.core.errors import (
     OfflineError,
     StudioError,
 )
-from studio.core.families import FAMILIES
+from studio.core.families import FAMILIES, architectures
 from studio.core.settings import get_settings
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -488,7 +488,7 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     lines += [version.description or f"A {method} adapter for {base_text}.", ""]
     lines += [f"- Adapter: {method}, rank {version.rank or '?'}, alpha {_num(version.alpha)} "
               f"(strength scale alpha / rank = {_scale(version)})",
-              f"- Base model: {base_text} ({formats.ARCHITECTURES.get(version.family, version.family)})",
+              f"- Base model: {base_text} ({architectures.display_name(version.family)})",
               f"- Patches: {', '.join(version.components) or '?'} ({', '.join(version.target_modules) or '?'})",
               f"- Registry version: `{version.ref}`, tensor sha256 `{version.tensor_sha256}`", ""]
     lines += ["## Trigger words", ""]

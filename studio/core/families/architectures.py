@@ -118,6 +118,13 @@ def other_tree(name: str | None, tree_of: str) -> bool:
     return theirs is not None and ours is not None and theirs.module_tree != ours.module_tree
 
 
+def own_tree(name: str | None) -> bool:
+    """Whether architecture ``name`` is the only one with its module tree, so that an adapter's keys
+    name it without a base to compare widths against (SD-1 and SD-2 share the SD UNet's tree)."""
+    arch = ARCHITECTURES.get(name or "")
+    return arch is not None and sum(a.module_tree == arch.module_tree for a in ARCHITECTURES.values()) == 1
+
+
 def by_cross_attention_dim(width: int) -> Architecture | None:
     return next((a for a in ARCHITECTURES.values() if a.cross_attention_dim == width), None)
 
