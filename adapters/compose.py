@@ -19,7 +19,7 @@ pipeline and applies stacks to it under this policy:
 - Nothing partially applied survives an error: references, weights and files are checked before the
   pipeline is touched, and a failed load removes what it added and restores the previous stack.
 
-The engine does not lock: callers hold ``studio.generation.generate.pipeline_lock(pipe)`` around
+The engine does not lock: callers hold ``studio.generation.run.pipeline_lock(pipe)`` around
 apply-then-generate (Streamlit shares one pipeline object between sessions).
 Adapter references resolve through :func:`resolve_adapter`: a ``.safetensors`` path, or a registry
 reference (``name``, ``name@3``, ``name@prod``, ``sha256:<prefix>``).
@@ -36,8 +36,13 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from studio.core.errors import InvalidRequestError
-from studio.core.families import FAMILIES, Family
+from adapters.formats import detect, read_adapter
+from adapters.registry import Registry
+from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsafeWeightsError
+from studio.core.families import FAMILIES, Family, architectures, family_of_pipeline
+from studio.core.filesafety import PICKLE_SUFFIXES
+from studio.core.hashing import tensor_sha256
+from studio.core.settings import get_settings
 
 MAX_ABS_WEIGHT = 4.0
 DEFAULT_CACHE_SIZE = 8
@@ -243,9 +248,6 @@ def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
     path = Path(ref).expanduser()
     looks_like_path = ref.endswith(".safetensors") or "/" in ref or path.suffix.lower() in (".ckpt", ".pt", ".bin")
     if looks_like_path:
-        from studio.core.base_models import PICKLE_SUFFIXES
-        from studio.core.errors import UnsafeWeightsError
-
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise UnsafeWeightsError(f"{path} is a pickle file: the studio loads adapters from .safetensors only")
         if not path.is_file():
@@ -256,8 +258,6 @@ def resolve_adapter(ref: str, registry=None) -> ResolvedAdapter:
         return ResolvedAdapter(ref=str(path.resolve()), name=stem, version=None, path=path.resolve(),
                                tensor_sha256=digest, family=family)
     if registry is None:
-        from adapters.registry import Registry
-
         registry = Registry()
     version = registry.get(ref)  # AdapterNotFoundError names close names when nothing matches
     return ResolvedAdapter(ref=version.ref, name=version.name, version=version.number, path=version.path,
@@ -272,12 +272,10 @@ def _file_identity(path: str, size: int, mtime_ns: int) -> tuple[str, str | None
     Hashing reads the whole file; a stack used request after request would otherwise re-read every
     file each time, just to find the adapters already loaded. A rewritten file has a new mtime.
     """
-    from adapters.formats import _OTHER_TREES, detect
-    from studio.core.hashing import tensor_sha256
-
-    # A file has no registry record: its keys tell the family when it is SDXL, SD3, Flux (header only).
+    # A file has no registry record: its keys tell the family when no other architecture shares its
+    # module tree (SDXL, SD3, Flux); SD-1 and SD-2 differ in widths only a base can check (header only).
     arch = detect(path).architecture
-    return tensor_sha256(Path(path)), arch if arch in _OTHER_TREES else None
+    return tensor_sha256(Path(path)), arch if architectures.own_tree(arch) else None
 
 
 def check_family(resolved: list[ResolvedAdapter], family: str, base: str = "the base model") -> None:
@@ -286,8 +284,6 @@ def check_family(resolved: list[ResolvedAdapter], family: str, base: str = "the 
     An SDXL LoRA on an SD-1 pipeline would fail deep inside diffusers with a shape error, or worse,
     half-load; this names the adapter, its family and what to do instead.
     """
-    from studio.core.errors import IncompatibleAdapterError
-
     for r in resolved:
         if r.family is not None and r.family != family:
             raise IncompatibleAdapterError(
@@ -322,6 +318,7 @@ class AdapterEngine:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
         self.pipe = pipe
+        self.family: Family = family_of_pipeline(pipe)  # which components carry adapters, denoiser first
         self.cache_size = cache_size
         self.fuse_enabled = fuse
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # tensor hash -> loaded adapter
@@ -395,9 +392,9 @@ class AdapterEngine:
 
     def _adapter_layers(self) -> list:
         if self._layers is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.tuners.tuners_utils import BaseTunerLayer  # peft loads with the first adapter, not at import
 
-            self._layers = [(component, qual, module) for component in ("unet", "text_encoder")
+            self._layers = [(component, qual, module) for component in self.family.lora_components
                             if getattr(self.pipe, component, None) is not None
                             for qual, module in getattr(self.pipe, component).named_modules()
                             if isinstance(module, BaseTunerLayer)]
@@ -453,12 +450,8 @@ class AdapterEngine:
         for spec, r in live:
             entry = self._loaded[r.key]
             names.append(entry.adapter_name)
-            weight = {}
-            if "unet" in entry.components:
-                weight["unet"] = spec.denoiser_weight
-            if "text_encoder" in entry.components:
-                weight["text_encoder"] = spec.text_encoder_weight
-            weights.append(weight)
+            weights.append({component: self._weight(spec, component) for component in self.family.lora_components
+                            if component in entry.components})
         self.pipe.set_adapters(names, adapter_weights=weights)
         # Adapters loaded but not in the stack are inactive after set_adapters; nothing else to do.
         self._set_names = tuple(names)
@@ -466,14 +459,17 @@ class AdapterEngine:
     def _rescale(self, live: list[tuple[AdapterSpec, ResolvedAdapter]]) -> None:
         """New strengths for the adapters already active, in the same order: what ``set_adapters`` does
         per layer (``set_scale(adapter_name, weight)``), minus re-activating the same adapters."""
-        per_component = {
-            "unet": [(self._loaded[r.key].adapter_name, s.denoiser_weight) for s, r in live],
-            "text_encoder": [(self._loaded[r.key].adapter_name, s.text_encoder_weight) for s, r in live],
-        }
+        per_component = {component: [(self._loaded[r.key].adapter_name, self._weight(s, component)) for s, r in live]
+                         for component in self.family.lora_components}
         for component, _, module in self._adapter_layers():
             for adapter_name, weight in per_component[component]:
                 module.set_scale(adapter_name, weight)  # a no-op for adapters the layer does not hold
         self.stats.rescales += 1
+
+    def _weight(self, spec: AdapterSpec, component: str):
+        """``spec``'s weight for ``component``: the denoiser's (a number or per-block dict), or the one
+        every text encoder takes (ComfyUI's strength_model / strength_clip)."""
+        return spec.denoiser_weight if self.family.is_denoiser(component) else spec.text_encoder_weight
 
     def _restore_active_after_error(self) -> None:
         self._active = ()
@@ -483,7 +479,7 @@ class AdapterEngine:
             self._enabled = False
 
     def _fuse(self, live, signature) -> None:
-        import torch
+        import torch  # torch loads when weights are touched, not at import
 
         ordered = [self._loaded[r.key].adapter_name for _, r in live]
         names = set(ordered)
@@ -514,7 +510,7 @@ class AdapterEngine:
         This replaces peft's ``unmerge``, which recomputes each adapter's delta and subtracts it (drifting
         by ~2e-6) only for the exact copy to overwrite the result anyway.
         """
-        import torch
+        import torch  # torch loads when weights are touched, not at import
 
         with torch.no_grad():
             for key, module in self._fused_layers:
@@ -560,8 +556,6 @@ def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> Non
     ``set_peft_model_state_dict`` per component (LoKr text-encoder parts too). Either way the adapter
     ends up as peft layers named ``adapter_name`` that ``set_adapters``/fuse/delete handle as any LoRA.
     """
-    from adapters.formats import detect
-
     path = safetensors_named_path(resolved)
     adapter_type = detect(path).adapter_type  # detect() validates the whole header byte by byte first
     if adapter_type in ("lora", "dora"):
@@ -581,8 +575,6 @@ def safetensors_named_path(resolved: ResolvedAdapter) -> Path:
     """
     if resolved.path.suffix == ".safetensors":
         return resolved.path
-    from studio.core.settings import get_settings
-
     link_dir = get_settings().home / "cache" / "adapters"
     link_dir.mkdir(parents=True, exist_ok=True)
     link = link_dir / f"{resolved.tensor_sha256}-{resolved.path.name[:16]}.safetensors"
@@ -596,21 +588,19 @@ def safetensors_named_path(resolved: ResolvedAdapter) -> Path:
 
 def _peft_config(adapter_type: str, config: dict):
     """A ``LoHaConfig``/``LoKrConfig`` from a file's per-component config dict (unknown keys dropped)."""
-    import dataclasses
-
-    from peft import LoHaConfig, LoKrConfig
+    from peft import LoHaConfig, LoKrConfig  # peft loads with the first LoHa/LoKr, not at import
 
     cls = LoHaConfig if adapter_type == "loha" else LoKrConfig
     declared = str(config.get("peft_type", adapter_type)).upper()
     if declared != adapter_type.upper():
         raise InvalidRequestError(f"the adapter's keys are {adapter_type} but its metadata says {declared}")
-    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type"}
+    names = {f.name for f in fields(cls) if f.init} - {"peft_type"}
     return cls(**{k: v for k, v in config.items() if k in names})
 
 
 def _inject(model, adapter_type: str, config: dict, state_dict: dict, adapter_name: str) -> None:
     """Add one LoHa/LoKr adapter to ``model`` with peft, keeping the adapters already there."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft import inject_adapter_in_model, set_peft_model_state_dict  # see _peft_config
 
     prior = dict(getattr(model, "peft_config", None) or {})
     try:
@@ -628,8 +618,7 @@ def _inject(model, adapter_type: str, config: dict, state_dict: dict, adapter_na
 
 
 def _load_lycoris(pipe, path: Path, adapter_type: str, adapter_name: str) -> None:
-    from adapters.formats import read_adapter
-
+    family = family_of_pipeline(pipe)
     weights = read_adapter(path)  # canonical peft keys + one peft config per component
     by_component: dict[str, dict] = {}
     for key, tensor in weights.tensors.items():
@@ -640,8 +629,8 @@ def _load_lycoris(pipe, path: Path, adapter_type: str, adapter_name: str) -> Non
         raise InvalidRequestError(f"{path.name} adapts {', '.join(unknown)}, which this pipeline does not have")
     for component, state_dict in by_component.items():
         model = getattr(pipe, component)
-        if adapter_type == "lokr" and component == "unet" and hasattr(model, "load_lora_adapter"):
-            model.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet",
+        if adapter_type == "lokr" and family.is_denoiser(component) and hasattr(model, "load_lora_adapter"):
+            model.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=component,
                                     adapter_name=adapter_name, use_safetensors=True)
         else:
             _inject(model, adapter_type, weights.configs[component], state_dict, adapter_name)
