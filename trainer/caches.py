@@ -27,10 +27,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from studio.core.atomic import write_bytes_atomic
+from safetensors import SafetensorError
 
-# In-memory entries per cache. SD-1 latents at 512 px are 2 x 4x64x64 fp32 = 128 KiB and text
-# embeddings 77x768 fp32 = 231 KiB, so 4096 entries stay under ~1 GiB in the worst case.
+from studio.core.atomic import write_bytes_atomic
+from studio.core.settings import get_settings
+
+# In-memory entries per cache. An entry's size depends on the family and the resolution: for
+# example an SD-1 model at 512 px has latents of 2 x 4x64x64 fp32 = 128 KiB and text embeddings of
+# 77x768 fp32 = 231 KiB, so 4096 entries of either stay under ~1 GiB.
 MEMORY_ENTRIES = 4096
 
 
@@ -59,8 +63,7 @@ class TensorCache:
             return entry
         path = self._path(key)
         if path.is_file():
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # lazy: safetensors.torch imports torch
 
             try:
                 entry = load_file(str(path))
@@ -75,7 +78,7 @@ class TensorCache:
         return None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        from safetensors.torch import save
+        from safetensors.torch import save  # lazy: safetensors.torch imports torch
 
         entry = {k: v.detach().to("cpu").contiguous() for k, v in entry.items()}
         self._remember(key, entry)
@@ -91,8 +94,6 @@ class TensorCache:
 
 
 def cache_root() -> Path:
-    from studio.core.settings import get_settings
-
     return get_settings().home / "cache"
 
 

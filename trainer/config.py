@@ -22,7 +22,9 @@ code is ``trainer/data.py``; the training loop comes later in ``trainer/loop.py`
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import re
 import string
 import types
 import typing
@@ -36,7 +38,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli ba
     import tomli as tomllib
 
 from studio.core.atomic import write_bytes_atomic
-from studio.core.errors import ConfigError
+from studio.core.base_models import resolve
+from studio.core.errors import ConfigError, InputFileNotFoundError, InvalidNameError
+from studio.core.families import get_family
+from studio.core.settings import get_settings
 
 METHODS = ("lora", "dora", "loha", "lokr")
 TARGET_PRESETS = ("attention", "attention+conv")
@@ -316,7 +321,6 @@ class OutputConfig(_Section):
     def __post_init__(self) -> None:
         if self.name:
             from adapters.registry import check_name  # lazy: the registry module imports SQLAlchemy
-            from studio.core.errors import InvalidNameError
 
             try:
                 check_name(self.name)
@@ -586,8 +590,6 @@ class TrainConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            from studio.core.errors import InputFileNotFoundError
-
             raise InputFileNotFoundError(f"training config {path} not found") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read training config {path}: {e}") from None
@@ -683,8 +685,6 @@ class TrainConfig:
         if not output.name:
             output = replace(output, name=_name_from_folder(d.path))
         if not output.dir:
-            from studio.core.settings import get_settings
-
             output = replace(output, dir=str(get_settings().home / "runs"))
         return replace(self, dataset=dataset, network=network, training=training, output=output)
 
@@ -726,8 +726,6 @@ def _locate(key: str) -> tuple[str, str]:
 
 def _name_from_folder(path: str) -> str:
     """An adapter name from the dataset folder's name: registry-safe characters only."""
-    import re
-
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).name).strip(".-")[:64]
     return name or "lora"
 
@@ -735,15 +733,10 @@ def _name_from_folder(path: str) -> str:
 def base_model_defaults(ref: str) -> dict[str, Any]:
     """Native resolution, latent granularity and prediction type of a base model, without its weights.
 
-    The embedded tiny model and diffusers folders are read from their config files (UNet
+    The embedded tiny model and diffusers folders are read from their config files (the denoiser's
     ``sample_size`` x the VAE factor 2^(blocks - 1); the scheduler's ``prediction_type``); single
     files and Hub ids fall back to their family's values.
     """
-    import json
-
-    from studio.core.base_models import resolve
-    from studio.core.families import get_family
-
     resolved = resolve(ref)
     family = get_family(resolved.family)
     facts = {
@@ -754,9 +747,9 @@ def base_model_defaults(ref: str) -> dict[str, Any]:
     if resolved.kind in ("tiny", "diffusers"):
         folder = Path(resolved.location)
         try:
-            unet = json.loads((folder / "unet" / "config.json").read_text())
+            denoiser = json.loads((folder / family.denoiser / "config.json").read_text())
             vae = json.loads((folder / "vae" / "config.json").read_text())
-            facts["native_resolution"] = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+            facts["native_resolution"] = int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
         except (OSError, ValueError, KeyError, TypeError):
             pass
         try:

@@ -46,7 +46,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from studio.core.errors import DatasetError, DatasetNotFoundError, NoUsableImagesError, UnusableImageError
-from trainer.config import DatasetConfig, default_bucket_bounds
+from studio.core.settings import get_settings
+from trainer.config import DatasetConfig, base_model_defaults, default_bucket_bounds
 
 LAYOUTS: dict[str, str] = {
     "folder": "images with same-name caption files",
@@ -825,9 +826,6 @@ def _effective(path: str | Path | None, config: DatasetConfig | None, resolution
         changes["bucket_reso_steps"] = bucket_step
     cfg = replace(cfg, **changes)  # runs the checks again
     if not cfg.resolution or not cfg.bucket_reso_steps:
-        from studio.core.settings import get_settings
-        from trainer.config import base_model_defaults
-
         facts = base_model_defaults(get_settings().default_base_model)
         cfg = replace(cfg, resolution=cfg.resolution or facts["native_resolution"],
                       bucket_reso_steps=cfg.bucket_reso_steps or facts["latent_granularity"])

@@ -9,7 +9,9 @@ The order of work, and why:
 1. Scan the dataset and split off held-out images, before any model is loaded: a bad dataset
    fails in a second, not after a minute of loading.
 2. Load the base model the studio's way (``studio.core.base_models.load_fresh_pipeline``), freeze it,
-   inject peft adapter layers (``trainer/methods.py``) into the UNet and optionally the text encoder.
+   inject peft adapter layers (``trainer/methods.py``) into the family's denoiser and optionally its
+   LoRA-bearing text encoders. Modules are held, saved and restored by their pipeline component
+   names (``unet``, ``text_encoder``, ...), which are also the key prefixes of checkpoints and adapters.
 3. Every random choice is a pure function of (seed, step): data order and augmentation come from
    ``trainer/data.py`` per (seed, epoch, sample), and the noise, timesteps and adapter dropout of a
    micro-batch from a generator seeded by (seed, optimizer step, micro-batch, process). So a run
@@ -17,7 +19,7 @@ The order of work, and why:
 4. VAE latents and frozen text embeddings come from ``trainer/caches.py``.
 5. Every ``validation.every_n_steps`` and at the end: a validation loss on held-out images at fixed
    timesteps and noise (comparable across steps and runs), and sample images made by
-   ``studio.generation.generate`` (the code the studio serves with) from the training modules themselves.
+   ``studio.generation.run`` (the code the studio serves with) from the training modules themselves.
 6. Checkpoints (adapter tensors, optimizer and schedule state; safetensors + JSON, nothing
    pickled) are written to a temporary folder and renamed into place, then rotated. SIGINT/SIGTERM
    finish the current step, save a checkpoint and stop cleanly; a NaN/inf loss stops the run and
@@ -32,6 +34,7 @@ Not here: the config (``trainer/config.py``), datasets (``trainer/data.py``), ad
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import shutil
@@ -40,15 +43,36 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+
+from adapters.formats import build_metadata, to_diffusers
 from studio.core.atomic import write_bytes_atomic, write_folder_atomic
+from studio.core.base_models import (
+    component_sha256,
+    load_fresh_pipeline,
+    model_hash,
+    recommended_settings,
+    resolve,
+)
 from studio.core.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
+from studio.core.families import get_family
+from studio.core.thirdparty import allow_bitsandbytes
+from trainer import methods
+from trainer.caches import TensorCache, cache_root
 from trainer.config import TrainConfig
 from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, write_json_atomic
+
+# torch, diffusers, accelerate and safetensors.torch (seconds), and the modules that pull in PIL or
+# SQLAlchemy (trainer.data, the registry, generation) are imported inside the functions that use them:
+# trainer.cli and studio.app.cleanup import this module, so `python -m trainer --help` and every
+# `lora-studio` command would otherwise pay for them.
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -199,7 +223,7 @@ def _config_changes(saved: dict, current: dict) -> list[str]:
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, Any], dict]:
     """An optimizer ``state_dict`` -> (tensors for safetensors, the rest as JSON). Nothing pickled."""
-    import torch
+    import torch  # lazy: keeps torch off `python -m trainer --help`
 
     tensors: dict[str, Any] = {}
     plain: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
@@ -230,7 +254,7 @@ def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimi
     checkpoint stays the one ``--resume latest`` uses; a full disk raises
     :class:`~studio.core.errors.DiskFullError` with the temporary folder already removed.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save  # lazy: safetensors.torch imports torch
 
     # Serialized in memory, then written by the atomic writer: safetensors' own save_file reports a
     # full disk as a SafetensorError with no errno, which the one place that names full disks
@@ -250,8 +274,7 @@ def save_checkpoint(run_dir: Path, step: int, *, adapter: dict[str, Any], optimi
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict, dict]:
     """(adapter tensors, optimizer state_dict, state) of a checkpoint; a damaged one is a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: safetensors.torch imports torch
 
     try:
         state = json.loads((folder / STATE_FILE).read_text())
@@ -283,7 +306,7 @@ def rotate_checkpoints(run_dir: Path, keep: int) -> list[Path]:
 
 
 def _select_dtype(mixed_precision: str):
-    import torch
+    import torch  # lazy: keeps torch off `python -m trainer --help`
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
@@ -294,14 +317,12 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]):
                "eps": t.adam_epsilon}
     if t.optimizer == "adamw8bit":
         try:
-            from studio.core.thirdparty import allow_bitsandbytes
-
             bnb = allow_bitsandbytes()  # heavy, optional and noisy at import: only when asked for
         except ImportError:
             raise ConfigError("training.optimizer = \"adamw8bit\" needs bitsandbytes: pip install bitsandbytes "
                               "(or use \"adamw\")", option="training.optimizer") from None
         return bnb.optim.AdamW8bit(groups, **options)
-    import torch
+    import torch  # lazy: keeps torch off `python -m trainer --help`
 
     # fused: one kernel over every adapter tensor instead of a Python loop over hundreds of small
     # ones; the per-tensor loop took 32 ms of a 290 ms tiny-model step on CPU (LoCon, rank 8).
@@ -331,15 +352,14 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        # lazy: keeps torch, accelerate and diffusers off `python -m trainer --help` and `lora-studio`
+        import diffusers
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
 
-        from studio.core.base_models import component_sha256, load_fresh_pipeline, model_hash, resolve
-        from studio.core.families import get_family
-        from trainer import methods
-        from trainer.caches import TensorCache, cache_root
-        from trainer.data import open_training_dataset
+        from trainer.data import open_training_dataset  # lazy: imports PIL and numpy
 
         c = self.config
         # 1. data first: a bad dataset stops before any model is loaded
@@ -376,45 +396,53 @@ class Trainer:
 
         # 2. the base model, frozen, with adapters injected
         self.resolved = resolve(c.model.base_model)
-        self.family = get_family(self.resolved.family)
+        self.family = family = get_family(self.resolved.family)
         pipe = load_fresh_pipeline(c.model.base_model)
         self.pipe = pipe
         self.weight_dtype = _select_dtype(mixed)
         device = acc.device
-        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        for m in (self.unet, self.vae, self.text_encoder):
+        self.vae = pipe.vae
+        # The denoiser and the text encoders by component name (accelerate-prepared once they train),
+        # the tokenizers the same way: the family's conditioning hook takes them as the pipeline names them.
+        self.models: dict[str, Any] = {family.denoiser: getattr(pipe, family.denoiser)}
+        self.models.update({te.component: getattr(pipe, te.component) for te in family.text_encoders})
+        self.tokenizers = {te.tokenizer: getattr(pipe, te.tokenizer) for te in family.text_encoders}
+        for m in (*self.models.values(), self.vae):
             m.requires_grad_(False)
             m.to(device, dtype=self.weight_dtype)
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
-                                                         prediction_type=c.training.prediction_type)
-        # channels_last: the UNet's convolutions run faster in NHWC on CPUs and on GPU tensor cores
+        self.noise_scheduler = getattr(diffusers, family.training_scheduler).from_config(
+            pipe.scheduler.config, prediction_type=c.training.prediction_type)
+        # channels_last: a UNet's convolutions run faster in NHWC on CPUs and on GPU tensor cores
         # (diffusers recommends it for inference too); 0.24 -> 0.20 s per tiny-model step on CPU.
         # Before injecting: the adapter weights stay contiguous, as peft's DoRA conv path needs
         # (it reshapes them with .view).
-        self.unet.to(memory_format=torch.channels_last)
-        self.unet_config = methods.peft_config(c.network, self.family, "unet")
-        unet_params = methods.inject(self.unet, self.unet_config)
-        self.te_config = None
-        te_params: list = []
+        self.denoiser.to(memory_format=torch.channels_last)
+        # The components that train, denoiser first: its peft config per component name.
+        trained = [family.denoiser]
         if c.network.train_text_encoder:
-            self.te_config = methods.peft_config(c.network, self.family, "text_encoder")
-            te_params = methods.inject(self.text_encoder, self.te_config)
+            text_encoders = [name for name in family.lora_components if name != family.denoiser]
+            if not text_encoders:
+                raise ConfigError(f"{family.display_name} has no text encoder the studio trains adapters on: "
+                                  f"set network.train_text_encoder = false", option="network.train_text_encoder")
+            trained += text_encoders
+        self.peft_configs = {name: methods.peft_config(c.network, family, name) for name in trained}
+        params = {name: methods.inject(self.models[name], config) for name, config in self.peft_configs.items()}
+        denoiser_params = params[family.denoiser]
+        te_params = [p for name in trained[1:] for p in params[name]]
         # Trainable adapter weights stay fp32 even when the frozen base runs in fp16/bf16 (as the
         # diffusers scripts' cast_training_params does): fp16 master weights lose small updates.
-        for p in unet_params + te_params:
+        for p in denoiser_params + te_params:
             p.data = p.data.float()
         if c.training.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if te_params:
-                self.text_encoder.gradient_checkpointing_enable()
-        self.unet.train()
-        self.text_encoder.train(bool(te_params))
+            self.denoiser.enable_gradient_checkpointing()  # diffusers' name
+            for name in trained[1:]:
+                self.models[name].gradient_checkpointing_enable()  # transformers' name
+        for name, model in self.models.items():
+            model.train(name in self.peft_configs)
         self.vae.eval()
-        self.param_count = sum(p.numel() for p in unet_params + te_params)
+        self.param_count = sum(p.numel() for p in denoiser_params + te_params)
 
-        groups = [{"params": unet_params, "lr": c.training.learning_rate}]
+        groups = [{"params": denoiser_params, "lr": c.training.learning_rate}]
         if te_params:
             groups.append({"params": te_params, "lr": c.network.text_encoder_lr})
         optimizer = _make_optimizer(c, groups)
@@ -430,27 +458,38 @@ class Trainer:
         self.updates_per_epoch = math.ceil(self.micro_per_epoch / self.ga)
         t = c.training
         self.total_steps = t.max_train_steps or t.num_train_epochs * self.updates_per_epoch
-        from diffusers.optimization import get_scheduler
-
         # Not passed through accelerator.prepare: it steps once per optimizer step, whatever the
         # process count (prepare would step it once per process).
         self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
-        if te_params:
-            self.unet, self.text_encoder, self.optimizer = acc.prepare(self.unet, self.text_encoder, optimizer)
-        else:
-            self.unet, self.optimizer = acc.prepare(self.unet, optimizer)
-        self.trainable = unet_params + te_params
+        *prepared, self.optimizer = acc.prepare(*(self.models[name] for name in trained), optimizer)
+        self.models.update(zip(trained, prepared, strict=True))
+        self.trainable = denoiser_params + te_params
 
         # 4. caches
         self.cache_latents = not c.dataset.random_crop
         vae_hash = component_sha256(self.resolved, "vae") or model_hash(self.resolved) or c.model.base_model
-        te_hash = component_sha256(self.resolved, "text_encoder") or model_hash(self.resolved) or c.model.base_model
+        te_hashes = [component_sha256(self.resolved, name) for name in family.text_encoder_components]
+        if te_hashes and all(te_hashes):
+            # one text encoder: its own hash; several: one key over all (any of them changes the embeddings)
+            te_hash = te_hashes[0] if len(te_hashes) == 1 else TensorCache.key(*te_hashes)
+        else:
+            te_hash = model_hash(self.resolved) or c.model.base_model
         self.latent_cache = TensorCache(cache_root() / "latents" / vae_hash[:16])
         # "conditioning": entries hold the family's denoiser kwargs by name (an older "text" cache
         # held one unnamed tensor per caption)
         self.text_cache = TensorCache(cache_root() / "conditioning" / te_hash[:16])
         self.model_hash = model_hash(self.resolved)
+
+    @property
+    def denoiser(self):
+        """The denoiser (UNet or transformer), as accelerate prepared it."""
+        return self.models[self.family.denoiser]
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Whether text-encoder adapters train (then text embeddings are computed, not cached)."""
+        return len(self.peft_configs) > 1
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         batches = self.train_set.bucket_batches(self.config.training.train_batch_size, epoch=epoch)
@@ -464,7 +503,7 @@ class Trainer:
 
     def _latents(self, samples: list[dict], generator, *, deterministic: bool = False):
         """Scaled latents of a batch: cached posteriors sampled with ``generator`` (or their mean)."""
-        import torch
+        import torch  # lazy: keeps torch off `python -m trainer --help`
 
         vae = self.vae
         moments = []
@@ -501,10 +540,10 @@ class Trainer:
     def _text(self, captions: list[str]) -> dict:
         """The denoiser's conditioning for ``captions`` (the family's hook): cached per caption while
         the text encoders are frozen, else computed with grad."""
-        import torch
+        import torch  # lazy: keeps torch off `python -m trainer --help`
 
-        components = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
-        if self.te_config is not None:
+        components = {**self.tokenizers, **{name: self.models[name] for name in self.family.text_encoder_components}}
+        if self.trains_text_encoders:
             return self.family.conditioning(components, captions)
         out: list[dict | None] = []
         missing = []
@@ -522,7 +561,8 @@ class Trainer:
         return {name: torch.stack([row[name] for row in out]).to(self.accelerator.device, dtype=self.weight_dtype)
                 for name in out[0]}
 
-    def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, unet=None, reduce=True):
+    def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, denoiser=None, reduce=True):
+        # lazy: keeps torch off `python -m trainer --help`
         import torch
         import torch.nn.functional as F
 
@@ -545,7 +585,7 @@ class Trainer:
             target = sched.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        pred = self.family.predict(unet or self.unet, noisy, timesteps, conditioning)
+        pred = self.family.predict(denoiser or self.denoiser, noisy, timesteps, conditioning)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if c.min_snr_gamma:
             snr = _compute_snr(sched.alphas_cumprod, timesteps)
@@ -559,13 +599,13 @@ class Trainer:
 
     def validation_loss(self) -> float | None:
         """Mean loss on the held-out images at fixed timesteps and fixed noise (no augmentation, no dropout)."""
-        import torch
+        import torch  # lazy: keeps torch off `python -m trainer --help`
 
         if self.held_out is None or len(self.held_out) == 0:
             return None
-        unet = self._unwrap(self.unet)
-        was_training = unet.training
-        unet.eval()
+        denoiser = self._unwrap(self.denoiser)
+        was_training = denoiser.training
+        denoiser.eval()
         T = self.noise_scheduler.config.num_train_timesteps
         fixed = [int(T * (k + 0.5) / VALIDATION_TIMESTEP_SLICES) for k in range(VALIDATION_TIMESTEP_SLICES)]
         total, count = 0.0, 0
@@ -578,36 +618,43 @@ class Trainer:
                         g = torch.Generator().manual_seed(seed)
                         lat_shape = self._latents([sample], None, deterministic=True).shape
                         noise = torch.randn(lat_shape, generator=g)
-                        loss = self._loss([sample], None, timesteps=torch.tensor([t]), noise=noise, unet=unet)
+                        loss = self._loss([sample], None, timesteps=torch.tensor([t]), noise=noise,
+                                          denoiser=denoiser)
                         total += float(loss)
                         count += 1
         finally:
-            unet.train(was_training)
+            denoiser.train(was_training)
         return total / count
 
     def _sample_pipeline(self):
+        """The family's text-to-image pipeline over the base's components, with the training modules in it."""
         pipe_cls = self.family.pipeline_class("text2img")
-        pipe = pipe_cls(vae=self.vae, text_encoder=self._unwrap(self.text_encoder), tokenizer=self.tokenizer,
-                        unet=self._unwrap(self.unet), scheduler=self.pipe.scheduler, safety_checker=None,
-                        feature_extractor=None, requires_safety_checker=False)
+        # The options the base pipeline was built with (SD-1: requires_safety_checker=False), as
+        # diffusers' from_pipe keeps them. from_pipe itself is not used: it casts every module to one
+        # dtype (float32 unless told), and these modules are shared with training (the frozen base in
+        # the weight dtype, the adapters in fp32).
+        accepted = inspect.signature(pipe_cls.__init__).parameters
+        options = {k: v for k, v in self.pipe.config.items() if k in accepted and k not in self.pipe.components}
+        pipe = pipe_cls(**{**self.pipe.components, **{name: self._unwrap(m) for name, m in self.models.items()}},
+                        **options)
         pipe.set_progress_bar_config(disable=True)  # the run's own bar is the one to watch
         return pipe
 
     def sample_images(self, step: int) -> list[str]:
         """Validation prompts x seeds through the generation path with the training modules; paths are run-relative."""
+        # lazy: torch, and generation's SQLAlchemy and PIL, stay off `python -m trainer --help`
         import torch
 
-        from studio.core.base_models import recommended_settings
         from studio.generation.requests import GenerationRequest
         from studio.generation.run import generate_with_pipeline
 
         v = self.config.validation
         if not v.prompts:
             return []
-        unet, te = self._unwrap(self.unet), self._unwrap(self.text_encoder)
-        states = (unet.training, te.training)
-        unet.eval()
-        te.eval()
+        models = {name: self._unwrap(m) for name, m in self.models.items()}
+        states = {name: m.training for name, m in models.items()}
+        for m in models.values():
+            m.eval()
         out_dir = self.run_dir / "samples" / f"step-{step:06d}"
         paths = []
         size = self.config.dataset.resolution
@@ -624,8 +671,8 @@ class Trainer:
                         saved = result.save(out_dir, stem=f"p{p_i:02d}")
                         paths += [str(Path(p).relative_to(self.run_dir)) for p in saved]
         finally:
-            unet.train(states[0])
-            te.train(states[1] and self.te_config is not None)
+            for name, m in models.items():
+                m.train(states[name] and name in self.peft_configs)
         return paths
 
     def _validate(self, step: int) -> tuple[float | None, list[str]]:
@@ -639,14 +686,13 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def _adapter_state(self) -> dict[str, Any]:
-        from trainer import methods
+    def _adapter_states(self) -> dict[str, dict[str, Any]]:
+        """Each training component's adapter tensors (peft key names), by component name."""
+        return {name: methods.adapter_state_dict(self._unwrap(self.models[name])) for name in self.peft_configs}
 
-        state = {f"unet.{k}": v for k, v in methods.adapter_state_dict(self._unwrap(self.unet)).items()}
-        if self.te_config is not None:
-            state.update({f"text_encoder.{k}": v
-                          for k, v in methods.adapter_state_dict(self._unwrap(self.text_encoder)).items()})
-        return state
+    def _adapter_state(self) -> dict[str, Any]:
+        """A checkpoint's adapter tensors: ``<component>.<peft key>`` (``unet.``, ``text_encoder.``...)."""
+        return {f"{name}.{k}": v for name, sd in self._adapter_states().items() for k, v in sd.items()}
 
     def _checkpoint(self, step: int, epoch: int, last_loss: float | None) -> Path | None:
         acc = self.accelerator
@@ -665,8 +711,6 @@ class Trainer:
         return path
 
     def _restore(self, folder: Path) -> int:
-        from trainer import methods
-
         adapter, optimizer_state, state = load_checkpoint(folder)
         saved = state.get("config") or {}
         changed = _config_changes(saved, self.config.to_dict())
@@ -680,11 +724,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {folder.name} was made with {state.get('num_processes')} process(es), "
                                   f"this run has {self.world}: resume with the same number (each epoch's batches "
                                   f"are dealt to the processes)")
-        unet_sd = {k[len("unet."):]: v for k, v in adapter.items() if k.startswith("unet.")}
-        te_sd = {k[len("text_encoder."):]: v for k, v in adapter.items() if k.startswith("text_encoder.")}
-        methods.load_adapter_state_dict(self._unwrap(self.unet), unet_sd)
-        if self.te_config is not None:
-            methods.load_adapter_state_dict(self._unwrap(self.text_encoder), te_sd)
+        for name in self.peft_configs:
+            prefix = f"{name}."
+            state_dict = {k.removeprefix(prefix): v for k, v in adapter.items() if k.startswith(prefix)}
+            methods.load_adapter_state_dict(self._unwrap(self.models[name]), state_dict)
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as e:
@@ -701,7 +744,7 @@ class Trainer:
         AdamW kernel walks a parameter and its moments in storage order, so moments in another
         layout would be paired with the wrong elements: resumed runs drifted until this copy.
         """
-        import torch
+        import torch  # lazy: keeps torch off `python -m trainer --help`
 
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -713,7 +756,7 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        import torch
+        import torch  # lazy: keeps torch off `python -m trainer --help`
 
         t_start = time.perf_counter()
         self._setup()
@@ -738,8 +781,6 @@ class Trainer:
         self.stop.install()
         bar = None
         if self.console and self.main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=total, initial=step, desc=c.output.name, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
         last_loss: float | None = None
@@ -769,7 +810,7 @@ class Trainer:
                         # adapter dropout draws from the global generator: seed it per micro-batch too
                         torch.manual_seed(_derive_seed(c.training.seed, "dropout", step, mi, self.rank))
                         sync = n == len(group) - 1
-                        ctx = acc.no_sync(self.unet) if not sync and self.world > 1 else _null()
+                        ctx = acc.no_sync(self.denoiser) if not sync and self.world > 1 else _null()
                         with ctx:
                             loss = self._loss(samples_b, g) / len(group)
                             acc.backward(loss)
@@ -833,14 +874,14 @@ class Trainer:
             caches = {"latents": {"hits": self.latent_cache.hits, "misses": self.latent_cache.misses,
                                   "enabled": self.cache_latents},
                       "text": {"hits": self.text_cache.hits, "misses": self.text_cache.misses,
-                               "enabled": self.te_config is None}}
+                               "enabled": not self.trains_text_encoders}}
             self.log.append(status, step=step, message=message, adapter=result.adapter, ref=ref, caches=caches)
             write_json_atomic(self.run_dir / RESULT_FILE, result.to_dict())
         acc.end_training()
         return result
 
     def _stop_requested(self, step: int) -> bool:
-        import torch
+        import torch  # lazy: keeps torch off `python -m trainer --help`
 
         if self.stop_at_step is not None and step >= self.stop_at_step:
             self.stop.requested = self.stop.requested or "stop_at_step"
@@ -862,8 +903,6 @@ class Trainer:
     # ---- output ------------------------------------------------------------------------------
 
     def _metadata(self, step: int, last_loss, val_loss) -> dict[str, str]:
-        from adapters.formats import build_metadata
-
         c = self.config
         d, t, n = c.dataset, c.training, c.network
         report = self.report
@@ -944,8 +983,6 @@ class Trainer:
         d = self.config.dataset
         if d.trigger_word:
             return [d.trigger_word]
-        from collections import Counter
-
         counts: Counter[str] = Counter()
         for tags in self.report.tag_frequency.values():
             counts.update(tags)
@@ -959,21 +996,12 @@ class Trainer:
 
     def _finish(self, step: int, last_loss, val_loss, samples: list[str]) -> tuple[Path | None, str | None]:
         """Write the adapter file (main process) and register it; returns (path, registry ref)."""
-        from adapters.formats import to_diffusers
-        from trainer import methods
-
         acc = self.accelerator
         acc.wait_for_everyone()
         if not self.main:
             return None, None
-        configs = {"unet": self.unet_config}
-        if self.te_config is not None:
-            configs["text_encoder"] = self.te_config
-        weights = methods.canonical_weights(
-            {"unet": methods.adapter_state_dict(self._unwrap(self.unet)),
-             **({"text_encoder": methods.adapter_state_dict(self._unwrap(self.text_encoder))}
-                if self.te_config is not None else {})},
-            configs, self.config.network.adapter_type)
+        weights = methods.canonical_weights(self._adapter_states(), self.peft_configs,
+                                            self.config.network.adapter_type)
         last = None if last_loss is None or not math.isfinite(last_loss) else last_loss
         out = self.run_dir / "adapter" / f"{self.config.output.name}.safetensors"
         metadata = self._metadata(step, last, val_loss)
@@ -985,6 +1013,7 @@ class Trainer:
                   samples: list[str]) -> str:
         """Register the trained weights through :func:`adapters.ingest.ingest` (origin "trained"), which writes
         the run's adapter file at ``out`` and registers that same file."""
+        # lazy: the registry and generation import SQLAlchemy and PIL
         from adapters.ingest import ingest
         from adapters.registry import Registry, SampleImage
         from studio.generation.recipes import read_recipe
@@ -1011,12 +1040,9 @@ class Trainer:
 
 
 def methods_targets(trainer: Trainer) -> list[str]:
-    from trainer import methods
-
-    out = methods.target_modules(trainer.config.network, trainer.family, "unet")
-    if trainer.te_config is not None:
-        out += methods.target_modules(trainer.config.network, trainer.family, "text_encoder")
-    return out
+    """The module names adapters were injected into, over every training component."""
+    return [target for name in trainer.peft_configs
+            for target in methods.target_modules(trainer.config.network, trainer.family, name)]
 
 
 class _Stopped(Exception):

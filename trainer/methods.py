@@ -21,12 +21,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from adapters.formats import AdapterWeights
+from studio.core.errors import CheckpointError, ConfigError
 from studio.core.families.base import Family
 from studio.core.jsonutil import jsonable
 from trainer.config import NetworkConfig
 
-# Text-encoder targets need their own names (q_proj... in CLIP) and a preset of the UNet's names
-# would match nothing there.
+# peft (and torch with it) is imported inside the functions that use it: trainer.loop imports this
+# module, and trainer.cli that one, so `python -m trainer --help` would otherwise load them.
+
 METHOD_BUILDERS: dict[str, Callable[..., Any]] = {}
 
 
@@ -37,9 +40,15 @@ def register_method(name: str, builder: Callable[..., Any]) -> None:
 
 
 def target_modules(network: NetworkConfig, family: Family, component: str) -> list[str]:
-    """Module names for ``component`` ('unet' or 'text_encoder'): a preset's names or the user's list."""
-    if component != "unet":
-        return list(family.text_encoder_target_modules)
+    """Module names for ``component`` (a pipeline component name): for the denoiser a preset's names
+    or the user's list, for a text encoder the family's names for it.
+
+    Text encoders need their own names (q_proj... in CLIP): a preset of the denoiser's names would
+    match nothing there.
+    """
+    if component != family.denoiser:
+        encoder = {te.component: te for te in family.text_encoders}[component]
+        return list(encoder.target_modules or family.text_encoder_target_modules)
     if isinstance(network.target_modules, str):
         return list(family.target_modules[network.target_modules])
     return list(network.target_modules)
@@ -78,13 +87,13 @@ register_method("loha", _loha)
 register_method("lokr", _lokr)
 
 
-def peft_config(network: NetworkConfig, family: Family, component: str = "unet"):
-    """The peft config training ``network`` on ``component`` of a ``family`` model."""
+def peft_config(network: NetworkConfig, family: Family, component: str):
+    """The peft config training ``network`` on ``component`` (a pipeline component name) of a ``family`` model."""
     return METHOD_BUILDERS[network.adapter_type](network, target_modules(network, family, component))
 
 
 def inject(model, config, adapter_name: str = "default"):
-    """Add trainable adapter layers to ``model`` (UNet or text encoder) in place; only they train.
+    """Add trainable adapter layers to ``model`` (denoiser or text encoder) in place; only they train.
 
     ``peft.inject_adapter_in_model`` handles every method (diffusers' ``add_adapter`` is LoRA-minded).
     Raises a clear error when no module matches the targets.
@@ -95,8 +104,6 @@ def inject(model, config, adapter_name: str = "default"):
     try:
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
     except ValueError as e:
-        from studio.core.errors import ConfigError
-
         raise ConfigError(f"network.target_modules: {e}", option="network.target_modules") from None
     for name, p in model.named_parameters():
         # peft marks adapter parameters trainable; everything else stays frozen.
@@ -126,8 +133,6 @@ def load_adapter_state_dict(model, state: dict[str, Any], adapter_name: str = "d
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        from studio.core.errors import CheckpointError
-
         raise CheckpointError(f"checkpoint holds {len(unexpected)} tensor(s) this network does not have, e.g. "
                               f"{unexpected[0]}: it was saved with other network settings")
 
@@ -138,8 +143,6 @@ def canonical_weights(states: dict[str, dict[str, Any]], configs: dict[str, Any]
     Keys become ``<component>.<module>.<part>``; a DoRA magnitude gets ``.weight`` (without it the
     text encoder's magnitudes are silently re-initialised on load: FIELD-NOTES.md).
     """
-    from adapters.formats import AdapterWeights
-
     tensors = {}
     for component, sd in states.items():
         for key, t in sd.items():
