@@ -100,7 +100,8 @@ def versions(reg, lora_files, tmp_path):
                         description="Diagonal stripes.")
     info = formats.detect(lora_files[1])
     adapter = formats.read_adapter(lora_files[1], info=info)
-    md = formats.build_metadata(adapter_type="lora", rank=adapter.rank, alpha=adapter.alpha, name="stripes",
+    md = formats.build_metadata(adapter_type="lora", rank=adapter.rank, alpha=adapter.alpha, family="sd1",
+                                name="stripes",
                                 trigger_words=["zkstripes"], base={"ss_num_train_images": "12", "ss_steps": "300",
                                                                    "ss_learning_rate": "0.0001"})
     trained = formats.to_diffusers(adapter, tmp_path / "trained.safetensors", metadata=md)
@@ -822,7 +823,8 @@ def test_publication_cleans_free_text_and_leaves_out_a_bad_stored_sample(reg, ve
     local = f"/home/alice/{MARKER} work/base model.safetensors"
     info = formats.detect(lora_files[0])
     adapter = formats.read_adapter(lora_files[0], info=info)
-    md = formats.build_metadata(adapter_type="lora", rank=adapter.rank, alpha=adapter.alpha, name="spaced",
+    md = formats.build_metadata(adapter_type="lora", rank=adapter.rank, alpha=adapter.alpha, family="sd1",
+                                name="spaced",
                                 base={"ss_sd_model_name": local, "ss_training_comment": f"trained on {local} today"})
     weights = formats.to_diffusers(adapter, tmp_path / "spaced.safetensors", metadata=md)
     reg.register("spaced", weights, VersionInfo(

@@ -6,7 +6,7 @@ A run directory holds (the trainer writes, everything else only reads):
 - ``events.jsonl``: one JSON object per line, appended and flushed as the run goes
   (``start``, ``step``, ``validation``, ``checkpoint``, ``done``, ``stopped``, ``error``);
 - ``dataset_report.json``: the dataset scan (skipped files with reasons, buckets, tags);
-- ``samples/step-NNNNNN/*.png``: validation images, made by ``studio.generation.generate`` with their recipes;
+- ``samples/step-NNNNNN/*.png``: validation images, made by ``studio.generation.run`` with their recipes;
 - ``checkpoints/checkpoint-NNNNNN/``: resumable states (rotated);
 - ``adapter/<name>.safetensors``: the finished adapter;
 - ``result.json``: written atomically when the run ends, whatever the way; its presence is the

@@ -27,7 +27,7 @@ What each category frees, everything under ``$LORA_STUDIO_HOME``:
   the old result) and no queued or running job names it; the adapter, config, events, samples and
   ``result.json`` always stay.
 - ``inputs``: img2img and inpainting inputs in ``inputs/`` (``<sha256>.<ext>``, written by
-  ``studio.generation.generate.store_input_image``) older than the threshold that no recipe pins. A recipe
+  ``studio.generation.inputs.store_input_image``) older than the threshold that no recipe pins. A recipe
   pins an input by its ``init_image_sha256`` / ``mask_image_sha256`` (``_pin_input`` finds the
   stored copy by that hash) or names its stored path; the recipes read are the ``lora_studio``
   chunks of the PNGs under ``outputs/`` and ``runs/`` (those that stay, when outputs are cleaned in
@@ -59,7 +59,7 @@ DEFAULT_CATEGORIES = ("blobs", "caches", "checkpoints", "inputs")
 DEFAULT_OLDER_THAN_DAYS = 30.0
 # A temporary file younger than this may belong to a write still running (same bound as Registry.gc).
 TEMP_GRACE_S = 3600.0
-# A recipe chunk is a few KiB; a bigger text chunk is not one the studio wrote (studio.generation.generate's bound).
+# A recipe chunk is a few KiB; a bigger text chunk is not one the studio wrote (studio.generation.recipes' bound).
 MAX_RECIPE_CHARS = 1 << 20
 _DAY_S = 86400.0
 

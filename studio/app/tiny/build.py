@@ -16,7 +16,7 @@ encoder, AutoencoderKL, UNet2DConditionModel, DDPM scheduler config), trained in
 
 The tokenizer is not trained: it is SD-1's real CLIP vocabulary, read from the output folder's
 ``tokenizer/`` (or copied from the embedded model's). This module holds the training recipe only;
-loading and generation live in ``studio.core.base_models`` and ``studio.generation.generate``.
+loading and generation live in ``studio.core.base_models`` and ``studio.generation``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def measure_quality(base: str | Path = "tiny", seeds=(1, 2, 3), steps: int = 20,
                     scheduler: str = "Euler", prompts=QUALITY_PROMPTS) -> dict:
     """Rates of images whose object colour, background colour and shape match the prompt.
 
-    Generation goes through :func:`studio.generation.generate.generate`, the same path users take.
+    Generation goes through :func:`studio.generation.run.generate`, the same path users take.
     """
     from studio.generation.requests import GenerationRequest
     from studio.generation.run import generate

@@ -14,7 +14,7 @@ The object is what differs from the background (the most common palette colour o
 draw with 25,25,25), so prompts for these scores must not ask for black objects or backgrounds.
 
 :func:`measure_style` generates the same prompts and seeds with and without an adapter stack
-through ``studio.generation.generate`` and reports both means and their difference: the number the trainer's
+through ``studio.generation.run`` and reports both means and their difference: the number the trainer's
 test asserts on, and ``python -m studio.app.tiny.style`` prints.
 """
 
