@@ -580,7 +580,7 @@ def marked_version(reg, tmp_path):
     """outlined@1, trained for 2 steps from a dataset, a single-file base model and an output folder that all
     lie below a folder named with MARKER (the sample PNG and the metadata hold those paths as the trainer wrote
     them)."""
-    from studio.core.single_file import export_single_file
+    from studio.core.base_models import export_single_file
     from trainer.config import TrainConfig
     from trainer.loop import train
 

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 from studio.app.cli import main
-from studio.core.base_models import load_fresh_pipeline, load_pipeline
+from studio.core.base_models import export_single_file, load_fresh_pipeline, load_pipeline
 from studio.core.embedded import TINY_MODEL_DIR
 from studio.core.errors import CorruptWeightsError, InvalidRequestError, UnsafeWeightsError
 from studio.core.families import get_family
 from studio.core.single_file import (
     CONFIGS_KEY,
     FORMAT_KEY,
-    export_single_file,
     read_metadata,
     to_single_file,
 )

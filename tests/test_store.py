@@ -385,8 +385,8 @@ def test_a_full_disk_during_an_adapter_export_keeps_the_old_file(tmp_path, monke
 
 
 def test_a_full_disk_during_a_single_file_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    from studio.core.base_models import export_single_file
     from studio.core.errors import DiskFullError
-    from studio.core.single_file import export_single_file
 
     out_dir = tmp_path / "models"
     hit = _disk_full_under(monkeypatch, out_dir)

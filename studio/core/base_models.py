@@ -6,7 +6,7 @@ References users type (``--base``, the UI's base-model box, recipes):
 - a local diffusers folder (has ``model_index.json``).
 - a single-file checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component configs
   ship with its family's single-file layout (``studio/core/families/configs/``) so this needs no
-  network. Files written by ``studio.core.single_file.export_single_file`` carry their own configs in
+  network. Files written by ``export_single_file`` carry their own configs in
   their metadata and use those.
 - a Hugging Face Hub id ``owner/name`` (optionally ``owner/name@revision``). Offline
   (``HF_HUB_OFFLINE=1``) a Hub id fails fast, unless the Hub cache already holds it.
@@ -53,7 +53,7 @@ from studio.core.families.base import SingleFileLayout
 from studio.core.filesafety import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
 from studio.core.hashing import file_sha256
 from studio.core.settings import check_data_path, get_settings
-from studio.core.single_file import layout_of, single_file_config_dir
+from studio.core.single_file import check_export_target, layout_of, single_file_config_dir, write_single_file
 
 TINY = "tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,200})?$")
@@ -483,3 +483,13 @@ def check_base_model(ref: str, *, what: str = "base model") -> str:
         return text
     check_data_path(text, what=what)
     return text
+
+
+def export_single_file(pipeline_or_ref, path: str | Path, *, dtype: str | None = None) -> Path:
+    """Write a pipeline, or any base-model reference (``tiny``, a diffusers folder, a single file...)
+    loaded fresh, as one safetensors file in its family's original layout
+    (:func:`studio.core.single_file.write_single_file`). The target and dtype are checked before
+    anything loads."""
+    check_export_target(path, dtype)
+    pipe = load_fresh_pipeline(str(pipeline_or_ref)) if isinstance(pipeline_or_ref, (str, Path)) else pipeline_or_ref
+    return write_single_file(pipe, path, dtype=dtype)

@@ -4,7 +4,7 @@ Which components go in, under which key prefixes, as which classes, and with whi
 family's :class:`~studio.core.families.base.SingleFileLayout`; this module holds the renamings and
 the file handling. SD-1's layout is the original Stable Diffusion (LDM) one: the UNet, VAE and CLIP
 text encoder under ``model.diffusion_model.*``, ``first_stage_model.*`` and
-``cond_stage_model.transformer.*``. :func:`export_single_file` is the inverse of diffusers' own
+``cond_stage_model.transformer.*``. :func:`write_single_file` is the inverse of diffusers' own
 single-file conversion (``diffusers.loaders.single_file_utils``): diffusers loads what this writes
 and gets back the very same tensors. The SD UNet's and VAE's LDM renamings are shared by the
 families built on them; a layout reaches them by name (:data:`CONVERTERS`), so a file is only ever
@@ -263,30 +263,28 @@ def _pipeline_layout(pipe) -> tuple[Family, SingleFileLayout]:
     return family, layout
 
 
-def export_single_file(pipeline_or_folder, path: str | Path, *, dtype: str | None = None) -> Path:
-    """Write a pipeline's weights as one safetensors file in its family's original layout (SD-1: the
-    UNet, VAE and text encoder in the LDM layout).
-
-    ``pipeline_or_folder`` is a loaded pipeline or any base-model reference (``tiny``, a diffusers
-    folder, a single file...), loaded through the studio's cache. ``dtype`` (``float16``,
-    ``bfloat16``, ``float32``) converts the floating-point weights; ``None`` keeps the pipeline's.
-    The file is written atomically (temp file in the same folder, then rename), mode 0644;
-    an existing file at ``path`` is replaced. Returns ``path``.
-    """
-    import torch
-
+def check_export_target(path: str | Path, dtype: str | None) -> Path:
+    """``path`` as a Path if a single file may be written there in ``dtype``; checked before any model loads."""
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
         raise InvalidRequestError(f"{path} must end in .safetensors: the studio writes safetensors files only")
     if dtype is not None and dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if isinstance(pipeline_or_folder, (str, Path)):
-        # base_models imports this module to load single files: importing it back at the top would be a cycle.
-        from studio.core.base_models import load_fresh_pipeline
+    return path
 
-        pipe = load_fresh_pipeline(str(pipeline_or_folder))
-    else:
-        pipe = pipeline_or_folder
+
+def write_single_file(pipe, path: str | Path, *, dtype: str | None = None) -> Path:
+    """Write a loaded pipeline's weights as one safetensors file in its family's original layout (SD-1:
+    the UNet, VAE and text encoder in the LDM layout).
+
+    ``dtype`` (``float16``, ``bfloat16``, ``float32``) converts the floating-point weights; ``None``
+    keeps the pipeline's. The file is written atomically (temp file in the same folder, then rename),
+    mode 0644; an existing file at ``path`` is replaced. Returns ``path``. Exporting a base-model
+    reference (``tiny``, a folder...) is :func:`studio.core.base_models.export_single_file`.
+    """
+    import torch
+
+    path = check_export_target(path, dtype)
     family, layout = _pipeline_layout(pipe)
     state_dicts = {part.component: getattr(pipe, part.component).state_dict() for part in layout.components}
     for name, state_dict in state_dicts.items():

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from studio.app.cli.common import Parser, quiet_libraries
 from studio.app.cli.output import print_json, print_line, print_result
-from studio.core.base_models import list_base_models
+from studio.core.base_models import export_single_file, list_base_models
 from studio.core.errors import InvalidRequestError
-from studio.core.single_file import DTYPES, export_single_file
+from studio.core.single_file import DTYPES
 
 
 def register(sub) -> None:
