@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.core.errors import CorruptWeightsError
+from studio.core.errors import CorruptWeightsError, InputFileNotFoundError
 
 CHUNK = 1 << 20  # 1 MiB reads: large enough that Python overhead is noise next to sha256 itself
 A1111_OFFSET = 0x100000  # A1111's legacy "model hash": 64 KiB read at offset 1 MiB ...
@@ -123,8 +123,6 @@ def _open(path: str | Path):
     try:
         return path, open(path, "rb")
     except FileNotFoundError:
-        from studio.core.errors import InputFileNotFoundError
-
         raise InputFileNotFoundError(f"{path} does not exist") from None
     except IsADirectoryError:
         raise _corrupt(path, "it is a folder") from None

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from studio.core.errors import InvalidRequestError, PathNotAllowedError
+
 _TRUE = {"1", "true", "yes", "on"}
 DATA_ROOTS_VARIABLE = "LORA_STUDIO_DATA_ROOTS"
 # The project's own sample datasets (datasets/ beside the packages): presets and the Datasets page use them.
@@ -83,8 +85,6 @@ def check_data_path(path: str | os.PathLike, *, what: str) -> Path:
     inside a root that points elsewhere is judged by where it points. The path need not exist (an
     output folder a run will create). The CLI does not call it: its user may use any path.
     """
-    from studio.core.errors import InvalidRequestError, PathNotAllowedError
-
     text = os.fspath(path).strip() if isinstance(path, (str, os.PathLike)) else ""
     if not text:
         raise InvalidRequestError(f"the {what} is empty: type a folder or file path")

@@ -24,6 +24,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from studio.core.settings import get_settings
+
 LOG_FILE_NAME = "libraries.log"
 # Loggers of the libraries the studio drives; their records leave the console unless --verbose.
 LIBRARY_LOGGERS = ("bitsandbytes", "transformers", "diffusers", "peft", "accelerate", "torch", "tensorboard",
@@ -39,8 +41,6 @@ def _verbose_from_env() -> bool:
 
 def log_file() -> Path:
     """Where library log records go when the console is kept quiet."""
-    from studio.core.settings import get_settings
-
     return get_settings().home / "logs" / LOG_FILE_NAME
 
 

@@ -34,6 +34,8 @@ import numpy as np
 
 from studio.app.tiny.scenes import COLOURS, SHAPES, STYLES, random_scene, random_texture, render
 from studio.core.embedded import EMBEDDED_DIR, TINY_MODEL_DIR
+from studio.core.families.sd1 import SD1
+from studio.core.families.sdxl import SDXL
 
 IMAGE_SIZE = 32
 
@@ -311,9 +313,6 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
-
-    from studio.core.families.sd1 import SD1
-    from studio.core.families.sdxl import SDXL
 
     family_name, make_components, pipeline_kwargs = MODELS[model]
     family = {"sd1": SD1, "sdxl": SDXL}[family_name]
