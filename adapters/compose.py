@@ -557,12 +557,35 @@ def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> Non
     ends up as peft layers named ``adapter_name`` that ``set_adapters``/fuse/delete handle as any LoRA.
     """
     path = safetensors_named_path(resolved)
-    adapter_type = detect(path).adapter_type  # detect() validates the whole header byte by byte first
-    if adapter_type in ("lora", "dora"):
+    info = detect(path)  # detect() validates the whole header byte by byte first
+    if info.adapter_type in ("lora", "dora"):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
                                use_safetensors=True)
-        return
-    _load_lycoris(pipe, path, adapter_type, adapter_name)
+    else:
+        _load_lycoris(pipe, path, info.adapter_type, adapter_name)
+    # The proof that it applied: every module the file patches must now carry one of its layers.
+    # A loader that skips keys it does not recognise (the "LoRA has no effect" reports) fails here.
+    landed = landed_modules(pipe, adapter_name)
+    if sum(landed.values()) != info.num_modules:
+        where = ", ".join(f"{n} in {c}" for c, n in landed.items()) or "none"
+        raise IncompatibleAdapterError(
+            f"{resolved.name}: only {sum(landed.values())} of the {info.num_modules} modules it patches took its "
+            f"layers when loaded ({where}); the rest would be silently ignored, so it is not applied. Re-import it "
+            f"against this base model ('lora-studio adapters import') to see which keys do not fit")
+
+
+def landed_modules(pipe, adapter_name: str) -> dict[str, int]:
+    """How many modules of each of ``pipe``'s LoRA components carry a layer of ``adapter_name``."""
+    family = family_of_pipeline(pipe)
+    counts = {}
+    for component in family.lora_components:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        n = sum(1 for _, module in model.named_modules() if adapter_name in _layer_adapter_names(module))
+        if n:
+            counts[component] = n
+    return counts
 
 
 def safetensors_named_path(resolved: ResolvedAdapter) -> Path:

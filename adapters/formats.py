@@ -64,6 +64,7 @@ from studio.core.filesafety import (
     refuse_json_constant,
 )
 from studio.core.jsonutil import jsonable
+from studio.core.single_file import ldm_unet_module_names
 
 FORMATS = ("diffusers", "kohya")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -611,6 +612,15 @@ class _ModuleIndex:
                     # kohya spells CLIP modules with transformers 4's 'text_model.' root; transformers 5
                     # flattened CLIPTextModel, so both spellings must find the same module.
                     flat["text_model_" + n.replace(".", "_")] = n
+            if type(model).__name__ == "UNet2DConditionModel":
+                # kohya's SDXL files often spell the UNet in its original (SGM/LDM) block names
+                # (lora_unet_input_blocks_4_1_proj_in): both spellings find the same module.
+                try:
+                    ldm = ldm_unet_module_names(model.config, named)
+                except InvalidRequestError:  # a UNet without an original layout has diffusers names only
+                    ldm = {}
+                for n, original in ldm.items():
+                    flat.setdefault(original.replace(".", "_"), n)
             self.flat[component] = flat
 
     def resolve(self, m: _Module) -> str | None:
@@ -702,12 +712,17 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
             f"{family.display_name}", arch)
     index = _ModuleIndex(base_pipeline, family)
     resolved, unmatched, misfits = {}, [], []
+    claimed: dict[tuple[str, str], str] = {}  # (component, module) -> the name that patches it
     for (component, name), m in modules.items():
         target = index.resolve(m)
         if target is None:
             unmatched.append(m)
             continue
         problem = _shape_problem(m, index.components[component][target], shapes, adapter_type)
+        twin = claimed.setdefault((component, target), name)
+        if twin != name:  # e.g. one module spelt both in diffusers and in SGM block names
+            raise UnsupportedAdapterError(f"the adapter patches {component} module {target!r} twice (as {twin!r} "
+                                          f"and as {name!r}); re-export it from the tool that made it")
         if problem:
             misfits.append((m, target, problem))
         else:
@@ -732,6 +747,23 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
             f"dropped.{hint}", arch)
     return ValidationReport(resolved=resolved, components=tuple(sorted({c for c, _ in resolved},
                                                                       key=architectures.COMPONENTS.index)))
+
+
+def check_against_reference(path: str | Path, family: Family | str) -> ValidationReport:
+    """Validate an adapter file's names and shapes against ``family``'s full-size reference model
+    (:func:`studio.core.base_models.reference_architecture`: built on the meta device, no weights), so
+    a real-size SDXL LoRA is checked against a real-size SDXL on any machine, offline."""
+    from studio.core.base_models import reference_architecture  # builds models: torch, diffusers
+
+    family = _family_obj(family)
+    path = _resolve_path(path)
+    header = check_safetensors(path)
+    shapes = {k: tuple(e.shape) for k, e in header.tensors.items()}
+    try:
+        return validate_against(reference_architecture(family), shapes, family,
+                                base_name=f"full-size {family.display_name}")
+    except IncompatibleAdapterError as e:
+        raise IncompatibleAdapterError(f"{path}: {e}", e.architecture) from None
 
 
 def _misfit_error(pipe, family: Family, misfits, shapes, base: str, base_arch: str,

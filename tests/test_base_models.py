@@ -34,7 +34,7 @@ def test_sd1_family_describes_itself():
     assert "to_q" in sd1.target_modules["attention"] and "conv1" in sd1.target_modules["attention+conv"]
     with pytest.raises(InvalidRequestError, match="known families are sd1"):
         get_family("sd9")
-    assert set(FAMILIES) == {"sd1"}
+    assert set(FAMILIES) == {"sd1", "sdxl"}
 
 
 def test_tiny_is_the_default_and_loads_offline():
@@ -108,10 +108,12 @@ def test_list_includes_tiny_and_models_in_home(studio_home):
 
 # Architectures the studio knows but may not run yet; a test about one is skipped once a family runs it.
 UNSUPPORTED = {
-    "sdxl": ("StableDiffusionXLPipeline", "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"),
     "sd3": ("StableDiffusion3Pipeline", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"),
     "flux": ("FluxPipeline", "double_blocks.0.img_attn.qkv.weight"),
 }
+
+
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
 
 
 def _unsupported(name: str) -> tuple[str, str, str]:
@@ -179,20 +181,20 @@ def test_list_recognises_families_and_lists_what_it_cannot_run(studio_home):
     _fake_checkpoint(models / "b-lora.safetensors", "lora_unet_x.lora_down.weight")
     (models / "c-sdxl").mkdir()
     (models / "c-sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    _fake_checkpoint(models / "d-sdxl.safetensors", UNSUPPORTED["sdxl"][1])
+    _fake_checkpoint(models / "d-sdxl.safetensors", SDXL_SINGLE_FILE_KEY)
     (models / "notes.txt").write_text("not a model")
     rows = {r.ref: r for r in list_base_models()}
-    assert set(rows) == {"tiny", *(str(models / n) for n in ("a-sd1.safetensors", "b-lora.safetensors", "c-sdxl",
-                                                                 "d-sdxl.safetensors"))}
+    files = ("a-sd1.safetensors", "b-lora.safetensors", "c-sdxl", "d-sdxl.safetensors")
+    assert set(rows) == {"tiny", "tiny-sdxl", *(str(models / n) for n in files)}
     assert rows["tiny"].family == "sd1"
     assert (rows[str(models / "a-sd1.safetensors")].family, rows[str(models / "a-sd1.safetensors")].kind) == (
         "sd1", "single_file")
     lora = rows[str(models / "b-lora.safetensors")]
     assert lora.family == "?" and lora.description.startswith("unsupported: ") and "recognises" in lora.description
-    if "sdxl" not in FAMILIES:
-        for name in ("c-sdxl", "d-sdxl.safetensors"):
-            row = rows[str(models / name)]
-            assert row.family == "?" and "SDXL" in row.description, row
+    assert rows["tiny-sdxl"].family == "sdxl"
+    for name in ("c-sdxl", "d-sdxl.safetensors"):
+        row = rows[str(models / name)]
+        assert row.family == "sdxl", row  # recognised from model_index.json and from the tensor names
 
 
 def _hub_cache(root, repo_id: str, revision: str, index: dict | None) -> None:
@@ -239,10 +241,12 @@ def test_a_hub_ids_family_is_not_guessed(hub_cache):
         _ = resolve("someone/no-pipeline").family
     with pytest.raises(InvalidRequestError, match="not a valid Hub id"):
         _ = resolve("someone/two..dots").family
-    if "sdxl" not in FAMILIES:
-        _hub_cache(hub_cache, "someone/xl", "main", {"_class_name": "StableDiffusionXLPipeline"})
-        with pytest.raises(InvalidRequestError, match="SDXL family"):
-            _ = resolve("someone/xl").family
+    _hub_cache(hub_cache, "someone/xl", "main", {"_class_name": "StableDiffusionXLPipeline"})
+    assert resolve("someone/xl").family == "sdxl"
+    if "flux" not in FAMILIES:
+        _hub_cache(hub_cache, "someone/flux", "main", {"_class_name": "FluxPipeline"})
+        with pytest.raises(InvalidRequestError, match="Flux family"):
+            _ = resolve("someone/flux").family
 
 
 def test_model_hash_hashes_the_denoisers_weights():

@@ -32,19 +32,25 @@ from safetensors import SafetensorError
 from studio.core.atomic import write_bytes_atomic
 from studio.core.settings import get_settings
 
-# In-memory entries per cache. An entry's size depends on the family and the resolution: for
-# example an SD-1 model at 512 px has latents of 2 x 4x64x64 fp32 = 128 KiB and text embeddings of
-# 77x768 fp32 = 231 KiB, so 4096 entries of either stay under ~1 GiB.
+# In-memory entries per cache, bounded by count and by bytes. An entry's size depends on the family
+# and the resolution: an SD-1 model at 512 px has latents of 2 x 4x64x64 fp32 = 128 KiB and text
+# embeddings of 77x768 fp32 = 231 KiB (4096 of them: 0.9 GiB); SDXL's conditioning is 77x2048 + 1280
+# fp32 = 621 KiB a caption, so 4096 would be 2.5 GiB: the byte bound (1 GiB) keeps ~1700 of those.
 MEMORY_ENTRIES = 4096
+MEMORY_BYTES = 1 << 30
 
 
 class TensorCache:
     """A content-keyed cache of small tensor dicts: memory in front of one file per entry."""
 
-    def __init__(self, root: str | Path, *, memory_entries: int = MEMORY_ENTRIES) -> None:
+    def __init__(self, root: str | Path, *, memory_entries: int = MEMORY_ENTRIES,
+                 memory_bytes: int = MEMORY_BYTES) -> None:
         self.root = Path(root)
         self._memory: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._limit = memory_entries
+        self._byte_limit = memory_bytes
+        self.memory_bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -87,14 +93,21 @@ class TensorCache:
         write_bytes_atomic(self._path(key), save(entry))
 
     def _remember(self, key: str, entry: dict[str, Any]) -> None:
+        self._forget(key)
         self._memory[key] = entry
-        self._memory.move_to_end(key)
-        while len(self._memory) > self._limit:
-            self._memory.popitem(last=False)
+        self._sizes[key] = size = sum(v.numel() * v.element_size() for v in entry.values())
+        self.memory_bytes += size
+        # The newest entry always stays (one entry larger than the byte bound is still usable).
+        while len(self._memory) > 1 and (len(self._memory) > self._limit or self.memory_bytes > self._byte_limit):
+            self._forget(next(iter(self._memory)))
+
+    def _forget(self, key: str) -> None:
+        if self._memory.pop(key, None) is not None:
+            self.memory_bytes -= self._sizes.pop(key)
 
 
 def cache_root() -> Path:
     return get_settings().home / "cache"
 
 
-__all__ = ["MEMORY_ENTRIES", "TensorCache", "cache_root"]
+__all__ = ["MEMORY_BYTES", "MEMORY_ENTRIES", "TensorCache", "cache_root"]

@@ -561,6 +561,19 @@ class Trainer:
         return {name: torch.stack([row[name] for row in out]).to(self.accelerator.device, dtype=self.weight_dtype)
                 for name in out[0]}
 
+    def _sizes(self, samples: list[dict]) -> dict:
+        """The family's per-image size conditioning (SDXL's ``time_ids``), batched; ``{}`` for families
+        without any. Each image's original size, crop and bucket come from the bucketing that made it,
+        so the model learns what a crop looks like instead of learning the crops."""
+        import torch  # lazy: keeps torch off `python -m trainer --help`
+
+        hook = self.family.size_conditioning
+        if hook is None:
+            return {}
+        rows = [hook(tuple(s["original_size"]), tuple(s["crop_top_left"]), tuple(s["target_size"])) for s in samples]
+        return {name: torch.stack([row[name] for row in rows]).to(self.accelerator.device, dtype=self.weight_dtype)
+                for name in rows[0]}
+
     def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, denoiser=None, reduce=True):
         # lazy: keeps torch off `python -m trainer --help`
         import torch
@@ -580,7 +593,7 @@ class Trainer:
             timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
         timesteps = timesteps.to(latents.device).long()
         noisy = sched.add_noise(latents, noise, timesteps)
-        conditioning = self._text([s["caption"] for s in samples])
+        conditioning = {**self._text([s["caption"] for s in samples]), **self._sizes(samples)}
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, timesteps)
         else:

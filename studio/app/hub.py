@@ -53,6 +53,7 @@ from adapters import registry as registry_module
 from adapters.ingest import clean_values, export_adapter, ingest
 from adapters.registry import AdapterVersion, Registry, SampleImage, check_name, decode_sample
 from studio.core.atomic import write_atomic, write_bytes_atomic, write_folder_atomic
+from studio.core.embedded import EMBEDDED_MODELS
 from studio.core.errors import (
     AdapterNotFoundError,
     AmbiguousReferenceError,
@@ -478,8 +479,10 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     data = ModelCardData(**meta)
     method = formats.METHOD_NAMES[version.adapter_type]
     base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{version.base_model or '?'}`"
-    if version.base_model == "tiny":
-        base_text += " (the tiny SD-1 model embedded in LoRA Studio)"
+    embedded = version.base_model in EMBEDDED_MODELS
+    family = FAMILIES.get(version.family or "")
+    if embedded:
+        base_text += f" (the tiny {architectures.display_name(version.family)} model embedded in LoRA Studio)"
     tag = f"v{version.number}"
     lines = [f"# {version.name} ({tag})", ""]
     if samples:
@@ -504,9 +507,10 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
         lines += ["import torch", "from diffusers import AutoPipelineForText2Image", "",
                   f"pipeline = AutoPipelineForText2Image.from_pretrained({hub_base!r}, torch_dtype=torch.float16)",
                   "pipeline = pipeline.to(\"cuda\")"]
-    elif version.base_model == "tiny":
+    elif embedded:
+        pipeline_class = family.pipelines["text2img"] if family else "DiffusionPipeline"
         lines += ["from studio.core.base_models import load_fresh_pipeline  # pip install lora-studio", "",
-                  "pipeline = load_fresh_pipeline(\"tiny\")  # a diffusers StableDiffusionPipeline"]
+                  f"pipeline = load_fresh_pipeline({version.base_model!r})  # a diffusers {pipeline_class}"]
     else:
         lines += ["from diffusers import AutoPipelineForText2Image", "",
                   f"pipeline = AutoPipelineForText2Image.from_pretrained({version.base_model or 'BASE_MODEL'!r})"]

@@ -2,7 +2,8 @@
 
 References users type (``--base``, the UI's base-model box, recipes):
 
-- ``tiny`` - the embedded tiny SD-1 model (the default; ships inside the package).
+- ``tiny`` - the embedded tiny SD-1 model (the default; ships inside the package); ``tiny-sdxl`` - the
+  embedded tiny SDXL model (:data:`studio.core.embedded.EMBEDDED_MODELS` lists them).
 - a local diffusers folder (has ``model_index.json``).
 - a single-file checkpoint ending in ``.safetensors`` (A1111/ComfyUI style); the component configs
   ship with its family's single-file layout (``studio/core/families/configs/``) so this needs no
@@ -31,7 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.core.embedded import TINY_MODEL_DIR
+from studio.core.embedded import EMBEDDED_DIR, EMBEDDED_MODELS
 from studio.core.errors import (
     BaseModelNotFoundError,
     CorruptWeightsError,
@@ -72,7 +73,7 @@ class BaseModelRef:
     """
 
     ref: str
-    kind: str  # "tiny" | "diffusers" | "single_file" | "hub"
+    kind: str  # "tiny" (an embedded model) | "diffusers" | "single_file" | "hub"
     location: str
     revision: str | None = None
     known_family: str | None = field(default=None, compare=False)
@@ -198,12 +199,12 @@ def resolve(ref: str | None = None) -> BaseModelRef:
     ref = (ref or get_settings().default_base_model).strip()
     if not ref:
         raise InvalidRequestError("empty base-model reference: use 'tiny', a local folder or file, or a Hub id")
-    if ref == TINY:
-        if not (TINY_MODEL_DIR / MODEL_INDEX).exists():
-            raise BaseModelNotFoundError(f"{TINY_MODEL_DIR} has no {MODEL_INDEX}: rebuild it with: "
-                                         f"python -m studio.app.tiny.build")
-        return BaseModelRef(ref=TINY, kind="tiny", location=str(TINY_MODEL_DIR),
-                            known_family=_diffusers_family(TINY_MODEL_DIR).name)
+    if ref in EMBEDDED_MODELS:
+        folder = EMBEDDED_MODELS[ref]
+        if not (folder / MODEL_INDEX).exists():
+            raise BaseModelNotFoundError(f"{folder} has no {MODEL_INDEX}: rebuild it with: "
+                                         f"python -m studio.app.tiny.build --model {ref}")
+        return BaseModelRef(ref=ref, kind="tiny", location=str(folder), known_family=_diffusers_family(folder).name)
     path = Path(ref).expanduser()
     if path.exists():
         path = path.resolve()
@@ -280,15 +281,17 @@ def _load(resolved: BaseModelRef):
     family = get_family(resolved.family)
     cls = family.pipeline_class("text2img")
     device, dtype = device_and_dtype()
-    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    common = dict(dtype=dtype, **family.pipeline_options)
     if resolved.kind in ("tiny", "diffusers"):
         folder = Path(resolved.location)
         if not (folder / MODEL_INDEX).exists():
-            hint = "rebuild it with: python -m studio.app.tiny.build" if resolved.kind == "tiny" else "check the folder"
+            hint = (f"rebuild it with: python -m studio.app.tiny.build --model {resolved.ref}"
+                    if resolved.kind == "tiny" else "check the folder")
             raise BaseModelNotFoundError(f"{folder} has no {MODEL_INDEX}: {hint}")
         _check_folder_weights(folder)
+        shared = _shared_components(folder)
         try:
-            pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **common)
+            pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **shared, **common)
         except (OSError, ValueError) as e:
             raise CorruptWeightsError(f"{folder} is not a complete {family.display_name} pipeline: {e}") from None
     elif resolved.kind == "single_file":
@@ -326,6 +329,35 @@ def _load(resolved: BaseModelRef):
             ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _shared_components(folder: Path) -> dict:
+    """The components a model folder reads from an embedded model instead of shipping a copy.
+
+    ``lora_studio.json``'s ``shared_components`` maps a component to a folder of the embedded models
+    (``tiny-sdxl``'s tokenizers are ``tiny/tokenizer``: SD's vocabulary, 1.5 MB a copy), so the model
+    loads wherever it is copied to. Only tokenizers are shared, and only from the embedded models.
+    """
+    import transformers  # only loading needs it
+
+    if not (folder / RECOMMENDED_SETTINGS_FILE).is_file():
+        return {}
+    try:
+        record = json.loads((folder / RECOMMENDED_SETTINGS_FILE).read_text())
+        index = json.loads((folder / MODEL_INDEX).read_text())
+        shared = dict(record.get("shared_components") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CorruptWeightsError(f"{folder}: cannot read {RECOMMENDED_SETTINGS_FILE}/{MODEL_INDEX} ({e})") from None
+    out = {}
+    for name, relative in shared.items():
+        source = (EMBEDDED_DIR / str(relative)).resolve()
+        library, class_name = index.get(name, (None, None))
+        if (library != "transformers" or not str(class_name).endswith("Tokenizer")
+                or not source.is_relative_to(EMBEDDED_DIR) or not source.is_dir()):
+            raise CorruptWeightsError(f"{folder}: shared component {name} -> {relative} is not a tokenizer folder "
+                                      f"of the embedded models; rebuild the model")
+        out[name] = getattr(transformers, class_name).from_pretrained(source)
+    return out
 
 
 def _layout_tokenizers(layout: SingleFileLayout) -> dict:
@@ -369,7 +401,7 @@ RECOMMENDED_SETTINGS_FILE = "lora_studio.json"
 def recommended_settings(resolved: BaseModelRef) -> dict:
     """Sampling defaults the model's maker measured to work best (``lora_studio.json`` in its folder).
 
-    The embedded tiny model ships one (its shapes are sharpest at CFG 2); other models fall back to
+    The embedded tiny models ship one (their shapes are sharpest at a low CFG); other models fall back to
     their family's defaults. Unknown keys are ignored, so the file can grow.
     """
     settings = {"guidance_scale": get_family(resolved.family).default_guidance_scale}
@@ -445,14 +477,18 @@ class BaseModelInfo:
 
 
 def list_base_models() -> list[BaseModelInfo]:
-    """The embedded model plus every diffusers folder / .safetensors file in ``$LORA_STUDIO_HOME/models``.
+    """The embedded models plus every diffusers folder / .safetensors file in ``$LORA_STUDIO_HOME/models``.
 
     Families are recognised as :func:`resolve` recognises them; a model the studio cannot run (an
     unsupported family, an unrecognised file) is listed with family ``?`` and the reason, not hidden.
     """
-    tiny = get_family(resolve(TINY).family)
-    rows = [BaseModelInfo(ref=TINY, kind="tiny", family=tiny.name, location=str(TINY_MODEL_DIR),
-                          description=f"embedded tiny {tiny.display_name} model (32 px scenes), works offline")]
+    rows = []
+    for name in EMBEDDED_MODELS:
+        embedded = resolve(name)
+        family = get_family(embedded.family)
+        rows.append(BaseModelInfo(ref=name, kind="tiny", family=family.name, location=embedded.location,
+                                  description=f"embedded tiny {family.display_name} model (32 px scenes), "
+                                              f"works offline"))
     models_dir = get_settings().home / "models"
     if models_dir.is_dir():
         for entry in sorted(models_dir.iterdir()):
@@ -479,10 +515,40 @@ def check_base_model(ref: str, *, what: str = "base model") -> str:
     # The same rule resolve() applies to tell a Hub id from a path.
     text = (ref or "").strip()
     hub_id = bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
-    if text == TINY or (hub_id and not Path(text).expanduser().exists()):
+    if text in EMBEDDED_MODELS or (hub_id and not Path(text).expanduser().exists()):
         return text
     check_data_path(text, what=what)
     return text
+
+
+def reference_architecture(family: Family | str):
+    """The family's full-size reference model (SDXL 1.0 base, SD-1.5), its LoRA components built on the
+    ``meta`` device from the configs the studio ships: every module at its real shape, no weights and
+    no memory, offline. :func:`adapters.formats.validate_against` reads it as it reads a pipeline, so a
+    real-size adapter's names and shapes are checked without downloading the model.
+    """
+    import types
+
+    import diffusers
+    import torch
+    import transformers
+
+    family = get_family(family) if isinstance(family, str) else family
+    folder = family.reference_config_dir
+    if folder is None:
+        raise InvalidRequestError(f"the studio has no full-size reference configs for {family.display_name}")
+    index = json.loads((folder / MODEL_INDEX).read_text())
+    parts = {}
+    with torch.device("meta"):
+        for component in family.lora_components:
+            library, class_name = index[component]
+            if library == "diffusers":
+                cls = getattr(diffusers, class_name)
+                parts[component] = cls.from_config(cls.load_config(folder / component))
+            else:
+                cls = getattr(transformers, class_name)
+                parts[component] = cls(cls.config_class.from_json_file(folder / component / "config.json"))
+    return types.SimpleNamespace(**parts)
 
 
 def export_single_file(pipeline_or_ref, path: str | Path, *, dtype: str | None = None) -> Path:

@@ -97,7 +97,7 @@ def _unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         problems.append(f"mid block {config.get('mid_block_type')!r} is not UNetMidBlock2DCrossAttn")
     for option in ("class_embed_type", "addition_embed_type", "num_class_embeds", "time_cond_proj_dim"):
-        if config.get(option) is not None:
+        if config.get(option) is not None and not (option == "addition_embed_type" and config[option] == "text_time"):
             problems.append(f"{option} is set")
     if problems:
         raise InvalidRequestError("the UNet is not SD-UNet shaped, so it has no LDM layout: " + "; ".join(problems))
@@ -115,6 +115,10 @@ def _unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
         "mid_block.attentions.0": ("middle_block.1", plain),
         "mid_block.resnets.1": ("middle_block.2", resnet),
     }
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL (SGM): the pooled text embedding and the size numbers' MLP is ``label_emb.0``.
+        prefixes["add_embedding.linear_1"] = ("label_emb.0.0", plain)
+        prefixes["add_embedding.linear_2"] = ("label_emb.0.2", plain)
     # LDM numbers the down path as one flat list after conv_in: each block's layers, then its
     # downsampler (every block but the last) as an entry of its own.
     index = 1
@@ -144,6 +148,25 @@ def unet_to_ldm(state_dict: dict, config: dict) -> dict:
     """A diffusers ``UNet2DConditionModel`` state dict -> LDM UNet keys (``input_blocks.*``, ...), unprefixed."""
     prefixes = _unet_prefixes(dict(config))
     return {_rename(k, prefixes, "UNet"): v for k, v in state_dict.items()}
+
+
+def ldm_unet_module_names(config: dict, names) -> dict[str, str]:
+    """diffusers UNet module names -> their LDM/SGM names (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in``), for each of ``names`` that has a place in the original layout (the
+    containers above the blocks have none and are left out).
+
+    kohya's SDXL files often spell the UNet this way (``lora_unet_input_blocks_4_1_proj_in``); this is
+    the single-file export's own renaming, so the two can never disagree. Raises
+    :class:`InvalidRequestError` for a UNet that is not SD-UNet shaped.
+    """
+    prefixes = _unet_prefixes(dict(config))
+    out = {}
+    for name in names:
+        try:
+            out[name] = _rename(f"{name}.weight", prefixes, "UNet").removesuffix(".weight")
+        except InvalidRequestError:
+            continue
+    return out
 
 
 def _vae_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.formats import METHOD_NAMES, detect
+from adapters.formats import METHOD_NAMES, check_against_reference, detect
 from adapters.merge import METHODS, merge_adapters, parse_merge_arg
 from studio.app.cli.common import Parser, number, quiet_libraries, whole_number
 from studio.app.cli.output import print_fields, print_json, print_line, print_result, print_table, print_warning
+from studio.core.families import FAMILIES, get_family
 
 
 def _open_registry():
@@ -63,6 +64,13 @@ def register(sub) -> None:
     imp.add_argument("--json", action="store_true",
                      help="print the version record plus 'import': {format, warnings, suggested_trigger_words...}")
     imp.set_defaults(func=cmd_adapters_import)
+    chk = asub.add_parser("check", help="check a LoRA file's names and shapes against a family's full-size model "
+                                        "(built without weights: offline, seconds)")
+    chk.add_argument("path", type=Path, help="the adapter .safetensors file")
+    chk.add_argument("--family", required=True, choices=sorted(FAMILIES),
+                     help="the family whose full-size reference model it must fit (sdxl: SDXL 1.0 base)")
+    chk.add_argument("--json", action="store_true", help="print the matched modules per component as JSON")
+    chk.set_defaults(func=cmd_adapters_check)
     exp = asub.add_parser("export", help="write a version as a diffusers (peft) or kohya (A1111/ComfyUI) file")
     exp.add_argument("ref", help="adapter reference: name, name@3, name@alias or sha256:<prefix>")
     exp.add_argument("--format", dest="fmt", choices=("diffusers", "kohya"), required=True,
@@ -184,6 +192,21 @@ def cmd_adapters_import(args) -> int:
     if suggested:
         print_line(f"suggested trigger words (from the training tags): {', '.join(suggested)}; "
                    f"record them with --trigger")
+    return 0
+
+
+def cmd_adapters_check(args) -> int:
+    quiet_libraries()
+    info = detect(args.path)
+    report = check_against_reference(args.path, args.family)
+    per_component = {c: sum(1 for (comp, _) in report.resolved if comp == c) for c in report.components}
+    if args.json:
+        print_json({"path": str(args.path), "family": args.family, "format": info.format,
+                    "adapter_type": info.adapter_type, "modules": report.num_modules, "components": per_component})
+        return 0
+    where = ", ".join(f"{n} in {c}" for c, n in per_component.items())
+    print_line(f"fits the full-size {get_family(args.family).display_name}: all {report.num_modules} modules "
+               f"({where}) exist with these shapes")
     return 0
 
 

@@ -304,7 +304,7 @@ MODELS = {
 }
 # Components read from the embedded SD-1 model instead of shipping a copy (lora_studio.json's
 # "shared_components"; the studio's loader reads them from there): SD's vocabulary is 1.5 MB a copy.
-SHARED_TOKENIZER = "../tiny/tokenizer"
+SHARED_TOKENIZER = "tiny/tokenizer"  # relative to studio/core/embedded
 
 
 def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, model: str = "tiny") -> dict:

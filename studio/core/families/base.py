@@ -138,6 +138,13 @@ class Family:
     recommended: Mapping[str, Any] = field(default_factory=dict)
     # The original (A1111/ComfyUI) single-file layout; None when the studio has none for the family.
     single_file: SingleFileLayout | None = None
+    # The full-size reference model's component configs (``configs/<name>/``: model_index.json and one
+    # folder per component), from which its architecture is built on the meta device to check a
+    # real-size adapter's names and shapes with no weights downloaded.
+    reference_config_dir: Path | None = None
+    # Keyword arguments every load of the family's pipelines passes (SD-1: no safety checker; a
+    # keyword a pipeline class does not take would be ignored with a warning, so each family names its own).
+    pipeline_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def single_file_config_dir(self) -> Path | None:

@@ -22,6 +22,8 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 ATTENTION_CONV = ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                               "conv_shortcut", "time_emb_proj")
 TEXT_ENCODER = ("q_proj", "k_proj", "v_proj", "out_proj")
+# SD-1.5's component configs: the single-file layout's and the full-size reference architecture's.
+CONFIGS = Path(__file__).resolve().parent / "configs" / "sd1"
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]):
@@ -52,7 +54,7 @@ SINGLE_FILE = SingleFileLayout(
         SingleFileComponent("text_encoder", "cond_stage_model.transformer.", "CLIPTextModel",
                             converter="ldm_clip_text", library="transformers", model_type="clip_text_model"),
     ),
-    config_dir=Path(__file__).resolve().parent / "configs" / "sd1",
+    config_dir=CONFIGS,
     tokenizers={"tokenizer": TINY_MODEL_DIR / "tokenizer"},
 )
 
@@ -68,6 +70,7 @@ SD1 = Family(
     kohya_base_model_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1",
     single_file=SINGLE_FILE,
+    reference_config_dir=CONFIGS,
     architecture=architectures.SD1,
     condition=condition,
     denoiser="unet",
@@ -79,4 +82,6 @@ SD1 = Family(
     training_scheduler="DDPMScheduler",
     hub_tags=("stable-diffusion", "stable-diffusion-diffusers"),
     recommended={"network.rank": 8, "training.learning_rate": 1e-4, "dataset.resolution": 512},
+    # The studio shows images as the user asked for them; SD-1's NSFW checker is off (as in A1111).
+    pipeline_options={"safety_checker": None, "requires_safety_checker": False},
 )

@@ -12,6 +12,7 @@ prediction on SD's noise schedule; native resolution 1024 px; VAE 8x (4x for the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from studio.core.families import architectures
@@ -68,10 +69,13 @@ SDXL = Family(
     modelspec_architecture="stable-diffusion-xl-v1-base",
     default_guidance_scale=5.0,
     architecture=architectures.SDXL,
+    # SDXL 1.0 base's component configs (stabilityai/stable-diffusion-xl-base-1.0), for the meta-device check.
+    reference_config_dir=Path(__file__).resolve().parent / "configs" / "sdxl",
     condition=condition,
     size_conditioning=size_conditioning,
     call_denoiser=call_denoiser,
     denoiser="unet",
+    denoiser_label="UNet",
     denoiser_kohya_prefixes=("lora_unet_",),
     text_encoders=(
         TextEncoder("text_encoder", "tokenizer", ("lora_te1_",), kind="clip", target_modules=TEXT_ENCODER),

@@ -1,0 +1,304 @@
+"""SDXL end to end on the embedded ``tiny-sdxl``: the family's conditioning equals the pipeline's own,
+prompts control the image, kohya files (diffusers and SGM block names, both text encoders) import and
+render what merging their deltas by hand renders, and training registers an SDXL adapter.
+
+Kohya files here are written by the tests' own code from the kohya conventions (``lora_down``/
+``lora_up``/``alpha``, scale alpha / rank), never by the studio's exporter, so an error shared by the
+studio's reader and writer cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapters.compose import AdapterSpec, engine_for
+from adapters.ingest import import_adapter
+from studio.app.tiny.quality import QUALITY_PROMPTS, measure_quality
+from studio.core.base_models import list_base_models, load_fresh_pipeline, load_pipeline, native_resolution, resolve
+from studio.core.embedded import EMBEDDED_MODELS
+from studio.core.families import get_family
+from studio.core.single_file import ldm_unet_module_names
+from studio.generation.requests import GenerationRequest
+from studio.generation.run import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+SDXL = get_family("sdxl")
+PROMPT = "a red circle on a blue background"
+RANK, ALPHA, STRENGTH = 4, 2.0, 0.8
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return load_fresh_pipeline("tiny-sdxl")
+
+
+def _components(pipe) -> dict:
+    return {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
+
+
+def test_tiny_sdxl_is_an_embedded_sdxl_pipeline_that_shares_its_tokenizers(xl):
+    ref = resolve("tiny-sdxl")
+    assert (ref.kind, ref.family) == ("tiny", "sdxl")
+    assert {r.ref: r.family for r in list_base_models()}["tiny-sdxl"] == "sdxl"
+    assert type(xl).__name__ == "StableDiffusionXLPipeline" and xl.unet.config.addition_embed_type == "text_time"
+    assert (type(xl.text_encoder).__name__, type(xl.text_encoder_2).__name__) == (
+        "CLIPTextModel", "CLIPTextModelWithProjection")
+    assert len(xl.tokenizer) == len(xl.tokenizer_2) == 49408  # SD's real vocabulary, read from tiny/
+    assert native_resolution(xl) == 32
+    folder = EMBEDDED_MODELS["tiny-sdxl"]
+    assert not (folder / "tokenizer").exists() and not (folder / "tokenizer_2").exists()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 15 * 10**6, size
+    assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+
+
+def test_a_copied_tiny_sdxl_folder_loads_too(tmp_path):
+    import shutil
+
+    copy = tmp_path / "my-xl"
+    shutil.copytree(EMBEDDED_MODELS["tiny-sdxl"], copy)
+    ref = resolve(str(copy))
+    assert (ref.kind, ref.family) == ("diffusers", "sdxl")
+    assert len(load_fresh_pipeline(str(copy)).tokenizer_2) == 49408
+
+
+def test_shared_components_come_only_from_the_embedded_models(tmp_path):
+    import shutil
+
+    from studio.core.errors import CorruptWeightsError
+
+    copy = tmp_path / "my-xl"
+    shutil.copytree(EMBEDDED_MODELS["tiny-sdxl"], copy)
+    record = json.loads((copy / "lora_studio.json").read_text())
+    record["shared_components"]["tokenizer"] = "../../../etc"
+    (copy / "lora_studio.json").write_text(json.dumps(record))
+    with pytest.raises(CorruptWeightsError, match="not a tokenizer folder of the embedded models"):
+        load_fresh_pipeline(str(copy))
+
+
+def test_conditioning_hook_matches_the_pipelines_own_encoding(xl):
+    prompts = [PROMPT, "", "a yellow square on a black background, zkstripes"]
+    ours = SDXL.conditioning(_components(xl), prompts)
+    with torch.no_grad():
+        embeds, _, pooled, _ = xl.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)
+    assert torch.equal(ours["encoder_hidden_states"], embeds)
+    assert torch.equal(ours["text_embeds"], pooled)
+
+
+def test_size_conditioning_is_the_pipelines_time_ids(xl):
+    ours = SDXL.size_conditioning((48, 40), (8, 0), (32, 32))["time_ids"]
+    theirs = xl._get_add_time_ids((48, 40), (8, 0), (32, 32), dtype=torch.float32,
+                                  text_encoder_projection_dim=xl.text_encoder_2.config.projection_dim)
+    assert torch.equal(ours, theirs[0])
+
+
+def test_prompts_control_the_sdxl_image():
+    """36 images (12 prompts x 3 seeds, 20 Euler steps, the model's own CFG): the SD-1 tiny model's rates."""
+    rates = measure_quality("tiny-sdxl", seeds=(1, 2, 3), steps=20)
+    assert rates["images"] == len(QUALITY_PROMPTS) * 3 == 36
+    assert rates["colour"] >= 0.90, rates
+    assert rates["background"] >= 0.90, rates
+    assert rates["shape"] >= 0.80, rates
+
+
+def test_cli_generates_on_tiny_sdxl_and_the_recipe_replays(tmp_path):
+    from PIL import Image
+
+    from studio.app.cli import main
+    from studio.generation.recipes import read_recipe
+
+    out = tmp_path / "out"
+    assert main(["generate", PROMPT, "--base", "tiny-sdxl", "--seed", "3", "--steps", "4", "--out", str(out)]) == 0
+    first = sorted(out.glob("*.png"))
+    assert len(first) == 1
+    assert read_recipe(first[0]).base_model == "tiny-sdxl"
+    again = tmp_path / "again"
+    assert main(["generate", "--recipe", str(first[0]), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(next(again.glob("*.png")))))
+
+
+# ---- kohya files written by hand ------------------------------------------------------------------
+
+
+def _kohya_targets(pipe, *, sgm_names: bool) -> dict[str, torch.nn.Module]:
+    """kohya flat name -> module: the UNet's attention projections in every block, and q/k/v/out of
+    both text encoders, spelt as kohya spells them (``text_model_`` root; SGM block names on request)."""
+    unet = {n: m for n, m in pipe.unet.named_modules()
+            if n.endswith(("to_q", "to_k", "to_v", "to_out.0")) and isinstance(m, torch.nn.Linear)}
+    names = ldm_unet_module_names(pipe.unet.config, unet) if sgm_names else {n: n for n in unet}
+    assert len(names) == len(unet) and any(n.startswith(("down_blocks", "input_blocks")) for n in names.values())
+    out = {"lora_unet_" + names[n].replace(".", "_"): m for n, m in unet.items()}
+    for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        for n, m in encoder.named_modules():
+            if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+                out[prefix + "text_model_" + n.removeprefix("text_model.").replace(".", "_")] = m
+    return out
+
+
+def _deltas(pipe, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in _kohya_targets(pipe, sgm_names=False).items():
+        out[name] = (torch.randn(RANK, module.in_features, generator=g) * 0.3,
+                     torch.randn(module.out_features, RANK, generator=g) * 0.3)
+    return out
+
+
+def _write_kohya(path: Path, pipe, deltas, *, sgm_names: bool) -> Path:
+    spelled = dict(zip(_kohya_targets(pipe, sgm_names=False), _kohya_targets(pipe, sgm_names=sgm_names), strict=True))
+    tensors = {}
+    for name, (down, up) in deltas.items():
+        flat = spelled[name]
+        tensors[f"{flat}.lora_down.weight"] = down.to(torch.float16)
+        tensors[f"{flat}.lora_up.weight"] = up.to(torch.float16)
+        tensors[f"{flat}.alpha"] = torch.tensor(ALPHA, dtype=torch.float16)
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": str(RANK),
+                                            "ss_network_alpha": str(ALPHA), "ss_output_name": "handmade"})
+    return path
+
+
+def _render(base: str, adapters=()) -> np.ndarray:
+    # CFG given: a saved copy carries no lora_studio.json, so it would get the family's default instead
+    result = generate(GenerationRequest(prompt=PROMPT, base_model=base, seed=5, num_inference_steps=8,
+                                        guidance_scale=2.0, adapters=list(adapters)))
+    return np.asarray(result.images[0], dtype=np.float32)
+
+
+def test_a_kohya_sdxl_lora_renders_what_merging_it_by_hand_renders(tmp_path, reg, xl):
+    deltas = _deltas(xl)
+    path = _write_kohya(tmp_path / "handmade.safetensors", xl, deltas, sgm_names=True)
+    version = import_adapter(reg, path, name="handmade", base="tiny-sdxl")
+    assert version.family == "sdxl" and set(version.components) == {"unet", "text_encoder", "text_encoder_2"}
+
+    # The same deltas added to a copy of the base weights by hand: W += strength * up @ down * alpha / rank.
+    merged = load_fresh_pipeline("tiny-sdxl")
+    modules = _kohya_targets(merged, sgm_names=False)
+    with torch.no_grad():
+        for name, (down, up) in deltas.items():
+            w = modules[name].weight
+            w += STRENGTH * (up.half().float() @ down.half().float()) * (ALPHA / RANK)
+    folder = tmp_path / "merged-by-hand"
+    merged.save_pretrained(folder, safe_serialization=True)
+
+    base = _render("tiny-sdxl")
+    try:
+        ours = _render("tiny-sdxl", [AdapterSpec(ref="handmade", weight=STRENGTH)])
+    finally:
+        engine_for(load_pipeline("tiny-sdxl")).unload_all()
+    by_hand = _render(str(folder))
+    assert np.abs(ours - by_hand).max() <= 2, np.abs(ours - by_hand).max()  # of 255
+    assert np.abs(ours - base).mean() > 10 * max(np.abs(ours - by_hand).mean(), 0.05)
+
+
+def test_kohya_sdxl_files_with_sgm_block_names_import_to_the_same_adapter(tmp_path, reg, xl):
+    deltas = _deltas(xl, seed=1)
+    diffusers_named = _write_kohya(tmp_path / "a.safetensors", xl, deltas, sgm_names=False)
+    sgm_named = _write_kohya(tmp_path / "b.safetensors", xl, deltas, sgm_names=True)
+    a = import_adapter(reg, diffusers_named, name="named-diffusers", base="tiny-sdxl")
+    b = import_adapter(reg, sgm_named, name="named-sgm", base="tiny-sdxl")
+    assert a.tensor_sha256 == b.tensor_sha256
+    assert a.family == b.family == "sdxl"
+
+
+def test_a_file_that_patches_one_module_twice_is_refused(tmp_path, reg, xl):
+    from studio.core.errors import UnsupportedAdapterError
+
+    deltas = _deltas(xl, seed=2)
+    both = tmp_path / "both.safetensors"
+    _write_kohya(tmp_path / "a.safetensors", xl, deltas, sgm_names=False)
+    _write_kohya(tmp_path / "b.safetensors", xl, deltas, sgm_names=True)
+    from safetensors.torch import load_file
+
+    tensors = {**load_file(str(tmp_path / "a.safetensors")), **load_file(str(tmp_path / "b.safetensors"))}
+    save_file(tensors, str(both))
+    with pytest.raises(UnsupportedAdapterError, match="twice"):
+        import_adapter(reg, both, name="twice", base="tiny-sdxl")
+    assert reg.list_versions().total == 0
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def test_training_on_tiny_sdxl_registers_an_sdxl_adapter_with_both_text_encoders(tmp_path, reg):
+    from safetensors import safe_open
+
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+
+    toml = ROOT / "datasets" / "outlined_txt" / "train.toml"
+    cfg = TrainConfig.from_toml(toml).apply_overrides([
+        f"output.dir={tmp_path / 'runs'}", "validation.every_n_steps=0", "output.checkpointing_steps=0",
+        "training.lr_warmup_steps=0", "training.max_train_steps=3", "validation.prompts=[]",
+        "model.base_model=tiny-sdxl", "network.train_text_encoder=true", "output.name=outlined-xl"])
+    result = train(cfg, console=False)
+    version = reg.get(result.ref)
+    assert version.family == "sdxl" and version.base_model == "tiny-sdxl"
+    assert set(version.components) == {"unet", "text_encoder", "text_encoder_2"}
+    with safe_open(str(result.adapter), "pt") as f:
+        metadata = f.metadata()
+        keys = list(f.keys())
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    # and it renders on the base it was trained for
+    try:
+        assert _render("tiny-sdxl", [AdapterSpec(ref=result.ref)]).shape == (32, 32, 3)
+    finally:
+        engine_for(load_pipeline("tiny-sdxl")).unload_all()
+
+
+# ---- real-size files against the full-size architecture (meta device, no weights) --------------------
+
+
+def _real_size_kohya(path: Path, *, cross_attention_dim: int = 2048, te2_width: int = 1280) -> Path:
+    """A rank-4 kohya SDXL LoRA of real SDXL 1.0 shapes on a few modules, SGM block names included
+    (input_blocks.4.1 is down_blocks.1.attentions.0; middle_block.1 the mid transformer)."""
+    def pair(name, fan_in, fan_out):
+        return {f"{name}.lora_down.weight": torch.zeros(4, fan_in, dtype=torch.float16),
+                f"{name}.lora_up.weight": torch.zeros(fan_out, 4, dtype=torch.float16),
+                f"{name}.alpha": torch.tensor(4.0)}
+    tensors = {
+        **pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", cross_attention_dim, 640),
+        **pair("lora_unet_middle_block_1_transformer_blocks_9_attn1_to_q", 1280, 1280),
+        **pair("lora_unet_output_blocks_0_1_proj_in", 1280, 1280),
+        **pair("lora_unet_down_blocks_2_attentions_1_transformer_blocks_3_attn2_to_v", cross_attention_dim, 1280),
+        **pair("lora_te1_text_model_encoder_layers_11_self_attn_q_proj", 768, 768),
+        **pair("lora_te2_text_model_encoder_layers_31_mlp_fc1", te2_width, 5120),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_real_size_sdxl_lora_is_checked_against_the_full_size_architecture(tmp_path):
+    from adapters.formats import check_against_reference
+    from studio.core.errors import IncompatibleAdapterError
+
+    report = check_against_reference(_real_size_kohya(tmp_path / "xl.safetensors"), "sdxl")
+    assert report.num_modules == 6 and report.components == ("unet", "text_encoder", "text_encoder_2")
+    assert report.resolved[("unet", "input_blocks_4_1_transformer_blocks_0_attn2_to_k")] == \
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert report.resolved[("unet", "middle_block_1_transformer_blocks_9_attn1_to_q")] == \
+        "mid_block.attentions.0.transformer_blocks.9.attn1.to_q"
+    # an SD-1 width on the cross-attention is named for what it is
+    with pytest.raises(IncompatibleAdapterError, match="cross-attention dim 768 .*SD-1"):
+        check_against_reference(_real_size_kohya(tmp_path / "sd1ish.safetensors", cross_attention_dim=768), "sdxl")
+    with pytest.raises(IncompatibleAdapterError, match="other shapes"):
+        check_against_reference(_real_size_kohya(tmp_path / "narrow.safetensors", te2_width=1024), "sdxl")
+
+
+def test_cli_checks_a_file_against_a_family(tmp_path, capsys):
+    from studio.app.cli import main
+
+    path = _real_size_kohya(tmp_path / "xl.safetensors")
+    assert main(["adapters", "check", str(path), "--family", "sdxl"]) == 0
+    assert "fits the full-size Stable Diffusion XL: all 6 modules (4 in unet, 1 in text_encoder, 1 in " \
+           "text_encoder_2)" in capsys.readouterr().out
+    assert main(["adapters", "check", str(path), "--family", "sd1"]) == 2
+    assert "made for SDXL" in capsys.readouterr().err
