@@ -302,3 +302,41 @@ def test_cli_checks_a_file_against_a_family(tmp_path, capsys):
            "text_encoder_2)" in capsys.readouterr().out
     assert main(["adapters", "check", str(path), "--family", "sd1"]) == 2
     assert "made for SDXL" in capsys.readouterr().err
+
+
+# ---- precision ----------------------------------------------------------------------------------------
+
+
+def test_precision_is_chosen_per_request_and_recorded_in_the_recipe(tmp_path):
+    from PIL import Image
+
+    from studio.app.cli import main
+    from studio.core.base_models import pipeline_dtypes
+    from studio.core.errors import InvalidRequestError
+
+    auto, bf16 = tmp_path / "auto", tmp_path / "bf16"
+    assert main(["generate", PROMPT, "--base", "tiny-sdxl", "--seed", "3", "--steps", "3", "--out", str(auto)]) == 0
+    assert main(["generate", PROMPT, "--base", "tiny-sdxl", "--seed", "3", "--steps", "3", "--out", str(bf16),
+                 "--precision", "bfloat16"]) == 0
+
+    def payload(folder):
+        png = next(folder.glob("*.png"))
+        return png, json.loads(Image.open(png).info["lora_studio"])
+
+    png, recorded = payload(auto)
+    assert recorded["request"]["precision"] == "auto"  # on a CPU: float32 everywhere
+    assert recorded["dtypes"] == {c: "float32" for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
+    png16, recorded16 = payload(bf16)
+    assert recorded16["request"]["precision"] == "bfloat16"
+    assert set(recorded16["dtypes"].values()) == {"bfloat16"}
+    # a bfloat16 run is its own image, and its recipe replays it exactly
+    assert not np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png16)))
+    again = tmp_path / "again"
+    assert main(["generate", "--recipe", str(png16), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(png16)), np.asarray(Image.open(next(again.glob("*.png")))))
+    with pytest.raises(InvalidRequestError, match="precision must be one of auto, float32, float16, bfloat16"):
+        GenerationRequest(prompt=PROMPT, precision="float8")
+    # SDXL's VAE in float16 is decoded in float32 by the pipeline (its config's force_upcast): recorded so
+    half = load_fresh_pipeline("tiny-sdxl", "float16")
+    assert half.vae.config.force_upcast and pipeline_dtypes(half)["vae"] == "float32 (upcast from float16)"
+    assert pipeline_dtypes(half)["unet"] == "float16"

@@ -293,23 +293,19 @@ def test_two_processes_with_accelerate_launch(tmp_path):
         assert [v.number for v in registry.versions("ddp")] == [1]
 
 
-def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
-    """The shipped train.toml of each sample style trains an adapter that draws that style.
-
-    Scored by studio.app.tiny.style on the same prompts and seeds with and without the adapter (trigger
-    word in both). Validation samples are left out to save time; everything else is the shipped
-    config. Figures seen: stripes 0.00 -> 0.15, outlines 0.00 -> 0.47 (training images 0.59, 0.83).
-    """
+def _style_scores(tmp_path, reg, base: str) -> dict[str, dict]:
+    """Train the shipped striped and outlined configs on ``base`` and score both styles with each adapter."""
     from adapters.compose import engine_for
     from studio.app.tiny.style import measure_style
     from studio.core.base_models import load_pipeline
 
     scores: dict[str, dict] = {}
-    base: dict[str, float] = {}
+    base_scores: dict[str, float] = {}
     for name in ("striped", "outlined"):
         toml = ROOT / "datasets" / name / "train.toml"
         cfg = TrainConfig.from_toml(toml).apply_overrides(
-            [f"output.dir={tmp_path / 'runs'}", "validation.prompts=[]", "output.checkpointing_steps=0"])
+            [f"output.dir={tmp_path / 'runs'}", "validation.prompts=[]", "output.checkpointing_steps=0",
+             f"model.base_model={base}", f"output.name={name}-{base}"])
         result = train(cfg, console=False)
         stack = [{"ref": result.ref, "weight": 1.0}]
         trigger = reg.get(result.ref).trigger_words[0]
@@ -318,15 +314,38 @@ def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
             for style in ("striped", "outlined"):
                 # the base side is the same prompts with the same trigger text for both adapters
                 key = f"{style}:{trigger}"
-                scores[name][style] = measure_style(style, stack, trigger=trigger, base_score=base.get(key))
-                base[key] = scores[name][style]["base"]
+                scores[name][style] = measure_style(style, stack, trigger=trigger, base=base,
+                                                    base_score=base_scores.get(key))
+                base_scores[key] = scores[name][style]["base"]
         finally:
-            engine_for(load_pipeline("tiny")).unload_all()
+            engine_for(load_pipeline(base)).unload_all()
     for name in scores:
         for style, s in scores[name].items():
             assert s["base"] < 0.02, (name, style, s)  # the base model draws neither style
+    return scores
+
+
+def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
+    """The shipped train.toml of each sample style trains an adapter that draws that style.
+
+    Scored by studio.app.tiny.style on the same prompts and seeds with and without the adapter (trigger
+    word in both). Validation samples are left out to save time; everything else is the shipped
+    config. Figures seen: stripes 0.00 -> 0.15, outlines 0.00 -> 0.47 (training images 0.59, 0.83).
+    """
+    scores = _style_scores(tmp_path, reg, "tiny")
     assert scores["striped"]["striped"]["margin"] > 0.08, scores
     assert scores["outlined"]["outlined"]["margin"] > 0.25, scores
     # each adapter draws its own style more than the other adapter does
     assert scores["striped"]["striped"]["adapter"] > scores["outlined"]["striped"]["adapter"] + 0.02, scores
     assert scores["outlined"]["outlined"]["adapter"] > scores["striped"]["outlined"]["adapter"] + 0.1, scores
+
+
+@pytest.mark.slow
+def test_sample_dataset_loras_show_their_styles_on_tiny_sdxl(tmp_path, reg):
+    """The same shipped configs, the base model switched to tiny-sdxl: each adapter draws its own style."""
+    scores = _style_scores(tmp_path, reg, "tiny-sdxl")
+    print(json.dumps(scores, indent=1))
+    for style in ("striped", "outlined"):
+        assert scores[style][style]["margin"] > 0.08, scores
+        other = "outlined" if style == "striped" else "striped"
+        assert scores[style][style]["adapter"] > scores[other][style]["adapter"] + 0.02, scores

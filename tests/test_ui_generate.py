@@ -277,9 +277,9 @@ def test_generate_asks_the_library_for_the_pipeline_every_time(studio_home, monk
     asked = []
     original = base_models.load_pipeline
 
-    def spy(ref=None):
-        asked.append(ref)
-        return original(ref)
+    def spy(ref=None, precision="auto"):
+        asked.append((ref, precision))
+        return original(ref, precision)
 
     monkeypatch.setattr(base_models, "load_pipeline", spy)
     at = _page()
@@ -288,7 +288,7 @@ def test_generate_asks_the_library_for_the_pipeline_every_time(studio_home, monk
     _button(at, "Generate").click().run()
     _button(at, "Generate").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert asked == ["tiny", "tiny"]
+    assert asked == [("tiny", "auto"), ("tiny", "auto")]
 
 
 def test_uploaded_inputs_are_checked_and_stored_by_the_library(studio_home):

@@ -510,7 +510,7 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     elif embedded:
         pipeline_class = family.pipelines["text2img"] if family else "DiffusionPipeline"
         lines += ["from studio.core.base_models import load_fresh_pipeline  # pip install lora-studio", "",
-                  f"pipeline = load_fresh_pipeline({version.base_model!r})  # a diffusers {pipeline_class}"]
+                  f'pipeline = load_fresh_pipeline("{version.base_model}")  # a diffusers {pipeline_class}']
     else:
         lines += ["from diffusers import AutoPipelineForText2Image", "",
                   f"pipeline = AutoPipelineForText2Image.from_pretrained({version.base_model or 'BASE_MODEL'!r})"]

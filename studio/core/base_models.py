@@ -260,16 +260,49 @@ class _PipelineCache:
 _CACHE = _PipelineCache(PIPELINE_CACHE_SIZE)
 
 
-def device_and_dtype():
-    """CUDA in float16 where there is a GPU, else CPU in float32 (float16 on CPU is slow and lossy)."""
+# What a request may ask the weights to run in: "auto" is the device's choice (below).
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+
+
+def device_and_dtype(precision: str = "auto"):
+    """(device, torch dtype) a pipeline runs in. ``auto``: CPU in float32 (float16 on a CPU is slow
+    and lossy); a GPU in bfloat16 where it supports it (float32's range, so nothing overflows), else
+    float16. SDXL's original VAE overflows in float16: its config says ``force_upcast`` and diffusers'
+    SDXL pipelines then decode (and encode) in float32, see :func:`pipeline_dtypes`."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", torch.float16
-    return "cpu", torch.float32
+    if precision not in PRECISIONS:
+        raise InvalidRequestError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        if device == "cpu":
+            precision = "float32"
+        else:
+            precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, getattr(torch, precision)
 
 
-def _load(resolved: BaseModelRef):
+def pipeline_dtypes(pipe) -> dict[str, str]:
+    """Each weighted component's dtype as it runs (``{"unet": "bfloat16", ...}``), for the recipe.
+
+    A float16 VAE whose config asks for ``force_upcast`` (SDXL's original) is run in float32 by the
+    SDXL pipelines, and recorded so: ``"float32 (upcast from float16)"``.
+    """
+    import torch
+
+    out = {}
+    for name, component in sorted(pipe.components.items()):
+        if not isinstance(component, torch.nn.Module):
+            continue
+        dtype = str(component.dtype).removeprefix("torch.")
+        if (name == "vae" and dtype == "float16" and getattr(component.config, "force_upcast", False)
+                and hasattr(pipe, "upcast_vae")):
+            dtype = "float32 (upcast from float16)"
+        out[name] = dtype
+    return out
+
+
+def _load(resolved: BaseModelRef, precision: str = "auto"):
     import torch  # noqa: F401  (diffusers needs it; imported here to keep CLI start-up light)
 
     if resolved.kind == "hub" and get_settings().offline:
@@ -280,7 +313,7 @@ def _load(resolved: BaseModelRef):
         )
     family = get_family(resolved.family)
     cls = family.pipeline_class("text2img")
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(precision)
     common = dict(dtype=dtype, **family.pipeline_options)
     if resolved.kind in ("tiny", "diffusers"):
         folder = Path(resolved.location)
@@ -374,21 +407,23 @@ def _layout_tokenizers(layout: SingleFileLayout) -> dict:
     return out
 
 
-def load_pipeline(ref: str | None = None):
-    """The text-to-image pipeline for ``ref``, loaded once and then served from the cache."""
+def load_pipeline(ref: str | None = None, precision: str = "auto"):
+    """The text-to-image pipeline for ``ref`` in ``precision`` (see :func:`device_and_dtype`), loaded
+    once and then served from the cache."""
     resolved = resolve(ref)
-    key = f"{resolved.kind}:{resolved.location}@{resolved.revision or ''}"
-    return _CACHE.get(key, lambda: _load(resolved))
+    device_and_dtype(precision)  # checked before the cache is asked
+    key = f"{resolved.kind}:{resolved.location}@{resolved.revision or ''}#{precision}"
+    return _CACHE.get(key, lambda: _load(resolved, precision))
 
 
-def load_fresh_pipeline(ref: str | None = None):
+def load_fresh_pipeline(ref: str | None = None, precision: str = "auto"):
     """A private, uncached copy of the pipeline for ``ref`` (training, adapter experiments, tests).
 
     The embedded tiny model is stored in float16 to stay small; plain ``from_pretrained(folder)``
     without ``dtype`` would keep some modules in float16 and fail on CPU with a dtype mismatch.
-    This loads it (and every other model) the studio's way: float32 on CPU, float16 on CUDA.
+    This loads it (and every other model) the studio's way: ``precision`` as :func:`device_and_dtype` says.
     """
-    return _load(resolve(ref))
+    return _load(resolve(ref), precision)
 
 
 def clear_pipeline_cache() -> None:

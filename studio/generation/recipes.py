@@ -50,9 +50,11 @@ _COST_NATIVE_SIDE = 1024
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def recipe_payload(request: GenerationRequest, model_hash: str = "", family: Family | None = None) -> dict:
+def recipe_payload(request: GenerationRequest, model_hash: str = "", family: Family | None = None,
+                   dtypes: dict[str, str] | None = None) -> dict:
     """The ``lora_studio`` chunk's JSON: the request (adapter strengths spelled as ``family`` names its
-    components), the base model's hash and the library versions that made the image."""
+    components; its ``precision`` as asked), each component's dtype as it ran, the base model's hash
+    and the library versions that made the image."""
     import diffusers  # heavy (torch): recipes are written after a run, which has loaded both already
     import torch
 
@@ -60,6 +62,7 @@ def recipe_payload(request: GenerationRequest, model_hash: str = "", family: Fam
         "version": RECIPE_VERSION,
         "request": request.to_dict(family),
         "model_hash": model_hash,
+        "dtypes": dict(dtypes or {}),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from adapters.compose import AdapterSpec
+from studio.core.base_models import PRECISIONS
 from studio.core.errors import InvalidRequestError, RecipeError
 from studio.core.families import Family
 
@@ -123,11 +124,17 @@ class GenerationRequest:
     mask_image_sha256: str | None = field(
         default=None, metadata={"help": "sha256 of the mask image's file, pinned by the recipe"}
     )
+    precision: str = field(
+        default="auto", metadata={"help": "the weights' dtype: auto (float32 on CPU, bfloat16 or float16 on a "
+                                          "GPU), float32, float16 or bfloat16"}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapters, (list, tuple)):
             raise InvalidRequestError("adapters must be a list of adapter entries, each a reference and a weight")
         self.adapters = [_adapter_entry(entry) for entry in self.adapters]
+        if self.precision not in PRECISIONS:
+            raise InvalidRequestError(f"precision must be one of {', '.join(PRECISIONS)}, got {brief(self.precision)}")
         for name in ("prompt", "negative_prompt", "scheduler", "base_model"):
             # A list or number here fails deep inside diffusers or the model resolver, far from its cause.
             if not isinstance(getattr(self, name), str):
@@ -267,6 +274,7 @@ _RECIPE_FIELDS = {
     "mask_image": (lambda v: v is None or isinstance(v, str), "a file path or null"),
     "init_image_sha256": (lambda v: v is None or isinstance(v, str), "64 hex digits or null"),
     "mask_image_sha256": (lambda v: v is None or isinstance(v, str), "64 hex digits or null"),
+    "precision": (lambda v: isinstance(v, str), f"one of {', '.join(PRECISIONS)}"),
 }
 
 

@@ -33,6 +33,7 @@ class GeneratedImage:
     parameters: str  # the A1111 "parameters" text
     model_hash: str
     family: Family | None = None  # the base model's; None for a pipeline class no family lists
+    dtypes: dict[str, str] | None = None  # each component's dtype as it ran (base_models.pipeline_dtypes)
 
     @property
     def seed(self) -> int:
@@ -41,7 +42,7 @@ class GeneratedImage:
     def pnginfo(self) -> PngInfo:
         info = PngInfo()
         info.add_text("parameters", self.parameters)
-        payload = recipe_payload(self.request, self.model_hash, self.family)
+        payload = recipe_payload(self.request, self.model_hash, self.family, self.dtypes)
         info.add_text(RECIPE_KEY, json.dumps(payload, ensure_ascii=False))
         return info
 

@@ -26,7 +26,14 @@ from dataclasses import replace
 from PIL import Image
 
 from adapters.compose import AdapterSpec, ResolvedAdapter, check_family, engine_for, has_engine, resolve_adapter
-from studio.core.base_models import load_pipeline, model_hash, native_resolution, recommended_settings, resolve
+from studio.core.base_models import (
+    load_pipeline,
+    model_hash,
+    native_resolution,
+    pipeline_dtypes,
+    recommended_settings,
+    resolve,
+)
 from studio.core.errors import RecipeError, StudioError
 from studio.core.families import Family, family_of_pipeline
 from studio.generation.inputs import load_inputs, pin_input
@@ -52,7 +59,7 @@ def pipeline_lock(pipe) -> threading.RLock:
 def generate(request: GenerationRequest, progress=None) -> GenerationResult:
     """Run ``request`` on its base model; ``progress(step, total)`` is called after each step."""
     resolved = resolve(request.base_model)
-    pipe = load_pipeline(request.base_model)
+    pipe = load_pipeline(request.base_model, request.precision)
     return generate_with_pipeline(
         pipe, request, model_hash=model_hash(resolved), progress=progress, recommended=recommended_settings(resolved)
     )
@@ -176,6 +183,7 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
     steps_run = request.num_inference_steps if init is None else max(1, int(request.num_inference_steps
                                                                             * request.strength))
     outputs: list[GeneratedImage] = []
+    dtypes = pipeline_dtypes(pipe)
     total = request.num_images * steps_run
     for i in range(request.num_images):
         seed = request.seed + i
@@ -204,5 +212,6 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
             image = Image.composite(image, init, mask)
         single = replace(request, seed=seed, num_images=1)
         outputs.append(GeneratedImage(image=image, request=single, model_hash=model_hash,
-                                      parameters=a1111_parameters(single, model_hash), family=family))
+                                      parameters=a1111_parameters(single, model_hash), family=family,
+                                      dtypes=dtypes))
     return outputs

@@ -9,6 +9,7 @@ from pathlib import Path
 from adapters.compose import AdapterSpec, parse_adapter_arg
 from studio.app.cli.common import number, quiet_libraries, whole_number
 from studio.app.cli.output import print_json, print_line, print_result
+from studio.core.base_models import PRECISIONS
 from studio.core.errors import InvalidRequestError
 from studio.generation import run
 from studio.generation.grid import GridAxis, render_grid
@@ -36,6 +37,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--height", type=whole_number, default=None, help="height in pixels (multiple of 8)")
     p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'Euler a', 'DPM++ 2M', 'UniPC'")
     _add_stack_args(p)
+    _add_precision_arg(p)
     p.add_argument("--init-image", type=Path, default=None,
                    help="img2img: start from this image (PNG, JPEG, WebP); resized to --width x --height")
     p.add_argument("--strength", type=number, default=None,
@@ -50,6 +52,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, prompt, seed}")
     p.set_defaults(func=cmd_generate)
+
+
+def _add_precision_arg(p) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the weights' dtype: auto (float32 on CPU; bfloat16, or float16 where the GPU lacks it), "
+                        "float32, float16, bfloat16; recorded in each image's recipe")
 
 
 def _add_stack_args(p) -> None:
@@ -133,6 +141,7 @@ def cmd_generate(args) -> int:
                 init_image=str(args.init_image) if args.init_image is not None else None,
                 strength=args.strength,
                 mask_image=str(args.mask) if args.mask is not None else None,
+                precision=args.precision,
             )
             for prompt in prompts
         ]
@@ -168,6 +177,7 @@ def _add_grid(sub) -> None:
     p.add_argument("--height", type=whole_number, default=None, help="height in pixels (multiple of 8)")
     p.add_argument("--scheduler", default=None, help="sampler name, e.g. 'Euler', 'DPM++ 2M'")
     _add_stack_args(p)
+    _add_precision_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output folder: the grid PNG and every cell's PNG")
     p.add_argument("--json", action="store_true",
                    help="print {grid_path, image_paths, x_title, x_labels, y_title, y_labels, seconds}")
@@ -181,7 +191,7 @@ def cmd_grid(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
         guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
         scheduler=args.scheduler or DEFAULT_SCHEDULER, base_model=args.base or "tiny",
-        adapters=_stack_from_args(args.stack))
+        adapters=_stack_from_args(args.stack), precision=args.precision)
     quiet_libraries()
     result = render_grid(request, x, y, args.out)
     print_result(args.json, result.to_dict(), result.grid_path)

@@ -310,7 +310,7 @@ with tab_make:
             )
             with st.spinner("Loading the base model..."):
                 # The library's LRU: at most PIPELINE_CACHE_SIZE base models stay in memory.
-                pipe = load_pipeline(request.base_model)
+                pipe = load_pipeline(request.base_model, request.precision)
             bar = st.progress(0.0, text="Generating...")
             resolved = resolve(request.base_model)
             result = generate_with_pipeline(

@@ -67,6 +67,8 @@ def form_values(request) -> dict:
             problems.append(_outside(f"adapter {i}'s {label}", value, WEIGHT))
         if spec.blocks:
             problems.append(f"adapter {i}'s per-block strengths (the form has none)")
+    if request.precision != "auto":
+        problems.append(f"precision {request.precision} (the form runs the device's own, auto)")
     problems = [p for p in problems if p]
     if problems:
         raise RecipeError(f"this recipe does not fit the form: {'; '.join(problems)}; re-run it exactly with "
