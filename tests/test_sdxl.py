@@ -340,3 +340,51 @@ def test_precision_is_chosen_per_request_and_recorded_in_the_recipe(tmp_path):
     half = load_fresh_pipeline("tiny-sdxl", "float16")
     assert half.vae.config.force_upcast and pipeline_dtypes(half)["vae"] == "float32 (upcast from float16)"
     assert pipeline_dtypes(half)["unet"] == "float16"
+
+
+# ---- single files (SGM layout) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_file(tmp_path_factory):
+    from studio.core.base_models import export_single_file
+
+    return export_single_file("tiny-sdxl", tmp_path_factory.mktemp("xl-export") / "tiny-sdxl.safetensors")
+
+
+def test_tiny_sdxl_exports_to_the_sgm_layout_and_loads_back_exactly(xl_file, xl):
+    from safetensors import safe_open
+
+    with safe_open(str(xl_file), "pt") as f:
+        keys = set(f.keys())
+        metadata = f.metadata()
+    assert metadata["lora_studio.format"] == "sdxl-sgm-single-file"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    for key in ("model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.0.0.weight",
+                "first_stage_model.decoder.conv_out.weight",
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+                "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding"):
+        assert key in keys, key
+    ref = resolve(str(xl_file))
+    assert (ref.kind, ref.family) == ("single_file", "sdxl")
+    back = load_fresh_pipeline(str(xl_file))
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(xl, component).state_dict(), getattr(back, component).state_dict()
+        assert ours.keys() == theirs.keys(), component
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), component
+    assert back.tokenizer_2.pad_token == xl.tokenizer_2.pad_token  # recorded by the export
+    assert np.array_equal(_render("tiny-sdxl"), _render(str(xl_file)))
+
+
+def test_an_sdxl_file_from_elsewhere_uses_sdxl_1_0s_configs_and_says_what_does_not_fit(tmp_path, xl_file):
+    from safetensors.torch import load_file
+
+    from studio.core.errors import CorruptWeightsError
+
+    plain = tmp_path / "from-civitai.safetensors"  # the same tensors, without the studio's metadata
+    save_file(load_file(str(xl_file)), str(plain))
+    assert resolve(str(plain)).family == "sdxl"
+    with pytest.raises(CorruptWeightsError, match="not a Stable Diffusion XL checkpoint the studio can read|does not "
+                                                  "match its config"):
+        load_fresh_pipeline(str(plain))

@@ -60,7 +60,10 @@ def test_export_writes_one_ldm_layout_file(exported):
     # The format name files already written carry: it must never change.
     assert metadata[FORMAT_KEY] == LAYOUT.format == "sd1-ldm-single-file" and metadata["format"] == "pt"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
-    assert set(json.loads(metadata[CONFIGS_KEY])) == {"unet", "vae", "text_encoder", "scheduler"}
+    configs = json.loads(metadata[CONFIGS_KEY])
+    assert set(configs) == {"unet", "vae", "text_encoder", "scheduler", "_pipeline"}
+    assert configs["_pipeline"] == {"requires_safety_checker": False}
+    assert json.loads(metadata["lora_studio.tokenizers"]) == {"tokenizer": {"pad_token": "<|endoftext|>"}}
 
     from safetensors import safe_open
 

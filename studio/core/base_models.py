@@ -54,7 +54,13 @@ from studio.core.families.base import SingleFileLayout
 from studio.core.filesafety import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
 from studio.core.hashing import file_sha256
 from studio.core.settings import check_data_path, get_settings
-from studio.core.single_file import check_export_target, layout_of, single_file_config_dir, write_single_file
+from studio.core.single_file import (
+    check_export_target,
+    layout_of,
+    single_file_config_dir,
+    tokenizer_options,
+    write_single_file,
+)
 
 TINY = "tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,200})?$")
@@ -334,13 +340,15 @@ def _load(resolved: BaseModelRef, precision: str = "auto"):
 
         layout = layout_of(family)
         # Single files hold no tokenizer: the layout names a folder with the family's own (no download).
-        tokenizers = _layout_tokenizers(layout)
+        tokenizers = _layout_tokenizers(layout, tokenizer_options(path, layout))
         # Files the studio exported carry their own component configs (any shape of the family, the
         # tiny model's included); other files are read with the layout's reference configs.
         with single_file_config_dir(path, layout) as config_dir:
             try:
+                built = {part.component: _open_clip_component(path, part, config_dir, dtype)
+                         for part in layout.components if part.converter == "open_clip_text"}
                 pipe = cls.from_single_file(
-                    str(path), config=str(config_dir), local_files_only=True, **tokenizers, **common,
+                    str(path), config=str(config_dir), local_files_only=True, **tokenizers, **built, **common,
                 )
             except (KeyError, ValueError, RuntimeError, SingleFileComponentError) as e:
                 raise CorruptWeightsError(
@@ -393,8 +401,36 @@ def _shared_components(folder: Path) -> dict:
     return out
 
 
-def _layout_tokenizers(layout: SingleFileLayout) -> dict:
-    """The tokenizers a single file of ``layout`` needs, by component, as its ``model_index.json`` classes them."""
+def _open_clip_component(path: Path, part, config_dir: Path, dtype):
+    """A text encoder stored in OpenCLIP's layout (SDXL's second one), built from the file with
+    diffusers' own conversion and loaded strictly.
+
+    diffusers picks a text encoder's conversion by which encoder's position embedding has the model's
+    width: when both encoders are equally wide (the embedded tiny-sdxl) it would load the first one's
+    weights into the second and leave its projection unset, silently. Building it here names the
+    prefix, and a missing or extra tensor is an error.
+    """
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors import safe_open
+
+    cls = getattr(transformers, part.class_name)
+    model = cls(cls.config_class.from_json_file(Path(config_dir) / part.component / "config.json"))
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(part.prefix)}
+    state_dict = convert_open_clip_checkpoint(model, tensors, prefix=part.prefix)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer transformers builds itself
+    if missing or unexpected:
+        raise CorruptWeightsError(f"{path}: the {part.component} under {part.prefix} does not match its config "
+                                  f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                                  f"{unexpected[:2]}): the file is damaged or of another model")
+    return model.to(dtype).eval()
+
+
+def _layout_tokenizers(layout: SingleFileLayout, options: dict[str, dict[str, str]]) -> dict:
+    """The tokenizers a single file of ``layout`` needs, by component, as its ``model_index.json``
+    classes them, with ``options`` (special tokens) set per tokenizer."""
     import transformers  # only loading a single file needs it
 
     index = json.loads((Path(layout.config_dir) / MODEL_INDEX).read_text())
@@ -403,7 +439,7 @@ def _layout_tokenizers(layout: SingleFileLayout) -> dict:
         library, class_name = index[name]
         if library != "transformers":
             raise ValueError(f"{layout.config_dir}/{MODEL_INDEX}: tokenizer {name} is from {library!r}")
-        out[name] = getattr(transformers, class_name).from_pretrained(folder)
+        out[name] = getattr(transformers, class_name).from_pretrained(folder, **options.get(name, {}))
     return out
 
 

@@ -36,6 +36,11 @@ FORMAT_KEY = "lora_studio.format"
 FORMAT_VERSION_KEY = "lora_studio.format_version"
 FORMAT_VERSION = "1"
 CONFIGS_KEY = "lora_studio.configs"
+TOKENIZERS_KEY = "lora_studio.tokenizers"
+# The entry of the configs JSON that holds the pipeline's own true/false options (model_index.json's).
+PIPELINE_OPTIONS = "_pipeline"
+# What a file may record about a tokenizer: the special tokens the loader sets (at most a few characters each).
+_TOKENIZER_OPTIONS = ("pad_token",)
 # The file names diffusers gives a model's and a scheduler's config inside a pipeline folder.
 MODEL_CONFIG_FILE = "config.json"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
@@ -223,9 +228,55 @@ def clip_text_to_ldm(state_dict: dict, config=None) -> dict:
     return out
 
 
+# transformers CLIP layer names -> OpenCLIP's (the SDXL/SD-2 checkpoints' text towers).
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_text_to_ldm(state_dict: dict, config=None) -> dict:
+    """A transformers ``CLIPTextModelWithProjection`` state dict -> OpenCLIP keys, unprefixed: what
+    SDXL checkpoints hold under ``conditioner.embedders.1.model.``.
+
+    OpenCLIP keeps q, k and v as one ``attn.in_proj_weight`` (rows q, then k, then v) and the text
+    projection as a ``[width, projection]`` matrix, the transpose of transformers' Linear weight;
+    diffusers' loader splits and transposes them back (``convert_open_clip_checkpoint``).
+    """
+    import torch
+
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("text_model.")
+        if name == "text_projection.weight" or key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif name in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[name]] = value
+        elif name == "embeddings.position_ids":
+            continue  # a buffer transformers rebuilds; not a weight
+        elif name.startswith("encoder.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module, _, param = rest.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, param), {})[module[-6]] = value
+                continue
+            if module not in _OPEN_CLIP_LAYER:
+                raise InvalidRequestError(f"the text encoder has a weight {key!r} with no place in OpenCLIP's layout")
+            out[f"transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER[module]}.{param}"] = value
+        else:
+            raise InvalidRequestError(f"the text encoder has a weight {key!r} with no place in OpenCLIP's layout")
+    for (layer, param), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise InvalidRequestError(f"the text encoder's layer {layer} lacks one of q/k/v_proj.{param}")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
 # The renamings a layout names (``SingleFileComponent.converter``): (state dict, config) -> the
 # file's keys for that component, without its prefix.
-CONVERTERS = {"ldm_unet": unet_to_ldm, "ldm_vae": vae_to_ldm, "ldm_clip_text": clip_text_to_ldm}
+CONVERTERS = {"ldm_unet": unet_to_ldm, "ldm_vae": vae_to_ldm, "ldm_clip_text": clip_text_to_ldm,
+              "open_clip_text": open_clip_text_to_ldm}
 
 
 def to_single_file(layout: SingleFileLayout, component: str, state_dict: dict, config) -> dict:
@@ -263,6 +314,8 @@ def _component_configs(pipe, layout: SingleFileLayout) -> dict:
             configs[part.component] = json.loads(component.config.to_json_string(use_diff=False))
         else:
             configs[part.component] = json.loads(component.to_json_string())
+    # The pipeline's own switches (SDXL: force_zeros_for_empty_prompt): model_index.json's true/false values.
+    configs[PIPELINE_OPTIONS] = {k: v for k, v in pipe.config.items() if not k.startswith("_") and isinstance(v, bool)}
     for config in configs.values():
         config.pop("_name_or_path", None)  # a path on the exporting machine: no use elsewhere
     return configs
@@ -331,6 +384,9 @@ def write_single_file(pipe, path: str | Path, *, dtype: str | None = None) -> Pa
         FORMAT_KEY: layout.format,
         FORMAT_VERSION_KEY: FORMAT_VERSION,
         CONFIGS_KEY: json.dumps(_component_configs(pipe, layout), sort_keys=True),
+        TOKENIZERS_KEY: json.dumps({name: {option: str(getattr(getattr(pipe, name), option))
+                                           for option in _TOKENIZER_OPTIONS}
+                                    for name in layout.tokenizers}, sort_keys=True),
         "modelspec.architecture": family.modelspec_architecture,
     }
 
@@ -431,6 +487,24 @@ def embedded_configs(path: str | Path, layout: SingleFileLayout) -> dict | None:
     return configs
 
 
+def tokenizer_options(path: str | Path, layout: SingleFileLayout) -> dict[str, dict[str, str]]:
+    """Options for each tokenizer of a file of ``layout``: what the file records (files the studio
+    exported), else the layout's reference ones. Only known special tokens, as short strings."""
+    raw = read_metadata(path).get(TOKENIZERS_KEY)
+    if raw is None:
+        return {name: dict(options) for name, options in layout.tokenizer_options.items()}
+    try:
+        recorded = json.loads(raw)
+    except ValueError:
+        recorded = None
+    if not (isinstance(recorded, dict) and set(recorded) <= set(layout.tokenizers) and all(
+            isinstance(o, dict) and set(o) <= set(_TOKENIZER_OPTIONS)
+            and all(isinstance(v, str) and 0 < len(v) <= 32 for v in o.values()) for o in recorded.values())):
+        raise CorruptWeightsError(f"{path} has damaged tokenizer options in its metadata ({TOKENIZERS_KEY}): "
+                                  f"export it again")
+    return recorded
+
+
 def _is_diffusers_scheduler(name) -> bool:
     import diffusers
 
@@ -457,6 +531,10 @@ def single_file_config_dir(path: str | Path, layout: SingleFileLayout) -> Iterat
         # imported); only the scheduler class is the file's, and it was checked above.
         index = json.loads((Path(layout.config_dir) / "model_index.json").read_text())
         index[layout.scheduler] = ["diffusers", configs[layout.scheduler]["_class_name"]]
+        # Only switches the layout's own pipeline has, and only true/false: nothing that names code.
+        options = configs.get(PIPELINE_OPTIONS)
+        if isinstance(options, dict):
+            index.update({k: v for k, v in options.items() if isinstance(v, bool) and isinstance(index.get(k), bool)})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         files = {part.component: MODEL_CONFIG_FILE for part in layout.components}
         files[layout.scheduler] = SCHEDULER_CONFIG_FILE

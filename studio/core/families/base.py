@@ -62,7 +62,8 @@ class SingleFileLayout:
     ``format`` is the value the studio writes under ``lora_studio.format`` (``read_formats`` lists
     older values it still reads); ``config_dir`` holds the component configs (and ``model_index.json``)
     used for files that carry none; ``tokenizers`` maps a tokenizer component to a folder holding its
-    files, since single files carry no tokenizer; ``scheduler`` is the component whose config an
+    files, since single files carry no tokenizer (files the studio exports record their tokenizers'
+    pad tokens, which can differ); ``scheduler`` is the component whose config an
     exported file carries beside the weights' own.
     """
 
@@ -70,6 +71,9 @@ class SingleFileLayout:
     components: tuple[SingleFileComponent, ...]
     config_dir: Path
     tokenizers: Mapping[str, Path] = field(default_factory=dict)
+    # Special tokens the family's reference tokenizers set differently from the shared folder's, for
+    # files that do not record their own (SDXL's second tokenizer pads with "!", not <|endoftext|>).
+    tokenizer_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     scheduler: str = "scheduler"
     read_formats: tuple[str, ...] = ()
 

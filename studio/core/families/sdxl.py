@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from studio.core.embedded import TINY_MODEL_DIR
 from studio.core.families import architectures
-from studio.core.families.base import Family, TextEncoder
+from studio.core.families.base import Family, SingleFileComponent, SingleFileLayout, TextEncoder
 from studio.core.families.sd1 import ATTENTION, ATTENTION_CONV, TEXT_ENCODER
 
 # CLIP's hidden_states[-2]: SDXL conditions on the penultimate layer of both encoders.
@@ -56,6 +57,31 @@ def call_denoiser(denoiser, latents, timesteps, conditioning: Mapping[str, Any])
                     added_cond_kwargs=added, return_dict=False)[0]
 
 
+# SDXL 1.0 base's component configs (stabilityai/stable-diffusion-xl-base-1.0): the single-file
+# layout's, and the full-size reference architecture's for the meta-device check.
+CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl"
+
+# Stability's SGM checkpoint layout (sd_xl_base_1.0.safetensors, and what A1111/ComfyUI/Civitai share):
+# the UNet in LDM names (plus label_emb for the size embedding), the VAE as SD's, CLIP-L as
+# transformers keeps it, and the second encoder in OpenCLIP's layout. The format name is written into
+# exported files, so it never changes. Both tokenizers are SD's real vocabulary (the embedded
+# model's); SDXL's second one pads with "!".
+SINGLE_FILE = SingleFileLayout(
+    format="sdxl-sgm-single-file",
+    components=(
+        SingleFileComponent("unet", "model.diffusion_model.", "UNet2DConditionModel", converter="ldm_unet"),
+        SingleFileComponent("vae", "first_stage_model.", "AutoencoderKL", converter="ldm_vae"),
+        SingleFileComponent("text_encoder", "conditioner.embedders.0.transformer.", "CLIPTextModel",
+                            converter="ldm_clip_text", library="transformers", model_type="clip_text_model"),
+        SingleFileComponent("text_encoder_2", "conditioner.embedders.1.model.", "CLIPTextModelWithProjection",
+                            converter="open_clip_text", library="transformers", model_type="clip_text_model"),
+    ),
+    config_dir=CONFIGS,
+    tokenizers={"tokenizer": TINY_MODEL_DIR / "tokenizer", "tokenizer_2": TINY_MODEL_DIR / "tokenizer"},
+    tokenizer_options={"tokenizer_2": {"pad_token": "!"}},
+)
+
+
 SDXL = Family(
     name="sdxl",
     display_name="Stable Diffusion XL",
@@ -69,8 +95,8 @@ SDXL = Family(
     modelspec_architecture="stable-diffusion-xl-v1-base",
     default_guidance_scale=5.0,
     architecture=architectures.SDXL,
-    # SDXL 1.0 base's component configs (stabilityai/stable-diffusion-xl-base-1.0), for the meta-device check.
-    reference_config_dir=Path(__file__).resolve().parent / "configs" / "sdxl",
+    reference_config_dir=CONFIGS,
+    single_file=SINGLE_FILE,
     condition=condition,
     size_conditioning=size_conditioning,
     call_denoiser=call_denoiser,
