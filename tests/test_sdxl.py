@@ -388,3 +388,119 @@ def test_an_sdxl_file_from_elsewhere_uses_sdxl_1_0s_configs_and_says_what_does_n
     with pytest.raises(CorruptWeightsError, match="not a Stable Diffusion XL checkpoint the studio can read|does not "
                                                   "match its config"):
         load_fresh_pipeline(str(plain))
+
+
+# ---- the runtime: img2img, inpainting, per-role strengths, grids, merges, kohya export, cards --------------
+
+
+@pytest.fixture
+def handmade(tmp_path, reg, xl):
+    """A kohya SDXL LoRA on the UNet and both text encoders, imported against tiny-sdxl."""
+    path = _write_kohya(tmp_path / "handmade.safetensors", xl, _deltas(xl, seed=3), sgm_names=False)
+    yield import_adapter(reg, path, name="handmade", base="tiny-sdxl")
+    engine_for(load_pipeline("tiny-sdxl")).unload_all()
+
+
+def _image(result) -> np.ndarray:
+    return np.asarray(result.images[0], dtype=np.float32)
+
+
+def test_img2img_and_inpainting_run_on_tiny_sdxl_with_an_adapter(handmade):
+    from PIL import Image
+
+    from studio.generation.inputs import store_input_image
+
+    init_pixels = _render("tiny-sdxl").astype(np.uint8)
+    init = store_input_image(Image.fromarray(init_pixels))
+    mask_pixels = np.zeros((32, 32), dtype=np.uint8)
+    mask_pixels[:, 16:] = 255  # repaint the right half
+    mask = store_input_image(Image.fromarray(mask_pixels))
+    stack = [AdapterSpec(ref="handmade", weight=STRENGTH)]
+    common = dict(prompt="a yellow square on a black background", base_model="tiny-sdxl", seed=2,
+                  num_inference_steps=8, guidance_scale=2.0, adapters=stack)
+    img2img = generate(GenerationRequest(**common, init_image=str(init), strength=0.7))
+    assert img2img.request.task == "img2img" and _image(img2img).shape == (32, 32, 3)
+    assert np.abs(_image(img2img) - init_pixels).mean() > 5
+    inpaint = generate(GenerationRequest(**common, init_image=str(init), mask_image=str(mask), strength=1.0))
+    out = _image(inpaint)
+    assert np.array_equal(out[:, :16], init_pixels[:, :16].astype(np.float32))  # kept: the original pixels
+    assert np.abs(out[:, 16:] - init_pixels[:, 16:]).mean() > 5
+
+
+def test_per_role_strengths_reach_the_unet_and_both_text_encoders(handmade):
+    base = _render("tiny-sdxl")
+    assert np.array_equal(_render("tiny-sdxl", [AdapterSpec(ref="handmade", denoiser=0.0, text_encoders=0.0)]), base)
+    text_only = _render("tiny-sdxl", [AdapterSpec(ref="handmade", denoiser=0.0, text_encoders=1.0)])
+    unet_only = _render("tiny-sdxl", [AdapterSpec(ref="handmade", denoiser=1.0, text_encoders=0.0)])
+    both = _render("tiny-sdxl", [AdapterSpec(ref="handmade", weight=1.0)])
+    for image in (text_only, unet_only):
+        assert np.abs(image - base).mean() > 1 and np.abs(image - both).mean() > 1
+
+
+def test_grids_merges_and_kohya_export_on_sdxl(tmp_path, reg, handmade, xl):
+    from safetensors import safe_open
+
+    from adapters.ingest import export_adapter
+    from adapters.merge import merge_adapters
+    from studio.generation.grid import GridAxis, render_grid
+
+    request = GenerationRequest(prompt=PROMPT, base_model="tiny-sdxl", seed=5, num_inference_steps=8,
+                                guidance_scale=2.0, adapters=[AdapterSpec(ref="handmade")])
+    grid = render_grid(request, GridAxis.parse("strength=0,1"), None, tmp_path / "grid")
+    from PIL import Image
+
+    cells = [np.asarray(Image.open(p), dtype=np.float32) for p in grid.image_paths[0]]
+    assert np.array_equal(cells[0], _render("tiny-sdxl")) and not np.array_equal(cells[0], cells[1])
+
+    other = import_adapter(reg, _write_kohya(tmp_path / "other.safetensors", xl, _deltas(xl, seed=4), sgm_names=True),
+                           name="other", base="tiny-sdxl")
+    merged = merge_adapters(reg, [(handmade.ref, 0.5), (other.ref, 0.5)], method="cat", name="merged")
+    assert merged.family == "sdxl" and set(merged.components) == {"unet", "text_encoder", "text_encoder_2"}
+    assert _render("tiny-sdxl", [AdapterSpec(ref=merged.ref)]).shape == (32, 32, 3)
+
+    out = export_adapter(reg, handmade.ref, format="kohya", out=tmp_path / "exported.safetensors")
+    with safe_open(str(out), "pt") as f:
+        prefixes = {k.split("_", 2)[1] for k in f.keys()}
+        metadata = f.metadata()
+    assert prefixes == {"unet", "te1", "te2"}
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    again = import_adapter(reg, out, name="again", base="tiny-sdxl")
+    assert again.tensor_sha256 == handmade.tensor_sha256
+
+
+def test_an_sdxl_card_names_its_family(tmp_path, reg, handmade):
+    from studio.app import hub
+
+    hub.publish_version(reg, handmade.ref, "someone/handmade-xl", dry_run_dir=tmp_path / "embedded")
+    text = (tmp_path / "embedded" / "README.md").read_text()
+    assert "stable-diffusion-xl" in text and "template:sd-lora" in text
+    assert "the tiny SDXL model embedded in LoRA Studio" in text
+    assert 'load_fresh_pipeline("tiny-sdxl")  # a diffusers StableDiffusionXLPipeline' in text
+    hub.publish_version(reg, handmade.ref, "someone/handmade-xl", dry_run_dir=tmp_path / "hub",
+                        base_model="stabilityai/stable-diffusion-xl-base-1.0")
+    front = (tmp_path / "hub" / "README.md").read_text().split("\n---\n")[0]
+    assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in front
+
+
+def test_a_load_that_drops_modules_is_refused_and_undone(handmade, monkeypatch):
+    """The proof of application: a loader that silently skips keys (as diffusers does with Flux's T5
+    keys) leaves modules without the adapter's layers; the studio counts them and refuses."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from adapters.compose import landed_modules
+    from studio.core.errors import IncompatibleAdapterError
+
+    original = StableDiffusionXLPipeline.lora_state_dict.__func__
+
+    def dropping(cls, *args, **kwargs):
+        state_dict, *rest = original(cls, *args, **kwargs)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder_2.")}
+        return (state_dict, *rest)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "lora_state_dict", classmethod(dropping))
+    pipe = load_pipeline("tiny-sdxl")
+    with pytest.raises(IncompatibleAdapterError, match=r"only \d+ of the \d+ modules it patches took its layers"):
+        generate(GenerationRequest(prompt=PROMPT, base_model="tiny-sdxl", seed=1, num_inference_steps=2,
+                                   adapters=[AdapterSpec(ref="handmade")]))
+    assert not any(landed_modules(pipe, name) for name in pipe.get_list_adapters().get("unet", []))
+    assert engine_for(pipe).loaded_names == []
