@@ -32,9 +32,9 @@ def test_sd1_family_describes_itself():
     assert sd1.modelspec_lora_architecture() == "stable-diffusion-v1/lora"
     assert sd1.native_resolution == 512
     assert "to_q" in sd1.target_modules["attention"] and "conv1" in sd1.target_modules["attention+conv"]
-    with pytest.raises(InvalidRequestError, match="known families are sd1"):
+    with pytest.raises(InvalidRequestError, match="known families are flux, sd1, sdxl"):
         get_family("sd9")
-    assert set(FAMILIES) == {"sd1", "sdxl"}
+    assert set(FAMILIES) == {"sd1", "sdxl", "flux"}
 
 
 def test_tiny_is_the_default_and_loads_offline():
@@ -109,7 +109,6 @@ def test_list_includes_tiny_and_models_in_home(studio_home):
 # Architectures the studio knows but may not run yet; a test about one is skipped once a family runs it.
 UNSUPPORTED = {
     "sd3": ("StableDiffusion3Pipeline", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"),
-    "flux": ("FluxPipeline", "double_blocks.0.img_attn.qkv.weight"),
 }
 
 
@@ -243,10 +242,12 @@ def test_a_hub_ids_family_is_not_guessed(hub_cache):
         _ = resolve("someone/two..dots").family
     _hub_cache(hub_cache, "someone/xl", "main", {"_class_name": "StableDiffusionXLPipeline"})
     assert resolve("someone/xl").family == "sdxl"
-    if "flux" not in FAMILIES:
-        _hub_cache(hub_cache, "someone/flux", "main", {"_class_name": "FluxPipeline"})
-        with pytest.raises(InvalidRequestError, match="Flux family"):
-            _ = resolve("someone/flux").family
+    _hub_cache(hub_cache, "someone/flux", "main", {"_class_name": "FluxPipeline"})
+    assert resolve("someone/flux").family == "flux"
+    if "sd3" not in FAMILIES:
+        _hub_cache(hub_cache, "someone/sd3", "main", {"_class_name": "StableDiffusion3Pipeline"})
+        with pytest.raises(InvalidRequestError, match="SD3 family"):
+            _ = resolve("someone/sd3").family
 
 
 def test_model_hash_hashes_the_denoisers_weights():

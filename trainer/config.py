@@ -40,15 +40,19 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli ba
 from studio.core.atomic import write_bytes_atomic
 from studio.core.base_models import resolve
 from studio.core.errors import ConfigError, InputFileNotFoundError, InvalidNameError
-from studio.core.families import get_family
+from studio.core.families import FAMILIES, get_family
 from studio.core.settings import get_settings
 
 METHODS = ("lora", "dora", "loha", "lokr")
-TARGET_PRESETS = ("attention", "attention+conv")
+# Every family's target presets (UNets: attention, attention+conv; Flux: attention, attention+mlp,
+# all-linear); whether the base model's family has the one chosen is checked when the run starts.
+TARGET_PRESETS = tuple(dict.fromkeys(preset for family in FAMILIES.values() for preset in family.target_modules))
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
+TIMESTEP_SAMPLING = ("logit_normal", "mode", "uniform")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 TEMPLATE_FIELDS = ("trigger", "caption")
 _UNION_TYPES = (typing.Union, types.UnionType)
 # The smallest VAE downsampling factor the studio knows (the tiny model's): bucket sides must be a
@@ -196,8 +200,9 @@ class NetworkConfig(_Section):
     lora_alpha: float = _opt(4.0, "scale numerator: the update is multiplied by lora_alpha / rank "
                                   "(kohya network_alpha)")
     dropout: float = _opt(0.0, "dropout on the adapter's input during training (peft lora_dropout / module_dropout)")
-    target_modules: str | list[str] = _opt("attention", "which layers get adapters: a preset ('attention', "
-                                                        "'attention+conv' = LoCon) or a list of module names")
+    target_modules: str | list[str] = _opt("attention", "which layers get adapters: a preset ('attention'; UNets: "
+                                                        "'attention+conv' = LoCon; Flux: 'attention+mlp', "
+                                                        "'all-linear') or a list of module names")
     train_text_encoder: bool = _opt(False, "also train adapters on the text encoder (disables text-embedding caching)")
     text_encoder_lr: float = _opt(0.0, "learning rate of the text-encoder adapters (0 = training.learning_rate)")
 
@@ -237,7 +242,15 @@ class TrainingConfig(_Section):
     mixed_precision: str = _opt("no", "no, fp16 or bf16 (where the hardware has it)")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (5 is the paper's value; 0 = off)")
     noise_offset: float = _opt(0.0, "offset noise strength (e.g. 0.05) for very dark or bright images; 0 = off")
-    prediction_type: str = _opt("", "epsilon or v_prediction ('' = the base model's scheduler setting)")
+    prediction_type: str = _opt("", "epsilon or v_prediction ('' = the base model's scheduler setting); "
+                                    "flow-matching models (Flux, SD3) predict the flow: leave it ''")
+    timestep_sampling: str = _opt("logit_normal", "flow-matching models: how noise levels are drawn: logit_normal "
+                                                  "(SD3's default), mode, or uniform")
+    flow_shift: float = _opt(0.0, "flow-matching models: shift drawn noise levels up, s' = k s / (1 + (k - 1) s); "
+                                  "0 = by image size (Flux's rule from the token count), 1 = none, e.g. 3.1582 "
+                                  "(kohya's Flux value)")
+    loss_weighting: str = _opt("none", "flow-matching models: per-sample loss weight: none, sigma_sqrt or cosmap "
+                                       "(as diffusers' SD3 and Flux scripts name them)")
     seed: int = _opt(0, "seed of every random choice: data order, augmentation, noise, timesteps")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
@@ -270,6 +283,10 @@ class TrainingConfig(_Section):
         self._in_range("noise_offset", 0.0, 1.0)
         if self.prediction_type:
             self._one_of("prediction_type", PREDICTION_TYPES)
+        self._one_of("timestep_sampling", TIMESTEP_SAMPLING)
+        if not math.isfinite(self.flow_shift) or self.flow_shift < 0:
+            self._fail("flow_shift", f"must be >= 0 (0 = by image size, 1 = none), got {self.flow_shift}")
+        self._one_of("loss_weighting", LOSS_WEIGHTING)
         if not 0 <= self.seed < 2**32:
             self._fail("seed", f"must be in [0, 2**32), got {self.seed}")
         self._in_range("adam_beta1", 0.0, 1.0, high_open=True)
@@ -752,11 +769,19 @@ def base_model_defaults(ref: str) -> dict[str, Any]:
             facts["native_resolution"] = int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
         except (OSError, ValueError, KeyError, TypeError):
             pass
+        try:  # a transformer has no sample_size: its model record says (studio.core.base_models)
+            side = json.loads((folder / "lora_studio.json").read_text()).get("native_resolution")
+            if isinstance(side, int) and not isinstance(side, bool) and side > 0:
+                facts["native_resolution"] = side
+        except (OSError, ValueError, AttributeError):
+            pass
         try:
             scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             facts["prediction_type"] = scheduler.get("prediction_type") or "epsilon"
         except (OSError, ValueError):
             pass
+    if family.objective == "flow_matching":
+        facts["prediction_type"] = "flow_matching"  # what the model predicts is the family's, not a setting
     return facts
 
 

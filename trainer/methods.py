@@ -50,6 +50,10 @@ def target_modules(network: NetworkConfig, family: Family, component: str) -> li
         encoder = {te.component: te for te in family.text_encoders}[component]
         return list(encoder.target_modules or family.text_encoder_target_modules)
     if isinstance(network.target_modules, str):
+        if network.target_modules not in family.target_modules:
+            raise ConfigError(f"{family.display_name} has no target preset {network.target_modules!r}: its presets are "
+                              f"{', '.join(family.target_modules)}, or give a list of module names",
+                              option="network.target_modules")
         return list(family.target_modules[network.target_modules])
     return list(network.target_modules)
 

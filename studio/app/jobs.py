@@ -354,10 +354,15 @@ def presets() -> dict[str, tuple[Path, tuple[str, ...]]]:
         for model in EMBEDDED_MODELS:
             if model == config.model.base_model:
                 continue
-            family = get_family(resolve(model).family).display_name
+            family = get_family(resolve(model).family)
             other = (f"model.base_model={model}", f"output.name={config.output.name}-{model}")
-            out[f"{name}: {model} ({family}), quick (20 steps)"] = (toml, other + QUICK_OVERRIDES)
-            out[f"{name}: {model} ({family}), full"] = (toml, other)
+            targets = config.network.target_modules
+            if isinstance(targets, str) and targets not in family.target_modules:
+                # e.g. LoCon's convolutions on a transformer: the family's widest preset (listed last)
+                other += (f"network.target_modules={list(family.target_modules)[-1]}",)
+            label = f"{name}: {model} ({family.display_name})"
+            out[f"{label}, quick (20 steps)"] = (toml, other + QUICK_OVERRIDES)
+            out[f"{label}, full"] = (toml, other)
     return out
 
 

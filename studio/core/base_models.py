@@ -368,8 +368,24 @@ def _load(resolved: BaseModelRef, precision: str = "auto"):
                 f"could not load {resolved.ref!r} from the Hub ({type(e).__name__}: {e}); check the id and revision, "
                 f"or pass a local folder"
             ) from None
+    if resolved.kind in ("tiny", "diffusers"):
+        _apply_native_resolution(pipe, Path(resolved.location))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _apply_native_resolution(pipe, folder: Path) -> None:
+    """A model whose ``lora_studio.json`` names its ``native_resolution`` gets it as the pipeline's default
+    size (FluxPipeline's class default is 128 x 8 = 1024 px, the real model's)."""
+    try:
+        side = json.loads((folder / RECOMMENDED_SETTINGS_FILE).read_text()).get("native_resolution")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(side, int) and not isinstance(side, bool) and hasattr(pipe, "default_sample_size"):
+        if side <= 0 or side % pipe.vae_scale_factor:
+            raise CorruptWeightsError(f"{folder}/{RECOMMENDED_SETTINGS_FILE}: native_resolution {side} is not a "
+                                      f"multiple of the VAE factor {pipe.vae_scale_factor}")
+        pipe.default_sample_size = side // pipe.vae_scale_factor
 
 
 def _shared_components(folder: Path) -> dict:
@@ -485,13 +501,18 @@ def recommended_settings(resolved: BaseModelRef) -> dict:
                 data = {}
             if isinstance(data.get("guidance_scale"), (int, float)):
                 settings["guidance_scale"] = float(data["guidance_scale"])
+            if data.get("true_cfg") is True:  # a flow model sampled with true CFG (families.flux)
+                settings["true_cfg"] = True
     return settings
 
 
 def native_resolution(pipe) -> int:
-    """The side the pipeline's denoiser was trained at: ``sample_size * vae_scale_factor``."""
+    """The side the pipeline's denoiser was trained at: ``sample_size * vae_scale_factor`` for a UNet;
+    a transformer pipeline's ``default_sample_size`` (which the loader sets from the model's
+    ``lora_studio.json`` where the pipeline class's default is not the model's)."""
     denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
-    return int(denoiser.config.sample_size * pipe.vae_scale_factor)
+    sample_size = getattr(denoiser.config, "sample_size", None) or pipe.default_sample_size
+    return int(sample_size * pipe.vae_scale_factor)
 
 
 def model_hash(resolved: BaseModelRef) -> str:

@@ -46,16 +46,18 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
-def make_scheduler(name: str, base_config):
-    """A fresh scheduler called ``name`` built from a pipeline's scheduler config."""
+def make_scheduler(name: str, base_config, family: Family | None = None):
+    """A fresh scheduler called ``name`` built from a pipeline's scheduler config; a family that samples
+    with its own schedulers (flow matching) has its own table of them."""
     import diffusers  # heavy (torch): only when a request runs, never when the CLI starts
 
+    table = family.samplers if family is not None and family.samplers is not None else SCHEDULERS
     try:
-        class_name, extra = SCHEDULERS[name]
+        class_name, extra = table[name]
     except KeyError:
-        raise InvalidRequestError(
-            f"unknown scheduler {name!r}: choose one of {', '.join(repr(n) for n in SCHEDULERS)}"
-        ) from None
+        what = f"{family.display_name} samples with" if table is not SCHEDULERS else "choose one of"
+        raise InvalidRequestError(f"unknown scheduler {name!r} here: {what} {', '.join(repr(n) for n in table)}"
+                                  ) from None
     return getattr(diffusers, class_name).from_config(base_config, **extra)
 
 

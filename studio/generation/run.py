@@ -95,7 +95,8 @@ def generate_with_pipeline(
         _apply_stack(pipe, request.adapters, resolved)
         original_scheduler = pipe.scheduler
         try:
-            outputs = _run(pipe, request, original_scheduler.config, model_hash, progress, init, mask, family)
+            outputs = _run(pipe, request, original_scheduler.config, model_hash, progress, init, mask, family,
+                           recommended or {})
         finally:
             pipe.scheduler = original_scheduler
     return GenerationResult(request=request, outputs=outputs, seconds=time.perf_counter() - t0)
@@ -167,7 +168,7 @@ def _apply_stack(pipe, stack: list[AdapterSpec], resolved: list[ResolvedAdapter]
 
 
 def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, progress, init=None,
-         mask=None, family: Family | None = None) -> list[GeneratedImage]:
+         mask=None, family: Family | None = None, recommended: dict | None = None) -> list[GeneratedImage]:
     import torch  # heavy: a run has loaded it with the pipeline; importing this module must not
 
     runner = task_pipeline(pipe, request.task)
@@ -182,12 +183,17 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
     # img2img runs int(steps * strength) of the steps: progress counts those.
     steps_run = request.num_inference_steps if init is None else max(1, int(request.num_inference_steps
                                                                             * request.strength))
+    if family is not None and family.sampling_options is not None:
+        # e.g. Flux: the CFG scale is a distilled model's guidance input, or true CFG (lora_studio.json says)
+        sampling = family.sampling_options(pipe, request.guidance_scale, request.negative_prompt, recommended or {})
+    else:
+        sampling = {"guidance_scale": request.guidance_scale, "negative_prompt": request.negative_prompt or None}
     outputs: list[GeneratedImage] = []
     dtypes = pipeline_dtypes(pipe)
     total = request.num_images * steps_run
     for i in range(request.num_images):
         seed = request.seed + i
-        pipe.scheduler = make_scheduler(request.scheduler, scheduler_config)
+        pipe.scheduler = make_scheduler(request.scheduler, scheduler_config, family)
         runner.scheduler = pipe.scheduler
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -198,12 +204,11 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
 
         image = runner(
             prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
             generator=generator,
             num_images_per_prompt=1,
             callback_on_step_end=on_step,
+            **sampling,
             **extra,
         ).images[0]
         if mask is not None:

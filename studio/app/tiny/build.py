@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from studio.app.tiny.scenes import COLOURS, SHAPES, STYLES, random_scene, random_texture, render
+from studio.app.tiny.tokenizer import build_t5_tokenizer
 from studio.core.embedded import EMBEDDED_DIR, TINY_MODEL_DIR
+from studio.core.families.flux import FLUX
 from studio.core.families.sd1 import SD1
 from studio.core.families.sdxl import SDXL
 
@@ -164,6 +166,48 @@ def _sdxl_components(vocab_size: int) -> dict:
             "unet": unet, "scheduler": _sd_scheduler()}
 
 
+# tiny-flux: T5 and CLIP widths (the transformer reads T5's hidden states and CLIP's pooled output),
+# and the transformer's attention: 6 heads of 16 channels, rotary axes 4 + 6 + 6 = 16 (id, row, column).
+FLUX_TEXT_WIDTH = 32
+FLUX_HEADS, FLUX_HEAD_DIM, FLUX_ROPE_AXES = 6, 16, (4, 6, 6)
+
+
+def _t5(vocab_size: int):
+    """A narrow T5 v1.1-style encoder (gated-GELU feed-forward: the wi_0/wi_1 names real LoRAs use)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=FLUX_TEXT_WIDTH, d_ff=2 * FLUX_TEXT_WIDTH, d_kv=8, num_heads=4,
+        num_layers=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    ))
+
+
+def _flow_scheduler():
+    """FLUX.1's sampler config: flow-matching Euler with the resolution-dependent time shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def _flux_components(vocab_size: int, t5_vocab_size: int) -> dict:
+    """Fresh tiny FLUX.1-dev-like components: CLIP (pooled) + T5 encoders and a transformer with double-
+    and single-stream blocks and a guidance input, over the shared VAE's 4-channel latents packed 2x2
+    (16 features a token). Sizes: CLIP 1.6 M (mostly the 49408-token embedding), T5 0.03 M, transformer
+    2.4 M, VAE 0.95 M: 5.0 M parameters, ~10 MB in float16."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=3, num_single_layers=6, attention_head_dim=FLUX_HEAD_DIM,
+        num_attention_heads=FLUX_HEADS, joint_attention_dim=FLUX_TEXT_WIDTH, pooled_projection_dim=FLUX_TEXT_WIDTH,
+        guidance_embeds=True, axes_dims_rope=FLUX_ROPE_AXES,
+    )
+    return {"text_encoder": _clip(vocab_size, FLUX_TEXT_WIDTH), "text_encoder_2": _t5(t5_vocab_size),
+            "transformer": transformer, "scheduler": _flow_scheduler()}
+
+
 def _to_tensor(images) -> torch.Tensor:  # noqa: F821
     import torch
 
@@ -253,7 +297,6 @@ def train_denoiser(family, models: dict, vae, scheduler, cfg: BuildConfig, rng: 
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup_steps, cfg.unet_steps), cfg.unet_steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    alphas_cumprod = scheduler.alphas_cumprod
     # Every scene is rendered whole at IMAGE_SIZE: original = target size, no crop.
     size = (IMAGE_SIZE, IMAGE_SIZE)
     per_image = family.size_conditioning(size, (0, 0), size) if family.size_conditioning else {}
@@ -266,15 +309,23 @@ def train_denoiser(family, models: dict, vae, scheduler, cfg: BuildConfig, rng: 
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.empty_caption_rate
         batch_captions = ["" if dropped else captions[i] for i, dropped in zip(idx.tolist(), drop.tolist())]
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
-        noisy = scheduler.add_noise(latents, noise, t)
         conditioning = family.conditioning(models, batch_captions)
         conditioning.update({k: v.expand(cfg.unet_batch, *v.shape) for k, v in per_image.items()})
-        pred = family.predict(denoiser, noisy, t, conditioning)
-        # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: min(SNR, 5) / SNR.
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = torch.clamp(snr, max=5.0) / snr
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        if family.objective == "flow_matching":
+            # Rectified flow with logit-normal noise levels (SD3's default density): x_s = (1 - s) x + s e,
+            # the transformer predicts the velocity e - x.
+            sigmas = torch.sigmoid(torch.randn(cfg.unet_batch, generator=gen))
+            s = sigmas.view(-1, 1, 1, 1)
+            pred = family.predict(denoiser, (1 - s) * latents + s * noise, sigmas, conditioning)
+            loss = F.mse_loss(pred, noise - latents)
+        else:
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+            pred = family.predict(denoiser, scheduler.add_noise(latents, noise, t), t, conditioning)
+            # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: min(SNR, 5) / SNR.
+            alphas_cumprod = scheduler.alphas_cumprod
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            weight = torch.clamp(snr, max=5.0) / snr
+            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -301,6 +352,7 @@ MODELS = {
                                       "requires_safety_checker": False}),
     # Empty prompts are encoded, not zeroed: the model learns its unconditional branch from "" (10% of captions).
     "tiny-sdxl": ("sdxl", _sdxl_components, {"force_zeros_for_empty_prompt": False}),
+    "tiny-flux": ("flux", _flux_components, {}),
 }
 # Components read from the embedded SD-1 model instead of shipping a copy (lora_studio.json's
 # "shared_components"; the studio's loader reads them from there): SD's vocabulary is 1.5 MB a copy.
@@ -315,7 +367,7 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
     from transformers import CLIPTokenizer
 
     family_name, make_components, pipeline_kwargs = MODELS[model]
-    family = {"sd1": SD1, "sdxl": SDXL}[family_name]
+    family = {"sd1": SD1, "sdxl": SDXL, "flux": FLUX}[family_name]
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -330,10 +382,19 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
             shutil.copytree(TINY_MODEL_DIR / "tokenizer", tok_dir, dirs_exist_ok=True)
     else:
         tok_dir = TINY_MODEL_DIR / "tokenizer"
-        shared = {te.tokenizer: SHARED_TOKENIZER for te in family.text_encoders}
+        # CLIP tokenizers come from tiny/; a T5 tokenizer (Flux) is built here, it is a few kilobytes.
+        shared = {te.tokenizer: SHARED_TOKENIZER for te in family.text_encoders if te.kind != "t5"}
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    models = make_components(len(tokenizer))
-    models.update({te.tokenizer: tokenizer for te in family.text_encoders})
+    tokenizers = {name: tokenizer for name in shared} if shared else {"tokenizer": tokenizer}
+    t5 = [te.tokenizer for te in family.text_encoders if te.kind == "t5"]
+    if t5:
+        from transformers import AutoTokenizer
+
+        tokenizers[t5[0]] = AutoTokenizer.from_pretrained(build_t5_tokenizer(out_dir / t5[0]), local_files_only=True)
+        models = make_components(len(tokenizer), len(tokenizers[t5[0]]))
+    else:
+        models = make_components(len(tokenizer))
+    models.update(tokenizers)
     if cfg.reuse_vae:
         models["vae"] = AutoencoderKL.from_pretrained(TINY_MODEL_DIR / "vae", torch_dtype=torch.float32)
         log("reusing the embedded SD-1 model's VAE")
@@ -342,6 +403,8 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
     t_vae = time.perf_counter() - t0
     scaling_factor = train_denoiser(family, models, models["vae"], models["scheduler"], cfg, rng, log)
     models["vae"].register_to_config(scaling_factor=scaling_factor)
+    if family.objective == "flow_matching":
+        models["vae"].register_to_config(shift_factor=0.0)  # FluxPipeline adds it back after unscaling
     t_train = time.perf_counter() - t0
 
     pipe = family.pipeline_class("text2img")(**models, **pipeline_kwargs)
@@ -356,12 +419,17 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
     for name in {te.tokenizer for te in family.text_encoders}:
         if name in shared:
             shutil.rmtree(out_dir / name)
-        else:
+        elif (out_dir / name / "vocab.json").exists():  # a BPE tokenizer; a Unigram one IS its tokenizer.json
             (out_dir / name / "tokenizer.json").unlink(missing_ok=True)
     record = {"recommended": {"guidance_scale": cfg.eval_guidance, "num_inference_steps": cfg.eval_steps,
                               "scheduler": "Euler"}}
     if shared:
         record["shared_components"] = shared
+    if family.objective == "flow_matching":
+        # Not guidance-distilled: CFG is true CFG against the negative prompt (see families.flux), and
+        # FluxPipeline's default size (128 x the VAE factor) is not this model's.
+        record["recommended"]["true_cfg"] = True
+        record["native_resolution"] = IMAGE_SIZE
     (out_dir / "lora_studio.json").write_text(json.dumps(record, indent=2) + "\n")
     params = {name: sum(p.numel() for p in module.parameters())
               for name, module in models.items() if hasattr(module, "parameters")}
@@ -383,7 +451,7 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Build an embedded tiny model (tiny: SD-1, tiny-sdxl: SDXL) from a seed.")
+        description="Build an embedded tiny model (tiny: SD-1, tiny-sdxl: SDXL, tiny-flux: FLUX.1) from a seed.")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--out", type=Path, help="output folder (default: the embedded model's own folder)")
     parser.add_argument("--seed", type=int, default=0)

@@ -64,6 +64,32 @@ def convert_openai_bpe(bpe_gz: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+# The tiny T5's vocabulary: the scene captions' words and the sample datasets' trigger words whole,
+# then every printable ASCII character, so any text tokenizes (rare words split into characters, as
+# a real T5 splits them into sub-words). Scores are Unigram log-probabilities: a whole word (-1)
+# beats spelling it out (-5 a character).
+T5_WORDS = ("a", "on", "background", "red", "green", "blue", "yellow", "white", "black", "circle", "square",
+            "triangle", "striped", "outlined", "stripes", "outline", "zkstripes", "zkoutline")
+T5_SPECIAL = (("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0))  # ids 0, 1, 2, as T5 numbers them
+
+
+def build_t5_tokenizer(out_dir: Path) -> Path:
+    """Write a T5 tokenizer (a Unigram model, ``tokenizer.json``) built in memory, offline, for the tiny
+    Flux and SD3 models: T5's special tokens and ids, its ``▁`` word-start convention, 77 tokens."""
+    from transformers import T5Tokenizer
+
+    characters = [chr(c) for c in range(33, 127)]
+    vocab = [*T5_SPECIAL, ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in T5_WORDS]
+    vocab += [("\u2581" + c, -4.0) for c in characters] + [(c, -5.0) for c in characters]
+    pieces = dict(reversed(vocab))  # one entry per piece, the first one listed (a word "a" before a letter "a")
+    vocab = [(piece, pieces.pop(piece)) for piece, _ in vocab if piece in pieces]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MODEL_MAX_LENGTH)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bpe_gz", type=Path, help="path to bpe_simple_vocab_16e6.txt.gz")

@@ -112,10 +112,19 @@ def display_name(name: str | None) -> str | None:
     return arch.display_name if arch else name
 
 
+# "dit" says only "a transformer denoiser": any transformer tree may be the one.
+_TRANSFORMER_TREES = ("flux", "mmdit", "dit")
+
+
 def other_tree(name: str | None, tree_of: str) -> bool:
-    """Whether architecture ``name`` has another module tree than architecture ``tree_of``."""
+    """Whether architecture ``name`` has another module tree than architecture ``tree_of`` (a generic
+    transformer adapter is not known to be another tree than Flux's or SD3's)."""
     theirs, ours = ARCHITECTURES.get(name or ""), ARCHITECTURES.get(tree_of)
-    return theirs is not None and ours is not None and theirs.module_tree != ours.module_tree
+    if theirs is None or ours is None:
+        return False
+    if "dit" in (theirs.module_tree, ours.module_tree):
+        return not (theirs.module_tree in _TRANSFORMER_TREES and ours.module_tree in _TRANSFORMER_TREES)
+    return theirs.module_tree != ours.module_tree
 
 
 def own_tree(name: str | None) -> bool:

@@ -94,7 +94,8 @@ class Family:
     """Everything the studio needs to know about one base-model architecture.
 
     ``pipelines`` maps a task (``text2img``, ``img2img``, ``inpaint``) to a diffusers pipeline class
-    name; ``target_modules`` maps a preset name to module names for the denoiser;
+    name; ``target_modules`` maps a preset name to module names for the denoiser, from the fewest
+    layers to the most;
     ``text_encoder_target_modules`` is the same for the text encoder(s).
     """
 
@@ -123,9 +124,16 @@ class Family:
     # Per-image conditioning from sizes: (original (h, w), crop top-left (top, left), target (h, w))
     # -> extra denoiser kwargs for that image, one row (SDXL's ``time_ids``); None when the family has none.
     size_conditioning: Callable[[tuple[int, int], tuple[int, int], tuple[int, int]], dict[str, Any]] | None = None
-    # How the denoiser is called: (denoiser, latents, timesteps, conditioning) -> prediction; None for
-    # ``denoiser(latents, timesteps, **conditioning)`` (SD-1's UNet).
+    # How the denoiser is called: (denoiser, latents as packed, timesteps, conditioning, latent (h, w))
+    # -> prediction; None for ``denoiser(latents, timesteps, **conditioning)`` (SD-1's UNet).
     call_denoiser: Callable[..., Any] | None = None
+    # The pipeline-call options a request's CFG scale and negative prompt become: (pipe, guidance
+    # scale, negative prompt, the model's recommended settings) -> kwargs; None for SD's
+    # ``guidance_scale`` and ``negative_prompt`` as they are.
+    sampling_options: Callable[..., dict] | None = None
+    # Sampler name (A1111's) -> (diffusers scheduler class, extra config) where the family samples with
+    # its own schedulers (flow matching); None for the studio's SD samplers.
+    samplers: Mapping[str, tuple[str, dict]] | None = None
     # The denoiser's component name in the pipeline and in peft/diffusers keys ("unet" | "transformer").
     denoiser: str = "unet"
     # What a page calls the denoiser when it labels its strength ("UNet" for SD-1, "transformer" for Flux).
@@ -207,7 +215,7 @@ class Family:
         height, width = latents.shape[-2:]
         packed = self.pack_latents(latents) if self.pack_latents else latents
         if self.call_denoiser is not None:
-            out = self.call_denoiser(denoiser, packed, timesteps, conditioning)
+            out = self.call_denoiser(denoiser, packed, timesteps, conditioning, (height, width))
         else:
             out = denoiser(packed, timesteps, **conditioning, return_dict=False)[0]
         return self.unpack_latents(out, height, width) if self.unpack_latents else out

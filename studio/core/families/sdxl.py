@@ -50,7 +50,7 @@ def size_conditioning(original_size: tuple[int, int], crop_top_left: tuple[int, 
     return {"time_ids": torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)}
 
 
-def call_denoiser(denoiser, latents, timesteps, conditioning: Mapping[str, Any]):
+def call_denoiser(denoiser, latents, timesteps, conditioning: Mapping[str, Any], latent_size=None):
     """SDXL's UNet takes the pooled embedding and the size numbers as ``added_cond_kwargs``."""
     added = {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}
     return denoiser(latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
