@@ -169,3 +169,79 @@ def test_a_real_size_flux_lora_is_checked_against_flux_1_dev_built_without_weigh
     save_file(pair("transformer.transformer_blocks.19.attn.to_q", 3072, 3072), str(tmp_path / "deep.safetensors"))
     with pytest.raises(IncompatibleAdapterError, match="none of the 1 module.s. this adapter patches exist"):
         check_against_reference(tmp_path / "deep.safetensors", "flux")  # FLUX.1 has 19 double blocks: 0..18
+
+
+# ---- adapters on Flux: a peft file without alpha (ai-toolkit, SimpleTuner), proven applied ---------------
+
+
+def _peft_flux_file(path, pipe, *, seed: int = 0, rank: int = 4):
+    """transformer.<module>.lora_A/lora_B on every attention projection of both streams and the MLPs,
+    no alpha anywhere (ai-toolkit's convention: alpha = rank, scale 1)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "ff.net.2", "proj_mlp")):
+            deltas[name] = (torch.randn(rank, module.in_features, generator=g) * 0.3,
+                            torch.randn(module.out_features, rank, generator=g) * 0.3)
+    tensors = {}
+    for name, (a, b) in deltas.items():
+        tensors[f"transformer.{name}.lora_A.weight"] = a
+        tensors[f"transformer.{name}.lora_B.weight"] = b
+    save_file(tensors, str(path))
+    return deltas
+
+
+def test_a_peft_flux_lora_without_alpha_renders_what_merging_it_by_hand_renders(smoke, pipe, tmp_path, reg):
+    import shutil
+
+    import numpy as np
+
+    from adapters.compose import AdapterSpec, engine_for
+    from adapters.ingest import import_adapter
+    from studio.core.base_models import load_pipeline
+
+    deltas = _peft_flux_file(tmp_path / "lora.safetensors", pipe)
+    version = import_adapter(reg, tmp_path / "lora.safetensors", name="flux-style", base=str(smoke))
+    assert version.family == "flux" and version.alpha == version.rank == 4
+
+    merged = load_fresh_pipeline(str(smoke))
+    modules = dict(merged.transformer.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in deltas.items():
+            modules[name].weight += 0.7 * (b @ a)  # alpha = rank: scale 1
+    folder = tmp_path / "merged-by-hand"
+    merged.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(smoke / "lora_studio.json", folder / "lora_studio.json")  # the same sampling record (true CFG)
+
+    def render(base, adapters=()):
+        result = generate(GenerationRequest(prompt=PROMPT, base_model=str(base), seed=4, num_inference_steps=4,
+                                            guidance_scale=2.0, adapters=list(adapters)))
+        return np.asarray(result.images[0], dtype=np.float32)
+
+    try:
+        ours = render(smoke, [AdapterSpec(ref="flux-style", weight=0.7)])
+    finally:
+        engine_for(load_pipeline(str(smoke))).unload_all()
+    by_hand, base = render(folder), render(smoke)
+    assert np.abs(ours - by_hand).max() <= 2, np.abs(ours - by_hand).max()
+    assert np.abs(ours - base).mean() > 2
+
+
+def test_flux_cards_carry_the_base_models_license(smoke, pipe, tmp_path, reg):
+    from adapters.ingest import import_adapter
+    from studio.app import hub
+
+    _peft_flux_file(tmp_path / "lora.safetensors", pipe, seed=1)
+    version = import_adapter(reg, tmp_path / "lora.safetensors", name="flux-card", base=str(smoke))
+    for base, expected in (("black-forest-labs/FLUX.1-dev", "license_name: flux-1-dev-non-commercial-license"),
+                           ("black-forest-labs/FLUX.1-schnell", "license: apache-2.0")):
+        out = tmp_path / base.rpartition("/")[2]
+        hub.publish_version(reg, version.ref, "someone/flux-card", dry_run_dir=out, base_model=base)
+        front = (out / "README.md").read_text().split("\n---\n")[0]
+        assert expected in front and f"base_model: {base}" in front and "- flux" in front
+    out = tmp_path / "mit"
+    hub.publish_version(reg, version.ref, "someone/flux-card", dry_run_dir=out,
+                        base_model="black-forest-labs/FLUX.1-dev", license="mit")
+    assert "license: mit" in (out / "README.md").read_text()  # what the user says wins

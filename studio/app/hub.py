@@ -470,6 +470,10 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
                "output": {"url": s["file"]}} for s in samples]
     meta: dict[str, Any] = {"license": license or version.license or "unknown", "library_name": "diffusers",
                             "tags": tags}
+    family = FAMILIES.get(version.family or "")
+    inherited = family.base_model_licenses.get(hub_base or "") if family else None
+    if inherited and not (license or version.license):
+        meta.update(inherited)  # e.g. FLUX.1-dev's non-commercial license, by name and link
     if hub_base:
         meta["base_model"] = hub_base
     if version.trigger_words:
@@ -480,7 +484,6 @@ def model_card(version: AdapterVersion, repo_id: str, *, files: dict[str, str | 
     method = formats.METHOD_NAMES[version.adapter_type]
     base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{version.base_model or '?'}`"
     embedded = version.base_model in EMBEDDED_MODELS
-    family = FAMILIES.get(version.family or "")
     if embedded:
         base_text += f" (the tiny {architectures.display_name(version.family)} model embedded in LoRA Studio)"
     tag = f"v{version.number}"

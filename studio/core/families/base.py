@@ -146,6 +146,9 @@ class Family:
     training_scheduler: str = "DDPMScheduler"
     # Tags the Hub puts on a repo of this family (beside the generic LoRA tags).
     hub_tags: tuple[str, ...] = ()
+    # Hub base models whose license an adapter inherits -> the card's license fields (``license``,
+    # ``license_name``, ``license_link``), used when the user names none.
+    base_model_licenses: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # Settings a first run should start from (keys as in the training config's sections).
     recommended: Mapping[str, Any] = field(default_factory=dict)
     # The original (A1111/ComfyUI) single-file layout; None when the studio has none for the family.

@@ -149,6 +149,14 @@ FLUX = Family(
     objective="flow_matching",
     training_scheduler="FlowMatchEulerDiscreteScheduler",
     hub_tags=("flux", "flux-diffusers"),
+    # FLUX.1-dev's weights (and adapters derived from them) are under its non-commercial license;
+    # schnell's are Apache 2.0.
+    base_model_licenses={
+        "black-forest-labs/FLUX.1-dev": {
+            "license": "other", "license_name": "flux-1-dev-non-commercial-license",
+            "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"},
+        "black-forest-labs/FLUX.1-schnell": {"license": "apache-2.0"},
+    },
     # diffusers' and kohya's Flux LoRA guidance: transformer only, rank 16, lr 1e-4 at 1024 px.
     recommended={"network.rank": 16, "training.learning_rate": 1e-4, "dataset.resolution": 1024,
                  "network.train_text_encoder": False},
