@@ -293,8 +293,9 @@ def test_two_processes_with_accelerate_launch(tmp_path):
         assert [v.number for v in registry.versions("ddp")] == [1]
 
 
-def _style_scores(tmp_path, reg, base: str) -> dict[str, dict]:
-    """Train the shipped striped and outlined configs on ``base`` and score both styles with each adapter."""
+def _style_scores(tmp_path, reg, base: str, *extra: str) -> dict[str, dict]:
+    """Train the shipped striped and outlined configs on ``base`` (``extra`` overrides) and score both
+    styles with each adapter."""
     from adapters.compose import engine_for
     from studio.app.tiny.style import measure_style
     from studio.core.base_models import load_pipeline
@@ -305,7 +306,7 @@ def _style_scores(tmp_path, reg, base: str) -> dict[str, dict]:
         toml = ROOT / "datasets" / name / "train.toml"
         cfg = TrainConfig.from_toml(toml).apply_overrides(
             [f"output.dir={tmp_path / 'runs'}", "validation.prompts=[]", "output.checkpointing_steps=0",
-             f"model.base_model={base}", f"output.name={name}-{base}"])
+             f"model.base_model={base}", f"output.name={name}-{base}", *extra])
         result = train(cfg, console=False)
         stack = [{"ref": result.ref, "weight": 1.0}]
         trigger = reg.get(result.ref).trigger_words[0]
@@ -341,9 +342,11 @@ def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
 
 
 @pytest.mark.slow
-def test_sample_dataset_loras_show_their_styles_on_tiny_sdxl(tmp_path, reg):
-    """The same shipped configs, the base model switched to tiny-sdxl: each adapter draws its own style."""
-    scores = _style_scores(tmp_path, reg, "tiny-sdxl")
+@pytest.mark.parametrize("base, extra", [("tiny-sdxl", ()), ("tiny-flux", ("network.target_modules=all-linear",))])
+def test_sample_dataset_loras_show_their_styles_on_other_families(tmp_path, reg, base, extra):
+    """The same shipped configs, the base model switched to tiny-sdxl or tiny-flux (whose transformer has
+    no convolutions: every linear layer of its blocks instead): each adapter draws its own style."""
+    scores = _style_scores(tmp_path, reg, base, *extra)
     print(json.dumps(scores, indent=1))
     for style in ("striped", "outlined"):
         assert scores[style][style]["margin"] > 0.08, scores

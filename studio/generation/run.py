@@ -17,6 +17,7 @@ Does not hold: the request and its validation (``studio.generation.requests``), 
 
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 import time
@@ -135,6 +136,8 @@ def task_pipeline(pipe, task: str):
                                   for name in (family.denoiser, *family.text_encoder_components)):
         return cached
     task_pipe = family.pipeline_class(task).from_pipe(pipe)
+    if hasattr(pipe, "default_sample_size"):
+        task_pipe.default_sample_size = pipe.default_sample_size  # a model's own size (see base_models)
     task_pipe.set_progress_bar_config(disable=True)
     tasks[task] = task_pipe
     return task_pipe
@@ -175,6 +178,9 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
     extra: dict = {}
     if request.task == "img2img":
         extra = {"image": init, "strength": request.strength}  # sized by the image itself
+        if "height" in inspect.signature(runner.__call__).parameters:
+            # Flux's img2img resizes to its default size unless told: the image's own size, as SD's keeps
+            extra.update(height=init.height, width=init.width)
     elif request.task == "inpaint":
         extra = {"image": init, "mask_image": mask, "strength": request.strength,
                  "width": request.width, "height": request.height}

@@ -167,9 +167,9 @@ def _sdxl_components(vocab_size: int) -> dict:
 
 
 # tiny-flux: T5 and CLIP widths (the transformer reads T5's hidden states and CLIP's pooled output),
-# and the transformer's attention: 6 heads of 16 channels, rotary axes 4 + 6 + 6 = 16 (id, row, column).
+# and the transformer's attention: 8 heads of 16 channels, rotary axes 4 + 6 + 6 = 16 (id, row, column).
 FLUX_TEXT_WIDTH = 32
-FLUX_HEADS, FLUX_HEAD_DIM, FLUX_ROPE_AXES = 6, 16, (4, 6, 6)
+FLUX_HEADS, FLUX_HEAD_DIM, FLUX_ROPE_AXES = 8, 16, (4, 6, 6)
 
 
 def _t5(vocab_size: int):
