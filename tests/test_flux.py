@@ -245,3 +245,63 @@ def test_flux_cards_carry_the_base_models_license(smoke, pipe, tmp_path, reg):
     hub.publish_version(reg, version.ref, "someone/flux-card", dry_run_dir=out,
                         base_model="black-forest-labs/FLUX.1-dev", license="mit")
     assert "license: mit" in (out / "README.md").read_text()  # what the user says wins
+
+
+# ---- the embedded tiny-flux -------------------------------------------------------------------------------
+
+
+def test_tiny_flux_is_embedded_small_and_listed():
+    from studio.core.base_models import list_base_models
+    from studio.core.embedded import EMBEDDED_MODELS
+
+    ref = resolve("tiny-flux")
+    assert (ref.kind, ref.family) == ("tiny", "flux")
+    assert {r.ref: r.family for r in list_base_models()}["tiny-flux"] == "flux"
+    folder = EMBEDDED_MODELS["tiny-flux"]
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 15 * 10**6, size
+    report = json.loads((folder / "build_report.json").read_text())
+    assert report["model"] == "tiny-flux" and report["config"]["seed"] == 0
+
+
+def test_cli_generates_on_tiny_flux_and_the_recipe_replays(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from studio.app.cli import main
+
+    out = tmp_path / "out"
+    assert main(["generate", PROMPT, "--base", "tiny-flux", "--seed", "3", "--steps", "4", "--out", str(out)]) == 0
+    first = next(out.glob("*.png"))
+    assert Image.open(first).size == (32, 32)
+    again = tmp_path / "again"
+    assert main(["generate", "--recipe", str(first), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(next(again.glob("*.png")))))
+
+
+def test_img2img_runs_on_a_flux_model(smoke):
+    import numpy as np
+    from PIL import Image
+
+    from studio.generation.inputs import store_input_image
+
+    base = dict(prompt=PROMPT, base_model=str(smoke), seed=2, num_inference_steps=4, guidance_scale=2.0)
+    init = generate(GenerationRequest(**base)).images[0]
+    stored = store_input_image(init)
+    result = generate(GenerationRequest(**base, init_image=str(stored), strength=0.6))
+    assert result.request.task == "img2img" and result.images[0].size == (32, 32)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(init))
+    assert isinstance(Image.open(stored), Image.Image)
+
+
+def test_prompts_control_the_flux_images_colours():
+    """36 images (12 prompts x 3 seeds, 20 flow-Euler steps, true CFG 2): colour and background at the
+    SD-1 tiny model's bars. Shape is not there yet (56% at CFG 2, 64% at CFG 5; squares come out round):
+    the issue stays open until it is, and this test then takes the 80% bar too."""
+    from studio.app.tiny.quality import QUALITY_PROMPTS, measure_quality
+
+    rates = measure_quality("tiny-flux", seeds=(1, 2, 3), steps=20)
+    assert rates["images"] == len(QUALITY_PROMPTS) * 3 == 36
+    assert rates["colour"] >= 0.90, rates
+    assert rates["background"] >= 0.90, rates
+    assert rates["shape"] >= 0.50, rates  # measured 0.56: guards against a regression below today's model

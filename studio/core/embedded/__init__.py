@@ -2,9 +2,10 @@
 
 ``tiny/`` holds ``tiny``, an SD-1 pipeline trained on procedural 32 px scenes; ``tiny-sdxl/`` holds
 ``tiny-sdxl``, an SDXL pipeline (two CLIP text encoders, a ``text_time`` UNet) trained on the same
-scenes with the same VAE. The recipe that rebuilds them from a seed, the scene drawer and the quality
-and style checks are tools of the app layer (``studio/app/tiny/``); this package holds only the
-weights and where they are.
+scenes with the same VAE; ``tiny-flux/`` holds ``tiny-flux``, a FLUX.1-dev-like flow-matching
+transformer (CLIP pooled + T5 conditioning, a guidance input) on the same scenes and VAE. The recipe
+that rebuilds them from a seed, the scene drawer and the quality and style checks are tools of the
+app layer (``studio/app/tiny/``); this package holds only the weights and where they are.
 """
 
 from pathlib import Path
@@ -13,4 +14,4 @@ EMBEDDED_DIR = Path(__file__).resolve().parent
 TINY_MODEL_DIR = EMBEDDED_DIR / "tiny"
 TINY_NATIVE_RESOLUTION = 32
 # Embedded model name (what users type as a base model) -> its folder.
-EMBEDDED_MODELS = {"tiny": TINY_MODEL_DIR, "tiny-sdxl": EMBEDDED_DIR / "tiny-sdxl"}
+EMBEDDED_MODELS = {name: EMBEDDED_DIR / name for name in ("tiny", "tiny-sdxl", "tiny-flux")}
