@@ -1,10 +1,12 @@
-"""Training step time per family: the studio trainer on ``tiny`` (SD-1) and on ``tiny-sdxl`` (SDXL),
-same dataset, batch, resolution, adapter and steps.
+"""Training step time per family: the studio trainer on ``tiny`` (SD-1), ``tiny-sdxl`` (SDXL) and
+``tiny-flux`` (FLUX.1), same dataset, batch, resolution, rank and steps.
 
 What differs is the family: SDXL's UNet also reads the pooled text embedding and the six size
 numbers (``time_ids``) through its ``text_time`` embedding, its conditioning comes from two text
-encoders, and each batch builds its per-image size conditioning. Both run with warm caches (latents
-and conditioning cached by a first run), so the numbers compare the denoiser steps. Each
+encoders, and each batch builds its per-image size conditioning; Flux is a flow-matching transformer
+over packed latents, trained on every linear layer of its blocks (it has no convolutions for LoCon).
+All run with warm caches (latents and conditioning cached by a first run), so the numbers compare
+the denoiser steps. Each
 configuration runs in its own fresh process, alternating, ``--rounds`` times; the median step time
 after ``--warmup`` steps is reported, with the ratio to SD-1. Run from the repository root:
 
@@ -24,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_TOML = ROOT / "datasets" / "striped" / "train.toml"
-MODELS = ("tiny", "tiny-sdxl")
+MODELS = ("tiny", "tiny-sdxl", "tiny-flux")
+# The shipped config's LoCon preset, or the nearest a transformer has.
+TARGETS = {"tiny-flux": "all-linear"}
 
 
 def run(base: str, steps: int, out_dir: str) -> dict:
@@ -37,7 +41,8 @@ def run(base: str, steps: int, out_dir: str) -> dict:
     config = TrainConfig.from_toml(DATASET_TOML).apply_overrides([
         f"model.base_model={base}", f"training.max_train_steps={steps}", "training.lr_warmup_steps=0",
         "validation.every_n_steps=0", "validation.prompts=[]", "validation.held_out_count=0",
-        "output.checkpointing_steps=0", f"output.dir={out_dir}", "output.name=bench"]).resolved()
+        "output.checkpointing_steps=0", f"output.dir={out_dir}", "output.name=bench",
+        *([f"network.target_modules={TARGETS[base]}"] if base in TARGETS else [])]).resolved()
     result = train(config, register=False, console=False)
     stamps = [e["time"] for e in read_events(result.run_dir) if e["event"] in ("start", "step")]
     return {"times": [b - a for a, b in zip(stamps, stamps[1:])],
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for base in MODELS:
                 results[base].append(_launch(base, args.steps, home, str(Path(tmp) / f"runs{r}")))
-    print(f"training step time per family: datasets/striped, batch 4 at 32 px, rank 8 LoCon, {args.steps} steps, "
+    print(f"training step time per family: datasets/striped, batch 4 at 32 px, rank 8 (LoCon; all-linear on Flux), "
+          f"{args.steps} steps, "
           f"{args.rounds} rounds, warm caches, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"{'base model':<12} {'median s/step':>14} {'ratio':>7} {'peak MB':>9}")
     medians = {}
