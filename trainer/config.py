@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli ba
     import tomli as tomllib
 
 from studio.core.atomic import write_bytes_atomic
-from studio.core.base_models import resolve
+from studio.core.base_models import model_native_resolution, resolve
 from studio.core.errors import ConfigError, InputFileNotFoundError, InvalidNameError
 from studio.core.families import FAMILIES, get_family
 from studio.core.settings import get_settings
@@ -769,12 +769,8 @@ def base_model_defaults(ref: str) -> dict[str, Any]:
             facts["native_resolution"] = int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        try:  # a transformer has no sample_size: its model record says (studio.core.base_models)
-            side = json.loads((folder / "lora_studio.json").read_text()).get("native_resolution")
-            if isinstance(side, int) and not isinstance(side, bool) and side > 0:
-                facts["native_resolution"] = side
-        except (OSError, ValueError, AttributeError):
-            pass
+        # a transformer has no sample_size: its model record says
+        facts["native_resolution"] = model_native_resolution(folder) or facts["native_resolution"]
         try:
             scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             facts["prediction_type"] = scheduler.get("prediction_type") or "epsilon"

@@ -62,7 +62,6 @@ from studio.core.single_file import (
     write_single_file,
 )
 
-TINY = "tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,200})?$")
 PIPELINE_CACHE_SIZE = 2  # a real SD-1 pipeline is ~4 GB in float32: keep the cache small
 MODEL_INDEX = "model_index.json"
@@ -377,12 +376,9 @@ def _load(resolved: BaseModelRef, precision: str = "auto"):
 def _apply_native_resolution(pipe, folder: Path) -> None:
     """A model whose ``lora_studio.json`` names its ``native_resolution`` gets it as the pipeline's default
     size (FluxPipeline's class default is 128 x 8 = 1024 px, the real model's)."""
-    try:
-        side = json.loads((folder / RECOMMENDED_SETTINGS_FILE).read_text()).get("native_resolution")
-    except (OSError, ValueError, AttributeError):
-        return
-    if isinstance(side, int) and not isinstance(side, bool) and hasattr(pipe, "default_sample_size"):
-        if side <= 0 or side % pipe.vae_scale_factor:
+    side = model_native_resolution(folder)
+    if side is not None and hasattr(pipe, "default_sample_size"):
+        if side % pipe.vae_scale_factor:
             raise CorruptWeightsError(f"{folder}/{RECOMMENDED_SETTINGS_FILE}: native_resolution {side} is not a "
                                       f"multiple of the VAE factor {pipe.vae_scale_factor}")
         pipe.default_sample_size = side // pipe.vae_scale_factor
@@ -485,6 +481,23 @@ def clear_pipeline_cache() -> None:
 RECOMMENDED_SETTINGS_FILE = "lora_studio.json"
 
 
+def model_record(folder: str | Path) -> dict:
+    """A model folder's ``lora_studio.json`` (sampling defaults, shared components, native size) as a
+    dict; ``{}`` when the folder has none or it is not a JSON object (its readers then use defaults)."""
+    try:
+        record = json.loads((Path(folder) / RECOMMENDED_SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def model_native_resolution(folder: str | Path) -> int | None:
+    """The side a model's record names as its native resolution (a transformer's config has no
+    ``sample_size`` to tell it); None when it names none."""
+    side = model_record(folder).get("native_resolution")
+    return side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
+
+
 def recommended_settings(resolved: BaseModelRef) -> dict:
     """Sampling defaults the model's maker measured to work best (``lora_studio.json`` in its folder).
 
@@ -493,16 +506,12 @@ def recommended_settings(resolved: BaseModelRef) -> dict:
     """
     settings = {"guidance_scale": get_family(resolved.family).default_guidance_scale}
     if resolved.kind in ("tiny", "diffusers"):
-        path = Path(resolved.location) / RECOMMENDED_SETTINGS_FILE
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text()).get("recommended", {})
-            except (OSError, ValueError, AttributeError):
-                data = {}
-            if isinstance(data.get("guidance_scale"), (int, float)):
-                settings["guidance_scale"] = float(data["guidance_scale"])
-            if data.get("true_cfg") is True:  # a flow model sampled with true CFG (families.flux)
-                settings["true_cfg"] = True
+        data = model_record(resolved.location).get("recommended")
+        data = data if isinstance(data, dict) else {}
+        if isinstance(data.get("guidance_scale"), (int, float)):
+            settings["guidance_scale"] = float(data["guidance_scale"])
+        if data.get("true_cfg") is True:  # a flow model sampled with true CFG (families.flux)
+            settings["true_cfg"] = True
     return settings
 
 
