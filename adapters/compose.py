@@ -36,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from adapters.formats import detect, read_adapter
+from adapters.formats import detect, read_adapter, to_diffusers
 from adapters.registry import Registry
 from studio.core.errors import IncompatibleAdapterError, InvalidRequestError, UnsafeWeightsError
 from studio.core.families import FAMILIES, Family, architectures, family_of_pipeline
@@ -558,6 +558,9 @@ def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> Non
     """
     path = safetensors_named_path(resolved)
     info = detect(path)  # detect() validates the whole header byte by byte first
+    if info.format != "diffusers" or info.alpha_source == "alpha tensors":
+        path = canonical_copy(pipe, resolved, path, info)
+        info = detect(path)
     if info.adapter_type in ("lora", "dora"):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
                                use_safetensors=True)
@@ -572,6 +575,22 @@ def load_adapter_into(pipe, resolved: ResolvedAdapter, adapter_name: str) -> Non
             f"{resolved.name}: only {sum(landed.values())} of the {info.num_modules} modules it patches took its "
             f"layers when loaded ({where}); the rest would be silently ignored, so it is not applied. Re-import it "
             f"against this base model ('lora-studio adapters import') to see which keys do not fit")
+
+
+def canonical_copy(pipe, resolved: ResolvedAdapter, path: Path, info) -> Path:
+    """The canonical (peft, per-component config) copy of an adapter file the registry does not hold.
+
+    kohya and original-name files, and peft files with per-module alpha tensors, are read by the
+    studio's own converter (the one imports use: validated against ``pipe``, fused modules split by
+    its sizes, alpha kept per module) rather than by diffusers' loaders, which drop keys they do not
+    know. Written once per content and family under the cache, atomically.
+    """
+    family = family_of_pipeline(pipe)
+    out = get_settings().home / "cache" / "adapters" / f"{resolved.tensor_sha256}-{family.name}-canonical.safetensors"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        to_diffusers(read_adapter(path, base_pipeline=pipe, family=family, base_name=None, info=info), out)
+    return out
 
 
 def landed_modules(pipe, adapter_name: str) -> dict[str, int]:

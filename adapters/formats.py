@@ -55,7 +55,8 @@ from studio.core.errors import (
     InvalidRequestError,
     UnsupportedAdapterError,
 )
-from studio.core.families import Family, architectures, get_family, kohya_prefixes
+from studio.core.families import FAMILIES, Family, architectures, get_family, kohya_prefixes
+from studio.core.families.base import OriginalModule
 from studio.core.filesafety import (
     PICKLE_SUFFIXES,
     check_safetensors,
@@ -72,6 +73,7 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 MODELSPEC_VERSION = "1.0.1"
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 MAX_SUGGESTED_TRIGGERS = 5  # A1111 lists every tag by count; five is what fits a prompt box
+MAX_LISTED_KEYS = 20  # modules an error lists before saying how many more
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -84,6 +86,8 @@ PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B.bia
 _PEFT_PARTS = sorted([(".lora_magnitude_vector.weight", "lora_magnitude_vector"),
                       (".lora_magnitude_vector", "lora_magnitude_vector"),
                       (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".lora_B.bias", "lora_B.bias"),
+                      # an alpha scalar per module beside peft names (some Flux trainers and converters)
+                      (".alpha", "alpha"),
                       *[(f".{p}", p) for p in LOHA_PARTS + LOKR_PARTS]], key=lambda x: -len(x[0]))
 _LEGACY_PARTS = ((".lora_linear_layer.down.weight", "lora_A"), (".lora_linear_layer.up.weight", "lora_B"),
                  (".lora.down.weight", "lora_A"), (".lora.up.weight", "lora_B"))
@@ -141,19 +145,29 @@ class _Module:
     parts: dict[str, str] = field(default_factory=dict)  # canonical part -> the file's key
 
 
-def _kohya_prefix_table() -> list[tuple[str, str]]:
+def _kohya_prefix_table(family: Family | None = None) -> list[tuple[str, str]]:
     """(kohya key prefix, component) of every family and known architecture, longest prefix first.
 
+    With ``family`` its own prefixes win: ``lora_unet_`` is a UNet in general but FLUX's transformer in a
+    Flux file, and ``lora_te3_`` is FLUX's T5 (``text_encoder_2``), not SD3's third encoder.
     Asked for once per parse rather than kept at import: families register after this module loads.
     Longest first, so that a prefix that begins another can never claim the other's keys.
     """
-    return sorted(kohya_prefixes().items(), key=lambda item: -len(item[0]))
+    table = {**kohya_prefixes(), **(family.kohya_prefix_map() if family is not None else {})}
+    return sorted(table.items(), key=lambda item: -len(item[0]))
+
+
+# Tensor suffixes of a module spelt in its original dotted names (ComfyUI writes either naming).
+_ORIGINAL_PARTS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_down.weight": "lora_A",
+                   "lora_up.weight": "lora_B", "alpha": "alpha"}
 
 
 def _split_key(key: str, prefixes: list[tuple[str, str]]) -> tuple[str, str, str, str] | None:
     """(style, component, module name, canonical part) of one key, or None when not an adapter key.
 
-    ``prefixes`` is :func:`_kohya_prefix_table`.
+    ``prefixes`` is :func:`_kohya_prefix_table`. Styles: ``kohya`` (flat names after a prefix),
+    ``original`` (a denoiser's original dotted names after ``diffusion_model.``, returned flat, as kohya
+    spells them: both resolve through the base model's module list), ``legacy`` and ``peft``.
     """
     for prefix, component in prefixes:
         if key.startswith(prefix) and "." in key:
@@ -161,6 +175,12 @@ def _split_key(key: str, prefixes: list[tuple[str, str]]) -> tuple[str, str, str
             part = _KOHYA_PARTS.get(suffix)
             if part is not None and len(flat) > len(prefix):
                 return "kohya", component, flat[len(prefix):], part
+            return None
+    for prefix, component in architectures.ORIGINAL_PREFIXES.items():
+        if key.startswith(prefix):
+            for suffix, part in _ORIGINAL_PARTS.items():
+                if key.endswith("." + suffix) and len(key) > len(prefix) + len(suffix) + 1:
+                    return "original", component, key[len(prefix): -len(suffix) - 1].replace(".", "_"), part
             return None
     component, dot, rest = key.partition(".")
     if not dot or component not in architectures.COMPONENTS:
@@ -195,11 +215,16 @@ def _not_an_adapter(path_text: str, keys: list[str]) -> UnsupportedAdapterError:
         f"(unet.<module>.lora_A.weight) and kohya keys (lora_unet_<module>.lora_down.weight)")
 
 
-def _parse(keys: list[str], path_text: str) -> tuple[str, str, dict[tuple[str, str], _Module]]:
-    """Group keys into modules; return (format, adapter type, modules). Raises on anything unknown."""
+def _parse(keys: list[str], path_text: str,
+           family: Family | None = None) -> tuple[str, str, dict[tuple[str, str], _Module]]:
+    """Group keys into modules; return (format, adapter type, modules). Raises on anything unknown.
+
+    ``family`` (when known) decides what family-specific kohya prefixes name (:func:`_kohya_prefix_table`).
+    The format is ``kohya`` for flat and original names alike: both need the base model's module list.
+    """
     modules: dict[tuple[str, str], _Module] = {}
     unknown, styles = [], Counter()
-    prefixes = _kohya_prefix_table()
+    prefixes = _kohya_prefix_table(family)
     for key in keys:
         split = _split_key(key, prefixes)
         if split is None:
@@ -218,10 +243,11 @@ def _parse(keys: list[str], path_text: str) -> tuple[str, str, dict[tuple[str, s
         raise UnsupportedAdapterError(
             f"{path_text} has {len(unknown)} key(s) that are not adapter tensors the studio understands, e.g. "
             f"{', '.join(repr(k) for k in unknown[:3])}; refusing rather than silently dropping them")
-    if styles["kohya"] and (styles["peft"] or styles["legacy"]):
-        raise UnsupportedAdapterError(f"{path_text} mixes kohya keys (lora_unet_...) and diffusers keys (unet....): "
+    if (styles["kohya"] or styles["original"]) and (styles["peft"] or styles["legacy"]):
+        raise UnsupportedAdapterError(f"{path_text} mixes kohya keys (lora_unet_..., or original names: "
+                                      f"diffusion_model....) and diffusers keys (unet...., transformer....): "
                                       f"re-export it from the tool that made it in one format")
-    fmt = "kohya" if styles["kohya"] else "diffusers"
+    fmt = "kohya" if styles["kohya"] or styles["original"] else "diffusers"
     kinds = set()
     for m in modules.values():
         p = set(m.parts)
@@ -484,16 +510,17 @@ def detect(path: str | Path) -> FormatInfo:
     path = _resolve_path(path)
     header = check_safetensors(_resolve_path(path))
     shapes = {k: tuple(e.shape) for k, e in header.tensors.items()}
-    fmt, adapter_type, modules = _parse(list(shapes), str(path))
+    arch, evidence = guess_architecture(shapes)
+    # Keys made for a known family are read with its prefixes (a Flux file's lora_unet_ is its transformer).
+    fmt, adapter_type, modules = _parse(list(shapes), str(path), FAMILIES.get(arch or ""))
     warnings: list[str] = []
     style = next(iter(modules.values())).style if fmt == "kohya" else (
         "legacy" if all(m.style == "legacy" for m in modules.values()) else "peft")
     ranks = {key: _check_complete(m, adapter_type, shapes, str(path)) for key, m in modules.items()}
     configs = _split_adapter_metadata(header.metadata, warnings, str(path)) if fmt == "diffusers" else {}
     alphas: dict[tuple[str, str], float | None] = {}
+    values = _read_scalars(path, [m.parts["alpha"] for m in modules.values() if "alpha" in m.parts])
     if fmt == "kohya":
-        alpha_keys = [m.parts["alpha"] for m in modules.values() if "alpha" in m.parts]
-        values = _read_scalars(path, alpha_keys)
         for key, m in modules.items():
             alphas[key] = values.get(m.parts.get("alpha"))
         present = sum(v is not None for v in alphas.values())
@@ -514,9 +541,13 @@ def detect(path: str | Path) -> FormatInfo:
                 alphas[key] = float(_pattern_value(config.get("alpha_pattern") or {}, m.name, config[alpha_key]))
             else:
                 alphas[key] = None
+            if "alpha" in m.parts:  # a per-module alpha tensor beside peft names wins, as in kohya files
+                alphas[key] = values[m.parts["alpha"]]
         without = sorted({m.component for key, m in modules.items() if alphas[key] is None})
         alpha_source = "metadata" if len(without) < len({m.component for m in modules.values()}) else \
             "default (alpha = rank)"
+        if values:
+            alpha_source = "alpha tensors"
         if without:
             # diffusers itself assumes alpha = rank only for files with no config at all; a file with a
             # config for some components fails to load in diffusers, and the canonical copy repairs that.
@@ -533,7 +564,6 @@ def detect(path: str | Path) -> FormatInfo:
             alphas[key] = float(ranks[key])
     rank, rank_pattern = _common({f"{m.component}.{m.name}": ranks[k] for k, m in modules.items()})
     alpha, alpha_pattern = _common({f"{m.component}.{m.name}": alphas[k] for k, m in modules.items()})
-    arch, evidence = guess_architecture(shapes)
     words, source, suggested = trigger_words(header.metadata)
     if suggested:
         warnings.append(f"no declared trigger words; suggested from the training tags (ss_tag_frequency): "
@@ -589,14 +619,30 @@ def _clip_root(family: Family, component: str) -> bool:
     return any(te.component == component and te.kind.startswith("clip") for te in family.text_encoders)
 
 
+@dataclass(frozen=True)
+class _Split:
+    """A module of the file that is several modules of the base (or one, its rows in another order):
+    ``targets`` are (module, rows) in the order the file stacks their outputs, rows taken from the base
+    model's own modules; ``swap_halves``: the file's two output halves are the module's in reverse."""
+
+    original: str
+    targets: tuple[tuple[str, int], ...]
+    swap_halves: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _, rows in self.targets)
+
+
 class _ModuleIndex:
-    """The base pipeline's modules per component, by dotted name and by kohya's flat spelling."""
+    """The base pipeline's modules per component, by dotted name and by kohya's flat spelling (the
+    denoiser's original names too, where its family has them: see ``Family.original_modules``)."""
 
     def __init__(self, pipe, family: Family) -> None:
         import torch  # torch only once a pipeline is being checked: detection stays light
 
         self.components: dict[str, dict[str, Any]] = {}
-        self.flat: dict[str, dict[str, str]] = {}
+        self.flat: dict[str, dict[str, str | _Split]] = {}
         # Every component the pipeline has: a key naming one the base lacks is then reported as such
         # ("the base has no text_encoder_2") rather than as a module name that does not match.
         for component in architectures.COMPONENTS:
@@ -621,13 +667,18 @@ class _ModuleIndex:
                     ldm = {}
                 for n, original in ldm.items():
                     flat.setdefault(original.replace(".", "_"), n)
+            if family.is_denoiser(component) and family.original_modules is not None:
+                for original, ours in family.original_modules(model.config).items():
+                    target = _split(original, ours, named)
+                    if target is not None:
+                        flat.setdefault(original.replace(".", "_"), target)
             self.flat[component] = flat
 
-    def resolve(self, m: _Module) -> str | None:
+    def resolve(self, m: _Module) -> str | _Split | None:
         named = self.components.get(m.component)
         if named is None:
             return None
-        if m.style == "kohya":
+        if m.style in ("kohya", "original"):
             return self.flat[m.component].get(m.name)
         for candidate in (m.name, m.name.removeprefix("text_model."), f"text_model.{m.name}"):
             if candidate in named:
@@ -635,16 +686,31 @@ class _ModuleIndex:
         return None
 
 
+def _split(original: str, ours: str | OriginalModule, named: Mapping[str, Any]) -> str | _Split | None:
+    """What one original module name is in a model whose modules are ``named``: a module name, a
+    :class:`_Split` sized by the model's own modules, or None when the model lacks one of them."""
+    if isinstance(ours, str):
+        return ours if ours in named else None
+    shapes = [_weight_shape(named[t]) if t in named else None for t in ours.targets]
+    if any(s is None for s in shapes):
+        return None
+    if len(ours.targets) == 1 and not ours.swap_halves:
+        return ours.targets[0]
+    return _Split(original, tuple((t, s[0]) for t, s in zip(ours.targets, shapes)), ours.swap_halves)
+
+
 @dataclass(frozen=True)
 class ValidationReport:
-    """What :func:`validate_against` matched: (component, name as the file spells it) -> module name."""
+    """What :func:`validate_against` matched: (component, name as the file spells it) -> module name,
+    or the modules a fused original module splits into."""
 
-    resolved: dict[tuple[str, str], str]
+    resolved: dict[tuple[str, str], str | _Split]
     components: tuple[str, ...]
 
     @property
     def num_modules(self) -> int:
-        return len(self.resolved)
+        """Modules of the base the adapter patches (a fused qkv counts as its three)."""
+        return sum(len(t.targets) if isinstance(t, _Split) else 1 for t in self.resolved.values())
 
 
 def _family_obj(family: Family | str) -> Family:
@@ -654,6 +720,23 @@ def _family_obj(family: Family | str) -> Family:
 def _weight_shape(module) -> tuple[int, ...] | None:
     w = getattr(module, "weight", None)
     return tuple(w.shape) if w is not None and hasattr(w, "shape") else None
+
+
+def _split_problem(m: _Module, target: _Split, named: Mapping[str, Any], shapes: Mapping[str, tuple],
+                   adapter_type: str) -> str | None:
+    """Why the module's tensors cannot be split over ``target``'s modules (None when they can)."""
+    if adapter_type != "lora" or set(m.parts) - {"lora_A", "lora_B", "alpha"}:
+        return (f"{target.original} is {len(target.targets)} modules of the base; only plain LoRA (lora_A, lora_B, "
+                f"alpha) splits over them exactly")
+    a, b = tuple(shapes[m.parts["lora_A"]]), tuple(shapes[m.parts["lora_B"]])
+    for module_name, _ in target.targets:
+        w = _weight_shape(named[module_name])
+        if w is None or len(w) != 2 or len(a) != 2 or a[1] != w[1]:
+            return f"lora_A {list(a)} does not fit the input of {module_name} (weight {list(w or ())})"
+    if len(b) != 2 or b[0] != target.rows:
+        parts = " + ".join(f"{rows} ({t.rsplit('.', 1)[-1]})" for t, rows in target.targets)
+        return f"lora_B {list(b)} has {b[0]} outputs where this model's {target.original} has {parts} = {target.rows}"
+    return None
 
 
 def _shape_problem(m: _Module, module, shapes: Mapping[str, tuple], adapter_type: str) -> str | None:
@@ -701,7 +784,7 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
     base = f"the base {base_name!r}" if base_name else "the base model"
     base_arch = f"{base} ({family.display_name})"
     shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in state_dict.items()}
-    fmt, adapter_type, modules = _parse(list(shapes), "the adapter")
+    fmt, adapter_type, modules = _parse(list(shapes), "the adapter", family)
     for m in modules.values():
         _check_complete(m, adapter_type, shapes, "the adapter")
     arch, evidence = guess_architecture(shapes)
@@ -718,32 +801,52 @@ def validate_against(base_pipeline, state_dict: Mapping[str, Any], family, *,
         if target is None:
             unmatched.append(m)
             continue
-        problem = _shape_problem(m, index.components[component][target], shapes, adapter_type)
-        twin = claimed.setdefault((component, target), name)
-        if twin != name:  # e.g. one module spelt both in diffusers and in SGM block names
-            raise UnsupportedAdapterError(f"the adapter patches {component} module {target!r} twice (as {twin!r} "
-                                          f"and as {name!r}); re-export it from the tool that made it")
+        named = index.components[component]
+        if isinstance(target, _Split):
+            problem = _split_problem(m, target, named, shapes, adapter_type)
+            modules_patched = [t for t, _ in target.targets]
+        else:
+            problem = _shape_problem(m, named[target], shapes, adapter_type)
+            modules_patched = [target]
+        for module_name in modules_patched:
+            twin = claimed.setdefault((component, module_name), name)
+            if twin != name:  # e.g. one module spelt both in diffusers and in original block names
+                raise UnsupportedAdapterError(f"the adapter patches {component} module {module_name!r} twice (as "
+                                              f"{twin!r} and as {name!r}); re-export it from the tool that made it")
         if problem:
-            misfits.append((m, target, problem))
+            misfits.append((m, target.original if isinstance(target, _Split) else target, problem))
         else:
             resolved[(component, name)] = target
     if misfits:
         raise _misfit_error(base_pipeline, family, misfits, shapes, base, base_arch, len(modules))
+    without_lora = sorted({c for c, _ in resolved} - set(family.lora_components))
+    if without_lora:
+        # diffusers' loaders drop such keys without a word (FLUX's T5 LoRA): refuse by name instead.
+        counts = ", ".join(f"{sum(1 for comp, _ in resolved if comp == c)} in {c}" for c in without_lora)
+        examples = ", ".join(repr(n) for c, n in resolved if c in without_lora)
+        raise IncompatibleAdapterError(
+            f"the adapter patches modules the studio does not apply LoRA to on {family.display_name} ({counts}; e.g. "
+            f"{examples[:200]}): {family.display_name} pipelines carry LoRA on {', '.join(family.lora_components)} "
+            f"only, so those keys would be silently ignored. Re-export the adapter without them (kohya: "
+            f"{', '.join(family.kohya_prefix(c) for c in without_lora)} keys)", None)
     if unmatched:
         missing_components = sorted({m.component for m in unmatched} - set(index.components))
-        examples = ", ".join(repr(f"{m.component}: {m.name}") for m in unmatched[:3])
+        # Every unmatched module up to a screenful, so the user sees which keys do not fit, not a sample.
+        examples = ", ".join(repr(f"{m.component}: {m.name}") for m in unmatched[:MAX_LISTED_KEYS])
+        if len(unmatched) > MAX_LISTED_KEYS:
+            examples += f" and {len(unmatched) - MAX_LISTED_KEYS} more"
         hint = (f" It looks made for {architectures.display_name(arch)} ({evidence})."
                 if arch and arch != family.name else "")
         if missing_components:
             hint += f" {base_arch} has no {', '.join(missing_components)}."
         if not resolved:
             raise IncompatibleAdapterError(
-                f"none of the {len(modules)} module(s) this adapter patches exist in {base_arch} (e.g. {examples}): "
+                f"none of the {len(modules)} module(s) this adapter patches exist in {base_arch} ({examples}): "
                 f"loading it would change nothing.{hint} Pick the base model it was trained for, or another adapter",
                 arch)
         raise IncompatibleAdapterError(
             f"{len(unmatched)} of the {len(modules)} modules this adapter patches do not exist in {base_arch} "
-            f"(e.g. {examples}); every key must map to a module, or part of the adapter would be silently "
+            f"({examples}); every key must map to a module, or part of the adapter would be silently "
             f"dropped.{hint}", arch)
     return ValidationReport(resolved=resolved, components=tuple(sorted({c for c, _ in resolved},
                                                                       key=architectures.COMPONENTS.index)))
@@ -918,7 +1021,7 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
         if t.is_floating_point() and not bool(t.isfinite().all()):
             raise CorruptWeightsError(f"{path}: tensor {key!r} holds NaN or infinite values; an adapter like this "
                                       f"produces black or noise images: re-export it from a healthy checkpoint")
-    fmt, adapter_type, modules = _parse(list(tensors), str(path))
+    fmt, adapter_type, modules = _parse(list(tensors), str(path), _family_obj(family) if family else None)
     if base_pipeline is not None:
         try:
             resolved = validate_against(base_pipeline, tensors, family, base_name=base_name).resolved
@@ -935,11 +1038,18 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
     flags: dict[str, dict[str, bool]] = {}
     for key, m in modules.items():
-        name = resolved[key]
-        for part, source_key in m.parts.items():
-            if part == "alpha":
-                continue
-            out[f"{m.component}.{name}.{PEFT_SUFFIX[part]}"] = tensors[source_key].contiguous()
+        target = resolved[key]
+        if isinstance(target, _Split):
+            pieces = _split_tensors(tensors[m.parts["lora_A"]], tensors[m.parts["lora_B"]], target)
+            for name, (a, b) in pieces.items():
+                out[f"{m.component}.{name}.lora_A.weight"] = a
+                out[f"{m.component}.{name}.lora_B.weight"] = b
+        else:
+            pieces = {target: None}
+            for part, source_key in m.parts.items():
+                if part == "alpha":
+                    continue
+                out[f"{m.component}.{target}.{PEFT_SUFFIX[part]}"] = tensors[source_key].contiguous()
         if adapter_type not in ("lora", "dora"):
             continue
         config = source_configs.get(m.component)
@@ -950,7 +1060,8 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
             alpha = float(_pattern_value(config.get("alpha_pattern") or {}, m.name, config["lora_alpha"]))
         else:
             alpha = float(rank)  # what diffusers and kohya loaders use when a file carries no alpha
-        per_component.setdefault(m.component, {})[name] = (rank, alpha)
+        for name in pieces:  # each module of a fused original keeps its rank and alpha: the same scale
+            per_component.setdefault(m.component, {})[name] = (rank, alpha)
         f = flags.setdefault(m.component, {"use_dora": False, "lora_bias": False,
                                            "use_rslora": bool((config or {}).get("use_rslora"))})
         f["use_dora"] |= "lora_magnitude_vector" in m.parts
@@ -961,6 +1072,24 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
         configs = _method_configs(adapter_type, source_configs, out, info)
     return AdapterWeights(tensors=dict(sorted(out.items())), configs=configs, adapter_type=adapter_type,
                           metadata=dict(info.metadata))
+
+
+def _split_tensors(a, b, target: _Split) -> dict[str, tuple[Any, Any]]:
+    """lora_A, lora_B of a fused original module -> (lora_A, lora_B) of each base module it is.
+
+    Exact: B @ A stacked by rows is each module's B rows @ the same A. A is copied per module
+    (safetensors refuses tensors that share memory).
+    """
+    import torch  # only once weights are read
+
+    if target.swap_halves:
+        half = b.shape[0] // 2
+        b = torch.cat([b[half:], b[:half]])
+    out, start = {}, 0
+    for name, rows in target.targets:
+        out[name] = (a.clone().contiguous(), b[start:start + rows].contiguous())
+        start += rows
+    return out
 
 
 def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[str, Any],
@@ -1095,7 +1224,8 @@ def check_kohya_exportable(adapter_type: str) -> None:
 def kohya_state_dict(adapter: AdapterWeights, family: Family | str) -> dict[str, Any]:
     """The kohya/A1111 keys of a LoRA: ``lora_unet_*``/``lora_te_text_model_*`` with ``.alpha`` per module.
 
-    Each component gets the prefix ``family`` writes for it (SD-1: ``lora_unet_``, ``lora_te_``).
+    Each component gets the prefix ``family`` writes for it (SD-1: ``lora_unet_``, ``lora_te_``); a family
+    with original module names (FLUX) has its denoiser written in them (:func:`_original_state_dict`).
     Alpha is written as each module's own alpha, so strength survives (diffusers'
     ``convert_state_dict_to_kohya`` writes alpha = rank). rsLoRA scales by alpha/sqrt(r); kohya by
     alpha/r, so an rsLoRA module is written with alpha * sqrt(r).
@@ -1105,24 +1235,103 @@ def kohya_state_dict(adapter: AdapterWeights, family: Family | str) -> dict[str,
     check_kohya_exportable(adapter.adapter_type)
     family = _family_obj(family)
     scales = adapter.scales()
+    modules = adapter.modules()
     out: dict[str, Any] = {}
-    for (component, name), parts in adapter.modules().items():
+    for (component, name), parts in modules.items():
         if "lora_B.bias" in parts:
             raise UnsupportedAdapterError(f"{component} {name} has a lora_B bias (peft lora_bias=True), which kohya "
                                           f"files cannot hold: export with --format diffusers")
+    if family.original_modules is not None:
+        # The denoiser in the family's original names (ComfyUI and kohya read Flux files only so), fused
+        # modules written fused; the text encoders below as usual.
+        out.update(_original_state_dict(adapter, family, modules, scales))
+    for (component, name), parts in modules.items():
+        if family.original_modules is not None and family.is_denoiser(component):
+            continue
         flat = name.replace(".", "_")
         if _clip_root(family, component) and not name.startswith("text_model."):
             flat = "text_model_" + flat  # the usual SD-1 spelling: lora_te_text_model_encoder_layers_...
         key = family.kohya_prefix(component) + flat
-        rank, alpha, rslora = scales[(component, name)]
-        alpha = float(rank) if alpha is None else alpha
-        if rslora:
-            alpha = alpha * math.sqrt(rank)
         out[f"{key}.lora_down.weight"] = parts["lora_A"]
         out[f"{key}.lora_up.weight"] = parts["lora_B"]
         # float32 holds any alpha a config can state exactly enough (fp16 would turn 0.1 into 0.09998)
-        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        out[f"{key}.alpha"] = torch.tensor(_kohya_alpha(*scales[(component, name)]), dtype=torch.float32)
     return dict(sorted(out.items()))
+
+
+def _kohya_alpha(rank: int, alpha: float | None, rslora: bool) -> float:
+    """The alpha a kohya loader (scale alpha / r) needs for a module's peft (rank, alpha, rsLoRA)."""
+    alpha = float(rank) if alpha is None else alpha
+    return alpha * math.sqrt(rank) if rslora else alpha
+
+
+def _depths(names) -> Any:
+    """The block counts and guidance input an adapter's denoiser module names show (enough to name every
+    module they patch in the original layout; blocks past the last patched one need no name)."""
+    from types import SimpleNamespace
+
+    def deepest(block: str) -> int:
+        found = [int(m.group(1)) for n in names if (m := re.match(rf"{block}\.(\d+)\.", n))]
+        return max(found, default=-1) + 1
+
+    return SimpleNamespace(num_layers=deepest("transformer_blocks"),
+                           num_single_layers=deepest("single_transformer_blocks"),
+                           guidance_embeds=any("guidance_embedder" in n for n in names))
+
+
+def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scales) -> dict[str, Any]:
+    """kohya keys (``lora_unet_`` + the original flat name) for the denoiser of a family with original names.
+
+    A fused original module (Flux's ``img_attn.qkv``, ``linear1``) becomes one LoRA of rank sum(r):
+    lora_down stacks each patched module's A, lora_up places each B (times its own scale) in its rows and
+    rank columns, zeros elsewhere (the modules the adapter does not patch), and alpha = that rank, so
+    the scale is 1 and every part keeps its own strength exactly.
+    """
+    import torch
+
+    denoiser = {name: parts for (component, name), parts in modules.items() if family.is_denoiser(component)}
+    prefix = family.kohya_prefix(family.denoiser)
+    out: dict[str, Any] = {}
+    written: set[str] = set()
+    for original, ours in family.original_modules(_depths(list(denoiser))).items():
+        key = prefix + original.replace(".", "_")
+        if isinstance(ours, str):
+            if ours in denoiser:
+                out[f"{key}.lora_down.weight"] = denoiser[ours]["lora_A"]
+                out[f"{key}.lora_up.weight"] = denoiser[ours]["lora_B"]
+                out[f"{key}.alpha"] = torch.tensor(_kohya_alpha(*scales[(family.denoiser, ours)]), dtype=torch.float32)
+                written.add(ours)
+            continue
+        present = [t for t in ours.targets if t in denoiser]
+        if not present:
+            continue
+        # Rows of each target: its own B's, or (not patched) its width times the unit the patched ones show.
+        unit = denoiser[present[0]]["lora_B"].shape[0] // ours.widths[ours.targets.index(present[0])]
+        rows = [denoiser[t]["lora_B"].shape[0] if t in denoiser else unit * w
+                for t, w in zip(ours.targets, ours.widths, strict=True)]
+        ranks = [denoiser[t]["lora_A"].shape[0] for t in present]
+        down = torch.cat([denoiser[t]["lora_A"] for t in present])
+        up = torch.zeros(sum(rows), sum(ranks), dtype=down.dtype)
+        column = 0
+        for t, start, n in zip(ours.targets, [sum(rows[:i]) for i in range(len(rows))], rows, strict=True):
+            if t not in denoiser:
+                continue
+            rank, alpha, rslora = scales[(family.denoiser, t)]
+            r = denoiser[t]["lora_B"].shape[1]
+            up[start:start + n, column:column + r] = denoiser[t]["lora_B"] * (_kohya_alpha(rank, alpha, rslora) / rank)
+            column += r
+        if ours.swap_halves:
+            up = torch.cat([up[up.shape[0] // 2:], up[: up.shape[0] // 2]])
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = up
+        out[f"{key}.alpha"] = torch.tensor(float(sum(ranks)), dtype=torch.float32)
+        written.update(present)
+    left = sorted(set(denoiser) - written)
+    if left:
+        raise UnsupportedAdapterError(f"{len(left)} {family.denoiser} module(s) of this adapter have no name in "
+                                      f"{family.display_name}'s original layout (e.g. {left[0]!r}); export it with "
+                                      f"--format diffusers")
+    return out
 
 
 def to_kohya(adapter: AdapterWeights, out: str | Path, *, family: Family | str,

@@ -95,6 +95,10 @@ DIT = Architecture(
 # "transformer."), widths last.
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (FLUX, SD3, DIT, SDXL, SD1, SD2)}
 
+# Dotted key prefixes of adapters spelt in a denoiser's original module names (ComfyUI's and BFL's Flux
+# files: diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight) -> the component they patch.
+ORIGINAL_PREFIXES = {"diffusion_model.": "transformer"}
+
 # Every component an adapter file may name, in the order the studio lists them.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 DENOISERS = ("unet", "transformer")

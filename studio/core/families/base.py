@@ -90,6 +90,31 @@ class SingleFileLayout:
 
 
 @dataclass(frozen=True)
+class OriginalModule:
+    """A module of the family's reference implementation (the names its authors' code, ComfyUI and kohya's
+    files use) that diffusers holds as several modules, or in another row order.
+
+    ``targets`` are the diffusers modules, in the order their outputs are stacked in the original's
+    weight (FLUX's ``img_attn.qkv`` is ``attn.to_q``, ``to_k``, ``to_v``); each takes as many rows as
+    the base model's own module has outputs, so a file is split by the sizes of the model it loads
+    into, never by the full-size model's. ``swap_halves``: the original's two output halves are
+    diffusers' in reverse order (shift and scale of a final modulation). ``widths``: each target's
+    output count relative to the others' (FLUX's ``linear1``: q, k, v at 1 and the MLP at 4), so that an
+    adapter patching only some of them can be written fused, the rest as zeros, with no base at hand.
+    """
+
+    targets: tuple[str, ...]
+    swap_halves: bool = False
+    widths: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.widths:
+            object.__setattr__(self, "widths", (1,) * len(self.targets))
+        if len(self.widths) != len(self.targets):
+            raise ValueError(f"OriginalModule: {len(self.targets)} targets but {len(self.widths)} widths")
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything the studio needs to know about one base-model architecture.
 
@@ -157,6 +182,11 @@ class Family:
     # folder per component), from which its architecture is built on the meta device to check a
     # real-size adapter's names and shapes with no weights downloaded.
     reference_config_dir: Path | None = None
+    # The denoiser's original (reference-implementation) module names: (denoiser config) -> original dotted
+    # name -> the diffusers module it is, or an :class:`OriginalModule` when diffusers splits or reorders
+    # it. kohya-style files spell these names flat after a denoiser prefix (lora_unet_double_blocks_0_...),
+    # ComfyUI's dotted after ``diffusion_model.``; None when the family's files use diffusers' names.
+    original_modules: Callable[[Any], Mapping[str, str | OriginalModule]] | None = None
     # Keyword arguments every load of the family's pipelines passes (SD-1: no safety checker; a
     # keyword a pipeline class does not take would be ignored with a warning, so each family names its own).
     pipeline_options: Mapping[str, Any] = field(default_factory=dict)

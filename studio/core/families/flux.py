@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.families import architectures
-from studio.core.families.base import Family, TextEncoder
+from studio.core.families.base import Family, OriginalModule, TextEncoder
 
 # diffusers' Flux LoRA scripts target the attention projections of both streams.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -113,6 +113,46 @@ def sampling_options(pipe, guidance_scale: float, negative_prompt: str, recommen
     return {**options, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt or None}
 
 
+# BFL's module names (black-forest-labs/flux, ComfyUI, kohya's lora_unet_ keys) -> diffusers', per block.
+_DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+           "img_attn.qkv": OriginalModule(("attn.to_q", "attn.to_k", "attn.to_v")), "img_attn.proj": "attn.to_out.0",
+           "txt_attn.qkv": OriginalModule(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+           "txt_attn.proj": "attn.to_add_out", "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+           "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}
+# linear1 computes q, k, v and the MLP's input in one matrix; linear2 reads attention and MLP outputs.
+_SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out",
+           # FluxSingleTransformerBlock's MLP is 4x the inner width (its mlp_ratio)
+           "linear1": OriginalModule(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), widths=(1, 1, 1, 4))}
+_EMBEDDERS = {"img_in": "x_embedder", "txt_in": "context_embedder",
+              "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+              "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+              "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+              "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+              "final_layer.linear": "proj_out",
+              # BFL's final modulation yields (shift, scale); diffusers' AdaLayerNormContinuous (scale, shift).
+              "final_layer.adaLN_modulation.1": OriginalModule(("norm_out.linear",), swap_halves=True)}
+_GUIDANCE = {"guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+             "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2"}
+
+
+def original_modules(config) -> dict[str, str | OriginalModule]:
+    """Every BFL module name of a transformer with ``config``'s depths -> the diffusers module(s) it is."""
+    out: dict[str, str | OriginalModule] = {**_EMBEDDERS, **(_GUIDANCE if config.guidance_embeds else {})}
+    for i in range(config.num_layers):
+        for theirs, ours in _DOUBLE.items():
+            out[f"double_blocks.{i}.{theirs}"] = _in_block(f"transformer_blocks.{i}", ours)
+    for i in range(config.num_single_layers):
+        for theirs, ours in _SINGLE.items():
+            out[f"single_blocks.{i}.{theirs}"] = _in_block(f"single_transformer_blocks.{i}", ours)
+    return out
+
+
+def _in_block(block: str, ours: str | OriginalModule) -> str | OriginalModule:
+    if isinstance(ours, str):
+        return f"{block}.{ours}"
+    return OriginalModule(tuple(f"{block}.{t}" for t in ours.targets), ours.swap_halves, ours.widths)
+
+
 FLUX = Family(
     name="flux",
     display_name="FLUX.1",
@@ -136,14 +176,15 @@ FLUX = Family(
     samplers={"Euler": ("FlowMatchEulerDiscreteScheduler", {})},
     denoiser="transformer",
     denoiser_label="transformer",
-    # kohya's own Flux files say lora_unet_ (with BFL block names); the key table is global for now,
-    # where lora_unet_ means a UNet, so the studio reads and writes OneTrainer's lora_transformer_.
-    denoiser_kohya_prefixes=("lora_transformer_",),
+    # kohya's and ComfyUI's Flux files say lora_unet_ with BFL's module names (``original_modules``);
+    # OneTrainer's say lora_transformer_ with diffusers' names. Either spelling reads after either prefix.
+    denoiser_kohya_prefixes=("lora_unet_", "lora_transformer_"),
+    original_modules=original_modules,
     text_encoders=(
         TextEncoder("text_encoder", "tokenizer", ("lora_te1_",), kind="clip", target_modules=CLIP_TARGETS),
-        # T5 carries no LoRA through diffusers' Flux loader (its kohya keys, lora_te3_, are dropped there);
-        # lora_te2_ is what the studio would write, as OneTrainer does.
-        TextEncoder("text_encoder_2", "tokenizer_2", ("lora_te2_",), kind="t5", lora=False,
+        # kohya names T5 lora_te3_ (OneTrainer lora_te2_). diffusers' Flux loader has no T5 LoRA (it drops
+        # those keys without a word); the studio refuses such files by name rather than half-apply them.
+        TextEncoder("text_encoder_2", "tokenizer_2", ("lora_te3_", "lora_te2_"), kind="t5", lora=False,
                     target_modules=T5_TARGETS),
     ),
     objective="flow_matching",
