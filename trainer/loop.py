@@ -61,10 +61,17 @@ from studio.core.base_models import (
     recommended_settings,
     resolve,
 )
-from studio.core.errors import CheckpointError, ConfigError, StudioError, TrainingDivergedError
+from studio.core.errors import (
+    CheckpointError,
+    ConfigError,
+    StudioError,
+    TrainingDivergedError,
+    TrainingOutOfMemoryError,
+)
 from studio.core.families import get_family
+from studio.core.quantize import quantize_blocks
 from studio.core.thirdparty import allow_bitsandbytes
-from trainer import methods
+from trainer import memory, methods
 from trainer.caches import TensorCache, cache_root
 from trainer.config import TrainConfig
 from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, write_json_atomic
@@ -449,6 +456,11 @@ class Trainer:
         # Before injecting: the adapter weights stay contiguous, as peft's DoRA conv path needs
         # (it reshapes them with .view).
         self.denoiser.to(memory_format=torch.channels_last)
+        self.quantized = None
+        if c.model.quantize != "no":
+            # Frozen block layers in NF4/int8 (QLoRA); the LoRA injected next wraps them and trains in fp32.
+            self.quantized = quantize_blocks(self.denoiser, c.model.quantize, device=device,
+                                             compute_dtype=self.weight_dtype)
         # The components that train, denoiser first: its peft config per component name.
         trained = [family.denoiser]
         if c.network.train_text_encoder:
@@ -473,6 +485,7 @@ class Trainer:
             model.train(name in self.peft_configs)
         self.vae.eval()
         self.param_count = sum(p.numel() for p in denoiser_params + te_params)
+        self._estimate_memory(pipe, device)
 
         groups = [{"params": denoiser_params, "lr": c.training.learning_rate}]
         if te_params:
@@ -512,6 +525,37 @@ class Trainer:
         # held one unnamed tensor per caption)
         self.text_cache = TensorCache(cache_root() / "conditioning" / te_hash[:16])
         self.model_hash = model_hash(self.resolved)
+
+    def _estimate_memory(self, pipe, device) -> None:
+        """The run's memory estimate (:mod:`trainer.memory`), logged at the start; on a GPU, the
+        device's memory and, when the estimate exceeds it, the settings that would fit."""
+        import torch  # lazy: keeps torch off `python -m trainer --help`
+
+        text_tokens = min(512, max((int(getattr(t, "model_max_length", 77)) for t in self.tokenizers.values()),
+                                   default=77))
+        self.memory_sizes = memory.sizes_of(pipe.components, self.family, self.param_count, text_tokens)
+        on_gpu = device.type == "cuda"
+        self.memory_estimate = memory.estimate(self.config, self.memory_sizes, on_gpu=on_gpu)
+        self.memory_available = torch.cuda.mem_get_info(device)[1] if on_gpu else None
+        self.memory_note = f"memory estimate {self.memory_estimate.describe()}"
+        if self.memory_available is not None:
+            self.memory_note += f" of the GPU's {self.memory_available / memory.GIB:.1f} GiB"
+            if self.memory_estimate.total > self.memory_available:
+                self.memory_note += "; " + self._what_would_fit()
+
+    def _what_would_fit(self) -> str:
+        changes = memory.settings_that_fit(self.config, self.memory_sizes, self.memory_available)
+        if changes is None:
+            return ("no combination of gradient checkpointing, 8-bit AdamW, bf16, NF4 and batch 1 fits: lower "
+                    "dataset.resolution or network.rank")
+        return "settings that would fit: " + ", ".join(changes) if changes else "the estimate fits"
+
+    def _out_of_memory(self, step: int) -> TrainingOutOfMemoryError:
+        what = (f"the GPU ran out of memory at step {step + 1} ({self.memory_note})" if self.memory_available else
+                f"out of memory at step {step + 1} ({self.memory_note})")
+        if self.memory_available is not None and "settings that would fit" not in what:
+            what += "; " + self._what_would_fit()
+        return TrainingOutOfMemoryError(what + "; the last checkpoint is kept")
 
     @property
     def denoiser(self):
@@ -846,6 +890,8 @@ class Trainer:
                             num_processes=self.world, samples_per_epoch=len(self.train_set),
                             held_out=len(self.held_out) if self.held_out is not None else 0,
                             trainable_parameters=self.param_count, precision_note=self.precision_note,
+                            memory_note=self.memory_note,
+                            quantized=asdict(self.quantized) if self.quantized else None,
                             skipped_files=[asdict(s) for s in self.report.bad_files])
         if acc.trackers == [] and acc.log_with:
             acc.init_trackers("lora_studio", config={f"{s}.{k}": str(v) for s, o in c.to_dict().items()
@@ -926,6 +972,9 @@ class Trainer:
                 break
             val_loss, samples = self._run_on_main(lambda: self._validate(step), (None, []))
             adapter_path, ref = self._finish(step, last_loss, val_loss, samples)
+        except torch.OutOfMemoryError:
+            # Freed before the message is built: the traceback holds the step's tensors.
+            raise self._out_of_memory(step) from None
         except _Stopped as s:
             status, stopped_by = "stopped", s.args[0]
             last_checkpoint = self._checkpoint(step, step // self.updates_per_epoch, last_loss)

@@ -622,11 +622,13 @@ def check_base_model(ref: str, *, what: str = "base model") -> str:
     return text
 
 
-def reference_architecture(family: Family | str):
-    """The family's full-size reference model (SDXL 1.0 base, SD-1.5), its LoRA components built on the
-    ``meta`` device from the configs the studio ships: every module at its real shape, no weights and
-    no memory, offline. :func:`adapters.formats.validate_against` reads it as it reads a pipeline, so a
-    real-size adapter's names and shapes are checked without downloading the model.
+def reference_architecture(family: Family | str, *, every_component: bool = False):
+    """The family's full-size reference model (SDXL 1.0 base, SD-1.5, FLUX.1-dev), its LoRA components
+    built on the ``meta`` device from the configs the studio ships: every module at its real shape, no
+    weights and no memory, offline. :func:`adapters.formats.validate_against` reads it as it reads a
+    pipeline, so a real-size adapter's names and shapes are checked without downloading the model.
+    ``every_component``: every model component with a shipped config (text encoders without LoRA and
+    the VAE too), for memory estimates.
     """
     import types
 
@@ -639,9 +641,11 @@ def reference_architecture(family: Family | str):
     if folder is None:
         raise InvalidRequestError(f"the studio has no full-size reference configs for {family.display_name}")
     index = json.loads((folder / MODEL_INDEX).read_text())
+    wanted = [c for c in index if (folder / c / "config.json").is_file()] if every_component \
+        else list(family.lora_components)
     parts = {}
     with torch.device("meta"):
-        for component in family.lora_components:
+        for component in wanted:
             library, class_name = index[component]
             if library == "diffusers":
                 cls = getattr(diffusers, class_name)

@@ -176,6 +176,10 @@ class TrainingDivergedError(StudioError, ArithmeticError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingOutOfMemoryError(StudioError, MemoryError):
+    """The accelerator ran out of memory; the message gives the run's estimate and settings that would fit."""
+
+
 # ---- disk ----------------------------------------------------------------------------------
 
 
