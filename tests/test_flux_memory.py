@@ -42,7 +42,7 @@ def test_a_quantized_base_trains_a_full_precision_lora(kind, smoke, tmp_path, re
     from safetensors import safe_open
 
     from studio.core.quantize import QUANT_BLOCK
-    from trainer.events import read_events
+    from trainer.events import read_events, run_state
     from trainer.loop import train
 
     cfg = TrainConfig.from_toml(TOML).apply_overrides([*_common(tmp_path, smoke), f"model.quantize={kind}"])
@@ -54,6 +54,7 @@ def test_a_quantized_base_trains_a_full_precision_lora(kind, smoke, tmp_path, re
     shrink = 2 if kind == "int8" else 4  # fp32 -> 1 byte (+ row scales) or 0.5 byte (+ block absmax)
     assert q["kind"] == kind and q["layers"] > 50 and q["bytes_after"] < q["bytes_before"] / shrink
     assert QUANT_BLOCK == 64 and "memory estimate" in start["memory_note"]
+    assert any(n.startswith("memory estimate ~") for n in run_state(result.run_dir).notes)  # what pages show
     with safe_open(str(result.adapter), "pt") as f:
         tensor = f.get_tensor(next(k for k in f.keys() if k.endswith("lora_B.weight")))
     assert tensor.dtype == torch.float32 and tensor.abs().sum() > 0  # the LoRA trained in full precision
@@ -116,3 +117,24 @@ def test_running_out_of_memory_says_the_estimate_and_keeps_the_run(smoke, tmp_pa
     cfg = TrainConfig.from_toml(TOML).apply_overrides(_common(tmp_path, smoke))
     with pytest.raises(TrainingOutOfMemoryError, match=r"out of memory at step 1 \(memory estimate ~[0-9.]+ GiB"):
         train(cfg, console=False)
+
+
+def test_idle_components_are_offloaded_where_the_weights_crowd_the_gpu(monkeypatch):
+    from studio.core.base_models import wants_offload
+    from studio.core.errors import InvalidRequestError
+    from studio.core.settings import get_settings, reload_settings
+
+    gib = 1024**3
+    # FLUX.1-dev in bf16 (33.7 GB of weights) on a 24 GiB card: offload; on an 80 GiB one: not; SD-1 never.
+    assert wants_offload("auto", int(33.7e9), 24 * gib) and not wants_offload("auto", int(33.7e9), 80 * gib)
+    assert not wants_offload("auto", int(2.1e9), 24 * gib)
+    assert wants_offload("model", 1, 80 * gib) and not wants_offload("none", int(33.7e9), 24 * gib)
+    monkeypatch.setenv("LORA_STUDIO_OFFLOAD", "Model")
+    reload_settings()
+    assert get_settings().offload == "model"
+    monkeypatch.setenv("LORA_STUDIO_OFFLOAD", "sometimes")
+    get_settings.cache_clear()
+    with pytest.raises(InvalidRequestError, match="LORA_STUDIO_OFFLOAD='sometimes': use one of auto, model, none"):
+        get_settings()
+    monkeypatch.delenv("LORA_STUDIO_OFFLOAD")
+    reload_settings()

@@ -104,6 +104,7 @@ class RunState:
     checkpoints: list[str] = field(default_factory=list)
     message: str = ""
     result: dict | None = None
+    notes: list[str] = field(default_factory=list)  # what the run said at its start (precision, memory)
 
     @property
     def fraction(self) -> float:
@@ -124,6 +125,7 @@ def run_state(run_dir: str | Path) -> RunState:
             state.state = "running"
             state.total_steps = int(e.get("total_steps") or 0)
             state.step = int(e.get("step") or 0)
+            state.notes = [str(e[k]) for k in ("precision_note", "memory_note") if e.get(k)]
         elif kind == "step":
             state.step = int(e["step"])
             state.total_steps = int(e.get("total_steps") or state.total_steps)

@@ -893,6 +893,10 @@ class Trainer:
                             memory_note=self.memory_note,
                             quantized=asdict(self.quantized) if self.quantized else None,
                             skipped_files=[asdict(s) for s in self.report.bad_files])
+            if self.console:
+                for note in (self.precision_note, self.memory_note):
+                    if note:
+                        print(note, file=sys.stderr)
         if acc.trackers == [] and acc.log_with:
             acc.init_trackers("lora_studio", config={f"{s}.{k}": str(v) for s, o in c.to_dict().items()
                                                      for k, v in o.items()})

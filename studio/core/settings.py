@@ -8,7 +8,9 @@ the SQLite file ``$LORA_STUDIO_HOME/registry.db`` (the blobs stay in ``$LORA_STU
 folders (separated by ``os.pathsep``, ``:`` on Linux and macOS) whose files the UI may read and
 write, beside ``$LORA_STUDIO_HOME`` and the sample datasets: a path typed into a page must lie under
 one of them (:func:`check_data_path`), since anyone who can open the page can type it. The command
-line, run by the machine's own user, takes any path. Read these through :func:`get_settings`, which
+line, run by the machine's own user, takes any path. ``LORA_STUDIO_OFFLOAD`` (``auto``, ``model`` or
+``none``) says whether pipelines on a GPU keep idle components in CPU memory
+(:func:`studio.core.base_models.wants_offload`). Read these through :func:`get_settings`, which
 tests can reset with :func:`reload_settings`.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from studio.core.errors import InvalidRequestError, PathNotAllowedError
 
 _TRUE = {"1", "true", "yes", "on"}
+OFFLOAD_MODES = ("auto", "model", "none")
 DATA_ROOTS_VARIABLE = "LORA_STUDIO_DATA_ROOTS"
 # The project's own sample datasets (datasets/ beside the packages): presets and the Datasets page use them.
 # The checkout (or installed tree) that holds app_streamlit.py and the sample datasets: studio/core/ is two below it.
@@ -36,6 +39,7 @@ class Settings:
     default_base_model: str
     registry_url: str | None = None
     data_roots: tuple[Path, ...] = ()
+    offload: str = "auto"
 
     @property
     def outputs_dir(self) -> Path:
@@ -68,7 +72,15 @@ def get_settings() -> Settings:
         registry_url=os.environ.get("LORA_STUDIO_REGISTRY_URL", "").strip() or None,
         data_roots=tuple(Path(p.strip()).expanduser() for p in os.environ.get(DATA_ROOTS_VARIABLE, "").split(os.pathsep)
                          if p.strip()),
+        offload=_offload_mode(os.environ.get("LORA_STUDIO_OFFLOAD", "auto")),
     )
+
+
+def _offload_mode(value: str) -> str:
+    mode = value.strip().lower() or "auto"
+    if mode not in OFFLOAD_MODES:
+        raise InvalidRequestError(f"LORA_STUDIO_OFFLOAD={value!r}: use one of {', '.join(OFFLOAD_MODES)}")
+    return mode
 
 
 def reload_settings() -> Settings:

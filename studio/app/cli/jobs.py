@@ -38,7 +38,7 @@ def _job_dict(job) -> dict:
     if job.state != "queued":
         p = job.progress()
         d["progress"] = {"step": p.step, "total_steps": p.total_steps, "eta_s": p.eta_s,
-                         "loss": p.losses[-1][1] if p.losses else None, "result": p.result}
+                         "loss": p.losses[-1][1] if p.losses else None, "result": p.result, "notes": p.notes}
     return d
 
 

@@ -154,6 +154,8 @@ def _job_view(job_id: str) -> None:
         eta = f", about {state.eta_s:.0f} s left" if state.eta_s is not None and not job.finished else ""
         speed = f" ({state.sec_per_step:.2f} s/step)" if state.sec_per_step else ""
         st.progress(state.fraction, text=f"step {state.step}/{state.total_steps or '?'}{eta}{speed}")
+        for note in state.notes:
+            st.caption(note)
         if job.state == "done" and state.result:
             st.success(f"done: registered {state.result.get('ref') or 'the adapter'}, final loss "
                        f"{state.result.get('final_loss')}; find it on the Adapters page")
