@@ -294,3 +294,45 @@ def test_flux_adapters_export_to_the_kohya_comfyui_layout_and_back(smoke, pipe, 
     assert extra == ({f"single_transformer_blocks.{i}.proj_mlp" for i in range(6)}
                      | {f"transformer_blocks.{i}.attn.add_{x}_proj" for i in range(3) for x in "qv"})
     assert all(not again.modules()[("transformer", n)]["lora_B"].any() for n in extra)
+
+
+def test_a_flux_stack_fuses_merges_and_grids_like_its_parts(smoke, pipe, tmp_path, reg):
+    """Two Flux adapters (one with CLIP) stacked with their own transformer and text-encoder strengths:
+    the fused stack renders what the unfused one does, peft's exact ``cat`` merge of the two renders the
+    same again, and a strength grid draws one cell per strength with the stack's own image at 0.7."""
+    from adapters.compose import AdapterSpec, engine_for
+    from adapters.ingest import import_adapter
+    from adapters.merge import merge_adapters
+    from studio.core.base_models import load_pipeline
+    from studio.generation.grid import GridAxis, render_grid
+
+    for layout, seed in (("kohya", 1), ("bfl", 2)):
+        factors, clip_factors = _factors(pipe, seed=seed)
+        _write(layout, tmp_path / f"{layout}.safetensors", factors, clip_factors, 4.0)
+        import_adapter(reg, tmp_path / f"{layout}.safetensors", name=f"stack-{layout}", base=str(smoke))
+    stack = [AdapterSpec(ref="stack-kohya", weight=0.6, text_encoders=0.9), AdapterSpec(ref="stack-bfl", weight=0.7)]
+    engine = engine_for(load_pipeline(str(smoke)))
+    try:
+        first = _render(smoke, stack)
+        fused = _render(smoke, stack)  # the same stack twice: the engine fuses it
+        assert engine.is_fused
+        merged = merge_adapters(reg, [("stack-kohya", 0.6), ("stack-bfl", 0.7)], method="cat", name="stack-merged")
+        assert merged.family == "flux"
+        engine.unload_all()
+        # cat keeps both factors side by side: exact, but the text encoder takes the merge weight (0.6),
+        # so the stack it equals has CLIP at 0.6 too.
+        same_stack = [AdapterSpec(ref="stack-kohya", weight=0.6), AdapterSpec(ref="stack-bfl", weight=0.7)]
+        by_stack = _render(smoke, same_stack)
+        by_merge = _render(smoke, [AdapterSpec(ref="stack-merged", weight=1.0)])
+        grid = render_grid(GenerationRequest(prompt=PROMPT, base_model=str(smoke), seed=4, num_inference_steps=4,
+                                             guidance_scale=2.0, adapters=stack),
+                           GridAxis("strength", (0.0, 0.7), entry=1), out_dir=tmp_path / "grid")
+    finally:
+        engine.unload_all()
+    assert np.abs(first - fused).max() <= 2, np.abs(first - fused).max()
+    assert np.abs(by_stack - by_merge).max() <= 2, np.abs(by_stack - by_merge).max()
+    assert np.abs(first - _render(smoke)).mean() > 2
+    from PIL import Image
+
+    cell = np.asarray(Image.open(grid.image_paths[0][1]), dtype=np.float32)
+    assert np.abs(cell - first).max() <= 2  # the 0.7 cell is the stack itself
