@@ -35,9 +35,7 @@ import numpy as np
 from studio.app.tiny.scenes import COLOURS, SHAPES, STYLES, random_scene, random_texture, render
 from studio.app.tiny.tokenizer import build_t5_tokenizer
 from studio.core.embedded import EMBEDDED_DIR, TINY_MODEL_DIR
-from studio.core.families.flux import FLUX
-from studio.core.families.sd1 import SD1
-from studio.core.families.sdxl import SDXL
+from studio.core.families import get_family
 
 IMAGE_SIZE = 32
 
@@ -172,12 +170,12 @@ FLUX_TEXT_WIDTH = 32
 FLUX_HEADS, FLUX_HEAD_DIM, FLUX_ROPE_AXES = 8, 16, (4, 6, 6)
 
 
-def _t5(vocab_size: int):
+def _t5(vocab_size: int, width: int = FLUX_TEXT_WIDTH):
     """A narrow T5 v1.1-style encoder (gated-GELU feed-forward: the wi_0/wi_1 names real LoRAs use)."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=FLUX_TEXT_WIDTH, d_ff=2 * FLUX_TEXT_WIDTH, d_kv=8, num_heads=4,
+        vocab_size=vocab_size, d_model=width, d_ff=2 * width, d_kv=8, num_heads=4,
         num_layers=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
         eos_token_id=1, decoder_start_token_id=0,
     ))
@@ -206,6 +204,33 @@ def _flux_components(vocab_size: int, t5_vocab_size: int) -> dict:
     )
     return {"text_encoder": _clip(vocab_size, FLUX_TEXT_WIDTH), "text_encoder_2": _t5(t5_vocab_size),
             "transformer": transformer, "scheduler": _flow_scheduler()}
+
+
+# tiny-sd3: two CLIP encoders of width 32 (concatenated: 64, as 768 + 1280 = 2048 on the real model)
+# and a T5 of width 64, which the CLIP states are zero-padded to (2048 -> 4096 on the real model).
+SD3_CLIP_WIDTH, SD3_T5_WIDTH = 32, 64
+SD3_HEADS, SD3_HEAD_DIM = 8, 16
+
+
+def _sd3_components(vocab_size: int, t5_vocab_size: int) -> dict:
+    """Fresh tiny SD3.5-like components: two CLIP encoders with projection, a T5, and an MMDiT with
+    SD3.5's RMS-normalised q/k and one dual-attention block (SD3.5 Medium's first 13 of 24), over the
+    shared VAE's 4-channel latents in 2x2 patches (16 tokens at 32 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    inner = SD3_HEADS * SD3_HEAD_DIM
+    transformer = SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+        attention_head_dim=SD3_HEAD_DIM, num_attention_heads=SD3_HEADS, joint_attention_dim=SD3_T5_WIDTH,
+        caption_projection_dim=inner, pooled_projection_dim=2 * SD3_CLIP_WIDTH,
+        # room for 128 px images (32 patches a side) in img2img, beyond the native 32 px
+        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+    )
+    # SD3's sampler without the 1024 px shift of 3: at 16 tokens the schedule needs none.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return {"text_encoder": _clip(vocab_size, SD3_CLIP_WIDTH, with_projection=True),
+            "text_encoder_2": _clip(vocab_size, SD3_CLIP_WIDTH, with_projection=True),
+            "text_encoder_3": _t5(t5_vocab_size, SD3_T5_WIDTH), "transformer": transformer, "scheduler": scheduler}
 
 
 def _to_tensor(images) -> torch.Tensor:  # noqa: F821
@@ -353,6 +378,7 @@ MODELS = {
     # Empty prompts are encoded, not zeroed: the model learns its unconditional branch from "" (10% of captions).
     "tiny-sdxl": ("sdxl", _sdxl_components, {"force_zeros_for_empty_prompt": False}),
     "tiny-flux": ("flux", _flux_components, {}),
+    "tiny-sd3": ("sd3", _sd3_components, {}),
 }
 # Components read from the embedded SD-1 model instead of shipping a copy (lora_studio.json's
 # "shared_components"; the studio's loader reads them from there): SD's vocabulary is 1.5 MB a copy.
@@ -367,7 +393,7 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
     from transformers import CLIPTokenizer
 
     family_name, make_components, pipeline_kwargs = MODELS[model]
-    family = {"sd1": SD1, "sdxl": SDXL, "flux": FLUX}[family_name]
+    family = get_family(family_name)
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -425,10 +451,12 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
                               "scheduler": "Euler"}}
     if shared:
         record["shared_components"] = shared
-    if family.objective == "flow_matching":
-        # Not guidance-distilled: CFG is true CFG against the negative prompt (see families.flux), and
-        # FluxPipeline's default size (128 x the VAE factor) is not this model's.
+    if getattr(models[family.denoiser].config, "guidance_embeds", False):
+        # A guidance input, but not guidance-distilled: CFG is true CFG against the negative prompt
+        # (see families.flux).
         record["recommended"]["true_cfg"] = True
+    if family.objective == "flow_matching":
+        # FluxPipeline's default size (128 x the VAE factor) is not this model's.
         record["native_resolution"] = IMAGE_SIZE
     (out_dir / "lora_studio.json").write_text(json.dumps(record, indent=2) + "\n")
     params = {name: sum(p.numel() for p in module.parameters())
@@ -451,7 +479,8 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Build an embedded tiny model (tiny: SD-1, tiny-sdxl: SDXL, tiny-flux: FLUX.1) from a seed.")
+        description="Build an embedded tiny model (tiny: SD-1, tiny-sdxl: SDXL, tiny-flux: FLUX.1, tiny-sd3: SD3.5) "
+                    "from a seed.")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--out", type=Path, help="output folder (default: the embedded model's own folder)")
     parser.add_argument("--seed", type=int, default=0)

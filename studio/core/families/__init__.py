@@ -5,8 +5,8 @@ denoiser sees (training needs this without a pipeline), which modules LoRA targe
 native resolution, and the names other tools use for it (kohya's ``ss_base_model_version``,
 Stability's ModelSpec ``modelspec.architecture``).
 
-Families live one per module (``sd1.py``, ``sdxl.py`` and ``flux.py`` now; ``sd3.py`` joins the same
-way) and are added to :data:`FAMILIES` by one explicit :func:`register_family` call each, at the
+Families live one per module (``sd1.py``, ``sdxl.py``, ``flux.py`` and ``sd3.py``) and are added to
+:data:`FAMILIES` by one explicit :func:`register_family` call each, at the
 bottom of this file. Nothing here imports torch or diffusers at import time.
 """
 
@@ -73,8 +73,10 @@ def architecture_of(family: Family | str):
 
 from studio.core.families.flux import FLUX  # noqa: E402  (registration needs the functions above)
 from studio.core.families.sd1 import SD1  # noqa: E402
+from studio.core.families.sd3 import SD3  # noqa: E402
 from studio.core.families.sdxl import SDXL  # noqa: E402
 
 register_family(SD1)
 register_family(SDXL)
 register_family(FLUX)
+register_family(SD3)
