@@ -198,3 +198,25 @@ def test_sd3_cards_carry_the_community_license(smoke, pipe, tmp_path, reg):
     hub.publish_version(reg, version.ref, "someone/sd3-card", dry_run_dir=tmp_path / "card", base_model=base)
     front = (tmp_path / "card" / "README.md").read_text().split("\n---\n")[0]
     assert "license_name: stabilityai-ai-community" in front and f"base_model: {base}" in front and "- sd3" in front
+
+
+def test_preconditioned_outputs_are_the_flow_loss_weighted_by_sigma_squared(smoke, tmp_path):
+    """diffusers' SD3 script takes the loss on x = noisy - s * prediction; the studio's option must be exactly
+    the flow loss times s^2 per sample, on the same batch."""
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+
+    toml = Path(__file__).resolve().parents[1] / "datasets" / "outlined_txt" / "train.toml"
+    common = [f"output.dir={tmp_path / 'runs'}", f"model.base_model={smoke}", "output.name=precondition",
+              "network.target_modules=attention", "validation.prompts=[]"]
+    losses = {}
+    for flag in (False, True):
+        cfg = TrainConfig.from_toml(toml).apply_overrides([*common, f"training.precondition_outputs={flag}"])
+        trainer = Trainer(cfg.resolved(), run_dir=tmp_path / f"run-{flag}", register=False, console=False)
+        trainer._setup()
+        samples = [trainer.train_set[i] for i in range(2)]
+        sigmas = torch.tensor([0.3, 0.8])
+        with torch.no_grad():
+            losses[flag] = trainer._loss(samples, torch.Generator().manual_seed(0), reduce=False,
+                                         timesteps=sigmas * 1000)
+    assert torch.allclose(losses[True], losses[False] * sigmas**2, rtol=1e-4)

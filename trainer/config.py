@@ -256,6 +256,9 @@ class TrainingConfig(_Section):
                                   "(kohya's Flux value)")
     loss_weighting: str = _opt("none", "flow-matching models: per-sample loss weight: none, sigma_sqrt or cosmap "
                                        "(as diffusers' SD3 and Flux scripts name them)")
+    precondition_outputs: bool = _opt(False, "flow-matching models: diffusers' SD3 script's preconditioning: the "
+                                             "loss is taken on x = noisy - s * prediction against the clean latents, "
+                                             "which is the flow loss weighted by s^2")
     seed: int = _opt(0, "seed of every random choice: data order, augmentation, noise, timesteps")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")

@@ -449,6 +449,10 @@ class Trainer:
                                   f"flow_shift and loss_weighting)", option=option)
             self.noise_scheduler = getattr(diffusers, family.training_scheduler).from_config(pipe.scheduler.config)
         else:
+            if c.training.precondition_outputs:
+                raise ConfigError(f"training.precondition_outputs is for flow-matching models (SD3, Flux); "
+                                  f"{family.display_name} predicts {family.objective}: leave it false",
+                                  option="training.precondition_outputs")
             self.noise_scheduler = getattr(diffusers, family.training_scheduler).from_config(
                 pipe.scheduler.config, prediction_type=c.training.prediction_type)
         # channels_last: a UNet's convolutions run faster in NHWC on CPUs and on GPU tensor cores
@@ -690,7 +694,13 @@ class Trainer:
             s = sigmas.view(-1, 1, 1, 1).to(latents.device, dtype=latents.dtype)
             pred = self.family.predict(denoiser or self.denoiser, (1 - s) * latents + s * noise,
                                        sigmas.to(latents.device), conditioning)
-            per_sample = F.mse_loss(pred.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3))
+            if c.precondition_outputs:
+                # diffusers' SD3 script: x_pred = noisy - s * pred against x. Since noisy - x = s (e - x), the
+                # error is s * (e - x - pred): the flow loss with each sample weighted by s^2, computed so.
+                pred, target = (1 - s) * latents + s * noise - s * pred, latents
+            else:
+                target = noise - latents
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             per_sample = per_sample * _flow_loss_weight(c.loss_weighting, sigmas).to(per_sample.device)
             return per_sample.mean() if reduce else per_sample
         if timesteps is None:
