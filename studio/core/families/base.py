@@ -114,6 +114,13 @@ class OriginalModule:
             raise ValueError(f"OriginalModule: {len(self.targets)} targets but {len(self.widths)} widths")
 
 
+def in_block(block: str, ours: str | OriginalModule) -> str | OriginalModule:
+    """A block-relative diffusers name (or :class:`OriginalModule`) under the block ``block``."""
+    if isinstance(ours, str):
+        return f"{block}.{ours}"
+    return OriginalModule(tuple(f"{block}.{t}" for t in ours.targets), ours.swap_halves, ours.widths)
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything the studio needs to know about one base-model architecture.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.families import architectures
-from studio.core.families.base import Family, OriginalModule, TextEncoder
+from studio.core.families.base import Family, OriginalModule, TextEncoder, in_block
 
 # diffusers' Flux LoRA scripts target the attention projections of both streams.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -140,17 +140,12 @@ def original_modules(config) -> dict[str, str | OriginalModule]:
     out: dict[str, str | OriginalModule] = {**_EMBEDDERS, **(_GUIDANCE if config.guidance_embeds else {})}
     for i in range(config.num_layers):
         for theirs, ours in _DOUBLE.items():
-            out[f"double_blocks.{i}.{theirs}"] = _in_block(f"transformer_blocks.{i}", ours)
+            out[f"double_blocks.{i}.{theirs}"] = in_block(f"transformer_blocks.{i}", ours)
     for i in range(config.num_single_layers):
         for theirs, ours in _SINGLE.items():
-            out[f"single_blocks.{i}.{theirs}"] = _in_block(f"single_transformer_blocks.{i}", ours)
+            out[f"single_blocks.{i}.{theirs}"] = in_block(f"single_transformer_blocks.{i}", ours)
     return out
 
-
-def _in_block(block: str, ours: str | OriginalModule) -> str | OriginalModule:
-    if isinstance(ours, str):
-        return f"{block}.{ours}"
-    return OriginalModule(tuple(f"{block}.{t}" for t in ours.targets), ours.swap_halves, ours.widths)
 
 
 FLUX = Family(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.families import architectures
-from studio.core.families.base import Family, OriginalModule, TextEncoder
+from studio.core.families.base import Family, OriginalModule, TextEncoder, in_block
 
 # diffusers' SD3 LoRA script targets the attention projections of both streams (and attn2 of SD3.5 M).
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -98,14 +98,9 @@ def original_modules(config) -> dict[str, str | OriginalModule]:
         context = _CONTEXT_LAST if i == config.num_layers - 1 else _CONTEXT
         for stream, table in (("x_block", x), ("context_block", context)):
             for theirs, ours in table.items():
-                out[f"joint_blocks.{i}.{stream}.{theirs}"] = _in_block(f"transformer_blocks.{i}", ours)
+                out[f"joint_blocks.{i}.{stream}.{theirs}"] = in_block(f"transformer_blocks.{i}", ours)
     return out
 
-
-def _in_block(block: str, ours: str | OriginalModule) -> str | OriginalModule:
-    if isinstance(ours, str):
-        return f"{block}.{ours}"
-    return OriginalModule(tuple(f"{block}.{t}" for t in ours.targets), ours.swap_halves, ours.widths)
 
 
 SD3 = Family(
