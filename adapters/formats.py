@@ -1221,11 +1221,13 @@ def check_kohya_exportable(adapter_type: str) -> None:
             f"kohya LoRA files cannot hold Hadamard or Kronecker factors): use --format diffusers")
 
 
-def kohya_state_dict(adapter: AdapterWeights, family: Family | str) -> dict[str, Any]:
+def kohya_state_dict(adapter: AdapterWeights, family: Family | str, *, denoiser_config=None) -> dict[str, Any]:
     """The kohya/A1111 keys of a LoRA: ``lora_unet_*``/``lora_te_text_model_*`` with ``.alpha`` per module.
 
     Each component gets the prefix ``family`` writes for it (SD-1: ``lora_unet_``, ``lora_te_``); a family
-    with original module names (FLUX) has its denoiser written in them (:func:`_original_state_dict`).
+    with original module names (FLUX, SD3) has its denoiser written in them (:func:`_original_state_dict`),
+    named from ``denoiser_config`` (the base's; its depth decides SD3's last block) or, without one,
+    from the depths the adapter's own module names show.
     Alpha is written as each module's own alpha, so strength survives (diffusers'
     ``convert_state_dict_to_kohya`` writes alpha = rank). rsLoRA scales by alpha/sqrt(r); kohya by
     alpha/r, so an rsLoRA module is written with alpha * sqrt(r).
@@ -1244,7 +1246,7 @@ def kohya_state_dict(adapter: AdapterWeights, family: Family | str) -> dict[str,
     if family.original_modules is not None:
         # The denoiser in the family's original names (ComfyUI and kohya read Flux files only so), fused
         # modules written fused; the text encoders below as usual.
-        out.update(_original_state_dict(adapter, family, modules, scales))
+        out.update(_original_state_dict(adapter, family, modules, scales, denoiser_config))
     for (component, name), parts in modules.items():
         if family.original_modules is not None and family.is_denoiser(component):
             continue
@@ -1266,8 +1268,9 @@ def _kohya_alpha(rank: int, alpha: float | None, rslora: bool) -> float:
 
 
 def _depths(names) -> Any:
-    """The block counts and guidance input an adapter's denoiser module names show (enough to name every
-    module they patch in the original layout; blocks past the last patched one need no name)."""
+    """The block counts, dual-attention blocks and guidance input an adapter's denoiser module names show:
+    what names every module they patch in the original layout when the base's config is not at hand
+    (SD3's last block, whose context stream differs, is then taken to be the deepest one patched)."""
     from types import SimpleNamespace
 
     def deepest(block: str) -> int:
@@ -1276,10 +1279,13 @@ def _depths(names) -> Any:
 
     return SimpleNamespace(num_layers=deepest("transformer_blocks"),
                            num_single_layers=deepest("single_transformer_blocks"),
-                           guidance_embeds=any("guidance_embedder" in n for n in names))
+                           guidance_embeds=any("guidance_embedder" in n for n in names),
+                           dual_attention_layers=sorted({int(m.group(1)) for n in names
+                                                         if (m := re.match(r"transformer_blocks\.(\d+)\.attn2\.", n))}))
 
 
-def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scales) -> dict[str, Any]:
+def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scales,
+                         denoiser_config=None) -> dict[str, Any]:
     """kohya keys (``lora_unet_`` + the original flat name) for the denoiser of a family with original names.
 
     A fused original module (Flux's ``img_attn.qkv``, ``linear1``) becomes one LoRA of rank sum(r):
@@ -1293,7 +1299,7 @@ def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scale
     prefix = family.kohya_prefix(family.denoiser)
     out: dict[str, Any] = {}
     written: set[str] = set()
-    for original, ours in family.original_modules(_depths(list(denoiser))).items():
+    for original, ours in family.original_modules(denoiser_config or _depths(list(denoiser))).items():
         key = prefix + original.replace(".", "_")
         if isinstance(ours, str):
             if ours in denoiser:
@@ -1335,13 +1341,13 @@ def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scale
 
 
 def to_kohya(adapter: AdapterWeights, out: str | Path, *, family: Family | str,
-             metadata: Mapping[str, str] | None = None) -> Path:
+             metadata: Mapping[str, str] | None = None, denoiser_config=None) -> Path:
     """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically; LoRA only (DoRA, LoHa, LoKr refused).
 
     ``family`` (the adapter's) gives each component's key prefix. ``lora_adapter_metadata`` is never
     written here: diffusers refuses a kohya file that carries both ``.alpha`` tensors and that key
     ("Both network_alphas and metadata cannot be specified").
     """
-    state = kohya_state_dict(adapter, family)
+    state = kohya_state_dict(adapter, family, denoiser_config=denoiser_config)
     md = {k: str(v) for k, v in (metadata or {}).items() if k != ADAPTER_METADATA_KEY}
     return _write_atomic(out, _serialize(state, md))

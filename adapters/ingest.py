@@ -298,5 +298,6 @@ def export_adapter(registry: Registry, ref: str, *, format: str, out: str | Path
         description=version.description or None, author=version.author, license=version.license,
         date=version.created_at, base=version.safetensors_metadata)
     if format == "kohya":
-        return formats.to_kohya(adapter, out, family=version.family, metadata=metadata)
+        return formats.to_kohya(adapter, out, family=version.family, metadata=metadata,
+                                denoiser_config=base_models.denoiser_config(version.base_model))
     return formats.to_diffusers(adapter, out, metadata=metadata)

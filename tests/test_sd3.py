@@ -164,6 +164,22 @@ def test_an_sd3_lora_in_kohya_layout_renders_what_merging_it_by_hand_renders(smo
     assert np.abs(ours - by_hand).max() <= 2, np.abs(ours - by_hand).max()
     assert np.abs(direct - by_hand).max() <= 2, np.abs(direct - by_hand).max()
 
+    # Exported back to the kohya/ComfyUI layout: the same Stability names, the same deltas.
+    from adapters.formats import read_adapter
+    from adapters.ingest import export_adapter
+
+    out = export_adapter(reg, "sd3-kohya", format="kohya", out=tmp_path / "again.safetensors")
+    again = read_adapter(out, base_pipeline=pipe, family="sd3")
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert {k.partition(".")[0] for k in f.keys()} == {k.partition(".")[0] for k in tensors}
+    scales = again.scales()
+    for (component, name), delta in deltas.items():
+        parts = again.modules()[(component, name)]
+        rank, alpha_back, _ = scales[(component, name)]
+        assert torch.allclose(alpha_back / rank * parts["lora_B"] @ parts["lora_A"], alpha / RANK * delta, atol=1e-6)
+
 
 def test_a_real_size_kohya_sd35_file_is_checked_against_sd35_medium(tmp_path):
     """Fused q/k/v of 3 x 1536 (24 heads of 64), the dual attention of block 12, the last block's context

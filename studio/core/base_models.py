@@ -549,6 +549,25 @@ def native_resolution(pipe) -> int:
     return int(sample_size * pipe.vae_scale_factor)
 
 
+def denoiser_config(ref: str | None):
+    """The denoiser's config (an attribute namespace) of a base model held in a local folder, read from
+    its ``config.json`` alone (no weights); None when the base is not a local folder or is gone."""
+    import types
+
+    try:
+        resolved = resolve(ref)
+    except StudioError:
+        return None
+    if resolved.kind not in ("tiny", "diffusers"):
+        return None
+    family = get_family(resolved.family)
+    try:
+        config = json.loads((Path(resolved.location) / family.denoiser / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return types.SimpleNamespace(**config) if isinstance(config, dict) else None
+
+
 def model_hash(resolved: BaseModelRef) -> str:
     """A short hash (10 hex, A1111's "Model hash" length) identifying the base weights.
 
