@@ -336,3 +336,32 @@ def test_a_flux_stack_fuses_merges_and_grids_like_its_parts(smoke, pipe, tmp_pat
 
     cell = np.asarray(Image.open(grid.image_paths[0][1]), dtype=np.float32)
     assert np.abs(cell - first).max() <= 2  # the 0.7 cell is the stack itself
+
+
+def test_inpainting_runs_on_a_flux_model_with_an_adapter(smoke, pipe, tmp_path, reg):
+    from PIL import Image
+
+    from adapters.compose import AdapterSpec, engine_for
+    from adapters.ingest import import_adapter
+    from studio.core.base_models import load_pipeline
+    from studio.generation.inputs import store_input_image
+
+    factors, clip_factors = _factors(pipe, seed=11)
+    _write("bfl", tmp_path / "bfl.safetensors", factors, clip_factors, None)
+    import_adapter(reg, tmp_path / "bfl.safetensors", name="flux-inpaint", base=str(smoke))
+    init_pixels = _render(smoke).astype(np.uint8)
+    init = store_input_image(Image.fromarray(init_pixels))
+    mask_pixels = np.zeros((32, 32), dtype=np.uint8)
+    mask_pixels[:, 16:] = 255  # repaint the right half
+    mask = store_input_image(Image.fromarray(mask_pixels))
+    try:
+        result = generate(GenerationRequest(prompt="a yellow square on a black background", base_model=str(smoke),
+                                            seed=2, num_inference_steps=4, guidance_scale=2.0, init_image=str(init),
+                                            mask_image=str(mask), strength=1.0,
+                                            adapters=[AdapterSpec(ref="flux-inpaint", weight=WEIGHT)]))
+    finally:
+        engine_for(load_pipeline(str(smoke))).unload_all()
+    out = np.asarray(result.images[0], dtype=np.float32)
+    assert result.request.task == "inpaint" and out.shape == (32, 32, 3)
+    assert np.array_equal(out[:, :16], init_pixels[:, :16].astype(np.float32))  # kept: the original pixels
+    assert np.abs(out[:, 16:] - init_pixels[:, 16:]).mean() > 5
