@@ -53,3 +53,14 @@ def reg(studio_home):
 
     with Registry() as registry:
         yield registry
+
+
+@pytest.fixture(scope="session")
+def flux_smoke(tmp_path_factory):
+    """One smoke build of tiny-flux (the recipe's few-step settings) for every Flux test module: the
+    plumbing, not image quality. Tests read it and never write into it."""
+    from studio.app.tiny.build import main
+
+    out = tmp_path_factory.mktemp("flux-smoke") / "tiny-flux"
+    main(["--model", "tiny-flux", "--smoke", "--out", str(out)])
+    return out

@@ -23,13 +23,9 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """A tiny-flux built by the recipe's smoke settings (a few steps)."""
-    from studio.app.tiny.build import main
-
-    out = tmp_path_factory.mktemp("flux-smoke") / "tiny-flux"
-    main(["--model", "tiny-flux", "--smoke", "--out", str(out)])
-    return out
+def smoke(flux_smoke):
+    """The session's smoke build of tiny-flux (conftest)."""
+    return flux_smoke
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,9 @@ SWAPPED = {"final_layer.adaLN_modulation.1"}
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    from studio.app.tiny.build import main
-
-    out = tmp_path_factory.mktemp("flux-smoke") / "tiny-flux"
-    main(["--model", "tiny-flux", "--smoke", "--out", str(out)])
-    return out
+def smoke(flux_smoke):
+    """The session's smoke build of tiny-flux (conftest)."""
+    return flux_smoke
 
 
 @pytest.fixture(scope="module")

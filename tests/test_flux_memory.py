@@ -23,12 +23,9 @@ TOML = Path(__file__).resolve().parents[1] / "datasets" / "outlined_txt" / "trai
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    from studio.app.tiny.build import main
-
-    out = tmp_path_factory.mktemp("flux-smoke") / "tiny-flux"
-    main(["--model", "tiny-flux", "--smoke", "--out", str(out)])
-    return out
+def smoke(flux_smoke):
+    """The session's smoke build of tiny-flux (conftest)."""
+    return flux_smoke
 
 
 def _common(tmp_path, smoke):
