@@ -129,7 +129,10 @@ def test_family_kohya_prefix():
     assert sd1.lora_components == ("unet", "text_encoder") and sd1.denoiser == "unet"
     for family in FAMILIES.values():
         for component in family.lora_components:
-            assert kohya_prefixes()[family.kohya_prefix(component)] == component
+            # a family's files are read with its own table (FLUX's lora_unet_ is its transformer)
+            assert family.kohya_prefix_map()[family.kohya_prefix(component)] == component
+    assert get_family("flux").kohya_prefix_map()["lora_unet_"] == "transformer"
+    assert get_family("flux").kohya_prefix_map()["lora_te3_"] == "text_encoder_2"
 
 
 # ---- families and loaded pipelines -------------------------------------------------------------

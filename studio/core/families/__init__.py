@@ -55,12 +55,14 @@ def family_of_pipeline(pipe) -> Family:
 
 def kohya_prefixes() -> dict[str, str]:
     """Every kohya-style key prefix a family or a known architecture uses -> the component it names."""
+    # The architectures' tables first: they say what a prefix means with no family in view (lora_te3_ is
+    # a third encoder, SD3's); a family's own meaning (FLUX's lora_unet_ and lora_te3_) is its own table.
     out: dict[str, str] = {}
-    for family in FAMILIES.values():
-        for prefix, component in family.kohya_prefix_map().items():
-            out.setdefault(prefix, component)
     for arch in ARCHITECTURES.values():
         for prefix, component in arch.kohya_prefixes.items():
+            out.setdefault(prefix, component)
+    for family in FAMILIES.values():
+        for prefix, component in family.kohya_prefix_map().items():
             out.setdefault(prefix, component)
     return out
 
@@ -78,5 +80,5 @@ from studio.core.families.sdxl import SDXL  # noqa: E402
 
 register_family(SD1)
 register_family(SDXL)
-register_family(FLUX)
 register_family(SD3)
+register_family(FLUX)
