@@ -65,11 +65,20 @@ def test_conditioning_matches_the_pipelines_own(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device="cpu",
                                                   do_classifier_free_guidance=False, max_sequence_length=77)
     assert torch.equal(ours["encoder_hidden_states"], embeds) and torch.equal(ours["pooled_projections"], pooled)
+    with torch.no_grad():  # a set T5 length: 77 CLIP tokens, then 16 of T5, as the pipeline's option gives
+        short = SD3.conditioning(components, prompts, max_sequence_length=16)
+        embeds, _, _, _ = pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device="cpu",
+                                             do_classifier_free_guidance=False, max_sequence_length=16)
+    assert short["encoder_hidden_states"].shape[1] == 77 + 16 and torch.equal(short["encoder_hidden_states"], embeds)
+    assert SD3.t5_length(pipe.tokenizer_3, 400) == 256  # never past the pipeline's own limit
+    with pytest.raises(ValueError, match="no T5"):
+        get_family("sd1").conditioning(components, prompts, max_sequence_length=16)
 
 
 def test_flow_matching_training_registers_an_sd3_adapter_with_clip_loras(smoke, tmp_path, reg):
     from safetensors import safe_open
 
+    from studio.core.errors import ConfigError
     from trainer.config import TrainConfig
     from trainer.loop import train
 
@@ -78,7 +87,9 @@ def test_flow_matching_training_registers_an_sd3_adapter_with_clip_loras(smoke, 
         f"output.dir={tmp_path / 'runs'}", "validation.every_n_steps=0", "output.checkpointing_steps=0",
         "training.lr_warmup_steps=0", "training.max_train_steps=2", "validation.prompts=[]",
         f"model.base_model={smoke}", "output.name=outlined-sd3", "network.target_modules=attention",
-        "network.train_text_encoder=true", "training.loss_weighting=sigma_sqrt"])
+        "network.train_text_encoder=true", "training.loss_weighting=sigma_sqrt", "model.max_sequence_length=24"])
+    with pytest.raises(ConfigError, match="Stable Diffusion 1.x has no T5 encoder: leave it 0"):
+        train(cfg.apply_overrides(["model.base_model=tiny"]), console=False)
     result = train(cfg, console=False)
     assert result.status == "done" and math.isfinite(result.final_loss)
     version = reg.get(result.ref)

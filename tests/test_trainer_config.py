@@ -110,6 +110,7 @@ def test_shipped_datasets_cover_every_layout():
         ("rank = 4\n", "option rank is outside its table: write it under [network]"),
         ("[network]\nrank = \"4\"\n", "network.rank must be a whole number, got '4'"),
         ("[network]\nrank = 4.5\n", "network.rank must be a whole number, got 4.5"),
+        ("[model]\nmax_sequence_length = 1024\n", "model.max_sequence_length must be 0 (the model's own) or 1 to 512"),
         ("[dataset]\nrandom_flip = 1\n", "dataset.random_flip must be true or false, got 1"),
         ("[validation]\nseeds = 3\n", "validation.seeds must be a list, got 3"),
         ("[validation]\nprompts = [1]\n", "validation.prompts[0] must be a string, got 1"),

@@ -112,11 +112,18 @@ class ModelConfig(_Section):
     quantize: str = _opt("no", "no, nf4 or int8: hold the frozen denoiser's block layers in 4-bit NF4 or 8-bit "
                                "(bitsandbytes, QLoRA) while the LoRA trains in full precision; FLUX.1's 23.8 GB "
                                "transformer takes ~6.7 GB in NF4")
+    max_sequence_length: int = _opt(0, "T5 prompt length in tokens (FLUX.1, SD3): captions are padded or cut to "
+                                       "it; 0 = the model's own (FLUX.1: 512, SD3: 256, the tiny models: 77). "
+                                       "Shorter trains faster with less memory; generation reads prompts at "
+                                       "the model's own length")
 
     def __post_init__(self) -> None:
         if not self.base_model.strip():
             self._fail("base_model", "is empty: use 'tiny', a local folder or file, or a Hub id")
         self._one_of("quantize", QUANTIZATIONS)
+        if not 0 <= self.max_sequence_length <= 512:
+            self._fail("max_sequence_length", f"must be 0 (the model's own) or 1 to 512 tokens, "
+                                              f"got {self.max_sequence_length}")
 
 
 @dataclass

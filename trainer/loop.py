@@ -441,6 +441,10 @@ class Trainer:
         for m in (*self.models.values(), self.vae):
             m.requires_grad_(False)
             m.to(device, dtype=self.weight_dtype)
+        if c.model.max_sequence_length and not family.t5_max_length:
+            raise ConfigError(f"model.max_sequence_length is the T5 prompt length of FLUX.1 and SD3; "
+                              f"{family.display_name} has no T5 encoder: leave it 0",
+                              option="model.max_sequence_length")
         if family.objective == "flow_matching":
             if c.training.prediction_type not in ("", "flow_matching") or c.training.min_snr_gamma:
                 option = "training.min_snr_gamma" if c.training.min_snr_gamma else "training.prediction_type"
@@ -623,23 +627,29 @@ class Trainer:
         import torch  # lazy: keeps torch off `python -m trainer --help`
 
         components = {**self.tokenizers, **{name: self.models[name] for name in self.family.text_encoder_components}}
+        length = self.config.model.max_sequence_length or None
         if self.trains_text_encoders:
-            return self.family.conditioning(components, captions)
+            return self.family.conditioning(components, captions, length)
         out: list[dict | None] = []
         missing = []
         for caption in captions:
-            entry = self.text_cache.get(self.text_cache.key(caption))
+            entry = self.text_cache.get(self._text_key(caption))
             out.append(entry)
             if entry is None:
                 missing.append(len(out) - 1)
         if missing:
             with torch.no_grad():
-                fresh = self.family.conditioning(components, [captions[i] for i in missing])
+                fresh = self.family.conditioning(components, [captions[i] for i in missing], length)
             for j, i in enumerate(missing):
                 out[i] = {name: value[j].float().cpu() for name, value in fresh.items()}
-                self.text_cache.put(self.text_cache.key(captions[i]), out[i])
+                self.text_cache.put(self._text_key(captions[i]), out[i])
         return {name: torch.stack([row[name] for row in out]).to(self.accelerator.device, dtype=self.weight_dtype)
                 for name in out[0]}
+
+    def _text_key(self, caption: str) -> str:
+        """A caption's conditioning-cache key; a set T5 length is part of it (the rows' shapes change)."""
+        length = self.config.model.max_sequence_length
+        return self.text_cache.key(caption, f"t5={length}") if length else self.text_cache.key(caption)
 
     def _sizes(self, samples: list[dict]) -> dict:
         """The family's per-image size conditioning (SDXL's ``time_ids``), batched; ``{}`` for families

@@ -148,7 +148,11 @@ class Family:
     # arguments for those prompts, batched along dim 0 (SD-1: {"encoder_hidden_states": ...}).
     # Training calls it without a pipeline, exactly as the family's pipeline encodes at inference;
     # every value is a tensor with one row per prompt, so rows can be cached per prompt.
-    condition: Callable[[Mapping[str, Any], list[str]], dict[str, Any]] | None = None
+    # Families with a T5 encoder take a third argument, the T5 prompt length (None: the family's own).
+    condition: Callable[..., dict[str, Any]] | None = None
+    # The longest T5 prompt, in tokens, the family's pipeline accepts or defaults to (FLUX.1: 512,
+    # SD3: 256); 0 for families without a T5 encoder.
+    t5_max_length: int = 0
     # Latent packing: (latents) -> what the denoiser takes, and back (latents, height, width);
     # None for families whose denoiser takes the VAE's latents as they are (UNets).
     pack_latents: Callable[[Any], Any] | None = None
@@ -241,11 +245,25 @@ class Family:
                 return te
         raise KeyError(f"{self.display_name} has no text encoder {component!r}")
 
-    def conditioning(self, components: Mapping[str, Any], prompts: list[str]) -> dict[str, Any]:
-        """The denoiser's keyword arguments for ``prompts`` (see ``condition``)."""
+    def conditioning(self, components: Mapping[str, Any], prompts: list[str],
+                     max_sequence_length: int | None = None) -> dict[str, Any]:
+        """The denoiser's keyword arguments for ``prompts`` (see ``condition``); ``max_sequence_length``
+        sets the T5 prompt length of families that have one and is refused by the others."""
         if self.condition is None:
             raise NotImplementedError(f"{self.display_name} has no conditioning hook")
-        return self.condition(components, prompts)
+        if not self.t5_max_length:
+            if max_sequence_length:
+                raise ValueError(f"{self.display_name} has no T5 encoder: a T5 prompt length does not apply")
+            return self.condition(components, prompts)
+        return self.condition(components, prompts, max_sequence_length)
+
+    def t5_length(self, tokenizer, requested: int | None = None) -> int:
+        """How many tokens T5 prompts are padded (and cut) to: ``requested``, else the tokenizer's own
+        length; never past the family's pipeline limit (the real tokenizers say 512, the tiny one 77)."""
+        if not self.t5_max_length:
+            raise ValueError(f"{self.display_name} has no T5 encoder")
+        length = requested or int(tokenizer.model_max_length)
+        return min(length, self.t5_max_length)
 
     def predict(self, denoiser, latents, timesteps, conditioning: Mapping[str, Any]):
         """The denoiser's output for noisy ``latents`` at ``timesteps`` under ``conditioning``.

@@ -28,20 +28,13 @@ ATTENTION_MLP = ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj
 ALL_LINEAR = ATTENTION_MLP + ("norm1.linear", "norm1_context.linear", "norm.linear")
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 T5_TARGETS = ("q", "k", "v", "o")
-# FluxPipeline refuses T5 prompts longer than this.
-T5_MAX_LENGTH = 512
 # The ``guidance`` number training feeds a guidance-distilled transformer (kohya's recommendation for
 # FLUX.1-dev LoRAs; the embedded tiny-flux was trained at it and samples with true CFG instead).
 TRAINING_GUIDANCE = 1.0
 
 
-def t5_length(tokenizer) -> int:
-    """How many tokens T5 prompts are padded to: the tokenizer's own length, at most 512 (the real
-    models' tokenizers say 512; the tiny one 77)."""
-    return min(int(tokenizer.model_max_length), T5_MAX_LENGTH)
-
-
-def condition(components: Mapping[str, Any], prompts: list[str]) -> dict[str, Any]:
+def condition(components: Mapping[str, Any], prompts: list[str], max_sequence_length: int | None = None
+              ) -> dict[str, Any]:
     """Prompts -> ``pooled_projections`` (CLIP's pooled output) and ``encoder_hidden_states`` (T5's last
     hidden state), as ``FluxPipeline.encode_prompt`` computes them (same padding and truncation)."""
     clip_tokenizer, clip = components["tokenizer"], components["text_encoder"]
@@ -49,7 +42,8 @@ def condition(components: Mapping[str, Any], prompts: list[str]) -> dict[str, An
                          truncation=True, return_tensors="pt").input_ids
     pooled = clip(ids.to(clip.device), output_hidden_states=False).pooler_output
     t5_tokenizer, t5 = components["tokenizer_2"], components["text_encoder_2"]
-    ids = t5_tokenizer(prompts, padding="max_length", max_length=t5_length(t5_tokenizer), truncation=True,
+    length = FLUX.t5_length(t5_tokenizer, max_sequence_length)
+    ids = t5_tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                        return_tensors="pt").input_ids
     hidden = t5(ids.to(t5.device), output_hidden_states=False)[0]
     return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
@@ -106,7 +100,7 @@ def sampling_options(pipe, guidance_scale: float, negative_prompt: str, recommen
     tiny-flux, trained without distillation) runs true classifier-free guidance against the negative
     prompt ("" when none), with the guidance input at the value it was trained with.
     """
-    options = {"max_sequence_length": t5_length(pipe.tokenizer_2)}
+    options = {"max_sequence_length": FLUX.t5_length(pipe.tokenizer_2)}
     if recommended.get("true_cfg"):
         return {**options, "guidance_scale": TRAINING_GUIDANCE, "true_cfg_scale": guidance_scale,
                 "negative_prompt": negative_prompt}
@@ -163,6 +157,8 @@ FLUX = Family(
     # FLUX.1-dev's transformer and CLIP configs (black-forest-labs/FLUX.1-dev), for the meta-device check.
     reference_config_dir=Path(__file__).resolve().parent / "configs" / "flux",
     condition=condition,
+    # FluxPipeline refuses T5 prompts longer than this.
+    t5_max_length=512,
     pack_latents=pack_latents,
     unpack_latents=unpack_latents,
     call_denoiser=call_denoiser,

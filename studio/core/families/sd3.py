@@ -26,15 +26,10 @@ ALL_LINEAR = ATTENTION_MLP + ("norm1.linear", "norm1_context.linear")
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 T5_TARGETS = ("q", "k", "v", "o")
 PENULTIMATE = -2
-# StableDiffusion3Pipeline's default T5 length; the studio never pads past a tokenizer's own length.
-T5_MAX_LENGTH = 256
 
 
-def t5_length(tokenizer) -> int:
-    return min(int(tokenizer.model_max_length), T5_MAX_LENGTH)
-
-
-def condition(components: Mapping[str, Any], prompts: list[str]) -> dict[str, Any]:
+def condition(components: Mapping[str, Any], prompts: list[str], max_sequence_length: int | None = None
+              ) -> dict[str, Any]:
     """Prompts -> ``encoder_hidden_states`` and ``pooled_projections`` as
     ``StableDiffusion3Pipeline.encode_prompt`` computes them (no clip skip; same padding and truncation)."""
     import torch
@@ -49,7 +44,8 @@ def condition(components: Mapping[str, Any], prompts: list[str]) -> dict[str, An
         hidden.append(out.hidden_states[PENULTIMATE])
     clip = torch.cat(hidden, dim=-1)
     t5_tokenizer, t5 = components["tokenizer_3"], components["text_encoder_3"]
-    ids = t5_tokenizer(prompts, padding="max_length", max_length=t5_length(t5_tokenizer), truncation=True,
+    length = SD3.t5_length(t5_tokenizer, max_sequence_length)
+    ids = t5_tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                        add_special_tokens=True, return_tensors="pt").input_ids
     t5_hidden = t5(ids.to(t5.device))[0]
     clip = torch.nn.functional.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
@@ -66,7 +62,7 @@ def call_denoiser(denoiser, latents, sigmas, conditioning: Mapping[str, Any], la
 def sampling_options(pipe, guidance_scale: float, negative_prompt: str, recommended: Mapping[str, Any]) -> dict:
     """Classic CFG against the negative prompt, with T5 read to the length training used."""
     return {"guidance_scale": guidance_scale, "negative_prompt": negative_prompt or None,
-            "max_sequence_length": t5_length(pipe.tokenizer_3)}
+            "max_sequence_length": SD3.t5_length(pipe.tokenizer_3)}
 
 
 # Stability's MMDiT names (sd3.5_*.safetensors, ComfyUI, kohya's lora_unet_ keys) -> diffusers', per block.
@@ -118,6 +114,8 @@ SD3 = Family(
     # SD3.5 Medium's transformer and text-encoder configs (stabilityai/stable-diffusion-3.5-medium).
     reference_config_dir=Path(__file__).resolve().parent / "configs" / "sd3",
     condition=condition,
+    # StableDiffusion3Pipeline's default T5 length.
+    t5_max_length=256,
     call_denoiser=call_denoiser,
     sampling_options=sampling_options,
     samplers={"Euler": ("FlowMatchEulerDiscreteScheduler", {})},
