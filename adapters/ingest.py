@@ -36,7 +36,7 @@ from adapters.registry import AdapterVersion, Registry, SampleImage, VersionInfo
 from studio.core import base_models
 from studio.core.errors import IncompatibleAdapterError, InvalidNameError, InvalidRequestError
 from studio.core.families import Family, architectures, get_family
-from studio.core.hashing import tensor_sha256
+from studio.core.hashing import hash_weights, tensor_sha256
 
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -236,7 +236,15 @@ def import_adapter(registry: Registry, path: str | Path, *, name: str | None = N
         tags=tags, description=description, author=_meta(info, "modelspec.author", "ssmd_author", limit=256),
         license=_meta(info, "modelspec.license", limit=128),
         source_info={"path": str(Path(info.path).resolve()), "format": info.format, "key_style": info.key_style,
-                     "file_name": Path(info.path).name}).version
+                     "file_name": Path(info.path).name, **_file_hashes(info.path)}).version
+
+
+def _file_hashes(path: str | Path) -> dict[str, str]:
+    """The imported file's own hashes (the stored file is its canonical conversion, with others): how
+    A1111 and Civitai images name it (``Lora hashes``: the tensor bytes' short hash; AutoV2)."""
+    hashes = hash_weights(path)[1]
+    return {"sha256": hashes.sha256, "tensor_sha256": hashes.tensor_sha256, "autov2": hashes.autov2,
+            "a1111_legacy": hashes.a1111_legacy}
 
 
 def _scales(adapter: AdapterWeights) -> dict:

@@ -863,6 +863,48 @@ class Registry:
         with self._read() as conn:
             return self._load(conn, [self._resolve(conn, ref).id])[0]
 
+    def find_network(self, text: str, short_hash: str | None = None) -> AdapterVersion:
+        """The version an A1111 or Civitai prompt means by ``<lora:TEXT:...>``.
+
+        A1111 names a LoRA by its file's stem; Civitai images name it and give its short hash in
+        ``Lora hashes``. Tried in order: a registry reference (``name``, ``name@3``, ``name@prod``);
+        a hash of the stored file or of the file it was imported from (Civitai AutoV2: 10 hex of the
+        file's sha256; A1111's legacy 8 hex; A1111's 12-hex short hash of the tensor bytes, or
+        ``short_hash`` when the image's ``Lora hashes`` gave one for this name); the stem of the file
+        it was imported from. Newest match first. Nothing found: :class:`AdapterNotFoundError` with
+        close names (registry names and imported file stems).
+        """
+        text = text.strip()
+        try:
+            return self.get(text)
+        except (AdapterNotFoundError, InvalidNameError):
+            pass
+        wanted = [h.lower() for h in (short_hash, text) if h and re.fullmatch(r"[0-9a-fA-F]{8,64}", h)]
+        with self._read() as conn:
+            rows = conn.execute(sa.select(versions.c.id, versions.c.weights_sha256, versions.c.tensor_sha256,
+                                          versions.c.autov2, versions.c.a1111_legacy, versions.c.source)
+                                .order_by(versions.c.created_at.desc(), versions.c.id.desc())).all()
+            stems: dict[str, int] = {}
+            for r in rows:
+                source = r.source if isinstance(r.source, dict) else {}
+                hashes = (r.weights_sha256, r.tensor_sha256, r.autov2, r.a1111_legacy,
+                          *(str(source.get(k) or "") for k in ("sha256", "tensor_sha256", "autov2")))
+                if any(h and len(w) >= 8 and h.startswith(w) for w in wanted for h in hashes):
+                    return self._load(conn, [r.id])[0]
+                stem = Path(str(source.get("file_name") or "")).stem
+                if stem:
+                    stems.setdefault(stem, r.id)
+            if text in stems:
+                return self._load(conn, [stems[text]])[0]
+            names = conn.execute(sa.select(adapters.c.name)).scalars().all()
+        known = list(dict.fromkeys([*names, *stems]))
+        close = difflib.get_close_matches(text, known, n=5, cutoff=0.5)
+        close += [n for n in known if text.lower() in n.lower() and n not in close][: max(0, 5 - len(close))]
+        hint = f"; close matches: {', '.join(close)}" if close else "; `lora-studio adapters list` shows what exists"
+        return_hint = f" or hash {short_hash}" if short_hash else ""
+        raise AdapterNotFoundError(f"no adapter in the registry is {text!r}{return_hint} (by name, alias, hash or "
+                                   f"imported file name){hint}", close)
+
     def adapter(self, name: str) -> AdapterInfo:
         """An adapter's version numbers and aliases."""
         with self._read() as conn:

@@ -1,10 +1,11 @@
-"""Training step time per family: the studio trainer on ``tiny`` (SD-1), ``tiny-sdxl`` (SDXL) and
-``tiny-flux`` (FLUX.1), same dataset, batch, resolution, rank and steps.
+"""Training step time per family: the studio trainer on ``tiny`` (SD-1), ``tiny-sdxl`` (SDXL),
+``tiny-flux`` (FLUX.1) and ``tiny-sd3`` (SD3.5), same dataset, batch, resolution, rank and steps.
 
 What differs is the family: SDXL's UNet also reads the pooled text embedding and the six size
 numbers (``time_ids``) through its ``text_time`` embedding, its conditioning comes from two text
 encoders, and each batch builds its per-image size conditioning; Flux is a flow-matching transformer
-over packed latents, trained on every linear layer of its blocks (it has no convolutions for LoCon).
+over packed latents, trained on every linear layer of its blocks (it has no convolutions for LoCon);
+SD3 is a flow-matching MMDiT over patched latents, trained the same way.
 All run with warm caches (latents and conditioning cached by a first run), so the numbers compare
 the denoiser steps. Each
 configuration runs in its own fresh process, alternating, ``--rounds`` times; the median step time
@@ -26,9 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_TOML = ROOT / "datasets" / "striped" / "train.toml"
-MODELS = ("tiny", "tiny-sdxl", "tiny-flux")
+MODELS = ("tiny", "tiny-sdxl", "tiny-flux", "tiny-sd3")
 # The shipped config's LoCon preset, or the nearest a transformer has.
-TARGETS = {"tiny-flux": "all-linear"}
+TARGETS = {"tiny-flux": "all-linear", "tiny-sd3": "all-linear"}
 
 
 def run(base: str, steps: int, out_dir: str) -> dict:

@@ -185,7 +185,7 @@ def test_list_recognises_families_and_lists_what_it_cannot_run(studio_home):
     (models / "notes.txt").write_text("not a model")
     rows = {r.ref: r for r in list_base_models()}
     files = ("a-sd1.safetensors", "b-lora.safetensors", "c-sdxl", "d-sdxl.safetensors")
-    assert set(rows) == {"tiny", "tiny-sdxl", "tiny-flux", *(str(models / n) for n in files)}
+    assert set(rows) == {"tiny", "tiny-sdxl", "tiny-flux", "tiny-sd3", *(str(models / n) for n in files)}
     assert rows["tiny"].family == "sd1"
     assert (rows[str(models / "a-sd1.safetensors")].family, rows[str(models / "a-sd1.safetensors")].kind) == (
         "sd1", "single_file")

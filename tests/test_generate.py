@@ -124,7 +124,7 @@ def test_read_recipe_errors(tmp_path):
     with pytest.raises(RecipeError, match="not a PNG"):
         read_recipe(tmp_path / "photo.jpg")
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    with pytest.raises(RecipeError, match="no LoRA Studio recipe"):
+    with pytest.raises(RecipeError, match="carries no recipe"):
         read_recipe(tmp_path / "plain.png")
     from PIL.PngImagePlugin import PngInfo
 

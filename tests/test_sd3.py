@@ -247,3 +247,47 @@ def test_preconditioned_outputs_are_the_flow_loss_weighted_by_sigma_squared(smok
             losses[flag] = trainer._loss(samples, torch.Generator().manual_seed(0), reduce=False,
                                          timesteps=sigmas * 1000)
     assert torch.allclose(losses[True], losses[False] * sigmas**2, rtol=1e-4)
+
+
+# ---- the embedded tiny-sd3 --------------------------------------------------------------------------------
+
+
+def test_tiny_sd3_is_embedded_small_and_listed():
+    from studio.core.base_models import list_base_models
+    from studio.core.embedded import EMBEDDED_MODELS
+
+    ref = resolve("tiny-sd3")
+    assert (ref.kind, ref.family) == ("tiny", "sd3")
+    assert {r.ref: r.family for r in list_base_models()}["tiny-sd3"] == "sd3"
+    folder = EMBEDDED_MODELS["tiny-sd3"]
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 15 * 10**6, size
+    report = json.loads((folder / "build_report.json").read_text())
+    assert report["model"] == "tiny-sd3" and report["config"]["seed"] == 0
+    assert report["quality"]["shape"] >= 0.80 and "quality_4_steps" in report
+
+
+def test_cli_generates_on_tiny_sd3_and_the_recipe_replays(tmp_path):
+    from PIL import Image
+
+    from studio.app.cli import main
+
+    out = tmp_path / "out"
+    assert main(["generate", PROMPT, "--base", "tiny-sd3", "--seed", "3", "--steps", "4", "--out", str(out)]) == 0
+    first = next(out.glob("*.png"))
+    assert Image.open(first).size == (32, 32)
+    again = tmp_path / "again"
+    assert main(["generate", "--recipe", str(first), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(next(again.glob("*.png")))))
+
+
+def test_prompts_control_the_sd3_images():
+    """36 images (12 prompts x 3 seeds, 20 flow-Euler steps, the CFG of its lora_studio.json): colour,
+    background and shape at the SD-1 tiny model's bars."""
+    from studio.app.tiny.quality import QUALITY_PROMPTS, measure_quality
+
+    rates = measure_quality("tiny-sd3", seeds=(1, 2, 3), steps=20)
+    assert rates["images"] == len(QUALITY_PROMPTS) * 3 == 36
+    assert rates["colour"] >= 0.90, rates
+    assert rates["background"] >= 0.90, rates
+    assert rates["shape"] >= 0.80, rates

@@ -346,10 +346,11 @@ def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
     ("tiny-sdxl", (), 0.02),
     # tiny-flux's own images score 0.034 as "outlined" (its soft, rounded shapes have dark rims)
     ("tiny-flux", ("network.target_modules=all-linear",), 0.05),
+    ("tiny-sd3", ("network.target_modules=all-linear",), 0.05),
 ])
 def test_sample_dataset_loras_show_their_styles_on_other_families(tmp_path, reg, base, extra, base_limit):
-    """The same shipped configs, the base model switched to tiny-sdxl or tiny-flux (whose transformer has
-    no convolutions: every linear layer of its blocks instead): each adapter draws its own style."""
+    """The same shipped configs, the base model switched to tiny-sdxl, tiny-flux or tiny-sd3 (whose
+    transformers have no convolutions: every linear layer of its blocks instead): each adapter draws its own style."""
     scores = _style_scores(tmp_path, reg, base, *extra, base_limit=base_limit)
     print(json.dumps(scores, indent=1))
     for style in ("striped", "outlined"):

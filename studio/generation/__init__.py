@@ -9,6 +9,7 @@
   nobody vouches for, and what a recipe may cost before it needs a confirmation.
 - ``inputs``: img2img/inpainting input images, stored and pinned by sha256, decoded within bounds.
 - ``grid``: X/Y grids of ordinary requests drawn as one labelled PNG.
+- ``prompt_tags``: A1111's ``<lora:NAME:W>`` prompt tags, resolved into the stack and written back.
 
 Stands on ``adapters`` (the stack composed onto a pipeline) and ``core``; nothing here is imported by
 this package's ``__init__``, so importing one module costs only what that module needs.

@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from adapters.compose import resolve_adapter
 from studio.core.atomic import write_atomic
 from studio.core.errors import InvalidRequestError
+from studio.generation.prompt_tags import expand_prompt_tags
 from studio.generation.requests import MAX_SEED, GenerationRequest
 from studio.generation.run import generate
 
@@ -186,6 +187,7 @@ def render_grid(request: GenerationRequest, x: GridAxis, y: GridAxis | None = No
     """
     if not isinstance(request, GenerationRequest):
         raise InvalidRequestError("render_grid needs a GenerationRequest")
+    request = expand_prompt_tags(request)  # the prompt's <lora:...> tags join the stack an axis can pick
     axes = [a for a in (x, y) if a is not None]
     if y is not None and (x.kind, x.entry if x.kind in ("strength", "version") else 0) == (
             y.kind, y.entry if y.kind in ("strength", "version") else 0):

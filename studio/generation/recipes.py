@@ -22,11 +22,12 @@ from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
-from studio.core.errors import RecipeError, RecipeTooCostlyError
+from studio.core.errors import RecipeError, RecipeTooCostlyError, StudioError
 from studio.core.families import Family
 from studio.core.filesafety import json_nesting_within
 from studio.generation.inputs import STORED_SUFFIXES, TooManyPixels, bounded_open, inputs_dir, stored_input
-from studio.generation.requests import MAX_SIDE, GenerationRequest, brief, one_line
+from studio.generation.prompt_tags import expand_prompt_tags, parse_tags, stack_tags
+from studio.generation.requests import MAX_SIDE, SCHEDULERS, GenerationRequest, brief, one_line
 
 RECIPE_KEY = "lora_studio"
 RECIPE_VERSION = 1
@@ -69,7 +70,8 @@ def recipe_payload(request: GenerationRequest, model_hash: str = "", family: Fam
 
 def a1111_parameters(request: GenerationRequest, model_hash: str = "") -> str:
     """The ``parameters`` text A1111 writes: prompt, ``Negative prompt:`` line, then settings."""
-    lines = [request.prompt]
+    # A1111 writes the prompt as typed, LoRA tags included: an image dragged into it keeps its stack.
+    lines = [" ".join(filter(None, (request.prompt, stack_tags(request.adapters))))]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     settings = [
@@ -122,8 +124,11 @@ def check_recipe_cost(request: GenerationRequest, *, confirmed: bool) -> None:
             f"to run it anyway")
 
 
-def read_recipe(path: str | Path) -> GenerationRequest:
-    """The request stored in a PNG written by the studio (``lora_studio`` chunk).
+def read_recipe(path: str | Path, *, base_model: str | None = None, notes: list[str] | None = None
+                ) -> GenerationRequest:
+    """The request stored in a PNG: the studio's own (``lora_studio`` chunk), or one made by A1111 or
+    downloaded from Civitai (only a ``parameters`` text; see :func:`request_from_a1111`, which runs on
+    ``base_model``, default the embedded tiny model, and appends what it could not map to ``notes``).
 
     The PNG may come from anywhere, so nothing in it is trusted: the claimed size is checked before
     Pillow sees the file, only the chunks before the pixels are read (the studio writes its recipe
@@ -158,8 +163,10 @@ def read_recipe(path: str | Path) -> GenerationRequest:
     if fmt != "PNG":
         raise RecipeError(f"{path} is a {fmt} image, not a PNG: recipes are stored in PNG files only")
     if RECIPE_KEY not in text:
-        hint = " (it has A1111 parameters, which do not pin every setting)" if "parameters" in text else ""
-        raise RecipeError(f"{path} carries no LoRA Studio recipe{hint}: pass a PNG the studio wrote")
+        if "parameters" in text:
+            return request_from_a1111(text["parameters"], base_model=base_model, notes=notes, source=path)
+        raise RecipeError(f"{path} carries no recipe (neither the studio's nor A1111's parameters): pass a PNG "
+                          f"the studio, A1111 or Civitai wrote")
     chunk = text[RECIPE_KEY]
     if len(chunk) > MAX_RECIPE_CHARS:
         raise RecipeError(f"the recipe in {path} is too large ({len(chunk):,} characters; a recipe is a few "
@@ -215,3 +222,103 @@ def _pin_recipe_inputs(request: GenerationRequest, path: Path) -> GenerationRequ
                               f"with {flag} to store it")
         changes[name] = str(stored)
     return replace(request, **changes) if changes else request
+
+
+# A1111's infotext settings line: "Key: value, Key: "quoted, value", ..." (its parse_generation_parameters).
+_A1111_SETTING = re.compile(r'\s*([\w][\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_A1111_SIZE = re.compile(r"(\d+)x(\d+)")
+# Settings that do not change the numbers the studio computes, or that it records elsewhere.
+_A1111_SILENT = {"Model hash", "Lora hashes", "Version", "TI hashes"}
+
+
+def _a1111_fields(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) of an A1111 ``parameters`` text."""
+    lines = text.strip().split("\n")
+    settings: dict[str, str] = {}
+    if lines and len(_A1111_SETTING.findall(lines[-1])) >= 3:
+        for key, value in _A1111_SETTING.findall(lines.pop()):
+            value = value.strip()
+            if value.startswith('"') and value.endswith('"'):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    value = value[1:-1]
+            settings[key.strip()] = value
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt).strip(), "\n".join(negative).strip(), settings
+
+
+def request_from_a1111(text: str, *, base_model: str | None = None, notes: list[str] | None = None,
+                       source: str | Path = "the image") -> GenerationRequest:
+    """A request from an A1111 ``parameters`` text (A1111's PNGs, Civitai downloads).
+
+    Prompt, negative prompt, steps, sampler (with its ``Schedule type``), CFG scale, seed and size map
+    to the request; the prompt's ``<lora:NAME:W>`` tags are resolved in the registry, by name or by the
+    hash ``Lora hashes`` gives that name, and join the stack. What has no counterpart (the checkpoint
+    by name, hires fix, clip skip, a sampler the studio lacks, a hash with no tag) is appended to
+    ``notes`` as one line each; an adapter that cannot be found is an error (the image cannot be re-made
+    without it). The text is untrusted: bounded like a recipe chunk, every number checked.
+    """
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"the A1111 parameters in {source} are too large ({len(text):,} characters)")
+    notes = notes if notes is not None else []
+    prompt, negative, settings = _a1111_fields(text)
+    if not prompt:
+        raise RecipeError(f"the A1111 parameters in {source} have no prompt")
+    fields: dict = {"prompt": prompt, "negative_prompt": negative, "base_model": base_model or "tiny"}
+
+    def number(key: str, kind):
+        try:
+            return kind(settings[key])
+        except ValueError:
+            raise RecipeError(f"the A1111 parameters in {source} say {key}: {settings[key]!r}, not a number") from None
+
+    for key, name, kind in (("Steps", "num_inference_steps", int), ("CFG scale", "guidance_scale", float),
+                            ("Seed", "seed", int)):
+        if key in settings:
+            fields[name] = number(key, kind)
+    if "Size" in settings:
+        size = _A1111_SIZE.fullmatch(settings["Size"].strip())
+        if size is None:
+            raise RecipeError(f"the A1111 parameters in {source} say Size: {settings['Size']!r}; expected WxH")
+        fields["width"], fields["height"] = int(size.group(1)), int(size.group(2))
+    if "Sampler" in settings:
+        sampler = settings["Sampler"].strip()
+        schedule = settings.get("Schedule type", "").strip()
+        name = f"{sampler} {schedule}" if schedule and schedule != "Automatic" else sampler
+        if name in SCHEDULERS:
+            fields["scheduler"] = name
+        elif sampler in SCHEDULERS:
+            fields["scheduler"] = sampler
+            notes.append(f"Schedule type {schedule!r}: not offered with {sampler}; ran {sampler}'s default schedule")
+        else:
+            notes.append(f"Sampler {name!r}: the studio has no such sampler; ran Euler (it offers "
+                         f"{', '.join(SCHEDULERS)})")
+    if "Model" in settings or "Model hash" in settings:
+        model = settings.get("Model") or settings.get("Model hash")
+        notes.append(f"Model {model!r}: A1111 checkpoints are not looked up; ran on {fields['base_model']!r} "
+                     f"(pass --base to choose)")
+    mapped = {"Steps", "CFG scale", "Seed", "Size", "Sampler", "Schedule type", "Model"}
+    for key in settings:
+        if key not in mapped and key not in _A1111_SILENT:
+            notes.append(f"{key}: {settings[key]!r} has no counterpart in the studio; left out")
+    short_hashes = {}
+    for entry in settings.get("Lora hashes", "").split(","):
+        name, colon, digest = entry.rpartition(":")
+        if colon and name.strip():
+            short_hashes[name.strip()] = digest.strip()
+    try:
+        request = GenerationRequest(**fields)
+    except StudioError as e:
+        raise RecipeError(f"the A1111 parameters in {source} do not make a valid request: {e}") from None
+    request = expand_prompt_tags(request, short_hashes=short_hashes)
+    used = {tag.name for tag in parse_tags(prompt)[1]}
+    for name in short_hashes:
+        if name not in used:
+            notes.append(f"Lora hashes names {name!r}, but the prompt has no <lora:{name}:...> tag giving its "
+                         f"weight; not applied")
+    return request

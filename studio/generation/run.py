@@ -38,6 +38,7 @@ from studio.core.base_models import (
 from studio.core.errors import RecipeError, StudioError
 from studio.core.families import Family, family_of_pipeline
 from studio.generation.inputs import load_inputs, pin_input
+from studio.generation.prompt_tags import expand_prompt_tags
 from studio.generation.recipes import a1111_parameters
 from studio.generation.requests import DEFAULT_STRENGTH, MAX_SEED, GenerationRequest, make_scheduler
 from studio.generation.results import GeneratedImage, GenerationResult
@@ -74,7 +75,7 @@ def generate_with_pipeline(
     Images are generated one per denoising batch: batch composition changes CPU kernels' summation
     order, and one image at a time is what makes every image bit-identical to its recipe re-run alone.
     """
-    request = resolve_request(request, pipe, recommended)
+    request = resolve_request(expand_prompt_tags(request), pipe, recommended)
     if request.init_image is not None:
         init_path, init_sha = pin_input("init image", request.init_image, request.init_image_sha256)
         mask_path, mask_sha = pin_input("mask image", request.mask_image, request.mask_image_sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--mask", type=Path, default=None,
                    help="inpainting: a mask image, white = repaint, black = keep (needs --init-image)")
     p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
-    p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote")
+    p.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG the studio wrote, or the A1111 "
+                                               "parameters of an A1111 / Civitai PNG (on --base)")
     p.add_argument("--yes", action="store_true",
                    help="run a --recipe even when it asks for more work than a normal recipe "
                         "(more than 150 steps at 2048x2048)")
@@ -121,7 +123,10 @@ def cmd_generate(args) -> int:
         raise InvalidRequestError("give exactly one of: a PROMPT, --prompts-file FILE, or --recipe IMAGE.png")
     if args.recipe is not None:
         # A PNG can come from anyone: a recipe that asks for hours of work runs only when confirmed.
-        requests = [read_recipe(args.recipe)]
+        notes: list[str] = []
+        requests = [read_recipe(args.recipe, base_model=args.base, notes=notes)]
+        for note in notes:  # an A1111 / Civitai image: what its parameters say that the studio left out
+            print(f"note: {note}", file=sys.stderr)
         check_recipe_cost(requests[0], confirmed=args.yes)
     else:
         prompts = [args.prompt] if args.prompt is not None else _read_prompts_file(args.prompts_file)

@@ -82,17 +82,18 @@ def _random_seed() -> None:
     st.session_state["seed"] = str(random.randint(0, MAX_SEED - 16))
 
 
-def _read_recipe_upload():
-    """The request in the dropped PNG; any failure (a damaged chunk, JSON nested 100,000 deep, a PNG
-    claiming 100000x100000 pixels) is a RecipeError with one line, never an exception in the page."""
+def _read_recipe_upload(notes: list[str] | None = None):
+    """The request in the dropped PNG (the studio's, or A1111's/Civitai's on the form's base model, what
+    could not be mapped appended to ``notes``); any failure (a damaged chunk, JSON nested 100,000 deep, a
+    PNG claiming 100000x100000 pixels) is a RecipeError with one line, never an exception in the page."""
     upload = st.session_state.get("recipe_png")
     if upload is None:
-        raise RecipeError("drop a PNG made by the studio first")
+        raise RecipeError("drop a PNG made by the studio, A1111 or Civitai first")
     with tempfile.TemporaryDirectory(prefix="lora-studio-recipe-") as tmp:
         path = Path(tmp) / "recipe.png"
         path.write_bytes(upload.getvalue())
         try:
-            return read_recipe(path)
+            return read_recipe(path, base_model=(st.session_state.get("base") or "tiny").strip(), notes=notes)
         except StudioError:
             raise
         except Exception as e:  # RecursionError, DecompressionBombError, ...: the file is not a usable recipe
@@ -104,8 +105,9 @@ def _read_recipe_upload():
 def _apply_recipe(confirmed: bool = False) -> None:
     # A callback: it runs before the widgets are drawn, so it may set their values; an exception
     # here would escape the page, so every failure becomes the message shown under the button.
+    notes: list[str] = []
     try:
-        request = _read_recipe_upload()
+        request = _read_recipe_upload(notes)
         values = recipes.form_values(request)
         check_recipe_cost(request, confirmed=confirmed)
     except RecipeTooCostlyError:
@@ -130,8 +132,9 @@ def _apply_recipe(confirmed: bool = False) -> None:
             st.session_state[f"split-{entry['id']}"] = True
             st.session_state[f"wu-{entry['id']}"] = float(spec.denoiser_weight)
             st.session_state[f"wt-{entry['id']}"] = float(spec.text_encoder_weight)
+    unmapped = f"; not mapped: {'; '.join(notes)}" if notes else ""
     st.session_state["recipe_msg"] = ("success", f"loaded the recipe of seed {request.seed} "
-                                                 f"({len(request.adapters)} adapter(s))")
+                                                 f"({len(request.adapters)} adapter(s)){unmapped}")
 
 
 def _clear_recipe_inputs() -> None:

@@ -3,7 +3,9 @@
 ``tiny/`` holds ``tiny``, an SD-1 pipeline trained on procedural 32 px scenes; ``tiny-sdxl/`` holds
 ``tiny-sdxl``, an SDXL pipeline (two CLIP text encoders, a ``text_time`` UNet) trained on the same
 scenes with the same VAE; ``tiny-flux/`` holds ``tiny-flux``, a FLUX.1-dev-like flow-matching
-transformer (CLIP pooled + T5 conditioning, a guidance input) on the same scenes and VAE. The recipe
+transformer (CLIP pooled + T5 conditioning, a guidance input) on the same scenes and VAE;
+``tiny-sd3/`` holds ``tiny-sd3``, an SD3.5-like MMDiT (RMS-norm q/k, a dual-attention layer, two CLIP
+encoders with projection and a T5) on the same scenes and VAE. The recipe
 that rebuilds them from a seed, the scene drawer and the quality and style checks are tools of the
 app layer (``studio/app/tiny/``); this package holds only the weights and where they are.
 """
@@ -14,4 +16,4 @@ EMBEDDED_DIR = Path(__file__).resolve().parent
 TINY_MODEL_DIR = EMBEDDED_DIR / "tiny"
 TINY_NATIVE_RESOLUTION = 32
 # Embedded model name (what users type as a base model) -> its folder.
-EMBEDDED_MODELS = {name: EMBEDDED_DIR / name for name in ("tiny", "tiny-sdxl", "tiny-flux")}
+EMBEDDED_MODELS = {name: EMBEDDED_DIR / name for name in ("tiny", "tiny-sdxl", "tiny-flux", "tiny-sd3")}
