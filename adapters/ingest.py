@@ -239,6 +239,69 @@ def import_adapter(registry: Registry, path: str | Path, *, name: str | None = N
                      "file_name": Path(info.path).name, **_file_hashes(info.path)}).version
 
 
+@dataclass(frozen=True)
+class FolderImportRow:
+    """One file of a catalog import: ``status`` is imported, existing (these tensors were registered
+    already), duplicate (another file of the folder has the same tensors) or refused (``reason``)."""
+
+    path: Path
+    status: str
+    ref: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "status": self.status, "ref": self.ref, "reason": self.reason}
+
+
+def import_folder(registry: Registry, folder: str | Path, *, base: str = "tiny") -> list[FolderImportRow]:
+    """Import every ``.safetensors`` file under ``folder`` (a catalog, as A1111's ``models/Lora``), one
+    row per file, in path order: nothing stops at a bad file; each refusal keeps its reason.
+
+    Each file is named as :func:`import_adapter` names it (a name that is not valid is cleaned instead
+    of refused: a catalog's file names were chosen by many people). Files whose tensors are already in
+    the registry (stored, or as the file a version was imported from) are reported as such, and a file
+    whose tensors another file of the folder carries is a duplicate of it. Pickles are listed as refused
+    without being read.
+    """
+    from studio.core.errors import StudioError
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise InvalidRequestError(f"{folder} is not a folder: pass a folder of .safetensors files")
+    rows: list[FolderImportRow] = []
+    seen: dict[str, str] = {}  # tensor sha256 -> ref of the first file that had it
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in formats.PICKLE_SUFFIXES:
+            rows.append(FolderImportRow(path, "refused", reason="a pickle file: the studio loads .safetensors only "
+                                                                 "(convert it with the tool that made it)"))
+            continue
+        if suffix != ".safetensors":
+            continue
+        try:
+            digest = hash_weights(path)[1].tensor_sha256
+            if digest in seen:
+                rows.append(FolderImportRow(path, "duplicate", seen[digest], f"the same tensors as {seen[digest]}"))
+                continue
+            known = registry.find_by_tensors(digest)
+            if known is not None:
+                seen[digest] = known.ref
+                rows.append(FolderImportRow(path, "existing", known.ref, "these tensors are registered already"))
+                continue
+            info = formats.detect(path)
+            try:
+                name = default_name(info)
+            except InvalidNameError:
+                name = _NAME_JUNK.sub("_", path.stem).strip("._-")[:64] or "adapter"
+            version = import_adapter(registry, path, name=name, base=base)
+            seen[digest] = version.ref
+            rows.append(FolderImportRow(path, "imported", version.ref))
+        except StudioError as e:
+            rows.append(FolderImportRow(path, "refused", reason=" ".join(str(e).split())))
+    return rows
+
+
 def _file_hashes(path: str | Path) -> dict[str, str]:
     """The imported file's own hashes (the stored file is its canonical conversion, with others): how
     A1111 and Civitai images name it (``Lora hashes``: the tensor bytes' short hash; AutoV2)."""

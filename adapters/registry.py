@@ -905,6 +905,20 @@ class Registry:
         raise AdapterNotFoundError(f"no adapter in the registry is {text!r}{return_hint} (by name, alias, hash or "
                                    f"imported file name){hint}", close)
 
+    def find_by_tensors(self, tensor_sha256: str) -> AdapterVersion | None:
+        """The oldest version whose stored tensors, or the file it was imported from, hash to
+        ``tensor_sha256`` (a catalog import's duplicate check); None when none does."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(versions.c.id).where(versions.c.tensor_sha256 == tensor_sha256)
+                               .order_by(versions.c.id).limit(1)).first()
+            if row is None:
+                for r in conn.execute(sa.select(versions.c.id, versions.c.source).where(versions.c.source.is_not(None))
+                                      .order_by(versions.c.id)):
+                    if isinstance(r.source, dict) and r.source.get("tensor_sha256") == tensor_sha256:
+                        row = r
+                        break
+            return self._load(conn, [row.id])[0] if row is not None else None
+
     def adapter(self, name: str) -> AdapterInfo:
         """An adapter's version numbers and aliases."""
         with self._read() as conn:

@@ -88,3 +88,49 @@ def test_imported_pulled_merged_and_trained_versions_carry_the_metadata_ingest_s
     # The training run's adapter file is the registered file, byte for byte.
     assert tensor_sha256(result.adapter) == trained.tensor_sha256
     assert trained.safetensors_metadata == formats.detect(result.adapter).metadata
+
+
+def _kohya_lora(path, seed: int, metadata: dict | None = None):
+    """A kohya-layout LoRA on one attention projection of the tiny UNet (64 -> 64)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 64, generator=g),
+               f"{key}.lora_up.weight": torch.randn(64, 4, generator=g), f"{key}.alpha": torch.tensor(4.0)},
+              str(path), metadata=metadata or {})
+    return path
+
+
+def test_a_catalog_folder_imports_every_file_with_one_report(reg, tmp_path, capsys):
+    from studio.app.cli import main
+
+    catalog = tmp_path / "Lora"
+    _kohya_lora(catalog / "neon.safetensors", 0)
+    _kohya_lora(catalog / "styles" / "neon copy.safetensors", 0, {"ss_output_name": "neon copy"})  # same tensors
+    _kohya_lora(catalog / "styles" / "Ink (v2).safetensors", 1)  # not a valid name as it is: cleaned
+    _sdxl_file(catalog / "xl.safetensors")  # another family than the base
+    (catalog / "old.ckpt").write_bytes(b"\x80\x04pickle")
+    (catalog / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    (catalog / "readme.txt").write_text("not an adapter")
+    assert main(["adapters", "import", str(catalog), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {row["path"].split("/Lora/")[1]: row for row in report["files"]}
+    assert set(rows) == {"neon.safetensors", "styles/neon copy.safetensors", "styles/Ink (v2).safetensors",
+                         "xl.safetensors", "old.ckpt", "broken.safetensors"}
+    assert (rows["neon.safetensors"]["status"], rows["neon.safetensors"]["ref"]) == ("imported", "neon@1")
+    assert rows["styles/neon copy.safetensors"]["status"] == "duplicate"
+    assert rows["styles/neon copy.safetensors"]["ref"] == "neon@1"
+    assert (rows["styles/Ink (v2).safetensors"]["status"], rows["styles/Ink (v2).safetensors"]["ref"]) == (
+        "imported", "Ink_v2@1")
+    assert rows["xl.safetensors"]["status"] == "refused" and "SDXL" in rows["xl.safetensors"]["reason"]
+    assert rows["old.ckpt"]["status"] == "refused" and "pickle" in rows["old.ckpt"]["reason"]
+    assert rows["broken.safetensors"]["status"] == "refused" and rows["broken.safetensors"]["reason"]
+    assert report["counts"] == {"imported": 2, "existing": 0, "duplicate": 1, "refused": 3}
+    # Again: everything already there, nothing registered twice
+    assert main(["adapters", "import", str(catalog)]) == 0
+    out = capsys.readouterr().out
+    assert "existing  neon.safetensors  neon@1" in out and "0 imported, 2 existing, 1 duplicate, 3 refused" in out
+    assert reg.list_versions(limit=None).total == 2

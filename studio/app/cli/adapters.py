@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.formats import METHOD_NAMES, check_against_reference, detect
+from adapters.formats import DIFFUSERS_WEIGHT_NAME, METHOD_NAMES, check_against_reference, detect
 from adapters.merge import METHODS, merge_adapters, parse_merge_arg
 from studio.app.cli.common import Parser, number, quiet_libraries, whole_number
 from studio.app.cli.output import print_fields, print_json, print_line, print_result, print_table, print_warning
+from studio.core.errors import InvalidRequestError
 from studio.core.families import FAMILIES, get_family
 
 
@@ -51,8 +52,10 @@ def register(sub) -> None:
     untag.add_argument("name", help="adapter name")
     untag.add_argument("alias", help="alias to remove")
     untag.set_defaults(func=cmd_adapters_untag)
-    imp = asub.add_parser("import", help="import a LoRA file (diffusers/peft or kohya .safetensors) as a new version")
-    imp.add_argument("path", type=Path, help="the adapter .safetensors file, or the folder save_lora_weights wrote")
+    imp = asub.add_parser("import", help="import a LoRA file (diffusers/peft or kohya .safetensors) as a new version, "
+                                         "or every file of a folder (a catalog) with one report")
+    imp.add_argument("path", type=Path, help="the adapter .safetensors file, the folder save_lora_weights wrote, or a "
+                                             "folder of adapter files (searched recursively)")
     imp.add_argument("--name", help="adapter name (default: the file's ss_output_name, modelspec.title or file name)")
     imp.add_argument("--base", default="tiny",
                      help="base model the adapter must fit: tiny (default), a folder, a .safetensors file, a Hub id")
@@ -163,10 +166,33 @@ def cmd_adapters_show(args) -> int:
     return 0
 
 
+def _is_catalog(path: Path) -> bool:
+    """A folder of adapter files, not the one folder ``save_lora_weights`` writes."""
+    return path.is_dir() and not (path / DIFFUSERS_WEIGHT_NAME).is_file() and len(list(path.glob("*.safetensors"))) != 1
+
+
 def cmd_adapters_import(args) -> int:
     quiet_libraries()
     # Local: adapters.ingest opens the registry (SQLAlchemy), kept off the fast path like _open_registry.
-    from adapters.ingest import import_adapter
+    from adapters.ingest import import_adapter, import_folder
+
+    if _is_catalog(args.path):
+        if args.name or args.triggers or args.tags or args.description:
+            raise InvalidRequestError("--name, --trigger, --tag and --description describe one adapter: import a "
+                                      "folder without them (each file keeps its own metadata)")
+        with _open_registry() as reg:
+            rows = import_folder(reg, args.path, base=args.base)
+        counts = {s: sum(r.status == s for r in rows) for s in ("imported", "existing", "duplicate", "refused")}
+        if args.json:
+            print_json({"files": [r.to_dict() for r in rows], "counts": counts})
+        else:
+            for r in rows:
+                detail = r.ref or ""
+                if r.reason:
+                    detail = f"{detail}: {r.reason}" if detail and r.status != "duplicate" else r.reason
+                print_line(f"{r.status:<9} {r.path.relative_to(args.path)}  {detail}".rstrip())
+            print_line(", ".join(f"{n} {s}" for s, n in counts.items()) + f" ({len(rows)} file(s))")
+        return 1 if rows and counts["refused"] == len(rows) else 0
 
     info = detect(args.path)  # header only: its warnings and suggestions are shown with the result
     started = datetime.now(UTC)
