@@ -190,7 +190,8 @@ st.title("Generate")
 tab_make, tab_grid, tab_recipe = st.tabs(["Generate", "X/Y grid", "Load recipe from a PNG"])
 
 with tab_recipe:
-    st.file_uploader("A PNG made by the studio (its recipe is inside)", type=["png"], key="recipe_png")
+    st.file_uploader("A PNG made by the studio, A1111 or Civitai (its recipe is inside)", type=["png"],
+                     key="recipe_png")
     st.button("Use its settings", key="recipe_apply", on_click=_apply_recipe)
     if msg := st.session_state.pop("recipe_msg", None):
         if msg[0] == "confirm":
@@ -271,7 +272,9 @@ with tab_make:
     c5, c6 = st.columns([4, 1])
     c6.button("🎲 Random seed", key="seed_random", on_click=_random_seed, help="puts a random seed in the box")
     with st.form("generate"):
-        prompt = st.text_area("Prompt", key="prompt", height=80)
+        prompt = st.text_area("Prompt", key="prompt", height=80,
+                              help="A1111 tags such as <lora:NAME:0.8> add that adapter to the stack the images use "
+                                   "(by registry name, alias, hash or imported file name) and leave the text")
         negative = st.text_input("Negative prompt", key="negative")
         c1, c2, c3, c4 = st.columns(4)
         base = c1.text_input("Base model", key="base",
