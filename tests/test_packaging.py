@@ -42,6 +42,22 @@ def test_pyproject_ships_the_three_packages_and_the_console_script():
     assert "datasets" not in packages
 
 
+def test_package_data_ships_every_embedded_model_file():
+    """A wheel install (not only an editable one) gets every file of every embedded model."""
+    from pathlib import PurePosixPath
+
+    from studio.core.embedded import EMBEDDED_DIR, EMBEDDED_MODELS
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = meta["tool"]["setuptools"]["package-data"]["studio.core.embedded"]
+    for folder in EMBEDDED_MODELS.values():
+        files = [p.relative_to(EMBEDDED_DIR).as_posix() for p in folder.rglob("*") if p.is_file()]
+        assert files, folder
+        for name in files:
+            path = PurePosixPath(name)
+            assert any(len(path.parts) == len(PurePosixPath(p).parts) and path.match(p) for p in patterns), name
+
+
 def test_readme_states_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     assert "scripts/studio" in readme and "scripts/test" in readme
