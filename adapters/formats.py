@@ -995,20 +995,15 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
     With ``base_pipeline`` the file is validated against it first (:func:`validate_against`), for
     ``family`` (the base's family, name or ``Family``; required with a base); kohya files need a base,
     since only the base model's module list turns flat kohya names back into modules.
-    Refuses LyCORIS-format LoHa/LoKr and kohya DoRA (``dora_scale``), which the studio cannot convert
-    exactly, and tensors holding NaN or infinity.
+    LyCORIS LoHa/LoKr files (kohya layout, ``alpha`` tensors) become peft LoHa/LoKr with configs that
+    rebuild their factors and scales exactly. Refuses kohya DoRA (``dora_scale``), which the studio
+    cannot convert exactly, and tensors holding NaN or infinity.
     """
     if base_pipeline is not None and family is None:
         raise InvalidRequestError("read_adapter validates against base_pipeline for a family: pass family= "
                                   "(the base model's family)")
     path = _resolve_path(path)
     info = info or detect(path)
-    if info.format == "kohya" and info.adapter_type in ("loha", "lokr"):
-        raise UnsupportedAdapterError(
-            f"{path} is a LyCORIS {METHOD_NAMES[info.adapter_type]} in kohya layout (lora_unet_..."
-            f"{'hada_w1_a' if info.adapter_type == 'loha' else 'lokr_w1'}); the studio reads LoHa/LoKr in peft "
-            f"layout only (unet.<module>.{'hada_w1_a' if info.adapter_type == 'loha' else 'lokr_w1'}): convert it "
-            f"with the tool that trained it")
     if info.format == "kohya" and info.adapter_type == "dora":
         raise UnsupportedAdapterError(
             f"{path} is a kohya-layout DoRA (dora_scale keys); diffusers drops those keys and would load it as a "
@@ -1037,6 +1032,7 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
     out: dict[str, Any] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
     flags: dict[str, dict[str, bool]] = {}
+    method_alphas: dict[str, float] = {}
     for key, m in modules.items():
         target = resolved[key]
         if isinstance(target, _Split):
@@ -1051,6 +1047,8 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
                     continue
                 out[f"{m.component}.{target}.{PEFT_SUFFIX[part]}"] = tensors[source_key].contiguous()
         if adapter_type not in ("lora", "dora"):
+            if "alpha" in m.parts:  # LyCORIS files: the scale is alpha / rank, per module
+                method_alphas[f"{m.component}.{target}"] = float(tensors[m.parts["alpha"]].float().item())
             continue
         config = source_configs.get(m.component)
         rank = int(tensors[m.parts["lora_A"]].shape[0])
@@ -1069,7 +1067,7 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
     if adapter_type in ("lora", "dora"):
         configs = {c: _lora_config(s, **flags[c]) for c, s in per_component.items()}
     else:
-        configs = _method_configs(adapter_type, source_configs, out, info)
+        configs = _method_configs(adapter_type, source_configs, out, info, method_alphas)
     return AdapterWeights(tensors=dict(sorted(out.items())), configs=configs, adapter_type=adapter_type,
                           metadata=dict(info.metadata))
 
@@ -1093,9 +1091,10 @@ def _split_tensors(a, b, target: _Split) -> dict[str, tuple[Any, Any]]:
 
 
 def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[str, Any],
-                    info: FormatInfo) -> dict[str, dict]:
+                    info: FormatInfo, alphas: Mapping[str, float] | None = None) -> dict[str, dict]:
     """LoHa/LoKr configs: kept as the file declares them (peft re-derives factorisations from them, so
-    they are not rewritten); inferred from shapes when the file has none."""
+    they are not rewritten); inferred from shapes when the file has none, with ``alphas`` (``component.
+    module`` -> the file's alpha tensor, LyCORIS's layout) or else alpha = rank."""
     by_component: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
         component, _, rest = key.partition(".")
@@ -1104,6 +1103,10 @@ def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[st
     for component, sd in by_component.items():
         if component in source:
             configs[component] = jsonable({"peft_type": adapter_type.upper(), **source[component]})
+            continue
+        if adapter_type == "lokr" and alphas is not None:
+            configs[component] = _lokr_config(sd, {m[len(component) + 1:]: a for m, a in alphas.items()
+                                                   if m.startswith(component + ".")}, info)
             continue
         if adapter_type == "lokr":
             from diffusers.utils.peft_utils import _create_lokr_config  # diffusers only for LoKr without a config
@@ -1115,11 +1118,77 @@ def _method_configs(adapter_type: str, source: dict[str, dict], tensors: dict[st
             if k.endswith(".hada_w1_b"):
                 ranks[k[: -len(".hada_w1_b")]] = int(t.shape[0])
         r, rank_pattern = _common(ranks)
-        configs[component] = {"peft_type": "LOHA", "r": r, "alpha": r, "rank_pattern": rank_pattern,
-                              # alpha = rank per module: scale 1, the convention without metadata
-                              "alpha_pattern": dict(rank_pattern), "target_modules": sorted(ranks),
+        # alpha = rank per module (scale 1, the convention without metadata) unless the file gave one
+        module_alphas = {m: (alphas or {}).get(f"{component}.{m}", float(rank)) for m, rank in ranks.items()}
+        alpha, alpha_pattern = _common(module_alphas)
+        configs[component] = {"peft_type": "LOHA", "r": r, "alpha": alpha, "rank_pattern": rank_pattern,
+                              "alpha_pattern": alpha_pattern, "target_modules": sorted(ranks),
                               "use_effective_conv2d": any(k.endswith(".hada_t1") for k in sd)}
     return configs
+
+
+# Kernel areas a flattened LoKr conv factor may have (1x1, 3x3, 2x2, 4x4, 5x5, 7x7).
+_KERNEL_AREAS = (1, 9, 4, 16, 25, 49)
+
+
+def _lokr_config(sd: Mapping[str, Any], alphas: Mapping[str, float], info: FormatInfo) -> dict:
+    """The peft LoKr config that rebuilds a LyCORIS LoKr file's factors exactly.
+
+    Both libraries split a layer's (out, in) as Kronecker factors w1 (a, c) x w2 (b, d), chosen by one
+    ``factorization(dim, factor)`` rule for the whole network, and decompose w1 (with ``decompose_both``)
+    and w2 into rank-r products when r is below half their larger side. So the rank a module needs is
+    its decomposed factor's inner size, or (both factors full) any r at least half the sides, and the
+    factor is the one value for which the rule gives every module its shapes. LyCORIS runs two full
+    factors at scale 1 whatever the file's alpha; otherwise at alpha / r, as peft does.
+    """
+    import math
+
+    from peft.tuners.lokr.layer import factorization  # peft only when a LoKr file is read
+
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, t in sd.items():
+        module, _, part = key.rpartition(".")
+        modules.setdefault(module, {})[part] = tuple(t.shape)
+    ranks, module_alphas, sides = {}, {}, {}
+    for module, p in modules.items():
+        w1 = p.get("lokr_w1") or (p["lokr_w1_a"][0], p["lokr_w1_b"][1])
+        if "lokr_w2" in p:
+            w2s = [p["lokr_w2"][:2]]
+        elif "lokr_t2" in p:
+            w2s = [(p["lokr_w2_a"][1], p["lokr_w2_b"][1])]
+        else:  # a flattened conv kernel in w2_b's columns: its size is not in the file, so each is tried
+            cols = p["lokr_w2_b"][1]
+            w2s = [(p["lokr_w2_a"][0], cols // k) for k in _KERNEL_AREAS if cols % k == 0]
+        sides[module] = (w1, w2s)
+        if "lokr_w2_a" in p:
+            r = p["lokr_w2_a"][1] if "lokr_t2" not in p else p["lokr_w2_a"][0]
+        elif "lokr_w1_a" in p:
+            r = p["lokr_w1_a"][1]
+        else:  # two full factors: any r that keeps them full, at scale 1
+            r = max(1, math.ceil(max(w2s[0]) / 2), math.ceil(max(w1) / 2))
+            module_alphas[module] = float(r)
+        ranks[module] = int(r)
+        module_alphas.setdefault(module, float(alphas.get(module, r)))
+    decompose_both = any("lokr_w1_a" in p for p in modules.values())
+    def split_by(factor: int, w1: tuple[int, int], w2: tuple[int, int]) -> bool:
+        return all(factorization(w1[i] * w2[i], factor) == (w1[i], w2[i]) for i in (0, 1))
+
+    for factor in (-1, *sorted({d for w1, _ in sides.values() for d in w1})):
+        if all(any(split_by(factor, w1, w2) for w2 in w2s) for w1, w2s in sides.values()):
+            break
+    else:
+        # e.g. LyCORIS's factor 4 on 4 input channels gives (1, 4); peft's rule gives (4, 1) for it
+        module = next(m for m, (w1, w2s) in sides.items() if not any(split_by(-1, w1, w2) for w2 in w2s))
+        raise UnsupportedAdapterError(
+            f"{info.path}: a LyCORIS LoKr whose Kronecker factors peft cannot rebuild (layer {module}: w1 "
+            f"{list(sides[module][0])}, no single factorization rule of peft gives every layer its split; LyCORIS "
+            f"and peft split small layers differently when the factor exceeds their square root). A1111 and ComfyUI "
+            f"load it; to use it here, retrain or re-export it with factor -1")
+    r, rank_pattern = _common(ranks)
+    alpha, alpha_pattern = _common(module_alphas)
+    return {"peft_type": "LOKR", "r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "target_modules": sorted(modules), "decompose_both": decompose_both, "decompose_factor": factor,
+            "use_effective_conv2d": any("lokr_t2" in p for p in modules.values())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1209,16 +1278,18 @@ def to_diffusers(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[
     return _write_atomic(out, _serialize(adapter.tensors, md))
 
 
-def check_kohya_exportable(adapter_type: str) -> None:
-    """Raise :class:`UnsupportedAdapterError` unless ``adapter_type`` can be written in kohya layout."""
+def check_kohya_exportable(adapter_type: str, family: Family | str | None = None) -> None:
+    """Raise :class:`UnsupportedAdapterError` unless ``adapter_type`` can be written in kohya layout for
+    ``family`` (LoHa and LoKr in LyCORIS's keys, for families the kohya layout names by diffusers' modules)."""
     if adapter_type == "dora":
         raise UnsupportedAdapterError(
             "DoRA cannot be exported to kohya format: kohya LoRA files have no magnitude vectors, so the adapter "
             "would load as a plain LoRA and change its output; export it with --format diffusers")
-    if adapter_type in ("loha", "lokr"):
+    if adapter_type in ("loha", "lokr") and family is not None and _family_obj(family).original_modules is not None:
         raise UnsupportedAdapterError(
-            f"{METHOD_NAMES[adapter_type]} adapters export to the diffusers/peft format only (their own layout; "
-            f"kohya LoRA files cannot hold Hadamard or Kronecker factors): use --format diffusers")
+            f"{METHOD_NAMES[adapter_type]} adapters on {_family_obj(family).display_name} export to the "
+            f"diffusers/peft format only: its kohya layout fuses q, k and v into one module, and Hadamard or "
+            f"Kronecker factors of three modules do not fuse into one; use --format diffusers")
 
 
 def kohya_state_dict(adapter: AdapterWeights, family: Family | str, *, denoiser_config=None) -> dict[str, Any]:
@@ -1234,11 +1305,13 @@ def kohya_state_dict(adapter: AdapterWeights, family: Family | str, *, denoiser_
     """
     import torch  # the .alpha scalars are tensors; importing this module must not load torch
 
-    check_kohya_exportable(adapter.adapter_type)
+    check_kohya_exportable(adapter.adapter_type, family)
     family = _family_obj(family)
     scales = adapter.scales()
     modules = adapter.modules()
     out: dict[str, Any] = {}
+    if adapter.adapter_type in ("loha", "lokr"):
+        return _lycoris_state_dict(adapter, family, modules, scales)
     for (component, name), parts in modules.items():
         if "lora_B.bias" in parts:
             raise UnsupportedAdapterError(f"{component} {name} has a lora_B bias (peft lora_bias=True), which kohya "
@@ -1250,14 +1323,42 @@ def kohya_state_dict(adapter: AdapterWeights, family: Family | str, *, denoiser_
     for (component, name), parts in modules.items():
         if family.original_modules is not None and family.is_denoiser(component):
             continue
-        flat = name.replace(".", "_")
-        if _clip_root(family, component) and not name.startswith("text_model."):
-            flat = "text_model_" + flat  # the usual SD-1 spelling: lora_te_text_model_encoder_layers_...
-        key = family.kohya_prefix(component) + flat
+        key = _kohya_key(family, component, name)
         out[f"{key}.lora_down.weight"] = parts["lora_A"]
         out[f"{key}.lora_up.weight"] = parts["lora_B"]
         # float32 holds any alpha a config can state exactly enough (fp16 would turn 0.1 into 0.09998)
         out[f"{key}.alpha"] = torch.tensor(_kohya_alpha(*scales[(component, name)]), dtype=torch.float32)
+    return dict(sorted(out.items()))
+
+
+def _kohya_key(family: Family, component: str, name: str) -> str:
+    """A module's kohya key: the component's prefix, then its path with '_' for '.'."""
+    flat = name.replace(".", "_")
+    if _clip_root(family, component) and not name.startswith("text_model."):
+        flat = "text_model_" + flat  # the usual SD-1 spelling: lora_te_text_model_encoder_layers_...
+    return family.kohya_prefix(component) + flat
+
+
+def _lycoris_state_dict(adapter: AdapterWeights, family: Family, modules, scales) -> dict[str, Any]:
+    """LoHa/LoKr in LyCORIS's kohya layout (``lora_unet_..hada_w1_a``, ``.lokr_w1``, ``.alpha``), as A1111
+    and ComfyUI read it. LyCORIS scales by alpha / r, as peft does, except a LoKr module whose two
+    Kronecker factors are both full matrices, which it runs at scale 1: there peft's scale is folded
+    into w1 (the product is linear in it) and alpha written as the rank."""
+    import torch  # the .alpha scalars are tensors; importing this module must not load torch
+
+    out: dict[str, Any] = {}
+    for (component, name), parts in modules.items():
+        key = _kohya_key(family, component, name)
+        rank, alpha, _ = scales[(component, name)]
+        rank = rank or 1
+        alpha = float(rank) if alpha is None else alpha
+        parts = dict(parts)
+        if adapter.adapter_type == "lokr" and "lokr_w1" in parts and "lokr_w2" in parts:
+            parts["lokr_w1"] = parts["lokr_w1"] * (alpha / rank)
+            alpha = float(rank)
+        for part, tensor in parts.items():
+            out[f"{key}.{part}"] = tensor.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return dict(sorted(out.items()))
 
 
@@ -1342,7 +1443,8 @@ def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scale
 
 def to_kohya(adapter: AdapterWeights, out: str | Path, *, family: Family | str,
              metadata: Mapping[str, str] | None = None, denoiser_config=None) -> Path:
-    """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically; LoRA only (DoRA, LoHa, LoKr refused).
+    """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically: LoRA in kohya's keys, LoHa and LoKr in
+    LyCORIS's (DoRA refused).
 
     ``family`` (the adapter's) gives each component's key prefix. ``lora_adapter_metadata`` is never
     written here: diffusers refuses a kohya file that carries both ``.alpha`` tensors and that key

@@ -346,7 +346,7 @@ def export_adapter(registry: Registry, ref: str, *, format: str, out: str | Path
     Metadata: the stored file's keys, then ``ss_*`` and ``modelspec.*`` from the version's record
     (name, rank, alpha, family, trigger words, tags, description, date) and fresh hashes. ``out``
     may be a folder (the file is named ``<name>_v<number>.safetensors``). An existing file is
-    replaced only with ``force``. DoRA, LoHa and LoKr export to diffusers only.
+    replaced only with ``force``. DoRA exports to diffusers only; LoHa and LoKr to kohya in LyCORIS keys.
     """
     if format not in formats.FORMATS:
         raise InvalidRequestError(f"format must be one of {', '.join(formats.FORMATS)}, not {format!r}")
@@ -357,7 +357,7 @@ def export_adapter(registry: Registry, ref: str, *, format: str, out: str | Path
     if out.exists() and not force:
         raise InvalidRequestError(f"{out} already exists: pass --force to replace it")
     if format == "kohya":
-        formats.check_kohya_exportable(version.adapter_type)  # before reading any weights
+        formats.check_kohya_exportable(version.adapter_type, version.family)  # before reading any weights
     info = formats.detect(version.path)
     pipe = None
     if info.format == "kohya":  # stored by something other than this importer: needs module names

@@ -388,21 +388,32 @@ def test_loha_lokr_import_and_export_to_their_own_format(method, reg, tmp_path):
     assert (v.adapter_type, v.rank, v.alpha, v.components) == (method, 4, 8.0, ("unet",))
     out = export_adapter(reg, v.ref, format="diffusers", out=tmp_path / f"{method}_out.safetensors")
     assert load_file(str(out)).keys() == load_file(str(path)).keys()  # stored as-is, peft keys
-    # reload the way FIELD-NOTES found exact for each method
-    check = fresh_pipeline()
-    if method == "lokr":
-        # use_safetensors=True: without it diffusers reads the file with no metadata and re-guesses the config
-        check.unet.load_lora_adapter(str(out), prefix="unet", adapter_name="m", use_safetensors=True)
-    else:
-        packed = json.loads(formats.detect(out).metadata[formats.ADAPTER_METADATA_KEY])
-        loaded = LoHaConfig(**{k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")})
-        inject_adapter_in_model(loaded, check.unet, adapter_name="m")
-        result = set_peft_model_state_dict(
-            check.unet, {k.removeprefix("unet."): t for k, t in load_file(str(out)).items()}, adapter_name="m")
-        assert not result.unexpected_keys
-    assert max_diff(render(check), reference) <= ATOL
-    with pytest.raises(UnsupportedAdapterError, match="export to the diffusers/peft format only"):
-        export_adapter(reg, v.ref, format="kohya", out=tmp_path / "k.safetensors")
+
+    def rendered(out):  # reload the way FIELD-NOTES found exact for each method
+        check = fresh_pipeline()
+        if method == "lokr":
+            # use_safetensors=True: without it diffusers reads the file with no metadata and re-guesses the config
+            check.unet.load_lora_adapter(str(out), prefix="unet", adapter_name="m", use_safetensors=True)
+        else:
+            packed = json.loads(formats.detect(out).metadata[formats.ADAPTER_METADATA_KEY])
+            loaded = LoHaConfig(**{k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")})
+            inject_adapter_in_model(loaded, check.unet, adapter_name="m")
+            result = set_peft_model_state_dict(
+                check.unet, {k.removeprefix("unet."): t for k, t in load_file(str(out)).items()}, adapter_name="m")
+            assert not result.unexpected_keys
+        return render(check)
+
+    assert max_diff(rendered(out), reference) <= ATOL
+    # kohya: LyCORIS's keys (A1111, ComfyUI); imported back, the same images (LoKr's scale folded into w1
+    # where both factors are full, which LyCORIS runs at scale 1)
+    kohya = export_adapter(reg, v.ref, format="kohya", out=tmp_path / "k.safetensors")
+    keys = load_file(str(kohya)).keys()
+    part = "hada_w1_a" if method == "loha" else "lokr_w1"
+    assert any(k.startswith("lora_unet_") and k.endswith(part) for k in keys)
+    assert any(k.endswith(".alpha") for k in keys)
+    back = import_adapter(reg, kohya, name=f"{method}_back")
+    again = export_adapter(reg, back.ref, format="diffusers", out=tmp_path / f"{method}_back.safetensors")
+    assert max_diff(rendered(again), reference) <= ATOL
 
 
 # --------------------------------------------------------------------------------------------

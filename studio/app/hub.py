@@ -680,7 +680,7 @@ def publish_version(registry: Registry, ref: str, repo_id: str, *, private: bool
     repo_id = check_repo_id(repo_id)
     version = registry.get(ref)
     if kohya:
-        formats.check_kohya_exportable(version.adapter_type)  # before any file is written or sent
+        formats.check_kohya_exportable(version.adapter_type, version.family)  # before any file is written or sent
     if base_model is not None:
         check_repo_id(base_model.partition("@")[0])
     tag = f"v{version.number}"

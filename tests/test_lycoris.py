@@ -1,0 +1,107 @@
+"""LyCORIS files, written by the LyCORIS library itself (lycoris-lora, kohya layout ``lora_unet_...`` /
+``lora_te_...`` as sd-scripts and LyCORIS save them for A1111 and ComfyUI), imported into the registry
+and applied by the studio: each changes the UNet's and the text encoder's outputs exactly as LyCORIS's
+own forward does, at full and at half strength."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lycoris import LycorisNetwork, create_lycoris
+from safetensors.torch import load_file, save_file
+
+from adapters.compose import AdapterEngine, AdapterSpec, resolve_adapter
+from adapters.ingest import import_adapter
+from studio.core.base_models import load_fresh_pipeline
+from studio.core.errors import UnsupportedAdapterError
+
+# name -> (LyCORIS algo, options): each layout LyCORIS writes for these methods
+CASES = {
+    "locon": ("lora", {}),
+    "loha": ("loha", {}),
+    "loha-tucker": ("loha", {"use_tucker": True}),
+    "lokr": ("lokr", {}),
+    "lokr-decomposed": ("lokr", {"linear_dim": 2, "decompose_both": True}),
+    "lokr-tucker": ("lokr", {"linear_dim": 2, "use_tucker": True}),
+    "lokr-full": ("lokr", {"linear_dim": 64}),
+}
+TOL = 1e-5  # float32 sums in another order; LyCORIS's effect on these outputs is ~0.1 to 1
+
+
+def _network(module, prefix: str, algo: str, options: dict, seed: int):
+    LycorisNetwork.apply_preset({"lora_prefix": prefix})
+    options = {"linear_dim": 4, "linear_alpha": 2, **options}
+    net = create_lycoris(module, 1.0, options.pop("linear_dim"), options.pop("linear_alpha"), algo=algo, **options)
+    net.apply_to()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():  # LyCORIS starts at zero effect: random factors make every part count
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return net
+
+
+def _outputs(pipe, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, x, t, context = inputs
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0], pipe.unet(x, t, context).sample
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    import json
+
+    from studio.core.embedded import TINY_MODEL_DIR
+
+    width = json.loads((TINY_MODEL_DIR / "unet" / "config.json").read_text())["cross_attention_dim"]
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 1000, (1, 77), generator=g), torch.randn(1, 4, 4, 4, generator=g), torch.tensor([500]),
+            torch.randn(1, 77, width, generator=g))
+
+
+def _lycoris_file(tmp_path, algo, options, strength_inputs):
+    """The file LyCORIS saves for networks on the UNet and the text encoder, and what LyCORIS's forward
+    gives at multipliers 1 and 0.5."""
+    pipe = load_fresh_pipeline("tiny")
+    nets = [_network(pipe.unet, "lora_unet", algo, dict(options), 0),
+            _network(pipe.text_encoder, "lora_te", algo, dict(options), 1)]
+    theirs = {}
+    for multiplier in (1.0, 0.5):
+        for net in nets:
+            net.multiplier = multiplier
+            for lora in net.loras:
+                lora.multiplier = multiplier
+        theirs[multiplier] = _outputs(pipe, strength_inputs)
+    state = {}
+    for i, net in enumerate(nets):
+        net.save_weights(str(tmp_path / f"part{i}.safetensors"), torch.float32, None)
+        state.update(load_file(str(tmp_path / f"part{i}.safetensors")))
+    path = tmp_path / f"{algo}.safetensors"
+    save_file(state, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+    return path, theirs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_lycoris_file_imports_and_applies_as_lycoris_applies_it(case, tmp_path, reg, inputs):
+    algo, options = CASES[case]
+    path, theirs = _lycoris_file(tmp_path, algo, options, inputs)
+    version = import_adapter(reg, path, name=f"lyco-{case}")
+    assert version.adapter_type == {"lora": "lora", "loha": "loha", "lokr": "lokr"}[algo]
+    assert set(version.components) == {"unet", "text_encoder"}
+    pipe = load_fresh_pipeline("tiny")
+    base = _outputs(pipe, inputs)
+    engine = AdapterEngine(pipe, fuse=False)
+    resolved = [resolve_adapter(version.ref)]
+    for weight in (1.0, 0.5):
+        engine.apply([AdapterSpec(version.ref, weight)], resolved)
+        ours = _outputs(pipe, inputs)
+        for o, t, b in zip(ours, theirs[weight], base, strict=True):
+            assert (t - b).abs().max() > 0.01  # LyCORIS changed this output
+            assert (o - t).abs().max() <= TOL, (case, weight, float((o - t).abs().max()))
+
+
+def test_a_lokr_split_peft_cannot_rebuild_is_refused_by_name(tmp_path, reg, inputs):
+    # factor 4 on conv_in's 4 channels: LyCORIS splits them (1, 4), peft's rule (4, 1)
+    path, _ = _lycoris_file(tmp_path, "lokr", {"factor": 4}, inputs)
+    with pytest.raises(UnsupportedAdapterError, match="peft cannot rebuild .*conv_in.*A1111 and ComfyUI load it"):
+        import_adapter(reg, path, name="lyco-factor4")
+    assert reg.list_versions(limit=None).total == 0
