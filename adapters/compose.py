@@ -355,7 +355,7 @@ class AdapterEngine:
         self._active = signature
         repeated = signature == self._previous
         self._previous = signature
-        if repeated and live and self.fuse_enabled:
+        if repeated and live and self.fuse_enabled and self._can_fuse(live):
             self._fuse(live, signature)
 
     def clear(self) -> None:
@@ -477,6 +477,17 @@ class AdapterEngine:
         if self._loaded:
             self.pipe.disable_lora()
             self._enabled = False
+
+    def _can_fuse(self, live) -> bool:
+        """peft cannot merge a lora_B bias into a layer that has no bias (an imported LyCORIS full update
+        gives its whole component ``lora_bias``, bias-free layers included): such stacks run unfused."""
+        names = {self._loaded[r.key].adapter_name for _, r in live}
+        for _, _, module in self._adapter_layers():
+            for name in _layer_adapter_names(module) & names:
+                if (getattr(module, "lora_bias", {}).get(name)
+                        and getattr(module.get_base_layer(), "bias", None) is None):
+                    return False
+        return True
 
     def _fuse(self, live, signature) -> None:
         import torch  # torch loads when weights are touched, not at import

@@ -97,7 +97,14 @@ _LEGACY_PROCESSOR = re.compile(
 _LEGACY_UNET_LEAF = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _LEGACY_TE_LEAF = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _KOHYA_PARTS = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B", "alpha": "alpha", "dora_scale": "dora_scale",
+                # LyCORIS: LoCon's CP-decomposed kernel, and full fine-tuning's weight and bias updates
+                "lora_mid.weight": "lora_mid", "diff": "diff", "diff_b": "diff_b",
                 **{p: p for p in LOHA_PARTS + LOKR_PARTS}}
+# LyCORIS algorithms peft has no exact form for, by a key part only they write -> how users know them.
+_UNREPRESENTABLE = {"oft_blocks": "OFT / BOFT (orthogonal finetuning, oft_blocks)",
+                    "oft_diag": "OFT (oft_diag)", "a1.weight": "GLoRA (a1/a2/b1/b2)",
+                    "on_input": "(IA)^3 (on_input)", "w_norm": "trained normalisation layers (w_norm/b_norm)",
+                    "b_norm": "trained normalisation layers (w_norm/b_norm)"}
 
 # Leaf module names, longest first, to show a kohya key's target without the base model.
 _LEAVES = sorted(["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
@@ -198,8 +205,23 @@ def _split_key(key: str, prefixes: list[tuple[str, str]]) -> tuple[str, str, str
     return None
 
 
+def _unrepresentable(path_text: str, keys: list[str]) -> UnsupportedAdapterError | None:
+    """The refusal for a LyCORIS algorithm the studio cannot hold in peft form, naming it; else None."""
+    for key in keys:
+        for part, algorithm in _UNREPRESENTABLE.items():
+            if key.endswith("." + part):
+                return UnsupportedAdapterError(
+                    f"{path_text} is a LyCORIS {algorithm} adapter ({key!r}); peft, which the studio loads adapters "
+                    f"with, has no exact equivalent, so it cannot be applied here. A1111 (its built-in Lora "
+                    f"extension) and ComfyUI load it")
+    return None
+
+
 def _not_an_adapter(path_text: str, keys: list[str]) -> UnsupportedAdapterError:
     sample = ", ".join(repr(k) for k in keys[:3])
+    named = _unrepresentable(path_text, keys)
+    if named is not None:
+        return named
     if not keys:
         return UnsupportedAdapterError(f"{path_text} holds no tensors: it is not an adapter")
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
@@ -240,6 +262,9 @@ def _parse(keys: list[str], path_text: str,
     if not modules:
         raise _not_an_adapter(path_text, keys)
     if unknown:
+        named = _unrepresentable(path_text, unknown)
+        if named is not None:
+            raise named
         raise UnsupportedAdapterError(
             f"{path_text} has {len(unknown)} key(s) that are not adapter tensors the studio understands, e.g. "
             f"{', '.join(repr(k) for k in unknown[:3])}; refusing rather than silently dropping them")
@@ -259,6 +284,11 @@ def _parse(keys: list[str], path_text: str,
             kinds.add("dora")
         else:
             kinds.add("lora")
+    if ("loha" in kinds or "lokr" in kinds) and any("dora_scale" in m.parts for m in modules.values()):
+        raise UnsupportedAdapterError(
+            f"{path_text} is a LyCORIS {'LoHa' if 'loha' in kinds else 'LoKr'} with weight decomposition (dora_scale "
+            f"keys); peft has no DoRA form of these methods, so it cannot be applied here exactly. A1111 and ComfyUI "
+            f"load it")
     if "loha" in kinds or "lokr" in kinds:
         if len(kinds) > 1:
             raise UnsupportedAdapterError(f"{path_text} mixes adapter methods ({', '.join(sorted(kinds))}) in one "
@@ -283,6 +313,11 @@ def _check_complete(m: _Module, adapter_type: str, shapes: Mapping[str, tuple], 
                                    f"matrix; the file is damaged")
 
     p = m.parts
+    if adapter_type in ("lora", "dora") and "diff" in p:  # LyCORIS full: a LoRA of the update's full rank
+        d = shape("diff")
+        if len(d) < 2:
+            raise flat("diff")
+        return min(d[0], math.prod(d[1:]))
     if adapter_type in ("lora", "dora"):
         if "lora_A" not in p or "lora_B" not in p:
             raise missing(*[x for x in ("lora_A", "lora_B") if x not in p])
@@ -746,6 +781,18 @@ def _shape_problem(m: _Module, module, shapes: Mapping[str, tuple], adapter_type
         return f"{type(module).__name__} has no 2-D/4-D weight to adapt"
     out, rest = w[0], w[1:]
     shape = {part: tuple(shapes[key]) for part, key in m.parts.items()}
+    if adapter_type in ("lora", "dora") and "diff" in shape:
+        if shape["diff"] != w:
+            return f"diff {list(shape['diff'])} is not the module's weight shape {list(w)}"
+        if "diff_b" in shape and shape["diff_b"] != (out,):
+            return f"diff_b {list(shape['diff_b'])} does not match the module's {out} outputs"
+        return None
+    if adapter_type in ("lora", "dora") and "lora_mid" in shape:  # down (1x1), mid (the kernel), up (1x1)
+        a, mid, b = shape["lora_A"], shape["lora_mid"], shape["lora_B"]
+        if len(w) != 4 or len(a) != 4 or len(mid) != 4 or a[1] != rest[0] or mid[2:] != rest[1:] or b[0] != out:
+            return (f"lora_down {list(a)}, lora_mid {list(mid)}, lora_up {list(b)} do not make an update of the "
+                    f"module's weight {list(w)}")
+        return None
     if adapter_type in ("lora", "dora"):
         a, b = shape["lora_A"], shape["lora_B"]
         if len(a) != len(w) or a[1:] != rest:
@@ -1042,16 +1089,17 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
                 out[f"{m.component}.{name}.lora_B.weight"] = b
         else:
             pieces = {target: None}
-            for part, source_key in m.parts.items():
+            parts = _as_lora(m, tensors)
+            for part, tensor in parts.items():
                 if part == "alpha":
                     continue
-                out[f"{m.component}.{target}.{PEFT_SUFFIX[part]}"] = tensors[source_key].contiguous()
+                out[f"{m.component}.{target}.{PEFT_SUFFIX[part]}"] = tensor.contiguous()
         if adapter_type not in ("lora", "dora"):
             if "alpha" in m.parts:  # LyCORIS files: the scale is alpha / rank, per module
                 method_alphas[f"{m.component}.{target}"] = float(tensors[m.parts["alpha"]].float().item())
             continue
         config = source_configs.get(m.component)
-        rank = int(tensors[m.parts["lora_A"]].shape[0])
+        rank = int(out[f"{m.component}.{next(iter(pieces))}.lora_A.weight"].shape[0])
         if "alpha" in m.parts:
             alpha = float(tensors[m.parts["alpha"]].float().item())
         elif config is not None and config.get("lora_alpha") is not None:
@@ -1063,13 +1111,56 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
         f = flags.setdefault(m.component, {"use_dora": False, "lora_bias": False,
                                            "use_rslora": bool((config or {}).get("use_rslora"))})
         f["use_dora"] |= "lora_magnitude_vector" in m.parts
-        f["lora_bias"] |= "lora_B.bias" in m.parts
+        f["lora_bias"] |= "lora_B.bias" in m.parts or "diff_b" in m.parts
     if adapter_type in ("lora", "dora"):
+        _zero_missing_biases(out, {c for c, f in flags.items() if f["lora_bias"]})
         configs = {c: _lora_config(s, **flags[c]) for c, s in per_component.items()}
     else:
         configs = _method_configs(adapter_type, source_configs, out, info, method_alphas)
     return AdapterWeights(tensors=dict(sorted(out.items())), configs=configs, adapter_type=adapter_type,
                           metadata=dict(info.metadata))
+
+
+def _as_lora(m: _Module, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A module's parts, with LyCORIS's LoRA-shaped forms written as plain LoRA, exactly:
+
+    - LoCon with a CP-decomposed kernel (``lora_down`` 1x1, ``lora_mid`` k x k, ``lora_up`` 1x1) runs
+      down, then mid, then up: down and mid are one k x k convolution, lora_A = mid (x) down, rank kept;
+    - a full update (``diff``, ``diff_b``) is a LoRA of rank min(out, in x kernel): lora_A the update and
+      lora_B the identity, or lora_A the identity over every input tap and lora_B the update; ``diff_b``
+      becomes lora_B's bias. It runs at scale 1 (alpha = rank), as LyCORIS runs it.
+    """
+    parts = {part: tensors[key] for part, key in m.parts.items()}
+    if "lora_mid" not in parts and "diff" not in parts:
+        return parts
+    import torch  # only once weights are read
+
+    if "lora_mid" in parts:
+        down, mid = parts.pop("lora_A"), parts.pop("lora_mid")
+        parts["lora_A"] = torch.einsum("abhw,bi->aihw", mid.float(), down.flatten(1).float()).to(mid.dtype)
+        return parts
+    diff = parts.pop("diff")
+    outputs, fan_in, ones = diff.shape[0], diff[0].numel(), [1] * (diff.dim() - 2)
+    if outputs <= fan_in:
+        parts["lora_A"] = diff
+        parts["lora_B"] = torch.eye(outputs, dtype=diff.dtype).reshape(outputs, outputs, *ones)
+    else:
+        parts["lora_A"] = torch.eye(fan_in, dtype=diff.dtype).reshape(fan_in, *diff.shape[1:])
+        parts["lora_B"] = diff.reshape(outputs, fan_in, *ones)
+    if "diff_b" in parts:
+        parts["lora_B.bias"] = parts.pop("diff_b")
+    return parts
+
+
+def _zero_missing_biases(tensors: dict[str, Any], components: set[str]) -> None:
+    """peft's ``lora_bias`` is per component: its modules without a bias update get zeros, so every
+    tensor the config implies is in the file."""
+    import torch
+
+    for key in [k for k in tensors if k.endswith(".lora_B.weight") and k.split(".", 1)[0] in components]:
+        bias = key.removesuffix(".weight") + ".bias"
+        if bias not in tensors:
+            tensors[bias] = torch.zeros(tensors[key].shape[0], dtype=tensors[key].dtype)
 
 
 def _split_tensors(a, b, target: _Split) -> dict[str, tuple[Any, Any]]:

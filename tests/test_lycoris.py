@@ -18,6 +18,8 @@ from studio.core.errors import UnsupportedAdapterError
 # name -> (LyCORIS algo, options): each layout LyCORIS writes for these methods
 CASES = {
     "locon": ("lora", {}),
+    "locon-tucker": ("lora", {"use_tucker": True}),  # lora_mid: a CP-decomposed kernel
+    "full": ("full", {}),  # diff / diff_b: the whole update of each layer
     "loha": ("loha", {}),
     "loha-tucker": ("loha", {"use_tucker": True}),
     "lokr": ("lokr", {}),
@@ -25,7 +27,7 @@ CASES = {
     "lokr-tucker": ("lokr", {"linear_dim": 2, "use_tucker": True}),
     "lokr-full": ("lokr", {"linear_dim": 64}),
 }
-TOL = 1e-5  # float32 sums in another order; LyCORIS's effect on these outputs is ~0.1 to 1
+TOL = 2e-5  # of the output's scale: float32 sums in another order (W x + dW x, or (W + dW) x fused)
 
 
 def _network(module, prefix: str, algo: str, options: dict, seed: int):
@@ -85,18 +87,19 @@ def test_a_lycoris_file_imports_and_applies_as_lycoris_applies_it(case, tmp_path
     algo, options = CASES[case]
     path, theirs = _lycoris_file(tmp_path, algo, options, inputs)
     version = import_adapter(reg, path, name=f"lyco-{case}")
-    assert version.adapter_type == {"lora": "lora", "loha": "loha", "lokr": "lokr"}[algo]
+    assert version.adapter_type == {"lora": "lora", "full": "lora", "loha": "loha", "lokr": "lokr"}[algo]
     assert set(version.components) == {"unet", "text_encoder"}
     pipe = load_fresh_pipeline("tiny")
     base = _outputs(pipe, inputs)
-    engine = AdapterEngine(pipe, fuse=False)
+    engine = AdapterEngine(pipe)
     resolved = [resolve_adapter(version.ref)]
-    for weight in (1.0, 0.5):
+    for weight in (1.0, 1.0, 0.5):  # the second use of a stack is fused into the weights where peft can
         engine.apply([AdapterSpec(version.ref, weight)], resolved)
         ours = _outputs(pipe, inputs)
         for o, t, b in zip(ours, theirs[weight], base, strict=True):
             assert (t - b).abs().max() > 0.01  # LyCORIS changed this output
-            assert (o - t).abs().max() <= TOL, (case, weight, float((o - t).abs().max()))
+            scale = max(1.0, float(t.abs().max()))  # a full update of every layer moves outputs to ~6
+            assert (o - t).abs().max() <= TOL * scale, (case, weight, float((o - t).abs().max()))
 
 
 def test_a_lokr_split_peft_cannot_rebuild_is_refused_by_name(tmp_path, reg, inputs):
@@ -105,3 +108,13 @@ def test_a_lokr_split_peft_cannot_rebuild_is_refused_by_name(tmp_path, reg, inpu
     with pytest.raises(UnsupportedAdapterError, match="peft cannot rebuild .*conv_in.*A1111 and ComfyUI load it"):
         import_adapter(reg, path, name="lyco-factor4")
     assert reg.list_versions(limit=None).total == 0
+
+
+@pytest.mark.parametrize(("algo", "options", "named"), [
+    ("diag-oft", {}, "OFT"), ("boft", {}, "OFT / BOFT"), ("glora", {}, "GLoRA"), ("ia3", {}, r"\(IA\)\^3"),
+    ("loha", {"dora_wd": True}, "LoHa with weight decomposition"),
+])
+def test_algorithms_peft_cannot_hold_are_refused_by_name(algo, options, named, tmp_path, reg, inputs):
+    path, _ = _lycoris_file(tmp_path, algo, options, inputs)
+    with pytest.raises(UnsupportedAdapterError, match=f"{named}.*A1111.*ComfyUI"):
+        import_adapter(reg, path, name=f"lyco-{algo}")
