@@ -11,7 +11,7 @@ the denoiser steps. Each
 configuration runs in its own fresh process, alternating, ``--rounds`` times; the median step time
 after ``--warmup`` steps is reported, with the ratio to SD-1. Run from the repository root:
 
-    OMP_NUM_THREADS=2 python benchmarks/family_step_time.py [--steps 40] [--rounds 2]
+    OMP_NUM_THREADS=2 python benchmarks/family_step_time.py [--steps 40] [--rounds 2] [--models tiny tiny-sd3]
 """
 
 from __future__ import annotations
@@ -64,22 +64,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the median (first-call overheads)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="the embedded models to time (tiny, the ratios' reference, is always included)")
     p.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run(args.child, args.steps, args.out_dir)))
         return 0
-    results: dict[str, list[dict]] = {m: [] for m in MODELS}
+    models = ["tiny", *(m for m in args.models if m != "tiny")]
+    results: dict[str, list[dict]] = {m: [] for m in models}
     with tempfile.TemporaryDirectory() as tmp:
         home = str(Path(tmp) / "home")
-        for base in MODELS:  # fill the latent and conditioning caches once, untimed
+        for base in models:  # fill the latent and conditioning caches once, untimed
             _launch(base, 2, home, str(Path(tmp) / "warm"))
         for r in range(args.rounds):
-            for base in MODELS:
+            for base in models:
                 results[base].append(_launch(base, args.steps, home, str(Path(tmp) / f"runs{r}")))
-    print(f"training step time per family: datasets/striped, batch 4 at 32 px, rank 8 (LoCon; all-linear on Flux), "
-          f"{args.steps} steps, "
+    print(f"training step time per family: datasets/striped, batch 4 at 32 px, rank 8 (LoCon; all-linear on Flux "
+          f"and SD3), {args.steps} steps, "
           f"{args.rounds} rounds, warm caches, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"{'base model':<12} {'median s/step':>14} {'ratio':>7} {'peak MB':>9}")
     medians = {}
