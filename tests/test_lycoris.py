@@ -82,7 +82,11 @@ def _lycoris_file(tmp_path, algo, options, strength_inputs):
     return path, theirs
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The default suite runs one case of each conversion kind; `scripts/test -m slow` runs every layout.
+DEFAULT_CASES = ("loha", "lokr-decomposed", "full")
+
+
+@pytest.mark.parametrize("case", [c if c in DEFAULT_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_a_lycoris_file_imports_and_applies_as_lycoris_applies_it(case, tmp_path, reg, inputs):
     algo, options = CASES[case]
     path, theirs = _lycoris_file(tmp_path, algo, options, inputs)
@@ -111,8 +115,10 @@ def test_a_lokr_split_peft_cannot_rebuild_is_refused_by_name(tmp_path, reg, inpu
 
 
 @pytest.mark.parametrize(("algo", "options", "named"), [
-    ("diag-oft", {}, "OFT"), ("boft", {}, "OFT / BOFT"), ("glora", {}, "GLoRA"), ("ia3", {}, r"\(IA\)\^3"),
-    ("loha", {"dora_wd": True}, "LoHa with weight decomposition"),
+    pytest.param("diag-oft", {}, "OFT", marks=pytest.mark.slow), ("boft", {}, "OFT / BOFT"),
+    pytest.param("glora", {}, "GLoRA", marks=pytest.mark.slow),
+    pytest.param("ia3", {}, r"\(IA\)\^3", marks=pytest.mark.slow),
+    pytest.param("loha", {"dora_wd": True}, "LoHa with weight decomposition", marks=pytest.mark.slow),
 ])
 def test_algorithms_peft_cannot_hold_are_refused_by_name(algo, options, named, tmp_path, reg, inputs):
     path, _ = _lycoris_file(tmp_path, algo, options, inputs)

@@ -40,7 +40,7 @@ CORPUS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unknown_keys.safetensors": ("UnsupportedAdapterError", ("not adapter tensors", "unet.extra.weight")),
     "mixed_layouts.safetensors": ("UnsupportedAdapterError", ("mixes kohya keys",)),
     "kohya_dora.safetensors": ("UnsupportedAdapterError", ("dora_scale",)),
-    "lycoris_loha.safetensors": ("UnsupportedAdapterError", ("lycoris loha", "peft")),
+    "lycoris_loha_dora.safetensors": ("UnsupportedAdapterError", ("lycoris loha with weight decomposition", "peft")),
     "incomplete.safetensors": ("CorruptWeightsError", ("lacks lora_b",)),
     "rank_mismatch.safetensors": ("CorruptWeightsError", ("share a rank",)),
     "nan.safetensors": ("CorruptWeightsError", ("nan",)),
@@ -147,10 +147,10 @@ def build_corpus(folder: str | Path) -> dict[str, Path]:
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale": torch.ones(1, 64),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)})
     flat = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    _save(p["lycoris_loha.safetensors"], {
+    _save(p["lycoris_loha_dora.safetensors"], {  # LyCORIS LoHa with weight decomposition: no peft form
         f"{flat}.hada_w1_a": torch.zeros(64, 4), f"{flat}.hada_w1_b": torch.zeros(4, 64),
         f"{flat}.hada_w2_a": torch.zeros(64, 4), f"{flat}.hada_w2_b": torch.zeros(4, 64),
-        f"{flat}.alpha": torch.tensor(4.0)})
+        f"{flat}.dora_scale": torch.ones(64, 1), f"{flat}.alpha": torch.tensor(4.0)})
     _save(p["incomplete.safetensors"], {f"unet.{TINY_Q}.lora_A.weight": torch.zeros(4, 64)})
     _save(p["rank_mismatch.safetensors"], {f"unet.{TINY_Q}.lora_A.weight": torch.zeros(4, 64),
                                            f"unet.{TINY_Q}.lora_B.weight": torch.zeros(64, 3)})
