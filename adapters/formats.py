@@ -760,10 +760,12 @@ def _weight_shape(module) -> tuple[int, ...] | None:
 def _split_problem(m: _Module, target: _Split, named: Mapping[str, Any], shapes: Mapping[str, tuple],
                    adapter_type: str) -> str | None:
     """Why the module's tensors cannot be split over ``target``'s modules (None when they can)."""
-    if adapter_type != "lora" or set(m.parts) - {"lora_A", "lora_B", "alpha"}:
-        return (f"{target.original} is {len(target.targets)} modules of the base; only plain LoRA (lora_A, lora_B, "
-                f"alpha) splits over them exactly")
+    if adapter_type not in ("lora", "dora") or set(m.parts) - {"lora_A", "lora_B", "alpha", "dora_scale"}:
+        return (f"{target.original} is {len(target.targets)} modules of the base; only LoRA and DoRA (lora_A, "
+                f"lora_B, alpha, dora_scale) split over them exactly")
     a, b = tuple(shapes[m.parts["lora_A"]]), tuple(shapes[m.parts["lora_B"]])
+    if "dora_scale" in m.parts and math.prod(shapes[m.parts["dora_scale"]]) != target.rows:
+        return f"dora_scale {list(shapes[m.parts['dora_scale']])} does not match {target.original}'s {target.rows} outputs"
     for module_name, _ in target.targets:
         w = _weight_shape(named[module_name])
         if w is None or len(w) != 2 or len(a) != 2 or a[1] != w[1]:
@@ -799,7 +801,7 @@ def _shape_problem(m: _Module, module, shapes: Mapping[str, tuple], adapter_type
             return f"lora_A {list(a)} does not fit the module's input {list(rest)} (weight {list(w)})"
         if len(b) != len(w) or b[0] != out or any(d != 1 for d in b[2:]):
             return f"lora_B {list(b)} does not fit the module's output {out} (weight {list(w)})"
-        for part in ("lora_magnitude_vector", "lora_B.bias"):
+        for part in ("lora_magnitude_vector", "dora_scale", "lora_B.bias"):
             if part in shape and math.prod(shape[part]) != out:
                 return f"{part} {list(shape[part])} does not match the module's {out} outputs"
         return None
@@ -1043,19 +1045,15 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
     ``family`` (the base's family, name or ``Family``; required with a base); kohya files need a base,
     since only the base model's module list turns flat kohya names back into modules.
     LyCORIS LoHa/LoKr files (kohya layout, ``alpha`` tensors) become peft LoHa/LoKr with configs that
-    rebuild their factors and scales exactly. Refuses kohya DoRA (``dora_scale``), which the studio
-    cannot convert exactly, and tensors holding NaN or infinity.
+    rebuild their factors and scales exactly; kohya/LyCORIS DoRA (``dora_scale`` per output channel)
+    becomes peft DoRA. Refuses DoRA normalised per input channel, which peft cannot hold, and tensors
+    holding NaN or infinity.
     """
     if base_pipeline is not None and family is None:
         raise InvalidRequestError("read_adapter validates against base_pipeline for a family: pass family= "
                                   "(the base model's family)")
     path = _resolve_path(path)
     info = info or detect(path)
-    if info.format == "kohya" and info.adapter_type == "dora":
-        raise UnsupportedAdapterError(
-            f"{path} is a kohya-layout DoRA (dora_scale keys); diffusers drops those keys and would load it as a "
-            f"plain LoRA, silently different. Export it as a peft DoRA (lora_magnitude_vector) from the tool that "
-            f"trained it")
     from safetensors.torch import load_file  # torch loads when weights are read, not at import
 
     tensors = load_file(str(path))
@@ -1064,6 +1062,9 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
             raise CorruptWeightsError(f"{path}: tensor {key!r} holds NaN or infinite values; an adapter like this "
                                       f"produces black or noise images: re-export it from a healthy checkpoint")
     fmt, adapter_type, modules = _parse(list(tensors), str(path), _family_obj(family) if family else None)
+    for m in modules.values():
+        if "dora_scale" in m.parts:
+            _check_dora_axis(path, m, tensors[m.parts["dora_scale"]])
     if base_pipeline is not None:
         try:
             resolved = validate_against(base_pipeline, tensors, family, base_name=base_name).resolved
@@ -1084,9 +1085,14 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
         target = resolved[key]
         if isinstance(target, _Split):
             pieces = _split_tensors(tensors[m.parts["lora_A"]], tensors[m.parts["lora_B"]], target)
+            # DoRA's magnitude is one value per output row, and the norm is taken per row: rows split exactly
+            magnitudes = (_split_tensors(tensors[m.parts["lora_A"]], tensors[m.parts["dora_scale"]].flatten(1), target)
+                          if "dora_scale" in m.parts else {})
             for name, (a, b) in pieces.items():
                 out[f"{m.component}.{name}.lora_A.weight"] = a
                 out[f"{m.component}.{name}.lora_B.weight"] = b
+                if name in magnitudes:
+                    out[f"{m.component}.{name}.lora_magnitude_vector.weight"] = magnitudes[name][1].flatten()
         else:
             pieces = {target: None}
             parts = _as_lora(m, tensors)
@@ -1110,7 +1116,7 @@ def read_adapter(path: str | Path, *, base_pipeline=None, family: Family | str |
             per_component.setdefault(m.component, {})[name] = (rank, alpha)
         f = flags.setdefault(m.component, {"use_dora": False, "lora_bias": False,
                                            "use_rslora": bool((config or {}).get("use_rslora"))})
-        f["use_dora"] |= "lora_magnitude_vector" in m.parts
+        f["use_dora"] |= "lora_magnitude_vector" in m.parts or "dora_scale" in m.parts
         f["lora_bias"] |= "lora_B.bias" in m.parts or "diff_b" in m.parts
     if adapter_type in ("lora", "dora"):
         _zero_missing_biases(out, {c for c, f in flags.items() if f["lora_bias"]})
@@ -1128,9 +1134,17 @@ def _as_lora(m: _Module, tensors: Mapping[str, Any]) -> dict[str, Any]:
       down, then mid, then up: down and mid are one k x k convolution, lora_A = mid (x) down, rank kept;
     - a full update (``diff``, ``diff_b``) is a LoRA of rank min(out, in x kernel): lora_A the update and
       lora_B the identity, or lora_A the identity over every input tap and lora_B the update; ``diff_b``
-      becomes lora_B's bias. It runs at scale 1 (alpha = rank), as LyCORIS runs it.
+      becomes lora_B's bias. It runs at scale 1 (alpha = rank), as LyCORIS runs it;
+    - DoRA's ``dora_scale`` is peft's ``lora_magnitude_vector``: both rescale each output row of
+      W + (alpha / rank) B A to the stored magnitude, so at strength 1 they are the same weight.
     """
     parts = {part: tensors[key] for part, key in m.parts.items()}
+    if "dora_scale" in parts:
+        # LyCORIS/kohya DoRA: dora_scale [out, 1(, 1, 1)] is peft's lora_magnitude_vector, which peft keeps
+        # [out] on Linear layers and [1, out, 1, 1] on convolutions (its per-output norm, transposed).
+        magnitude = parts.pop("dora_scale")
+        conv = (parts.get("lora_A", parts.get("diff"))).dim() == 4
+        parts["lora_magnitude_vector"] = magnitude.reshape(1, -1, 1, 1) if conv else magnitude.flatten()
     if "lora_mid" not in parts and "diff" not in parts:
         return parts
     import torch  # only once weights are read
@@ -1150,6 +1164,16 @@ def _as_lora(m: _Module, tensors: Mapping[str, Any]) -> dict[str, Any]:
     if "diff_b" in parts:
         parts["lora_B.bias"] = parts.pop("diff_b")
     return parts
+
+
+def _check_dora_axis(path: Path, m: _Module, dora_scale) -> None:
+    """peft's DoRA keeps one magnitude per output channel; LyCORIS's ``wd_on_out=False`` (and A1111's
+    early DoRA) keep one per input channel, ``dora_scale`` [1, in, ...]: the norms differ, refuse by name."""
+    if dora_scale.dim() >= 2 and dora_scale.shape[0] == 1 and dora_scale.shape[1] > 1:
+        raise UnsupportedAdapterError(
+            f"{path} is a DoRA with its magnitude per input channel ({m.parts['dora_scale']!r} is "
+            f"{list(dora_scale.shape)}; LyCORIS's wd_on_out=False); peft's DoRA normalises per output channel, "
+            f"so it cannot be applied here exactly. A1111 and ComfyUI load it")
 
 
 def _zero_missing_biases(tensors: dict[str, Any], components: set[str]) -> None:

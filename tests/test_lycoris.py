@@ -1,7 +1,7 @@
 """LyCORIS files, written by the LyCORIS library itself (lycoris-lora, kohya layout ``lora_unet_...`` /
 ``lora_te_...`` as sd-scripts and LyCORIS save them for A1111 and ComfyUI), imported into the registry
 and applied by the studio: each changes the UNet's and the text encoder's outputs exactly as LyCORIS's
-own forward does, at full and at half strength."""
+own forward does, at full and at half strength (DoRA: at full strength; below it, peft's convention)."""
 
 from __future__ import annotations
 
@@ -124,3 +124,48 @@ def test_algorithms_peft_cannot_hold_are_refused_by_name(algo, options, named, t
     path, _ = _lycoris_file(tmp_path, algo, options, inputs)
     with pytest.raises(UnsupportedAdapterError, match=f"{named}.*A1111.*ComfyUI"):
         import_adapter(reg, path, name=f"lyco-{algo}")
+
+
+def _peft_dora_at(weight, dora_scale, delta, strength):
+    """peft's DoRA at ``strength``: the magnitude times W + s dW normalised per output row."""
+    merged = weight + strength * delta
+    norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+    return merged * dora_scale.reshape(norm.shape) / norm
+
+
+def test_a_lycoris_dora_file_imports_as_peft_dora_and_applies_as_lycoris_applies_it(tmp_path, reg, inputs):
+    path, theirs = _lycoris_file(tmp_path, "lora", {"dora_wd": True}, inputs)
+    assert any(k.endswith(".dora_scale") for k in load_file(str(path)))
+    version = import_adapter(reg, path, name="lyco-dora")
+    assert version.adapter_type == "dora" and set(version.components) == {"unet", "text_encoder"}
+    pipe = load_fresh_pipeline("tiny")
+    base = _outputs(pipe, inputs)
+    engine = AdapterEngine(pipe)
+    resolved = [resolve_adapter(version.ref)]
+    for _ in range(2):  # loaded, then the repeated request fused
+        engine.apply([AdapterSpec(version.ref, 1.0)], resolved)
+        for o, t, b in zip(_outputs(pipe, inputs), theirs[1.0], base, strict=True):
+            assert (t - b).abs().max() > 0.01
+            assert (o - t).abs().max() <= TOL * max(1.0, float(t.abs().max())), float((o - t).abs().max())
+    # Below strength 1 the conventions part: LyCORIS 4.1 blends the magnitude only (W + dW stays whole),
+    # A1111 and ComfyUI blend the whole weight, peft (what the studio applies) scales the direction.
+    engine.apply([AdapterSpec(version.ref, 0.5)], resolved)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    state = load_file(str(path))
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up = state[f"{stem}.lora_down.weight"], state[f"{stem}.lora_up.weight"]
+    delta = up @ down * (float(state[f"{stem}.alpha"]) / down.shape[0])
+    x = torch.randn(3, down.shape[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = layer(x)
+    expected = x @ _peft_dora_at(layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight,
+                                 state[f"{stem}.dora_scale"], delta, 0.5).T
+    assert (ours - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.slow  # the bad-file corpus holds a hand-made one for the default suite
+def test_a_dora_normalised_per_input_channel_is_refused_by_name(tmp_path, reg, inputs):
+    path, _ = _lycoris_file(tmp_path, "lora", {"dora_wd": True, "wd_on_output": False}, inputs)
+    with pytest.raises(UnsupportedAdapterError, match="magnitude per input channel.*A1111 and ComfyUI load it"):
+        import_adapter(reg, path, name="lyco-dora-in")
+    assert reg.list_versions(limit=None).total == 0

@@ -39,7 +39,7 @@ CORPUS: dict[str, tuple[str, tuple[str, ...]]] = {
     "full_checkpoint.safetensors": ("UnsupportedAdapterError", ("full model checkpoint",)),
     "unknown_keys.safetensors": ("UnsupportedAdapterError", ("not adapter tensors", "unet.extra.weight")),
     "mixed_layouts.safetensors": ("UnsupportedAdapterError", ("mixes kohya keys",)),
-    "kohya_dora.safetensors": ("UnsupportedAdapterError", ("dora_scale",)),
+    "kohya_dora.safetensors": ("UnsupportedAdapterError", ("magnitude per input channel", "dora_scale")),
     "lycoris_loha_dora.safetensors": ("UnsupportedAdapterError", ("lycoris loha with weight decomposition", "peft")),
     "incomplete.safetensors": ("CorruptWeightsError", ("lacks lora_b",)),
     "rank_mismatch.safetensors": ("CorruptWeightsError", ("share a rank",)),
@@ -142,7 +142,7 @@ def build_corpus(folder: str | Path) -> dict[str, Path]:
     _save(p["unknown_keys.safetensors"], {**good, "unet.extra.weight": torch.zeros(2)})
     _save(p["mixed_layouts.safetensors"], {
         **good, **_lora("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k", 4, 64, 64, kohya=True)})
-    _save(p["kohya_dora.safetensors"], {
+    _save(p["kohya_dora.safetensors"], {  # DoRA normalised per input channel ([1, in]): no peft form
         **_lora("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 4, 64, 64, kohya=True),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale": torch.ones(1, 64),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)})
