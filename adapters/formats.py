@@ -1396,10 +1396,11 @@ def to_diffusers(adapter: AdapterWeights, out: str | Path, *, metadata: Mapping[
 def check_kohya_exportable(adapter_type: str, family: Family | str | None = None) -> None:
     """Raise :class:`UnsupportedAdapterError` unless ``adapter_type`` can be written in kohya layout for
     ``family`` (LoHa and LoKr in LyCORIS's keys, for families the kohya layout names by diffusers' modules)."""
-    if adapter_type == "dora":
+    if adapter_type == "dora" and family is not None and _family_obj(family).original_modules is not None:
         raise UnsupportedAdapterError(
-            "DoRA cannot be exported to kohya format: kohya LoRA files have no magnitude vectors, so the adapter "
-            "would load as a plain LoRA and change its output; export it with --format diffusers")
+            f"DoRA adapters on {_family_obj(family).display_name} export to the diffusers/peft format only: its "
+            f"kohya layout fuses q, k and v into one module, whose dora_scale would need the magnitudes of the "
+            f"base's rows the adapter does not patch; use --format diffusers")
     if adapter_type in ("loha", "lokr") and family is not None and _family_obj(family).original_modules is not None:
         raise UnsupportedAdapterError(
             f"{METHOD_NAMES[adapter_type]} adapters on {_family_obj(family).display_name} export to the "
@@ -1443,6 +1444,9 @@ def kohya_state_dict(adapter: AdapterWeights, family: Family | str, *, denoiser_
         out[f"{key}.lora_up.weight"] = parts["lora_B"]
         # float32 holds any alpha a config can state exactly enough (fp16 would turn 0.1 into 0.09998)
         out[f"{key}.alpha"] = torch.tensor(_kohya_alpha(*scales[(component, name)]), dtype=torch.float32)
+        if "lora_magnitude_vector" in parts:  # LyCORIS's dora_scale: [out, 1] on Linear, [out, 1, 1, 1] on conv
+            magnitude = parts["lora_magnitude_vector"]
+            out[f"{key}.dora_scale"] = magnitude.reshape(-1, *[1] * (parts["lora_A"].dim() - 1)).contiguous()
     return dict(sorted(out.items()))
 
 
@@ -1558,8 +1562,8 @@ def _original_state_dict(adapter: AdapterWeights, family: Family, modules, scale
 
 def to_kohya(adapter: AdapterWeights, out: str | Path, *, family: Family | str,
              metadata: Mapping[str, str] | None = None, denoiser_config=None) -> Path:
-    """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically: LoRA in kohya's keys, LoHa and LoKr in
-    LyCORIS's (DoRA refused).
+    """Write ``adapter`` in kohya/A1111/ComfyUI layout, atomically: LoRA in kohya's keys, DoRA with
+    LyCORIS's ``dora_scale``, LoHa and LoKr in LyCORIS's keys.
 
     ``family`` (the adapter's) gives each component's key prefix. ``lora_adapter_metadata`` is never
     written here: diffusers refuses a kohya file that carries both ``.alpha`` tensors and that key

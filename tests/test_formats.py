@@ -343,7 +343,7 @@ def test_same_tensors_with_another_alpha_are_refused(made, reg):
     assert reg.list_versions(limit=None) == before
 
 
-def test_dora_round_trips_and_refuses_kohya(reg, tmp_path, viewer):
+def test_dora_round_trips_in_both_layouts(reg, tmp_path, viewer):
     import torch
     from peft import LoraConfig
 
@@ -364,9 +364,20 @@ def test_dora_round_trips_and_refuses_kohya(reg, tmp_path, viewer):
                for k in filesafety.check_safetensors(v.path).tensors)
     out = export_adapter(reg, "dora_style", format="diffusers", out=tmp_path / "dora_out.safetensors")
     assert max_diff(image_with(viewer, out, "dora"), reference) <= ATOL
-    with pytest.raises(UnsupportedAdapterError, match="DoRA cannot be exported to kohya"):
-        export_adapter(reg, "dora_style", format="kohya", out=tmp_path / "dora_kohya.safetensors")
-    assert not (tmp_path / "dora_kohya.safetensors").exists()
+    # kohya/LyCORIS layout: dora_scale per output channel, which A1111 and ComfyUI read and the studio
+    # reads back into the same peft DoRA
+    kohya = export_adapter(reg, "dora_style", format="kohya", out=tmp_path / "dora_kohya.safetensors")
+    scales = {k: t.shape for k, t in filesafety.check_safetensors(kohya).tensors.items() if k.endswith(".dora_scale")}
+    assert scales["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"][1:] == (1, 1, 1)
+    assert len(scales) == len([k for k in filesafety.check_safetensors(v.path).tensors if "magnitude" in k])
+    from safetensors.torch import load_file
+
+    back = import_adapter(reg, kohya, name="dora_back")
+    assert (back.adapter_type, back.rank, back.alpha) == ("dora", 4, 8.0)
+    ours, theirs = load_file(str(v.path)), load_file(str(back.path))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(UnsupportedAdapterError, match="DoRA adapters on FLUX.1 export to the diffusers"):
+        formats.check_kohya_exportable("dora", "flux")
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])

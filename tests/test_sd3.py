@@ -52,6 +52,8 @@ def test_the_smoke_build_is_an_sd35_pipeline_under_15_mb(smoke, pipe):
     assert pipe.vae.config.shift_factor == 0.0
     record = json.loads((smoke / "lora_studio.json").read_text())
     assert "true_cfg" not in record["recommended"]  # no guidance input: classic CFG
+    report = json.loads((smoke / "build_report.json").read_text())  # the recipe's refine stage ran on the saved model
+    assert report["config"]["refine_steps"] == 2 and report["refine_seconds"] > 0
     size = sum(f.stat().st_size for f in smoke.rglob("*") if f.is_file())
     assert size <= 15 * 10**6, size
 

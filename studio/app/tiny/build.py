@@ -2,6 +2,8 @@
 
     python -m studio.app.tiny.build                 # full build into studio/core/embedded/tiny (~30 min, 2 CPUs)
     python -m studio.app.tiny.build --smoke --out D # a few steps of every phase, for tests
+    python -m studio.app.tiny.build --model tiny-sd3 --refine-from DIR --out D
+                                                    # only the recipe's refine stage, on a first-stage build
 
 The result is a standard diffusers ``StableDiffusionPipeline`` folder (CLIP tokenizer and text
 encoder, AutoencoderKL, UNet2DConditionModel, DDPM scheduler config), trained in three phases:
@@ -61,6 +63,11 @@ class BuildConfig:
     # Reuse the embedded SD-1 model's VAE (trained on the same scenes and textures, 4x8x8 latents)
     # instead of training one: tiny-sdxl does, so both models share a latent space and a build phase.
     reuse_vae: bool = False
+    # A second denoiser stage on the saved (float16-rounded) weights: a fresh AdamW, warmup and cosine
+    # over ``refine_steps`` at ``refine_lr``, new draws from seed + 1. A stage of its own, not a longer
+    # first stage, so that a model can be refined from its committed weights without repeating them.
+    refine_steps: int = 0
+    refine_lr: float = 2e-4
 
 
 def _clip(vocab_size: int, hidden: int, *, with_projection: bool = False):
@@ -384,7 +391,7 @@ MODELS = {
 # shapes more slowly than the UNets (no convolutions): at 3000 steps tiny-flux drew squares round
 # (shape 56% at CFG 2), its loss still falling; at 5000 steps, shape 78% at CFG 2, 86% at 3, 75% at 4.
 MODEL_RECIPES: dict[str, dict] = {"tiny-flux": {"unet_steps": 5000, "eval_guidance": 3.0},
-                                  "tiny-sd3": {"unet_steps": 5000}}
+                                  "tiny-sd3": {"unet_steps": 5000, "refine_steps": 3000}}
 # Components read from the embedded SD-1 model instead of shipping a copy (lora_studio.json's
 # "shared_components"; the studio's loader reads them from there): SD's vocabulary is 1.5 MB a copy.
 SHARED_TOKENIZER = "tiny/tokenizer"  # relative to studio/core/embedded
@@ -437,8 +444,80 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
     if family.objective == "flow_matching":
         models["vae"].register_to_config(shift_factor=0.0)  # FluxPipeline adds it back after unscaling
     t_train = time.perf_counter() - t0
-
     pipe = family.pipeline_class("text2img")(**models, **pipeline_kwargs)
+    size = save_model(pipe, out_dir, family, shared, cfg)
+    params = {name: sum(p.numel() for p in module.parameters())
+              for name, module in models.items() if hasattr(module, "parameters")}
+    report = {
+        "model": model,
+        "config": asdict(cfg),
+        "parameters": params,
+        "size_bytes": size,
+        "vae_seconds": round(t_vae, 1),
+        "train_seconds": round(t_train, 1),
+        "scaling_factor": scaling_factor,
+    }
+    if cfg.refine_steps:
+        report.update(refine(out_dir, cfg, log=log, model=model))
+    if run_eval:
+        report["quality"] = evaluate(out_dir, cfg)
+    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def refine(out_dir: Path, cfg: BuildConfig, log=print, model: str = "tiny") -> dict:
+    """The recipe's second denoiser stage (``cfg.refine_steps``) on the model saved in ``out_dir``,
+    saved back in place; returns the report's refine fields."""
+    from dataclasses import replace
+
+    import torch
+
+    from studio.core.base_models import load_fresh_pipeline, model_record
+
+    family = get_family(MODELS[model][0])
+    t0 = time.perf_counter()
+    seed = cfg.seed + 1
+    torch.manual_seed(seed)
+    pipe = load_fresh_pipeline(str(out_dir), precision="float32")
+    models = dict(pipe.components)
+    for name in [family.denoiser, *family.text_encoder_components]:
+        models[name].requires_grad_(True)  # the studio's loader freezes what it loads
+    stage = replace(cfg, seed=seed, unet_steps=cfg.refine_steps, unet_lr=cfg.refine_lr)
+    log(f"refining {family.denoiser} for {cfg.refine_steps} steps at lr {cfg.refine_lr:g}")
+    train_denoiser(family, models, models["vae"], models["scheduler"], stage, random.Random(seed), log)
+    shared = dict(model_record(out_dir).get("shared_components") or {})
+    save_model(pipe, out_dir, family, shared, cfg)
+    return {"refine_seconds": round(time.perf_counter() - t0, 1),
+            "size_bytes": sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file() and f.name != "build_report.json")}
+
+
+def refine_from(first_stage: Path, out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True,
+                model: str = "tiny") -> dict:
+    """The refine stage alone, on a copy of ``first_stage`` (the recipe's first stage, built before
+    with the same settings) written to ``out_dir``; its build report gains the refine fields."""
+    if not cfg.refine_steps:
+        raise SystemExit(f"{model}'s recipe has no refine stage; pass --refine-steps N")
+    first_stage, out_dir = Path(first_stage), Path(out_dir)
+    if first_stage.resolve() != out_dir.resolve():
+        shutil.copytree(first_stage, out_dir, dirs_exist_ok=True)
+    report_path = out_dir / "build_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"model": model}
+    report["config"] = asdict(cfg)
+    report.update(refine(out_dir, cfg, log=log, model=model))
+    for stale in ("quality", "quality_4_steps", "quality_by_guidance"):
+        report.pop(stale, None)
+    if run_eval:
+        report["quality"] = evaluate(out_dir, cfg)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def save_model(pipe, out_dir: Path, family, shared: dict, cfg: BuildConfig) -> int:
+    """Write ``pipe`` as the shipped folder (float16 weights, small tokenizers, lora_studio.json);
+    returns its size in bytes. The pipeline is left in float32 with the stored (rounded) weights."""
+    import torch
+
+    models = pipe.components
     # Stored in float16 (half the bytes); loading upcasts to float32 for CPU inference.
     pipe.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -464,22 +543,7 @@ def build(out_dir: Path, cfg: BuildConfig, log=print, run_eval: bool = True, mod
         # FluxPipeline's default size (128 x the VAE factor) is not this model's.
         record["native_resolution"] = IMAGE_SIZE
     (out_dir / "lora_studio.json").write_text(json.dumps(record, indent=2) + "\n")
-    params = {name: sum(p.numel() for p in module.parameters())
-              for name, module in models.items() if hasattr(module, "parameters")}
-    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
-    report = {
-        "model": model,
-        "config": asdict(cfg),
-        "parameters": params,
-        "size_bytes": size,
-        "vae_seconds": round(t_vae, 1),
-        "train_seconds": round(t_train, 1),
-        "scaling_factor": scaling_factor,
-    }
-    if run_eval:
-        report["quality"] = evaluate(out_dir, cfg)
-    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file() and f.name != "build_report.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -493,16 +557,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the quality grid at the end")
     parser.add_argument("--vae-steps", type=int)
     parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--refine-steps", type=int)
+    parser.add_argument("--refine-from", type=Path, metavar="DIR",
+                        help="run only the refine stage, on a copy of DIR (a build of the recipe's first stage)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, reuse_vae=args.model != "tiny", **MODEL_RECIPES.get(args.model, {}))
     if args.smoke:
         cfg = BuildConfig(seed=args.seed, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, scenes_per_combo=1,
-                          warmup_steps=1, eval_steps=2, reuse_vae=cfg.reuse_vae)
+                          warmup_steps=1, eval_steps=2, reuse_vae=cfg.reuse_vae, refine_steps=min(cfg.refine_steps, 2))
     if args.vae_steps is not None:
         cfg.vae_steps = args.vae_steps
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
+    if args.refine_steps is not None:
+        cfg.refine_steps = args.refine_steps
     if args.threads:
         import torch
 
@@ -513,7 +582,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     out = args.out or EMBEDDED_DIR / args.model
-    report = build(out, cfg, log=log, run_eval=not (args.smoke or args.no_eval), model=args.model)
+    if args.refine_from:
+        report = refine_from(args.refine_from, out, cfg, log=log, run_eval=not (args.smoke or args.no_eval),
+                             model=args.model)
+    else:
+        report = build(out, cfg, log=log, run_eval=not (args.smoke or args.no_eval), model=args.model)
     print(json.dumps(report, indent=2))
 
 
