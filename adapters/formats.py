@@ -748,6 +748,41 @@ class ValidationReport:
         return sum(len(t.targets) if isinstance(t, _Split) else 1 for t in self.resolved.values())
 
 
+# Submodules adapter methods add inside a wrapped layer (peft's ModuleDicts): not modules of the base.
+_ADAPTER_SUBMODULES = ("lora_", "hada_", "lokr_", "oft_", "boft_", "ia3_")
+
+
+def coverage(pipe, family: Family | str, adapter: AdapterWeights) -> dict:
+    """How much of the base ``adapter`` patches: ``{"modules": N, "of": M, "by_component": {component:
+    [n, m]}}``, M counting the Linear and convolution layers of the family's LoRA components (what an
+    adapter can patch). ``pipe`` may already carry adapter layers (a training run's): peft's wrapper
+    counts as the layer it wraps and its own lora_A/lora_B layers not at all."""
+    import torch
+
+    family = _family_obj(family)
+    patched: dict[str, set[str]] = {}
+    for component, name in adapter.modules():
+        patched.setdefault(component, set()).add(name)
+    by_component = {}
+    for component in family.lora_components:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        layers = {name.removesuffix(".base_layer") for name, module in model.named_modules()
+                  if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
+                  and not any(part.startswith(_ADAPTER_SUBMODULES) for part in name.split("."))}
+        if layers:
+            by_component[component] = [len(patched.get(component, set()) & layers), len(layers)]
+    return {"modules": sum(n for n, _ in by_component.values()), "of": sum(m for _, m in by_component.values()),
+            "by_component": by_component}
+
+
+def coverage_text(applies_to: Mapping[str, Any]) -> str:
+    """``coverage``'s record as the adapter page and the CLI say it."""
+    parts = ", ".join(f"{c} {n} of {m}" for c, (n, m) in applies_to.get("by_component", {}).items() if n)
+    return f"{applies_to['modules']} modules of {applies_to['of']} in the base" + (f" ({parts})" if parts else "")
+
+
 def _family_obj(family: Family | str) -> Family:
     return family if isinstance(family, Family) else get_family(family)
 
@@ -765,7 +800,8 @@ def _split_problem(m: _Module, target: _Split, named: Mapping[str, Any], shapes:
                 f"lora_B, alpha, dora_scale) split over them exactly")
     a, b = tuple(shapes[m.parts["lora_A"]]), tuple(shapes[m.parts["lora_B"]])
     if "dora_scale" in m.parts and math.prod(shapes[m.parts["dora_scale"]]) != target.rows:
-        return f"dora_scale {list(shapes[m.parts['dora_scale']])} does not match {target.original}'s {target.rows} outputs"
+        return (f"dora_scale {list(shapes[m.parts['dora_scale']])} does not match {target.original}'s "
+                f"{target.rows} outputs")
     for module_name, _ in target.targets:
         w = _weight_shape(named[module_name])
         if w is None or len(w) != 2 or len(a) != 2 or a[1] != w[1]:

@@ -142,7 +142,8 @@ def ingest(registry: Registry, source: str | Path | AdapterWeights, *, name: str
         validate: check against the base pipeline; False where the weights were made from that base's
             own modules (training). A kohya file is read against the pipeline either way, since only
             the base's module list turns its flat names back into modules.
-        pipeline: an already loaded base pipeline to validate with (a merge's private copy).
+        pipeline: an already loaded base pipeline to validate with (a merge's private copy), and to count
+            the modules the adapter patches of those it could (``metrics["applies_to"]``; a training run's own).
         trigger_words, tags, description, author, license: the record's values (stripped), also written
             into the file's ModelSpec keys; None records none.
         source_info: where it came from (the record's ``source``): a path, a Hub repo, a merge, a run.
@@ -180,6 +181,8 @@ def ingest(registry: Registry, source: str | Path | AdapterWeights, *, name: str
         adapter = formats.read_adapter(info.path, base_pipeline=pipe if validate or info.format == "kohya" else None,
                                        family=family, base_name=base, info=info)
 
+    if pipe is not None:  # the adapter page's "applies to N modules of M in the base"
+        metrics = {**(metrics or {}), "applies_to": formats.coverage(pipe, family, adapter)}
     words, labels = _strip(trigger_words), _strip(tags)
     text = description or ""
     version_info = VersionInfo(

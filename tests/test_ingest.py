@@ -69,6 +69,23 @@ def test_imported_pulled_merged_and_trained_versions_carry_the_metadata_ingest_s
     result = train(_config(tmp_path, "output.name=origin-trained", "training.max_train_steps=2"), console=False)
     trained = reg.get(result.ref)
 
+    # Every origin counts the modules it patches of those the base has (the trained run's pipeline holds
+    # peft's wrappers: each counts as the layer it wraps)
+    import torch
+
+    from studio.core.base_models import load_fresh_pipeline
+
+    base = load_fresh_pipeline("tiny")
+    layers = {c: {n for n, m in getattr(base, c).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+              for c in ("unet", "text_encoder")}
+    for v in (imported, pulled, merged, trained):
+        patched = formats.read_adapter(v.path).modules()
+        by_component = {c: [sum(1 for pc, _ in patched if pc == c), len(names)] for c, names in layers.items()}
+        assert all(name in layers[c] for c, name in patched), v.origin
+        assert v.metrics["applies_to"] == {"modules": len(patched), "of": sum(map(len, layers.values())),
+                                           "by_component": by_component}, v.origin
+    assert formats.coverage_text(trained.metrics["applies_to"]).startswith(f"{len(patched)} modules of ")
+
     # The keys build_metadata writes for every adapter, plus what the canonical writer adds.
     ingest_keys = set(formats.build_metadata(adapter_type="lora", rank=1, alpha=1.0, family="sd1", name="x")) | {
         formats.ADAPTER_METADATA_KEY, "sshs_model_hash", "modelspec.hash_sha256"}

@@ -1175,7 +1175,8 @@ class Trainer:
             # pipeline a second time in the training process would only cost memory.
             result = ingest(
                 reg, weights, name=c.output.name, origin="trained", base=c.model.base_model, family=self.family,
-                validate=False, trigger_words=self.trigger_words(), description=self._description(step),
+                validate=False, pipeline=self.pipe, trigger_words=self.trigger_words(),
+                description=self._description(step),
                 source_info={"run_dir": str(self.run_dir), "dataset": c.dataset.path}, samples=recipes,
                 training_config=c.to_dict(), dataset_fingerprint=self.train_set.fingerprint,
                 base_model_sha256=self.model_hash or None,

@@ -148,11 +148,16 @@ def cmd_adapters_show(args) -> int:
     if args.json:
         print_json({**v.to_dict(), "publications": [p.to_dict() for p in publications]})
         return 0
+    from adapters.formats import coverage_text
+
     d = v.to_dict()
+    applies_to = (v.metrics or {}).get("applies_to")
     lines = [
         ("ref", v.ref), ("aliases", ", ".join(v.aliases)), ("family", v.family), ("type", v.adapter_type),
         ("rank", v.rank), ("alpha", v.alpha), ("components", ", ".join(v.components)),
-        ("target modules", ", ".join(v.target_modules)), ("trigger words", ", ".join(v.trigger_words)),
+        ("target modules", ", ".join(v.target_modules)),
+        ("applies to", coverage_text(applies_to) if applies_to else None),
+        ("trigger words", ", ".join(v.trigger_words)),
         ("tags", ", ".join(v.tags)), ("description", v.description), ("license", v.license), ("author", v.author),
         ("base model", v.base_model), ("base model sha256", v.base_model_sha256), ("origin", v.origin),
         ("parents", ", ".join(f"{p.ref}{'' if p.present else ' (deleted)'}" for p in v.parents)),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from adapters.formats import coverage_text
 from adapters.ingest import export_adapter, import_adapter
 from adapters.registry import ADAPTER_TYPES, decode_sample
 from studio.app.dataset_files import safe_name
@@ -147,6 +148,8 @@ with tab_info:
     rows = {
         "type": v.adapter_type, "rank": v.rank, "alpha": v.alpha, "family": v.family, "base model": v.base_model,
         "components": ", ".join(v.components), "target modules": ", ".join(v.target_modules),
+        "applies to": (coverage_text(v.metrics["applies_to"]) if "applies_to" in (v.metrics or {})
+                       else "not counted (registered by an older version of the studio)"),
         "trigger words": ", ".join(v.trigger_words), "tags": ", ".join(v.tags), "license": v.license,
         "author": v.author, "origin": v.origin, "created": v.created_at.isoformat(timespec="seconds"),
         "size": f"{v.size_bytes:,} bytes", "sha256": v.weights_sha256, "tensor sha256 (sshs_model_hash)":
