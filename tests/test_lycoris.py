@@ -73,13 +73,18 @@ def _lycoris_file(tmp_path, algo, options, strength_inputs):
             for lora in net.loras:
                 lora.multiplier = multiplier
         theirs[multiplier] = _outputs(pipe, strength_inputs)
+    return _save_networks(nets, tmp_path / f"{algo}.safetensors")[0], theirs
+
+
+def _save_networks(nets, path):
+    """One file of the networks' tensors, as LyCORIS saves each; returns (path, tensors)."""
     state = {}
     for i, net in enumerate(nets):
-        net.save_weights(str(tmp_path / f"part{i}.safetensors"), torch.float32, None)
-        state.update(load_file(str(tmp_path / f"part{i}.safetensors")))
-    path = tmp_path / f"{algo}.safetensors"
+        part = path.with_name(f"{path.stem}-part{i}.safetensors")
+        net.save_weights(str(part), torch.float32, None)
+        state.update(load_file(str(part)))
     save_file(state, str(path), metadata={"ss_network_module": "lycoris.kohya"})
-    return path, theirs
+    return path, state
 
 
 # The default suite runs one case of each conversion kind; `scripts/test -m slow` runs every layout.
@@ -169,3 +174,49 @@ def test_a_dora_normalised_per_input_channel_is_refused_by_name(tmp_path, reg, i
     with pytest.raises(UnsupportedAdapterError, match="magnitude per input channel.*A1111 and ComfyUI load it"):
         import_adapter(reg, path, name="lyco-dora-in")
     assert reg.list_versions(limit=None).total == 0
+
+
+# SDXL: the UNet and both text encoders (kohya's lora_te1_ / lora_te2_), one case of each method here;
+# `scripts/test -m slow` runs the rest.
+SDXL_CASES = {"loha": ("loha", {}), "locon-tucker": ("lora", {"use_tucker": True}),
+              "lokr-decomposed": ("lokr", {"linear_dim": 2, "decompose_both": True}),
+              "dora": ("lora", {"dora_wd": True})}
+
+
+def _sdxl_outputs(pipe, inputs) -> tuple[torch.Tensor, ...]:
+    ids, x, t, context, added = inputs
+    with torch.no_grad():
+        return (pipe.text_encoder(ids).last_hidden_state, pipe.text_encoder_2(ids).last_hidden_state,
+                pipe.unet(x, t, context, added_cond_kwargs=added).sample)
+
+
+@pytest.mark.parametrize("case", [c if c == "loha" else pytest.param(c, marks=pytest.mark.slow) for c in SDXL_CASES])
+def test_a_lycoris_file_on_sdxl_imports_and_applies_as_lycoris_applies_it(case, tmp_path, reg):
+    import json
+
+    from studio.core.embedded import EMBEDDED_DIR
+
+    config = json.loads((EMBEDDED_DIR / "tiny-sdxl" / "unet" / "config.json").read_text())
+    g = torch.Generator().manual_seed(3)
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    inputs = (torch.randint(0, 1000, (1, 77), generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]),
+              torch.randn(1, 77, config["cross_attention_dim"], generator=g),
+              {"text_embeds": torch.randn(1, pooled, generator=g),
+               "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])})
+    algo, options = SDXL_CASES[case]
+    pipe = load_fresh_pipeline("tiny-sdxl")
+    nets = [_network(pipe.unet, "lora_unet", algo, dict(options), 0),
+            _network(pipe.text_encoder, "lora_te1", algo, dict(options), 1),
+            _network(pipe.text_encoder_2, "lora_te2", algo, dict(options), 2)]
+    theirs = _sdxl_outputs(pipe, inputs)
+    path, state = _save_networks(nets, tmp_path / f"sdxl-{case}.safetensors")
+
+    version = import_adapter(reg, path, name=f"xl-{case}", base="tiny-sdxl")
+    assert version.family == "sdxl" and set(version.components) == {"unet", "text_encoder", "text_encoder_2"}
+    assert version.metrics["applies_to"]["modules"] == len({k.rsplit(".", 1)[0] for k in state if ".alpha" in k})
+    pipe = load_fresh_pipeline("tiny-sdxl")
+    base = _sdxl_outputs(pipe, inputs)
+    AdapterEngine(pipe).apply([AdapterSpec(version.ref, 1.0)], [resolve_adapter(version.ref)])
+    for o, t, b in zip(_sdxl_outputs(pipe, inputs), theirs, base, strict=True):
+        assert (t - b).abs().max() > 0.01
+        assert (o - t).abs().max() <= TOL * max(1.0, float(t.abs().max())), (case, float((o - t).abs().max()))
