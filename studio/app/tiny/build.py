@@ -492,7 +492,7 @@ def refine(out_dir: Path, cfg: BuildConfig, log=print, model: str = "tiny") -> d
     # its runtime defaults too).
     tokenizers = {f: f.read_bytes() for te in family.text_encoders if te.tokenizer not in shared
                   for f in (out_dir / te.tokenizer).iterdir()}
-    size = save_model(pipe, out_dir, family, shared, cfg)
+    save_model(pipe, out_dir, family, shared, cfg)
     for f in (out_dir / te.tokenizer for te in family.text_encoders if te.tokenizer not in shared):
         shutil.rmtree(f)
     for f, data in tokenizers.items():
@@ -515,7 +515,7 @@ def refine_from(first_stage: Path, out_dir: Path, cfg: BuildConfig, log=print, r
     report = json.loads(report_path.read_text()) if report_path.exists() else {"model": model}
     report["config"] = asdict(cfg)
     report.update(refine(out_dir, cfg, log=log, model=model))
-    for stale in ("quality", "quality_4_steps", "quality_by_guidance"):
+    for stale in [key for key in report if key.startswith("quality")]:  # measured on the first stage
         report.pop(stale, None)
     if run_eval:
         report["quality"] = evaluate(out_dir, cfg)
