@@ -37,12 +37,66 @@ def test_bad_requests_name_the_problem(kwargs, message):
         GenerationRequest(prompt=PROMPT, **kwargs)
 
 
-def test_image_i_of_a_batch_equals_seed_plus_i_alone():
-    batch = generate(GenerationRequest(prompt=PROMPT, seed=10, num_images=3, num_inference_steps=8))
-    assert batch.seeds == [10, 11, 12]
-    alone = generate(GenerationRequest(prompt=PROMPT, seed=12, num_images=1, num_inference_steps=8))
-    assert np.array_equal(_px(batch.images[2]), _px(alone.images[0]))
+def test_image_i_of_a_batch_uses_seed_plus_i_and_replays_from_its_batch(tmp_path):
+    batch = generate(GenerationRequest(prompt=PROMPT, seed=10, num_images=5, num_inference_steps=8, batch_size=2))
+    assert batch.seeds == [10, 11, 12, 13, 14]
+    # Batches [10, 11], [12, 13], [14]: each image's recipe names its batch's size and its row.
+    assert [(o.request.batch_size, o.request.batch_index) for o in batch.outputs] == [(2, 0), (2, 1), (2, 0),
+                                                                                     (2, 1), (1, 0)]
+    assert "Seed: 13," in batch.outputs[3].parameters  # A1111's Seed is the image's own seed
+    paths = batch.save(tmp_path)
+    for i in (1, 2, 4):
+        again = generate(read_recipe(paths[i]))
+        assert again.seeds == [10 + i] and len(again.images) == 1
+        assert np.array_equal(_px(again.images[0]), _px(batch.images[i]))
+    # The batch's size changes the numbers (kernels sum in another order), not the picture.
+    alone = generate(GenerationRequest(prompt=PROMPT, seed=11, num_inference_steps=8, batch_size=1))
+    difference = np.abs(_px(alone.images[0]).astype(int) - _px(batch.images[1]))
+    assert difference.max() <= 8 and difference.mean() < 0.5
     assert not np.array_equal(_px(batch.images[0]), _px(batch.images[1]))
+
+
+def test_a_recipe_made_one_image_at_a_time_still_replays(tmp_path):
+    one = generate(GenerationRequest(prompt=PROMPT, seed=21, num_inference_steps=6, batch_size=1))
+    path = one.save(tmp_path)[0]
+    recipe = json.loads(Image.open(path).info[RECIPE_KEY])
+    del recipe["request"]["batch_size"], recipe["request"]["batch_index"]  # as recipes were written before
+    old = _recipe_png(tmp_path / "old.png", json.dumps(recipe))
+    request = read_recipe(old)
+    assert request.batch_size is None and request.batch_index is None
+    assert np.array_equal(_px(generate(request).images[0]), _px(one.images[0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch size must be between 1 and 16"),
+    ({"batch_size": 17}, "batch size must be between 1 and 16"),
+    ({"batch_index": 0}, "batch index must be a row"),
+    ({"batch_size": 4, "batch_index": 4}, "batch index must be a row"),
+    ({"batch_size": 4, "batch_index": 1, "num_images": 2}, "needs num_images 1"),
+    ({"batch_size": 4, "batch_index": 3, "seed": 1}, "outside 0 to"),
+])
+def test_bad_batch_fields_name_the_problem(kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(prompt=PROMPT, **kwargs)
+
+
+def test_the_batch_size_follows_free_memory(monkeypatch):
+    import psutil
+
+    from studio.core.base_models import load_pipeline
+    from studio.generation.run import batch_size_for
+
+    pipe = load_pipeline("tiny")
+    request = GenerationRequest(prompt=PROMPT, width=64, height=64)
+    free = type("Free", (), {"available": 24 << 30})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    assert batch_size_for(pipe, request) == 16  # capped
+    per_image = 8 * pipe.vae.config.block_out_channels[0] * 64 * 64 * 4
+    free.available = 6 * per_image  # half of it holds 3 images
+    assert batch_size_for(pipe, request) == 3
+    free.available = 0
+    assert batch_size_for(pipe, request) == 1
+    assert batch_size_for(pipe, GenerationRequest(prompt=PROMPT, batch_size=5)) == 5
 
 
 def test_native_size_and_random_seed_are_resolved_and_recorded():
@@ -109,9 +163,13 @@ def test_prompt_and_seed_change_the_image():
 
 def test_progress_is_reported_per_step():
     seen = []
-    generate(GenerationRequest(prompt=PROMPT, seed=1, num_images=2, num_inference_steps=3),
+    generate(GenerationRequest(prompt=PROMPT, seed=1, num_images=2, num_inference_steps=3, batch_size=1),
              progress=lambda done, total: seen.append((done, total)))
     assert seen == [(i, 6) for i in range(1, 7)]
+    seen.clear()  # in one batch of 2, each step advances both images: progress counts image-steps
+    generate(GenerationRequest(prompt=PROMPT, seed=1, num_images=2, num_inference_steps=3),
+             progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 6), (4, 6), (6, 6)]
 
 
 def test_read_recipe_errors(tmp_path):
@@ -399,6 +457,12 @@ def test_recipe_cost_and_its_bound():
     assert recipe_cost(normal) == 50 * 1024 * 1024
     assert recipe_cost(GenerationRequest(prompt=PROMPT, num_images=3, width=64, height=32)) == 3 * 20 * 64 * 32
     assert recipe_cost(normal) <= MAX_RECIPE_COST < recipe_cost(costly)
+    # An image of a batch of 16 replays by rebuilding the batch: it costs 16 images.
+    replay = GenerationRequest(prompt=PROMPT, num_inference_steps=50, width=1024, height=1024, seed=5, batch_size=16,
+                               batch_index=5)
+    assert recipe_cost(replay) == 16 * 50 * 1024 * 1024 > MAX_RECIPE_COST
+    with pytest.raises(RecipeTooCostlyError, match="16 image.*the batch its image was made in"):
+        check_recipe_cost(replay, confirmed=False)
     check_recipe_cost(normal, confirmed=False)
     with pytest.raises(RecipeTooCostlyError, match="--yes"):
         check_recipe_cost(costly, confirmed=False)

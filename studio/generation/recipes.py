@@ -103,13 +103,17 @@ def recipe_cost(request: GenerationRequest) -> int:
     """What a request costs, in pixel-steps: denoising steps x width x height x images.
 
     Denoising dominates a request's time and grows with each factor, so this orders requests by the
-    work they ask for (a width/height of None counts as 1024, the largest native size). Strength is
-    ignored: img2img runs fewer steps, and the cost stays an upper bound. Compare with
-    :data:`MAX_RECIPE_COST`.
+    work they ask for (a width/height of None counts as 1024, the largest native size). A recipe's
+    image counts the whole batch its replay rebuilds (``batch_size`` images). Strength is ignored:
+    img2img runs fewer steps, and the cost stays an upper bound. Compare with :data:`MAX_RECIPE_COST`.
     """
     width = request.width or _COST_NATIVE_SIDE
     height = request.height or _COST_NATIVE_SIDE
-    return request.num_inference_steps * width * height * request.num_images
+    return request.num_inference_steps * width * height * _denoised_images(request)
+
+
+def _denoised_images(request: GenerationRequest) -> int:
+    return request.batch_size if request.batch_index is not None else request.num_images
 
 
 def check_recipe_cost(request: GenerationRequest, *, confirmed: bool) -> None:
@@ -119,7 +123,9 @@ def check_recipe_cost(request: GenerationRequest, *, confirmed: bool) -> None:
     if cost > MAX_RECIPE_COST and not confirmed:
         raise RecipeTooCostlyError(
             f"this recipe asks for {request.num_inference_steps} steps at {request.width or 'native'}x"
-            f"{request.height or 'native'} x {request.num_images} image(s), {cost / 1e6:,.0f} M pixel-steps, more "
+            f"{request.height or 'native'} x {_denoised_images(request)} image(s)"
+            f"{' (the batch its image was made in)' if request.batch_index is not None else ''}, "
+            f"{cost / 1e6:,.0f} M pixel-steps, more "
             f"than the {MAX_RECIPE_COST / 1e6:,.0f} M a normal recipe needs (150 steps at 2048x2048): pass --yes "
             f"to run it anyway")
 

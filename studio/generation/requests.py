@@ -25,6 +25,10 @@ from studio.core.families import Family
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
 MAX_IMAGES = 64
+# The most images denoised together, and so the largest batch a recipe's replay must rebuild: 16 images
+# reach batched speed on CPU at the sizes it can run (see benchmarks/generate_speed.py), and a replay
+# of an image of a batch costs the whole batch.
+MAX_BATCH = 16
 DEFAULT_STRENGTH = 0.75  # A1111's img2img "denoising strength" default
 
 # A1111 sampler name -> (diffusers scheduler class, extra config). "Karras" variants use Karras sigmas.
@@ -130,6 +134,16 @@ class GenerationRequest:
         default="auto", metadata={"help": "the weights' dtype: auto (float32 on CPU, bfloat16 or float16 on a "
                                           "GPU), float32, float16 or bfloat16"}
     )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": f"images denoised together, at most {MAX_BATCH}; default: as many as free memory holds. "
+                          f"A recipe records the batch its image was made in"},
+    )
+    batch_index: int | None = field(
+        default=None,
+        metadata={"help": "a recipe's image: its row in the batch that made it (that batch, seeds seed - "
+                          "batch_index onwards, is rebuilt to re-make it bit for bit)"},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapters, (list, tuple)):
@@ -141,7 +155,7 @@ class GenerationRequest:
             # A list or number here fails deep inside diffusers or the model resolver, far from its cause.
             if not isinstance(getattr(self, name), str):
                 raise InvalidRequestError(f"{name} must be text, got {brief(getattr(self, name))}")
-        for name in ("num_inference_steps", "num_images", "width", "height", "seed"):
+        for name in ("num_inference_steps", "num_images", "width", "height", "seed", "batch_size", "batch_index"):
             if isinstance(getattr(self, name), bool):  # True is an int to Python, never a count to a user
                 raise InvalidRequestError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         for name in ("guidance_scale", "strength"):
@@ -172,6 +186,7 @@ class GenerationRequest:
             raise InvalidRequestError(f"seed must be a whole number between 0 and {MAX_SEED}, got {self.seed!r}")
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise InvalidRequestError(f"seed + number of images must stay below {MAX_SEED + 1}")
+        self._check_batch()
         if self.scheduler not in SCHEDULERS:
             raise InvalidRequestError(
                 f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(repr(n) for n in SCHEDULERS)}"
@@ -207,6 +222,30 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
                 raise InvalidRequestError(f"{name} must be 64 lowercase hex digits, got {value!r}")
+
+    def _check_batch(self) -> None:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                            or not 1 <= self.batch_size <= MAX_BATCH):
+            raise InvalidRequestError(f"batch size must be between 1 and {MAX_BATCH}, got {brief(self.batch_size)}")
+        if self.batch_index is None:
+            return
+        size = self.batch_size
+        if not isinstance(self.batch_index, int) or size is None or not 0 <= self.batch_index < size:
+            raise InvalidRequestError(f"batch index must be a row of the batch (0 to batch size - 1, with a batch "
+                                      f"size), got {brief(self.batch_index)} of {brief(self.batch_size)}")
+        if self.num_images != 1:
+            raise InvalidRequestError("a batch index names one image of a recipe's batch: it needs num_images 1")
+        if self.seed is not None and not 0 <= self.seed - self.batch_index <= MAX_SEED - self.batch_size + 1:
+            raise InvalidRequestError(f"seed {self.seed} at batch index {self.batch_index} puts the batch's seeds "
+                                      f"outside 0 to {MAX_SEED}")
+
+    @property
+    def batch_seeds(self) -> list[int] | None:
+        """The seeds of the batch a recipe's image was made in (``None`` without a batch index)."""
+        if self.batch_index is None or self.seed is None:
+            return None
+        first = self.seed - self.batch_index
+        return list(range(first, first + self.batch_size))
 
     @property
     def task(self) -> str:
@@ -277,6 +316,8 @@ _RECIPE_FIELDS = {
     "init_image_sha256": (lambda v: v is None or isinstance(v, str), "64 hex digits or null"),
     "mask_image_sha256": (lambda v: v is None or isinstance(v, str), "64 hex digits or null"),
     "precision": (lambda v: isinstance(v, str), f"one of {', '.join(PRECISIONS)}"),
+    "batch_size": (lambda v: v is None or _is_whole(v), "a whole number or null"),
+    "batch_index": (lambda v: v is None or _is_whole(v), "a whole number or null"),
 }
 
 

@@ -1,7 +1,10 @@
 """Running a request: the one generation path the CLI, the UI, training previews and grids share.
 
-- Image ``i`` of a request uses seed ``seed + i`` with its own ``torch.Generator``, and images are made
-  one per denoising batch, so each image can be re-made alone from its recipe, bit for bit.
+- Image ``i`` of a request uses seed ``seed + i`` with its own ``torch.Generator``. Images are denoised
+  in batches (:func:`batch_size_for` picks the size from free memory, at most ``MAX_BATCH``; a request
+  may force one). A row's numbers depend on the batch's size but not on the other rows (measured on
+  every family: kernels are chosen by shape, never by content), so each image's recipe records its
+  batch's size and its row, and a replay rebuilds a batch of that size around it, bit for bit.
 - Schedulers are chosen by their A1111 sampler names, built fresh for every image from the pipeline's
   own scheduler config, so requests never share scheduler state.
 - The adapter stack is resolved and checked against the base model's family before the pipeline is
@@ -40,7 +43,13 @@ from studio.core.families import Family, family_of_pipeline
 from studio.generation.inputs import load_inputs, pin_input
 from studio.generation.prompt_tags import expand_prompt_tags
 from studio.generation.recipes import a1111_parameters
-from studio.generation.requests import DEFAULT_STRENGTH, MAX_SEED, GenerationRequest, make_scheduler
+from studio.generation.requests import (
+    DEFAULT_STRENGTH,
+    MAX_BATCH,
+    MAX_SEED,
+    GenerationRequest,
+    make_scheduler,
+)
 from studio.generation.results import GeneratedImage, GenerationResult
 
 # One lock per pipeline object: the studio shares cached pipelines between threads (Streamlit
@@ -72,8 +81,9 @@ def generate_with_pipeline(
 ) -> GenerationResult:
     """Generate with an already loaded pipeline (training previews use the training components).
 
-    Images are generated one per denoising batch: batch composition changes CPU kernels' summation
-    order, and one image at a time is what makes every image bit-identical to its recipe re-run alone.
+    Images are denoised in batches; each image's request records its batch (``batch_size``,
+    ``batch_index``), which a replay rebuilds: a batch's size changes CPU and GPU kernels' summation
+    order, so an image is bit-identical only to a re-run in a batch of the same size.
     """
     request = resolve_request(expand_prompt_tags(request), pipe, recommended)
     if request.init_image is not None:
@@ -197,33 +207,90 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
         sampling = {"guidance_scale": request.guidance_scale, "negative_prompt": request.negative_prompt or None}
     outputs: list[GeneratedImage] = []
     dtypes = pipeline_dtypes(pipe)
-    total = request.num_images * steps_run
-    for i in range(request.num_images):
-        seed = request.seed + i
+    batches = plan_batches(request, batch_size_for(pipe, request))
+    total = sum(sum(keep for _, keep in batch) for batch in batches) * steps_run
+    done = 0
+    for batch in batches:
+        seeds = [seed for seed, _ in batch]
+        rows = len(seeds)
         pipe.scheduler = make_scheduler(request.scheduler, scheduler_config, family)
         runner.scheduler = pipe.scheduler
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        kept = sum(keep for _, keep in batch)
 
-        def on_step(_pipe, step, _t, kwargs, _i=i):
+        def on_step(_pipe, step, _t, kwargs, _done=done, _kept=kept):
             if progress is not None:
-                progress(min(_i * steps_run + step + 1, total), total)
+                progress(min(_done + (step + 1) * _kept, total), total)
             return kwargs
 
-        image = runner(
-            prompt=request.prompt,
+        # A list of prompts, one per row, never one prompt repeated by num_images_per_prompt: the text
+        # encoders then run on a batch of ``rows`` prompts too, as a replay of any row runs them.
+        # diffusers wants the negative prompt in the prompt's type: a list of one per row as well.
+        negatives = {key: [value] * rows for key, value in sampling.items()
+                     if key.startswith("negative_prompt") and isinstance(value, str)}
+        images = runner(
+            prompt=[request.prompt] * rows,
             num_inference_steps=request.num_inference_steps,
-            generator=generator,
+            generator=generators,
             num_images_per_prompt=1,
             callback_on_step_end=on_step,
-            **sampling,
+            **{**sampling, **negatives},
             **extra,
-        ).images[0]
-        if mask is not None:
-            # Paste the kept region back (A1111 does too): the VAE round trip alters every pixel a little,
-            # and "keep" should mean the original pixels.
-            image = Image.composite(image, init, mask)
-        single = replace(request, seed=seed, num_images=1)
-        outputs.append(GeneratedImage(image=image, request=single, model_hash=model_hash,
-                                      parameters=a1111_parameters(single, model_hash), family=family,
-                                      dtypes=dtypes))
+        ).images
+        done += kept * steps_run
+        for index, ((seed, keep), image) in enumerate(zip(batch, images)):
+            if not keep:
+                continue
+            if mask is not None:
+                # Paste the kept region back (A1111 does too): the VAE round trip alters every pixel a little,
+                # and "keep" should mean the original pixels.
+                image = Image.composite(image, init, mask)
+            single = replace(request, seed=seed, num_images=1, batch_size=rows, batch_index=index)
+            outputs.append(GeneratedImage(image=image, request=single, model_hash=model_hash,
+                                          parameters=a1111_parameters(single, model_hash), family=family,
+                                          dtypes=dtypes))
     return outputs
+
+
+def plan_batches(request: GenerationRequest, batch_size: int) -> list[list[tuple[int, bool]]]:
+    """The batches that make ``request``'s images: each a list of (seed, kept) rows.
+
+    A recipe's image (``batch_index`` set) is one kept row in a rebuilt batch of its recorded size,
+    the other rows its batch's own seeds; otherwise image ``i`` is seed ``seed + i``, in batches of
+    ``batch_size`` (the last holds the rest), every row kept.
+    """
+    if request.batch_index is not None:
+        return [[(seed, index == request.batch_index) for index, seed in enumerate(request.batch_seeds)]]
+    seeds = [request.seed + i for i in range(request.num_images)]
+    return [[(seed, True) for seed in seeds[i:i + batch_size]] for i in range(0, len(seeds), batch_size)]
+
+
+# Memory a denoised image needs beyond the weights, per pixel and per channel of the VAE decoder's
+# full-resolution blocks (their widest activations): measured on SD's VAE (128 channels) in float32 on
+# CPU, 8 images at 256 x 256 take 198 MB each, 5.9 tensors of 128 x 256 x 256 x 4 bytes; 8 leaves room
+# for the denoiser's activations, which are smaller (a 1/8-size latent).
+_LIVE_DECODER_TENSORS = 8
+# Share of the free memory batching may take: the rest stays for the system and other processes.
+_MEMORY_SHARE = 0.5
+
+
+def batch_size_for(pipe, request: GenerationRequest) -> int:
+    """How many of ``request``'s images to denoise together: its own ``batch_size`` when it forces one,
+    else as many as half the free memory (the GPU's, or the machine's on CPU) holds, at most
+    :data:`MAX_BATCH`."""
+    if request.batch_size is not None:
+        return request.batch_size
+    import torch
+
+    vae = getattr(pipe, "vae", None)
+    channels = vae.config.block_out_channels[0] if vae is not None else 128
+    dtype_bytes = torch.finfo(vae.dtype).bits // 8 if vae is not None else 4
+    per_image = _LIVE_DECODER_TENSORS * channels * request.width * request.height * dtype_bytes
+    device = getattr(pipe, "device", None)
+    if device is not None and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return max(1, min(MAX_BATCH, int(free * _MEMORY_SHARE // per_image)))

@@ -38,6 +38,7 @@ def measure_quality(base: str | Path = "tiny", seeds=(1, 2, 3), steps: int = 20,
     readings, expected, failures = [], [], []
     for prompt in prompts:
         result = generate(GenerationRequest(prompt=prompt, base_model=str(base), seed=seeds[0], num_images=len(seeds),
+                                            batch_size=1,  # as the build reports measured: one at a time
                                             num_inference_steps=steps, guidance_scale=guidance_scale,
                                             scheduler=scheduler))
         want = parse_caption(prompt)

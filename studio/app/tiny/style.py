@@ -109,6 +109,7 @@ def measure_style(style: str, adapters: list[dict], *, trigger: str = "", base: 
         for scene in prompts:
             prompt = f"{scene}, {trigger}" if trigger else scene
             result = generate(GenerationRequest(prompt=prompt, base_model=base, seed=seeds[0], num_images=len(seeds),
+                                                batch_size=1,  # as measured before batching: one at a time
                                                 num_inference_steps=steps, adapters=list(stack)))
             values += [style_score(img, style) for img in result.images]
         means[label] = float(np.mean(values))
