@@ -80,8 +80,9 @@ def main() -> None:
         same = again.outputs[0].image.tobytes() == last.image.tobytes()
         r = statistics.median(replay_t)
         print(f"{size:>4} px replay of image {n - 1} of a batch of {last.request.batch_size}: {r * 1000:7.1f} ms | "
-              f"the batch {t_batch * 1000:7.1f} ms, {t_batch / n * 1000:6.1f} ms/image | replay / batch {r / t_batch:.2f}"
-              f", replay / image's share {r / (t_batch / n):.1f} | bit-identical: {same}")
+              f"the batch {t_batch * 1000:7.1f} ms, {t_batch / n * 1000:6.1f} ms/image | "
+              f"replay / batch {r / t_batch:.2f}, replay / image's share {r / (t_batch / n):.1f}"
+              f" | bit-identical: {same}")
 
 
 if __name__ == "__main__":

@@ -235,17 +235,18 @@ class GenerationRequest:
                                       f"size), got {brief(self.batch_index)} of {brief(self.batch_size)}")
         if self.num_images != 1:
             raise InvalidRequestError("a batch index names one image of a recipe's batch: it needs num_images 1")
-        if self.seed is not None and not 0 <= self.seed - self.batch_index <= MAX_SEED - self.batch_size + 1:
-            raise InvalidRequestError(f"seed {self.seed} at batch index {self.batch_index} puts the batch's seeds "
-                                      f"outside 0 to {MAX_SEED}")
 
     @property
     def batch_seeds(self) -> list[int] | None:
-        """The seeds of the batch a recipe's image was made in (``None`` without a batch index)."""
+        """The seeds of the batch a recipe's replay rebuilds (``None`` without a batch index): its request's
+        own neighbours, ``seed - batch_index`` onwards, which are exactly the original batch when the image's
+        request filled it alone. A row's numbers depend on the batch's size and not on the other rows, so
+        a batch the generation queue shared between requests replays with these too; they wrap around
+        0 and ``MAX_SEED`` where that image sat at a row past its own seed."""
         if self.batch_index is None or self.seed is None:
             return None
         first = self.seed - self.batch_index
-        return list(range(first, first + self.batch_size))
+        return [(first + k) % (MAX_SEED + 1) for k in range(self.batch_size)]
 
     @property
     def task(self) -> str:

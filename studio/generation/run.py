@@ -25,7 +25,7 @@ import random
 import threading
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -69,11 +69,15 @@ def pipeline_lock(pipe) -> threading.RLock:
 
 def generate(request: GenerationRequest, progress=None) -> GenerationResult:
     """Run ``request`` on its base model; ``progress(step, total)`` is called after each step."""
+    pipe, hash_, recommended = pipeline_for(request)
+    return generate_with_pipeline(pipe, request, model_hash=hash_, progress=progress, recommended=recommended)
+
+
+def pipeline_for(request: GenerationRequest) -> tuple:
+    """(pipeline, model hash, recommended settings) of ``request``'s base model; the pipeline comes
+    from the library's cache, so every caller shares one per base model and precision."""
     resolved = resolve(request.base_model)
-    pipe = load_pipeline(request.base_model, request.precision)
-    return generate_with_pipeline(
-        pipe, request, model_hash=model_hash(resolved), progress=progress, recommended=recommended_settings(resolved)
-    )
+    return load_pipeline(request.base_model, request.precision), model_hash(resolved), recommended_settings(resolved)
 
 
 def generate_with_pipeline(
@@ -85,33 +89,91 @@ def generate_with_pipeline(
     ``batch_index``), which a replay rebuilds: a batch's size changes CPU and GPU kernels' summation
     order, so an image is bit-identical only to a re-run in a batch of the same size.
     """
+    prepared = prepare(pipe, request, recommended)
+
+    done = [0]  # image-steps so far
+
+    def on_step(_owner, images, _step, steps):
+        if progress is not None:
+            done[0] += len(images)
+            progress(done[0], prepared.request.num_images * steps)
+
+    return generate_prepared(pipe, [prepared], model_hash, recommended, on_step=on_step)[0]
+
+
+@dataclass
+class Prepared:
+    """A request ready to run: resolved (seed, size, CFG), its prompt's tags in its stack, its inputs
+    pinned and loaded, its adapters resolved and pinned to exact versions."""
+
+    request: GenerationRequest
+    resolved: list[ResolvedAdapter]
+    init: object = None  # PIL image or None
+    mask: object = None
+
+    def batch_key(self) -> tuple | None:
+        """Requests with equal keys can share denoising batches (prompts and seeds may differ; a row's
+        numbers do not depend on the other rows); ``None``: this one runs alone (img2img, a forced batch
+        size, a recipe's rebuilt batch)."""
+        r = self.request
+        if r.task != "text2img" or r.batch_size is not None or r.batch_index is not None:
+            return None
+        return (r.base_model, r.precision, r.width, r.height, r.num_inference_steps, r.guidance_scale, r.scheduler,
+                r.negative_prompt, tuple(repr(spec.to_dict()) for spec in r.adapters))
+
+
+def prepare(pipe, request: GenerationRequest, recommended: dict | None = None) -> Prepared:
+    """Everything about ``request`` that can fail before the pipeline is touched: resolve it, pin and
+    load its input images (a bad image must not touch the pipeline), resolve and pin its adapters."""
     request = resolve_request(expand_prompt_tags(request), pipe, recommended)
     if request.init_image is not None:
         init_path, init_sha = pin_input("init image", request.init_image, request.init_image_sha256)
         mask_path, mask_sha = pin_input("mask image", request.mask_image, request.mask_image_sha256)
         request = replace(request, init_image=init_path, init_image_sha256=init_sha, mask_image=mask_path,
                           mask_image_sha256=mask_sha)
-    init, mask = load_inputs(request)  # before the lock: a bad image must not touch the pipeline
-    t0 = time.perf_counter()
-    family = _pipeline_family(pipe)
-    resolved = _resolve_stack(request, family)
+    init, mask = load_inputs(request)
+    resolved = _resolve_stack(request, _pipeline_family(pipe))
     if resolved:
         # Pin every adapter in the recipe: the exact version and its tensor hash.
         request = replace(request, adapters=[
             replace(spec, ref=r.ref, name=r.name, version=r.version, tensor_sha256=r.tensor_sha256)
             for spec, r in zip(request.adapters, resolved)
         ])
-    # Schedulers keep per-run state (step index, model outputs): each image gets a fresh one, and
+    return Prepared(request, resolved, init, mask)
+
+
+def generate_prepared(pipe, group: list[Prepared], model_hash: str = "", recommended: dict | None = None,
+                      on_step=None, cancelled=None) -> list[GenerationResult | None]:
+    """Run prepared requests together: one request, or several with the same :meth:`Prepared.batch_key`,
+    whose images then share denoising batches in order (the generation queue merges requests so).
+
+    ``on_step(owner, image_indices, step, steps)`` is called after each step of a batch for every
+    request (``owner``, its index in ``group``) with images in it; ``cancelled(owner)`` is asked at each
+    step: a batch whose owners are all cancelled stops there (:class:`GenerationCancelled` when it is
+    the first's), and a cancelled request's result is ``None``.
+    """
+    keys = {p.batch_key() for p in group}
+    if len(group) > 1 and (len(keys) != 1 or None in keys):
+        raise ValueError("only requests with one batch key run together")
+    family = _pipeline_family(pipe)
+    t0 = time.perf_counter()
+    # Schedulers keep per-run state (step index, model outputs): each batch gets a fresh one, and
     # the pipeline's own scheduler is put back afterwards, all under the pipeline's lock.
     with pipeline_lock(pipe):
-        _apply_stack(pipe, request.adapters, resolved)
+        _apply_stack(pipe, group[0].request.adapters, group[0].resolved)
         original_scheduler = pipe.scheduler
         try:
-            outputs = _run(pipe, request, original_scheduler.config, model_hash, progress, init, mask, family,
-                           recommended or {})
+            outputs = _run(pipe, group, original_scheduler.config, model_hash, family, recommended or {}, on_step,
+                           cancelled or (lambda _owner: False))
         finally:
             pipe.scheduler = original_scheduler
-    return GenerationResult(request=request, outputs=outputs, seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return [None if out is None else GenerationResult(request=p.request, outputs=out, seconds=seconds)
+            for p, out in zip(group, outputs)]
+
+
+class GenerationCancelled(StudioError):
+    """A request was cancelled while it ran; its images are discarded."""
 
 
 def resolve_request(request: GenerationRequest, pipe, recommended: dict | None = None) -> GenerationRequest:
@@ -181,10 +243,12 @@ def _apply_stack(pipe, stack: list[AdapterSpec], resolved: list[ResolvedAdapter]
         engine_for(pipe).apply(stack, resolved)
 
 
-def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, progress, init=None,
-         mask=None, family: Family | None = None, recommended: dict | None = None) -> list[GeneratedImage]:
+def _run(pipe, group: list[Prepared], scheduler_config, model_hash: str, family: Family | None,
+         recommended: dict, on_step, cancelled) -> list[list[GeneratedImage] | None]:
     import torch  # heavy: a run has loaded it with the pipeline; importing this module must not
 
+    first = group[0]
+    request, init, mask = first.request, first.init, first.mask
     runner = task_pipeline(pipe, request.task)
     extra: dict = {}
     if request.task == "img2img":
@@ -202,54 +266,77 @@ def _run(pipe, request: GenerationRequest, scheduler_config, model_hash: str, pr
                                                                             * request.strength))
     if family is not None and family.sampling_options is not None:
         # e.g. Flux: the CFG scale is a distilled model's guidance input, or true CFG (lora_studio.json says)
-        sampling = family.sampling_options(pipe, request.guidance_scale, request.negative_prompt, recommended or {})
+        sampling = family.sampling_options(pipe, request.guidance_scale, request.negative_prompt, recommended)
     else:
         sampling = {"guidance_scale": request.guidance_scale, "negative_prompt": request.negative_prompt or None}
-    outputs: list[GeneratedImage] = []
+    outputs: list[list[GeneratedImage] | None] = [[] for _ in group]
     dtypes = pipeline_dtypes(pipe)
-    batches = plan_batches(request, batch_size_for(pipe, request))
-    total = sum(sum(keep for _, keep in batch) for batch in batches) * steps_run
-    done = 0
+    if len(group) == 1:
+        batches = [[(0, seed, keep) for seed, keep in batch] for batch in plan_batches(request, batch_size_for(
+            pipe, request))]
+    else:
+        rows = [(owner, p.request.seed + i, True) for owner, p in enumerate(group) for i in range(p.request.num_images)]
+        size = batch_size_for(pipe, request)
+        batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+    image_index = [0] * len(group)
     for batch in batches:
-        seeds = [seed for seed, _ in batch]
-        rows = len(seeds)
+        owners = {owner for owner, _, _ in batch}
+        if all(cancelled(owner) for owner in owners):
+            continue
+        rows = len(batch)
         pipe.scheduler = make_scheduler(request.scheduler, scheduler_config, family)
         runner.scheduler = pipe.scheduler
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        kept = sum(keep for _, keep in batch)
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed, _ in batch]
+        members: dict[int, list[int]] = {}  # owner -> the indices of its images in this batch
+        for owner, _, keep in batch:
+            if keep:
+                images = members.setdefault(owner, [])
+                images.append(image_index[owner] + len(images))
 
-        def on_step(_pipe, step, _t, kwargs, _done=done, _kept=kept):
-            if progress is not None:
-                progress(min(_done + (step + 1) * _kept, total), total)
+        def on_batch_step(_pipe, step, _t, kwargs, _members=members):
+            if all(cancelled(owner) for owner in _members):
+                raise _Stop
+            if on_step is not None:
+                for owner, images in _members.items():
+                    on_step(owner, images, step + 1, steps_run)
             return kwargs
 
-        # A list of prompts, one per row, never one prompt repeated by num_images_per_prompt: the text
-        # encoders then run on a batch of ``rows`` prompts too, as a replay of any row runs them.
         # diffusers wants the negative prompt in the prompt's type: a list of one per row as well.
         negatives = {key: [value] * rows for key, value in sampling.items()
                      if key.startswith("negative_prompt") and isinstance(value, str)}
-        images = runner(
-            prompt=[request.prompt] * rows,
-            num_inference_steps=request.num_inference_steps,
-            generator=generators,
-            num_images_per_prompt=1,
-            callback_on_step_end=on_step,
-            **{**sampling, **negatives},
-            **extra,
-        ).images
-        done += kept * steps_run
-        for index, ((seed, keep), image) in enumerate(zip(batch, images)):
+        try:
+            # A list of prompts, one per row, never one prompt repeated by num_images_per_prompt: the text
+            # encoders then run on a batch of ``rows`` prompts too, as a replay of any row runs them.
+            images = runner(
+                prompt=[group[owner].request.prompt for owner, _, _ in batch],
+                num_inference_steps=request.num_inference_steps,
+                generator=generators,
+                num_images_per_prompt=1,
+                callback_on_step_end=on_batch_step,
+                **{**sampling, **negatives},
+                **extra,
+            ).images
+        except _Stop:
+            continue
+        for index, ((owner, seed, keep), image) in enumerate(zip(batch, images)):
             if not keep:
                 continue
+            image_index[owner] += 1
             if mask is not None:
                 # Paste the kept region back (A1111 does too): the VAE round trip alters every pixel a little,
                 # and "keep" should mean the original pixels.
                 image = Image.composite(image, init, mask)
-            single = replace(request, seed=seed, num_images=1, batch_size=rows, batch_index=index)
-            outputs.append(GeneratedImage(image=image, request=single, model_hash=model_hash,
-                                          parameters=a1111_parameters(single, model_hash), family=family,
-                                          dtypes=dtypes))
-    return outputs
+            single = replace(group[owner].request, seed=seed, num_images=1, batch_size=rows, batch_index=index)
+            outputs[owner].append(GeneratedImage(image=image, request=single, model_hash=model_hash,
+                                                 parameters=a1111_parameters(single, model_hash), family=family,
+                                                 dtypes=dtypes))
+    if len(group) == 1 and cancelled(0):
+        raise GenerationCancelled("the request was cancelled; its images were discarded")
+    return [None if cancelled(owner) else out for owner, out in enumerate(outputs)]
+
+
+class _Stop(Exception):
+    """Raised in a step callback to stop a batch whose requests were all cancelled."""
 
 
 def plan_batches(request: GenerationRequest, batch_size: int) -> list[list[tuple[int, bool]]]:

@@ -15,7 +15,7 @@ from studio.core.errors import InvalidRequestError
 from studio.generation import run
 from studio.generation.grid import GridAxis, render_grid
 from studio.generation.recipes import check_recipe_cost, read_recipe
-from studio.generation.requests import DEFAULT_SCHEDULER, GenerationRequest
+from studio.generation.requests import DEFAULT_SCHEDULER, MAX_BATCH, GenerationRequest
 
 
 def register(sub) -> None:
@@ -31,6 +31,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--base", default=None, help="base model: tiny (default), a folder, a .safetensors file, a Hub id")
     p.add_argument("--seed", type=whole_number, default=None, help="seed of the first image (random if omitted)")
     p.add_argument("--num-images", type=whole_number, default=1, help="images per prompt; image i uses seed + i")
+    p.add_argument("--batch-size", type=whole_number, default=None,
+                   help=f"images denoised together, 1 to {MAX_BATCH}; default: as many as free memory holds (each "
+                        f"image's recipe records its batch, so it re-runs bit for bit)")
     p.add_argument("--steps", type=whole_number, default=20, help="denoising steps")
     p.add_argument("--guidance", type=number, default=None,
                    help="classifier-free guidance scale (default: the base model's recommendation; tiny: 2)")
@@ -140,6 +143,7 @@ def cmd_generate(args) -> int:
                 height=args.height,
                 seed=args.seed,
                 num_images=args.num_images,
+                batch_size=args.batch_size,
                 scheduler=args.scheduler or DEFAULT_SCHEDULER,
                 base_model=args.base or "tiny",
                 adapters=_stack_from_args(args.stack),

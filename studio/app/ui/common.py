@@ -1,10 +1,11 @@
-"""Small helpers every page uses: enlarged thumbnails, error boxes, the shared registry client, and
-the checked, bounded and cached folder listing behind the Datasets page."""
+"""Small helpers every page uses: enlarged thumbnails, error boxes, the shared registry client and
+generation queue, and the checked, bounded and cached folder listing behind the Datasets page."""
 
 from __future__ import annotations
 
 import io
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from adapters.registry import Registry
 from studio.app import dataset_files
 from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
 from studio.core.settings import check_data_path, get_settings
+from studio.generation.queue import GenerationQueue
 
 
 def enlarged(image, min_side: int = 160):
@@ -52,6 +54,18 @@ def reported(action: str):
         st.error(str(e))
     except Exception as e:  # an unexpected failure still gets words, never a raw traceback
         st.error(f"{action} failed: {type(e).__name__}: {e}")
+
+
+@st.cache_resource(show_spinner=False)
+def generation_queue() -> GenerationQueue:
+    """The studio process's one generation queue: every browser session submits to it, and its worker
+    thread runs the jobs, so page reruns never wait on the GPU."""
+    return GenerationQueue()
+
+
+def queue_session() -> str:
+    """This browser session's name in the queue (sessions take turns there; there is no login)."""
+    return st.session_state.setdefault("queue_session", uuid.uuid4().hex)
 
 
 @st.cache_resource(show_spinner=False)

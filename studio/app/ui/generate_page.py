@@ -2,9 +2,11 @@
 order), trigger words, sampling settings in; a gallery of images with their recipes out; recipes
 loaded back from a PNG.
 
-Widgets only: generation is ``studio.generation.run`` (``lora-studio generate``) on a pipeline from the
-library's small LRU (``studio.core.base_models.load_pipeline``), adapters come from ``adapters.registry``
-and are applied by ``adapters.compose`` inside ``generate_with_pipeline``; uploads are stored by
+Widgets only: Generate submits the request to the studio's one generation queue
+(``studio.generation.queue``, shared by every session; its worker runs ``studio.generation.run`` on a
+pipeline from the library's small LRU), and a fragment shows the queue position, a progress bar per
+image and a Cancel button until the images join the gallery; adapters come from ``adapters.registry``
+and are applied by ``adapters.compose`` inside the run; uploads are stored by
 ``store_input_image``, grid axes parsed by ``GridAxis.parse``, and a loaded recipe becomes form
 values through ``studio.app.ui.recipes`` (refused when the widgets cannot hold it). A base model typed
 as a path must lie under the data roots (``studio.core.base_models.check_base_model``).
@@ -26,16 +28,16 @@ import streamlit as st
 from adapters.compose import AdapterSpec
 from adapters.merge import METHODS, merge_adapters
 from studio.app.ui import recipes
-from studio.app.ui.common import enlarged, get_registry, png_bytes, reported
-from studio.core.base_models import check_base_model, load_pipeline, model_hash, recommended_settings, resolve
+from studio.app.ui.common import enlarged, generation_queue, get_registry, png_bytes, queue_session, reported
+from studio.core.base_models import check_base_model, resolve
 from studio.core.errors import RecipeError, RecipeTooCostlyError, StudioError
 from studio.core.families import get_family
 from studio.core.settings import get_settings
 from studio.generation.grid import AXIS_KINDS, GridAxis, render_grid
 from studio.generation.inputs import store_input_image
+from studio.generation.queue import DONE, FAILED, QUEUED
 from studio.generation.recipes import MAX_RECIPE_COST, check_recipe_cost, read_recipe, recipe_cost
 from studio.generation.requests import DEFAULT_SCHEDULER, MAX_SEED, GenerationRequest, scheduler_names
-from studio.generation.run import generate_with_pipeline
 
 GALLERY_SIZE = 24
 _ids = itertools.count()
@@ -178,15 +180,76 @@ def _denoiser_label() -> str:
         return "denoiser"
 
 
+# ---- the session's jobs in the studio's generation queue --------------------------------------------
+
+
+def _collect_finished_jobs() -> None:
+    """Move this session's finished jobs into the gallery (or their error into a message)."""
+    jobs = st.session_state.get("jobs", [])
+    for job in [j for j in jobs if j.finished]:
+        jobs.remove(job)
+        if job.state == DONE:
+            st.session_state["last_result"] = job.result
+            gallery = st.session_state.setdefault("gallery", [])
+            gallery[:0] = job.result.outputs  # newest first
+            del gallery[GALLERY_SIZE:]
+        elif job.state == FAILED:
+            st.session_state.setdefault("job_errors", []).append(job.error)
+        else:
+            st.session_state.setdefault("job_notes", []).append(
+                f"cancelled: {job.request.num_images} image(s) of {job.request.prompt[:60]!r}")
+
+
+def _job_status(job) -> None:
+    queue = generation_queue()
+    seed, n = job.request.seed, job.request.num_images
+    what = f"{n} image(s) of {job.request.prompt[:60]!r}"
+    with st.container(border=True):
+        c1, c2 = st.columns([5, 1])
+        if job.state == QUEUED:
+            ahead = queue.position(job)
+            where = "next" if not ahead else f"{ahead} request(s) ahead of yours"
+            c1.markdown(f"**Queued** ({where}): {what}")
+        else:
+            shared = f", sharing its batches with {job.shared_with} other request(s)" if job.shared_with else ""
+            c1.markdown(f"**Running**{shared}: {what}")
+        c2.button("Cancel", key=f"cancel-{job.id}", on_click=queue.cancel, args=(job,),
+                  disabled=job.cancel_requested)
+        for i, fraction in enumerate(job.image_fractions()):
+            label = f"seed {seed + i}" if seed is not None else f"image {i + 1}"
+            steps = f"step {job.image_steps[i]}/{job.steps}" if job.steps else "waiting"
+            st.progress(fraction, text=f"Image {i + 1} of {n} ({label}): {steps}")
+
+
+def _jobs_panel() -> None:
+    """Queue position, a progress bar per image and a Cancel button for each of this session's jobs.
+    A fragment that reruns alone twice a second while a job is open; the whole page reruns when one
+    finishes, so its images join the gallery."""
+    if not st.session_state.get("jobs"):
+        return
+
+    @st.fragment(run_every=0.5)
+    def panel() -> None:
+        jobs = st.session_state.get("jobs", [])
+        if any(job.finished for job in jobs):
+            st.rerun(scope="app")
+        for job in jobs:
+            _job_status(job)
+
+    panel()
+
+
 # ---- page ----------------------------------------------------------------------------------------
 # Form defaults live in session state (not in value=), so recipe loading and trigger-word buttons can
 # change them without Streamlit's "default value and Session State" conflict.
 for _key, _default in {"prompt": "a red circle on a blue background", "negative": "", "base": "tiny",
                        "scheduler": DEFAULT_SCHEDULER, "steps": 20, "guidance": 0.0, "seed": "1", "num_images": 2,
-                       "width": 0, "height": 0, "strength": 0.75, "recipe_init": None, "recipe_mask": None}.items():
+                       "width": 0, "height": 0, "strength": 0.75, "recipe_init": None, "recipe_mask": None,
+                       "recipe_batch": None}.items():
     st.session_state.setdefault(_key, _default)
 
 st.title("Generate")
+_collect_finished_jobs()
 tab_make, tab_grid, tab_recipe = st.tabs(["Generate", "X/Y grid", "Load recipe from a PNG"])
 
 with tab_recipe:
@@ -314,21 +377,15 @@ with tab_make:
                 mask_image=_input_image("mask_upload", "recipe_mask"),
                 strength=float(st.session_state["strength"]) if init_image else None,
             )
-            with st.spinner("Loading the base model..."):
-                # The library's LRU: at most PIPELINE_CACHE_SIZE base models stay in memory.
-                pipe = load_pipeline(request.base_model, request.precision)
-            bar = st.progress(0.0, text="Generating...")
-            resolved = resolve(request.base_model)
-            result = generate_with_pipeline(
-                pipe, request, model_hash=model_hash(resolved), recommended=recommended_settings(resolved),
-                progress=lambda done, total: bar.progress(done / total, text=f"Step {done}/{total}"),
-            )
-            bar.empty()
-            st.session_state["last_result"] = result
-            gallery = st.session_state.setdefault("gallery", [])
-            gallery[:0] = result.outputs  # newest first
-            del gallery[GALLERY_SIZE:]
+            request = recipes.batch_for(request, st.session_state.get("recipe_batch"))
+            st.session_state.setdefault("jobs", []).append(generation_queue().submit(request, queue_session()))
 
+    _jobs_panel()
+
+    for message in st.session_state.pop("job_errors", []):
+        st.error(message)
+    for message in st.session_state.pop("job_notes", []):
+        st.info(message)
     result = st.session_state.get("last_result")
     if result is not None:
         st.success(f"{len(result.outputs)} image(s) in {result.seconds:.2f} s, seed {result.request.seed}")

@@ -10,6 +10,8 @@ and restores the img2img/inpainting inputs only from folders the UI may read
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from studio.core.errors import InputFileNotFoundError, RecipeError
 from studio.core.settings import check_data_path
 from studio.generation.inputs import stored_input
@@ -48,8 +50,8 @@ def _stored_input(label: str, path: str | None, sha256: str | None) -> str | Non
 def form_values(request) -> dict:
     """Session-state values for the Generate form from a recipe's request (a ``GenerationRequest``).
 
-    Keys: the form's widget keys (``prompt``, ``steps``, ``guidance``, ...), ``strength``, and
-    ``recipe_init`` / ``recipe_mask`` (stored input paths, or None). Raises :class:`RecipeError`
+    Keys: the form's widget keys (``prompt``, ``steps``, ``guidance``, ...), ``strength``,
+    ``recipe_init`` / ``recipe_mask`` (stored input paths, or None) and ``recipe_batch``. Raises :class:`RecipeError`
     listing every value the widgets cannot hold, and :class:`~studio.core.errors.PathNotAllowedError`
     or :class:`InputFileNotFoundError` for an input image the UI may not or cannot read.
     """
@@ -81,7 +83,19 @@ def form_values(request) -> dict:
         "guidance": float(request.guidance_scale or 0.0), "seed": "" if request.seed is None else str(request.seed),
         "num_images": request.num_images, "width": request.width or 0, "height": request.height or 0,
         "recipe_init": init, "recipe_mask": mask,
+        # The batch the image was made in: a request with this seed and one image rebuilds it (see
+        # batch_for), so the image re-makes bit for bit from the form too.
+        "recipe_batch": None if request.batch_index is None else (request.seed, request.batch_size,
+                                                                  request.batch_index),
     }
     if init is not None:
         values["strength"] = float(request.strength if request.strength is not None else DEFAULT_STRENGTH)
     return values
+
+
+def batch_for(request, recipe_batch):
+    """``request`` with the batch of the recipe loaded into the form (``recipe_batch``: its seed, batch
+    size and row) when it still asks for that seed and one image; otherwise ``request`` unchanged."""
+    if recipe_batch is None or request.num_images != 1 or request.seed != recipe_batch[0]:
+        return request
+    return replace(request, batch_size=recipe_batch[1], batch_index=recipe_batch[2])
