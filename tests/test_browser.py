@@ -170,6 +170,19 @@ def test_generate_in_a_real_browser(browser, studio_server, tmp_path):
     if not listeners and outward is None:
         pytest.fail("could not check the bind address: no /proc/net/tcp and no outward address")
 
+    # A second browser session takes the queue first with a long request: the first page's request then
+    # waits behind it, and says so, until the other cancels.
+    other = browser.new_page(viewport={"width": 1280, "height": 1400})
+    other.goto(url, wait_until="domcontentloaded", timeout=30_000)
+    other.locator('[data-testid="stTextArea"] textarea').first.wait_for(timeout=30_000)
+    for label, value in (("Steps", "150"), ("Images", "1"), ("Width (0 = native)", "128"),
+                         ("Height (0 = native)", "128")):
+        other.locator(f'[data-testid="stNumberInput"] input[aria-label="{label}"]').fill(value)
+    other.locator('[data-testid="stFormSubmitButton"] button').filter(has_text="Generate").click()
+    other.wait_for_function("() => /Running/.test(document.body.innerText) && /step [1-9]/.test("
+                            "document.body.innerText)", timeout=GENERATE_TIMEOUT_S * 1000)
+    assert other.locator('[data-testid="stProgress"]').count() == 1  # one bar per image
+
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     shot = tmp_path / "generate.png"
     try:
@@ -184,6 +197,12 @@ def test_generate_in_a_real_browser(browser, studio_server, tmp_path):
             page.locator('[data-testid="stTextInput"] input[aria-label="Base model"]').fill(BASE_MODEL)
         page.locator('[data-testid="stFormSubmitButton"] button, [data-testid="stButton"] button').filter(
             has_text="Generate").first.click()
+        page.wait_for_selector("text=Queued (next)", timeout=60_000)
+        page.wait_for_function(  # a waiting bar for each of its two images
+            """() => document.querySelectorAll('[data-testid="stProgress"]').length === 2""", timeout=30_000)
+        _shot(page, "generate_queued")
+        other.locator('[data-testid="stButton"] button').filter(has_text="Cancel").click()
+        other.wait_for_selector("text=cancelled: 1 image(s)", timeout=GENERATE_TIMEOUT_S * 1000)
 
         page.wait_for_selector('[data-testid="stAlertContentSuccess"], [data-testid="stAlertContentError"], '
                                '[data-testid="stException"]', timeout=GENERATE_TIMEOUT_S * 1000)
@@ -203,6 +222,7 @@ def test_generate_in_a_real_browser(browser, studio_server, tmp_path):
     finally:
         page.screenshot(path=str(shot), full_page=True)
         page.close()
+        other.close()
     assert shot.stat().st_size > 0
 
 

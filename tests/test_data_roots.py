@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
+from ui_support import wait_for_jobs
 
 from studio.app import jobs
 from studio.core import errors
@@ -203,7 +204,7 @@ def test_generate_page_refuses_a_base_model_path_outside_the_roots(studio_home, 
     (model / "model_index.json").write_text("{}")
     at = AppTest.from_file(str(UI / "generate_page.py"), default_timeout=120).run()
     at.text_input(key="base").input(str(model))
-    next(b for b in at.button if b.label == "Generate").click().run()
+    wait_for_jobs(next(b for b in at.button if b.label == "Generate").click().run())
     assert not at.exception
     assert any("LORA_STUDIO_DATA_ROOTS" in e.value for e in at.error), [e.value for e in at.error]
     at.text_input(key="grid_x_values").input("0, 1")  # the grid tab uses the same box

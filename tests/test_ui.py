@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
+from ui_support import wait_for_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = str(ROOT / "studio" / "app" / "ui" / "generate_page.py")
@@ -31,7 +32,7 @@ def test_generate_shows_images_with_recipes():
     at.text_input(key="seed").input("4")
     at.number_input(key="steps").set_value(4)
     at.number_input(key="num_images").set_value(2)
-    _generate(at).click().run()
+    wait_for_jobs(_generate(at).click().run())
     assert not at.exception and not at.error
     assert len(at.get("image")) == 2
     assert "seed 4" in at.success[0].value
@@ -41,15 +42,15 @@ def test_generate_shows_images_with_recipes():
 def test_bad_input_is_an_error_message_not_a_traceback():
     at = _page()
     at.text_input(key="seed").input("lucky")
-    _generate(at).click().run()
+    wait_for_jobs(_generate(at).click().run())
     assert not at.exception and "not a whole number" in at.error[0].value
 
     at = _page()
     at.number_input(key="width").set_value(36)
-    _generate(at).click().run()
+    wait_for_jobs(_generate(at).click().run())
     assert not at.exception and "multiple of 8" in at.error[0].value
 
     at = _page()
     at.text_input(key="base").input("owner/model")
-    _generate(at).click().run()
+    wait_for_jobs(_generate(at).click().run())
     assert not at.exception and "offline" in at.error[0].value

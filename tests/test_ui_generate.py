@@ -5,12 +5,13 @@ the gallery, and recipes loaded back from a PNG."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
-from ui_support import register, save_lora
+from ui_support import register, save_lora, wait_for_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = str(ROOT / "studio" / "app" / "ui" / "generate_page.py")
@@ -57,7 +58,7 @@ def test_stack_two_adapters_generate_and_recipe_lists_both(reg, lora_files):
     at.number_input(key="steps").set_value(3)
     at.number_input(key="num_images").set_value(2)
     at.text_input(key="seed").input("11")
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert "2 image(s)" in at.success[0].value and "seed 11" in at.success[0].value
     result = at.session_state["last_result"]
@@ -107,11 +108,11 @@ def test_reorder_remove_and_random_seed(reg, lora_files):
     assert seed.isdigit()
     at.number_input(key="steps").set_value(2)
     at.number_input(key="num_images").set_value(1)
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and f"seed {seed}" in at.success[0].value
     # A second run adds to the gallery (newest first) instead of replacing it.
     at.text_input(key="seed").input("3")
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert [c for img in at.get("image") for c in img.captions][:2] == ["seed 3", f"seed {seed}"]
 
 
@@ -119,7 +120,7 @@ def test_bad_stack_and_bad_recipe_are_messages(reg, lora_files, tmp_path):
     at = _page()
     at.session_state["stack"] = [{"id": "x1", "ref": "missing@4", "trigger_words": []}]
     at.number_input(key="steps").set_value(2)
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and "missing" in at.error[0].value
 
     plain = tmp_path / "plain.png"
@@ -144,7 +145,7 @@ def test_img2img_grid_and_merge(reg, lora_files, tmp_path):
     at.slider(key="strength").set_value(0.5)
     at.number_input(key="steps").set_value(4)
     at.number_input(key="num_images").set_value(1)
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     request = at.session_state["last_result"].outputs[0].request
     assert request.strength == 0.5 and request.init_image and request.init_image_sha256
@@ -217,7 +218,7 @@ def test_recipe_restores_init_image_mask_and_strength(studio_home):
     assert not at.error and "loaded the recipe of seed 5" in at.success[0].value, [e.value for e in at.error]
     assert at.slider(key="strength").value == 0.4
     assert any("init image" in c for img in at.get("image") for c in img.captions)
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     request = at.session_state["last_result"].outputs[0].request
     assert (request.task, request.strength) == ("inpaint", 0.4)
@@ -225,7 +226,7 @@ def test_recipe_restores_init_image_mask_and_strength(studio_home):
 
     # "Clear" goes back to text-to-image.
     at.button(key="recipe_inputs_clear").click().run()
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and at.session_state["last_result"].outputs[0].request.task == "text2img"
 
 
@@ -271,22 +272,22 @@ def test_malformed_recipe_pngs_are_one_line_errors(studio_home):
 
 def test_generate_asks_the_library_for_the_pipeline_every_time(studio_home, monkeypatch):
     # The library's LRU (studio.core.base_models.load_pipeline, 2 pipelines) is the only cache: a page
-    # cache of its own kept every base model ever typed in memory.
-    from studio.core import base_models
+    # cache of its own kept every base model ever typed in memory. The queue's worker asks it per job.
+    from studio.generation import run
 
     asked = []
-    original = base_models.load_pipeline
+    original = run.load_pipeline
 
     def spy(ref=None, precision="auto"):
         asked.append((ref, precision))
         return original(ref, precision)
 
-    monkeypatch.setattr(base_models, "load_pipeline", spy)
+    monkeypatch.setattr(run, "load_pipeline", spy)
     at = _page()
     at.number_input(key="steps").set_value(2)
     at.number_input(key="num_images").set_value(1)
-    _button(at, "Generate").click().run()
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert asked == [("tiny", "auto"), ("tiny", "auto")]
 
@@ -295,7 +296,7 @@ def test_uploaded_inputs_are_checked_and_stored_by_the_library(studio_home):
     at = _page()
     at.file_uploader(key="init_upload").set_value(("init.png", b"not an image at all", "image/png"))
     at.number_input(key="steps").set_value(2)
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and any("not a readable image" in e.value for e in at.error), \
         [e.value for e in at.error]
     assert not (studio_home / "outputs" / "inputs").exists() and not (studio_home / "inputs").exists()
@@ -303,7 +304,7 @@ def test_uploaded_inputs_are_checked_and_stored_by_the_library(studio_home):
     at.file_uploader(key="init_upload").set_value(
         ("init.png", _png_bytes(Image.new("RGB", (32, 32), (0, 255, 0))), "image/png"))
     at.number_input(key="num_images").set_value(1)
-    _button(at, "Generate").click().run()
+    wait_for_jobs(_button(at, "Generate").click().run())
     assert not at.exception and not at.error, [e.value for e in at.error]
     stored = Path(at.session_state["last_result"].outputs[0].request.init_image)
     assert stored.parent == studio_home / "inputs" and not (studio_home / "outputs" / "inputs").exists()
@@ -337,3 +338,42 @@ def test_costly_recipe_asks_for_a_confirmation(studio_home, monkeypatch):
     at.button(key="recipe_confirm").click().run()
     assert not at.exception and "loaded the recipe of seed 5" in at.success[0].value
     assert at.number_input(key="steps").value == 7 and at.number_input(key="width").value == 32
+
+
+def _texts(at, kind: str) -> list[str]:
+    return [getattr(e, "value", "") if kind != "progress" else e.proto.text for e in at.get(kind)]
+
+
+def test_two_sessions_see_their_position_and_progress_and_get_their_own_images(studio_home):
+    # alice's long request runs; bob's waits behind it and says so; alice cancels hers; bob gets his
+    alice, bob = _page(), _page()
+    alice.number_input(key="steps").set_value(150)
+    alice.number_input(key="num_images").set_value(1)
+    alice.number_input(key="width").set_value(128)
+    alice.number_input(key="height").set_value(128)
+    _button(alice, "Generate").click().run()
+    deadline = time.monotonic() + 120
+    while not any("**Running**" in m for m in _texts(alice, "markdown")):
+        assert time.monotonic() < deadline and not alice.exception, _texts(alice, "markdown")
+        time.sleep(0.05)
+        alice.run()
+    bob.text_area(key="prompt").input("a green square on a red background")
+    bob.text_input(key="seed").input("2")
+    bob.number_input(key="steps").set_value(3)
+    _button(bob, "Generate").click().run()
+    assert not bob.exception
+    assert any("**Queued** (next)" in m for m in _texts(bob, "markdown")), _texts(bob, "markdown")
+    assert _texts(bob, "progress") == ["Image 1 of 2 (seed 2): waiting", "Image 2 of 2 (seed 3): waiting"]
+    deadline = time.monotonic() + 120
+    while not any(": step " in t and not t.endswith(": step 0/150") for t in _texts(alice, "progress")):
+        assert time.monotonic() < deadline, _texts(alice, "progress")
+        time.sleep(0.1)
+        alice.run()
+    assert any("**Running**" in m for m in _texts(alice, "markdown"))
+    next(b for b in alice.button if b.label == "Cancel").click().run()
+    wait_for_jobs(alice)
+    assert any("cancelled: 1 image(s)" in i.value for i in alice.info) and "last_result" not in alice.session_state
+    wait_for_jobs(bob)
+    result = bob.session_state["last_result"]
+    assert result.seeds == [2, 3] and result.request.prompt.startswith("a green square")
+    assert len(bob.get("image")) == 2 and not bob.error

@@ -6,6 +6,7 @@ Not a test module (pytest collects test_*.py only); the UI tests import it by na
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import torch
@@ -55,3 +56,22 @@ def register(reg, name: str, weights: Path, *, trigger_words=(), tags=(), sample
                        samples=[SampleImage(image=sample_png((40 * i, 0, 0)), recipe={"prompt": f"sample {i}"})
                                 for i in range(samples)], weights_format="peft")
     return reg.register(name, weights, info)
+
+
+def wait_for_jobs(at, timeout: float = 180):
+    """Rerun an AppTest page until its session's generation jobs have finished and joined the page (the
+    studio's queue runs them on its worker thread, beside the page, as it does for a browser)."""
+    deadline = time.monotonic() + timeout
+    while _open_jobs(at):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"generation jobs still open after {timeout} s: {_open_jobs(at)}")
+        time.sleep(0.05)
+        at.run()
+    return at
+
+
+def _open_jobs(at) -> list:
+    try:
+        return list(at.session_state["jobs"])
+    except KeyError:
+        return []
