@@ -69,6 +69,7 @@ from studio.core.errors import (
     InputFileNotFoundError,
     InvalidNameError,
     InvalidRequestError,
+    ProtectedAliasError,
     RegistryBusyError,
     StudioError,
 )
@@ -80,7 +81,9 @@ from studio.core.settings import get_settings
 
 # 2: the version_publications table (Hub publications). A version-1 database gains it when opened
 # (_migrate); a version-1 client refuses a version-2 database, since its deletes would not remove those rows.
-SCHEMA_VERSION = 2
+# 3: the audit_events table and aliases.protected. An older client would move protected aliases and
+# write no history, so it refuses a version-3 database.
+SCHEMA_VERSION = 3
 LATEST = "latest"
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
 ORIGINS = ("trained", "imported", "merged", "pulled")
@@ -91,6 +94,8 @@ MIN_HASH_PREFIX = 8  # 8 hex = 32 bits: a chance collision needs ~65,000 version
 MAX_NAME = 64
 MAX_TAG = 100
 MAX_TRIGGER = 256
+MAX_ACTOR = 256
+AUDIT_ACTIONS = ("register", "tag", "untag", "protect", "unprotect", "delete", "publish")
 # Letters, digits, '-', '_', '.'. The first character is not a dot (no hidden files, no '..') and not a
 # dash (``lora-studio adapters show -x`` would read it as an option).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -453,6 +458,25 @@ class AdapterInfo:
     versions: tuple[int, ...]
     aliases: dict[str, int]
     created_at: datetime
+    protected: tuple[str, ...] = ()  # the aliases that move or go only with force
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One recorded change: who (``actor``), when, what (``action``: one of :data:`AUDIT_ACTIONS`), on
+    which adapter and version, and the change itself (``detail``: e.g. an alias's old and new version)."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    adapter: str
+    version: int | None
+    detail: dict
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "at": self.at.isoformat(), "actor": self.actor, "action": self.action,
+                "adapter": self.adapter, "version": self.version, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -567,7 +591,23 @@ aliases = sa.Table(
     sa.Column("adapter_id", sa.Integer, sa.ForeignKey("adapters.id"), primary_key=True),
     sa.Column("alias", sa.String(MAX_NAME), primary_key=True),
     sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
+    # A protected alias (what production reads, e.g. prod) moves or goes only with force.
+    sa.Column("protected", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_aliases_version", "version_id", "alias"),
+)
+
+# Who changed what and when: one row per register, alias move, delete and publish, written in the same
+# transaction as the change. Keyed by the adapter's name, not its row: the history outlives a delete.
+audit_events = sa.Table(
+    "audit_events", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("actor", sa.String(MAX_ACTOR), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("adapter_name", sa.String(MAX_NAME), nullable=False),
+    sa.Column("version_number", sa.Integer),
+    sa.Column("detail", _JSON, nullable=False),
+    sa.Index("ix_audit_events_adapter", "adapter_name", "id"),
 )
 
 version_parents = sa.Table(
@@ -650,14 +690,21 @@ class Registry:
         busy_timeout_s: how long a writer waits for another writer's lock before retrying.
         retries: attempts for a transaction that hits a lock timeout or a uniqueness race.
         echo: log every SQL statement (debugging).
+        actor: who the changes this client makes are recorded as (the audit trail); default the
+            settings' user (``LORA_STUDIO_USER``, else the OS user).
 
     One client per process; it is cheap to create and holds a small connection pool. Close it (or use
     ``with Registry() as reg:``) to release the pool.
     """
 
     def __init__(self, url: str | None = None, *, home: str | Path | None = None, store: BlobStore | None = None,
-                 busy_timeout_s: float = 30.0, retries: int = 8, echo: bool = False) -> None:
+                 busy_timeout_s: float = 30.0, retries: int = 8, echo: bool = False, actor: str | None = None) -> None:
         settings = get_settings()
+        actor = settings.user if actor is None else actor
+        if not isinstance(actor, str) or not actor.strip() or len(actor) > MAX_ACTOR:
+            raise InvalidRequestError(f"the registry's user must be a name of 1 to {MAX_ACTOR} characters, got "
+                                      f"{actor!r}: set LORA_STUDIO_USER")
+        self.actor = actor.strip()
         home = Path(home) if home is not None else settings.home
         if url is None:
             url = settings.registry_url if home == settings.home and settings.registry_url else \
@@ -789,6 +836,10 @@ class Registry:
             return
         if version < 2:
             version_publications.create(conn, checkfirst=True)
+        if version < 3:
+            audit_events.create(conn, checkfirst=True)
+            false = "0" if conn.dialect.name == "sqlite" else "false"
+            conn.execute(sa.text(f"ALTER TABLE aliases ADD COLUMN protected BOOLEAN NOT NULL DEFAULT {false}"))
         conn.execute(sa.update(registry_info).where(registry_info.c.key == "schema_version")
                      .values(value=str(SCHEMA_VERSION)))
 
@@ -926,11 +977,12 @@ class Registry:
             row = conn.execute(sa.select(adapters.c.created_at).where(adapters.c.id == adapter_id)).one()
             numbers = conn.execute(sa.select(versions.c.number).where(versions.c.adapter_id == adapter_id)
                                    .order_by(versions.c.number)).scalars().all()
-            alias_rows = conn.execute(sa.select(aliases.c.alias, versions.c.number)
+            alias_rows = conn.execute(sa.select(aliases.c.alias, versions.c.number, aliases.c.protected)
                                       .join(versions, aliases.c.version_id == versions.c.id)
                                       .where(aliases.c.adapter_id == adapter_id).order_by(aliases.c.alias)).all()
-        return AdapterInfo(name=name, versions=tuple(numbers), aliases={a: n for a, n in alias_rows},
-                           created_at=_aware(row.created_at))
+        return AdapterInfo(name=name, versions=tuple(numbers), aliases={r.alias: r.number for r in alias_rows},
+                           created_at=_aware(row.created_at),
+                           protected=tuple(r.alias for r in alias_rows if r.protected))
 
     def versions(self, name: str) -> list[AdapterVersion]:
         """Every version of one adapter, oldest first."""
@@ -1101,6 +1153,9 @@ class Registry:
             version_id = self._insert_version(conn, adapter_id, name, number, info, header.metadata, hashes,
                                               parent_rows, sample_blobs, now)
             self._point_latest(conn, adapter_id)
+            self._audit(conn, "register", name, number, {
+                "origin": info.origin, "tensor_sha256": hashes.tensor_sha256,
+                "parents": [f"{p.name}@{p.number}" for p in parent_rows]}, now)
             return version_id, True
 
         version_id, created = self._transact(work)
@@ -1192,36 +1247,92 @@ class Registry:
 
     # ---- aliases ----------------------------------------------------------------------------
 
-    def set_alias(self, ref: str, alias: str) -> AdapterVersion:
-        """Point ``alias`` (e.g. 'prod') of the referenced version's adapter at that version; moves it if set."""
+    def set_alias(self, ref: str, alias: str, *, protect: bool | None = None, force: bool = False) -> AdapterVersion:
+        """Point ``alias`` (e.g. 'prod') of the referenced version's adapter at that version; moves it if set.
+
+        ``protect=True`` marks the alias protected, ``False`` lifts that, ``None`` leaves it as it is. A
+        protected alias is not moved (nor unprotected) without ``force``: :class:`ProtectedAliasError`.
+        Each change is recorded in the audit trail with its old and new version.
+        """
         check_alias(alias)
         if alias == LATEST:
             raise InvalidNameError(f"{LATEST!r} is kept on the newest version automatically and cannot be set")
+        now = _utcnow()
 
         def work(conn: sa.Connection) -> int:
             target = self._resolve(conn, ref)
             where = (aliases.c.adapter_id == target.adapter_id, aliases.c.alias == alias)
-            if conn.execute(sa.update(aliases).where(*where).values(version_id=target.id)).rowcount == 0:
-                conn.execute(sa.insert(aliases).values(adapter_id=target.adapter_id, alias=alias,
-                                                       version_id=target.id))
+            current = conn.execute(sa.select(aliases.c.protected, versions.c.number)
+                                   .join(versions, aliases.c.version_id == versions.c.id).where(*where)).first()
+            was_protected = bool(current is not None and current.protected)
+            moves = current is None or current.number != target.number
+            unprotects = protect is False and was_protected
+            if was_protected and (moves or unprotects) and not force:
+                what = f"move it from {target.name}@{current.number} to @{target.number}" if moves else "unprotect it"
+                raise ProtectedAliasError(f"{target.name}@{alias} is protected: pass --force to {what} (the change "
+                                          f"is recorded)", f"{target.name}@{alias}")
+            protected = was_protected if protect is None else bool(protect)
+            if current is None:
+                conn.execute(sa.insert(aliases).values(adapter_id=target.adapter_id, alias=alias, version_id=target.id,
+                                                       protected=protected))
+            else:
+                conn.execute(sa.update(aliases).where(*where).values(version_id=target.id, protected=protected))
+            detail = {"alias": alias, "from": None if current is None else current.number, "to": target.number,
+                      "protected": protected, "forced": bool(force and was_protected and (moves or unprotects))}
+            if moves:
+                self._audit(conn, "tag", target.name, target.number, detail, now)
+            if protected != was_protected:
+                self._audit(conn, "protect" if protected else "unprotect", target.name, target.number, detail, now)
             return target.id
 
         version_id = self._transact(work)
         with self._read() as conn:
             return self._load(conn, [version_id])[0]
 
-    def remove_alias(self, name: str, alias: str) -> int:
-        """Remove ``alias`` from adapter ``name``; returns the version number it pointed at."""
+    def remove_alias(self, name: str, alias: str, *, force: bool = False) -> int:
+        """Remove ``alias`` from adapter ``name``; returns the version number it pointed at. A protected
+        alias goes only with ``force`` (:class:`ProtectedAliasError`); the removal is recorded."""
         check_alias(alias)
         if alias == LATEST:
             raise InvalidNameError(f"{LATEST!r} is kept on the newest version automatically and cannot be removed")
+        now = _utcnow()
 
         def work(conn: sa.Connection) -> int:
             row = self._resolve(conn, f"{name}@{alias}")
-            conn.execute(sa.delete(aliases).where(aliases.c.adapter_id == row.adapter_id, aliases.c.alias == alias))
+            where = (aliases.c.adapter_id == row.adapter_id, aliases.c.alias == alias)
+            protected = bool(conn.execute(sa.select(aliases.c.protected).where(*where)).scalar())
+            if protected and not force:
+                raise ProtectedAliasError(f"{name}@{alias} is protected: pass --force to remove it (the removal is "
+                                          f"recorded)", f"{name}@{alias}")
+            conn.execute(sa.delete(aliases).where(*where))
+            self._audit(conn, "untag", name, row.number, {"alias": alias, "was": row.number, "protected": protected,
+                                                          "forced": protected}, now)
             return row.number
 
         return self._transact(work)
+
+    # ---- the audit trail --------------------------------------------------------------------
+
+    def _audit(self, conn: sa.Connection, action: str, name: str, number: int | None, detail: dict,
+               now: datetime) -> None:
+        """Record a change in the caller's transaction: it commits (or rolls back) with the change."""
+        conn.execute(sa.insert(audit_events).values(at=now, actor=self.actor, action=action, adapter_name=name,
+                                                    version_number=number, detail=jsonable(detail)))
+
+    def history(self, name: str, *, limit: int | None = None) -> list[AuditEvent]:
+        """The recorded changes to adapter ``name``, oldest first (the newest ``limit`` when given). It
+        outlives the adapter: a deleted adapter's history stays readable."""
+        check_name(name)
+        with self._read() as conn:
+            query = (sa.select(audit_events).where(audit_events.c.adapter_name == name)
+                     .order_by(audit_events.c.id.desc()))
+            if limit is not None:
+                query = query.limit(limit)
+            rows = conn.execute(query).all()
+            if not rows and conn.execute(sa.select(adapters.c.id).where(adapters.c.name == name)).first() is None:
+                raise self._unknown_name(conn, name)
+        return [AuditEvent(id=r.id, at=_aware(r.at), actor=r.actor, action=r.action, adapter=r.adapter_name,
+                           version=r.version_number, detail=dict(r.detail)) for r in reversed(rows)]
 
     # ---- Hub publications -------------------------------------------------------------------
 
@@ -1248,9 +1359,13 @@ class Registry:
                 *(version_publications.c[k] == v for k, v in values.items()))).scalar()
             if found is not None:
                 return found
-            return conn.execute(sa.insert(version_publications).values(
+            row_id = conn.execute(sa.insert(version_publications).values(
                 version_id=target.id, private=bool(private), files=files, published_at=now, **values,
             )).inserted_primary_key[0]
+            self._audit(conn, "publish", target.name, target.number, {
+                "repo_id": repo_id, "tag": tag, "commit": commit, "url": url, "private": bool(private),
+                "endpoint": endpoint}, now)
+            return row_id
 
         row_id = self._transact(work)
         with self._read() as conn:
@@ -1292,6 +1407,9 @@ class Registry:
                     f"(lora-studio adapters tag), remove it (adapters untag), or pass --force", shown)
             freed = self._delete_versions(conn, [target.id])
             self._finish_adapter(conn, target.adapter_id)
+            self._audit(conn, "delete", target.name, target.number, {
+                "versions": [target.number], "aliases_removed": list(held), "forced": bool(force and held)},
+                _utcnow())
             return ([f"{target.name}@{target.number}"], [f"{target.name}@{a}" for a in held], freed)
 
         deleted, removed_aliases, freed = self._transact(work)
@@ -1314,6 +1432,9 @@ class Registry:
                                 .order_by(versions.c.number)).all()
             freed = self._delete_versions(conn, [r.id for r in rows])
             self._finish_adapter(conn, adapter_id)
+            self._audit(conn, "delete", name, None, {
+                "versions": [r.number for r in rows], "aliases_removed": list(held), "forced": bool(force and held)},
+                _utcnow())
             return [f"{name}@{r.number}" for r in rows], [f"{name}@{a}" for a in held], freed
 
         deleted, removed_aliases, freed = self._transact(work)

@@ -501,12 +501,15 @@ def test_a_version_1_registry_gains_the_publications_table(versions, studio_home
     engine = sa.create_engine(f"sqlite:///{studio_home / 'registry.db'}")
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE version_publications")
+        conn.exec_driver_sql("DROP TABLE audit_events")  # and what version 3 added
+        conn.exec_driver_sql("ALTER TABLE aliases DROP COLUMN protected")
         conn.execute(sa.update(registry_info).values(value="1"))
     engine.dispose()
     with Registry() as reg:
         assert sa.inspect(reg._engine).has_table("version_publications")
+        assert sa.inspect(reg._engine).has_table("audit_events")
         with reg._engine.connect() as conn:
-            assert conn.execute(sa.select(registry_info.c.value)).scalar() == str(SCHEMA_VERSION) == "2"
+            assert conn.execute(sa.select(registry_info.c.value)).scalar() == str(SCHEMA_VERSION) == "3"
         assert reg.adapter("stripes").versions == (1, 2) and reg.get("stripes@2").parents[0].ref == "stripes@1"
         pub = reg.record_publication("stripes@2", repo_id=REPO, tag="v2", commit="a" * 40, url="https://h/x",
                                      files=["README.md"])

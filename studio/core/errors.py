@@ -80,6 +80,14 @@ class AliasInUseError(StudioError, ValueError):
         self.aliases = list(aliases)
 
 
+class ProtectedAliasError(StudioError, ValueError):
+    """A change would move, unprotect or remove a protected alias (``name@prod``); pass ``force=True``."""
+
+    def __init__(self, message: str, alias: str = "") -> None:
+        super().__init__(message)
+        self.alias = alias
+
+
 class InputFileNotFoundError(StudioError, FileNotFoundError):
     """A file the studio was asked to read (weights, a sample image) does not exist."""
 

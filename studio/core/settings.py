@@ -16,6 +16,7 @@ tests can reset with :func:`reload_settings`.
 
 from __future__ import annotations
 
+import getpass
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +41,7 @@ class Settings:
     registry_url: str | None = None
     data_roots: tuple[Path, ...] = ()
     offload: str = "auto"
+    user: str = "unknown"  # who registry changes are recorded as: LORA_STUDIO_USER, else the OS user
 
     @property
     def outputs_dir(self) -> Path:
@@ -73,7 +75,15 @@ def get_settings() -> Settings:
         data_roots=tuple(Path(p.strip()).expanduser() for p in os.environ.get(DATA_ROOTS_VARIABLE, "").split(os.pathsep)
                          if p.strip()),
         offload=_offload_mode(os.environ.get("LORA_STUDIO_OFFLOAD", "auto")),
+        user=os.environ.get("LORA_STUDIO_USER", "").strip() or _os_user(),
     )
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (containers) and no USER variable
+        return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
 def _offload_mode(value: str) -> str:

@@ -47,11 +47,23 @@ def register(sub) -> None:
     tag = asub.add_parser("tag", help="point an alias (e.g. prod) at a version; moves it if already set")
     tag.add_argument("ref", help="adapter reference, e.g. mystyle@3")
     tag.add_argument("alias", help="alias name (not a number, not 'latest')")
+    guard = tag.add_mutually_exclusive_group()
+    guard.add_argument("--protect", action="store_const", const=True, dest="protect",
+                       help="protect the alias: tag, untag and delete then move or remove it only with --force")
+    guard.add_argument("--unprotect", action="store_const", const=False, dest="protect",
+                       help="lift the protection (needs --force)")
+    tag.add_argument("--force", action="store_true", help="move or unprotect a protected alias (recorded)")
     tag.set_defaults(func=cmd_adapters_tag)
     untag = asub.add_parser("untag", help="remove an alias from an adapter")
     untag.add_argument("name", help="adapter name")
     untag.add_argument("alias", help="alias to remove")
+    untag.add_argument("--force", action="store_true", help="remove a protected alias (recorded)")
     untag.set_defaults(func=cmd_adapters_untag)
+    hist = asub.add_parser("history", help="who registered, aliased, deleted or published what, and when")
+    hist.add_argument("name", help="adapter name (a deleted adapter's history stays readable)")
+    hist.add_argument("--limit", type=whole_number, default=None, help="only the newest N events")
+    hist.add_argument("--json", action="store_true", help="print a JSON list of {at, actor, action, version, detail}")
+    hist.set_defaults(func=cmd_adapters_history)
     imp = asub.add_parser("import", help="import a LoRA file (diffusers/peft or kohya .safetensors) as a new version, "
                                          "or every file of a folder (a catalog) with one report")
     imp.add_argument("path", type=Path, help="the adapter .safetensors file, the folder save_lora_weights wrote, or a "
@@ -300,15 +312,50 @@ def cmd_adapters_pull(args) -> int:
 
 def cmd_adapters_tag(args) -> int:
     with _open_registry() as reg:
-        v = reg.set_alias(args.ref, args.alias)
-    print_line(f"{v.name}@{args.alias} -> {v.ref}")
+        v = reg.set_alias(args.ref, args.alias, protect=args.protect, force=args.force)
+        protected = args.alias in reg.adapter(v.name).protected
+    print_line(f"{v.name}@{args.alias} -> {v.ref}{' (protected)' if protected else ''}")
     return 0
 
 
 def cmd_adapters_untag(args) -> int:
     with _open_registry() as reg:
-        was = reg.remove_alias(args.name, args.alias)
+        was = reg.remove_alias(args.name, args.alias, force=args.force)
     print_line(f"removed {args.name}@{args.alias} (was {args.name}@{was})")
+    return 0
+
+
+def describe_event(event) -> str:
+    """One audit event in words: what changed (the actor and time are columns of their own)."""
+    d = event.detail
+    at = f"{event.adapter}@{event.version}" if event.version is not None else event.adapter
+    forced = " (forced)" if d.get("forced") else ""
+    if event.action == "register":
+        parents = f" from {', '.join(d['parents'])}" if d.get("parents") else ""
+        return f"registered {at} ({d.get('origin', '?')}{parents})"
+    if event.action == "tag":
+        moved = f"from @{d['from']} " if d.get("from") is not None else ""
+        return f"moved {event.adapter}@{d['alias']} {moved}to @{d['to']}{forced}"
+    if event.action in ("protect", "unprotect"):
+        return f"{event.action}ed {event.adapter}@{d['alias']} (on @{d['to']}){forced}"
+    if event.action == "untag":
+        return f"removed {event.adapter}@{d['alias']} (was @{d['was']}){forced}"
+    if event.action == "delete":
+        removed = f", removing {', '.join('@' + a for a in d['aliases_removed'])}" if d.get("aliases_removed") else ""
+        return f"deleted {', '.join(f'{event.adapter}@{n}' for n in d.get('versions', []))}{removed}{forced}"
+    if event.action == "publish":
+        return f"published {at} to {d.get('repo_id')}@{d.get('tag')} (commit {str(d.get('commit'))[:12]})"
+    return f"{event.action} {at}"
+
+
+def cmd_adapters_history(args) -> int:
+    with _open_registry() as reg:
+        events = reg.history(args.name, limit=args.limit)
+    if args.json:
+        print_json([{**e.to_dict(), "summary": describe_event(e)} for e in events])
+        return 0
+    print_table(["when (UTC)", "who", "what"],
+                [(f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, describe_event(e)) for e in events])
     return 0
 
 
