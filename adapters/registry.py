@@ -476,7 +476,31 @@ class AuditEvent:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "at": self.at.isoformat(), "actor": self.actor, "action": self.action,
-                "adapter": self.adapter, "version": self.version, "detail": self.detail}
+                "adapter": self.adapter, "version": self.version, "detail": self.detail, "summary": self.summary}
+
+    @property
+    def summary(self) -> str:
+        """The change in words (who and when are fields of their own)."""
+        d, name = self.detail, self.adapter
+        at = f"{name}@{self.version}" if self.version is not None else name
+        forced = " (forced)" if d.get("forced") else ""
+        if self.action == "register":
+            parents = f" from {', '.join(d['parents'])}" if d.get("parents") else ""
+            return f"registered {at} ({d.get('origin', '?')}{parents})"
+        if self.action == "tag":
+            moved = f"from @{d['from']} " if d.get("from") is not None else ""
+            return f"moved {name}@{d['alias']} {moved}to @{d['to']}{forced}"
+        if self.action in ("protect", "unprotect"):
+            return f"{self.action}ed {name}@{d['alias']} (on @{d['to']}){forced}"
+        if self.action == "untag":
+            return f"removed {name}@{d['alias']} (was @{d['was']}){forced}"
+        if self.action == "delete":
+            gone = d.get("aliases_removed") or []
+            removed = f", removing {', '.join('@' + a for a in gone)}" if gone else ""
+            return f"deleted {', '.join(f'{name}@{n}' for n in d.get('versions', []))}{removed}{forced}"
+        if self.action == "publish":
+            return f"published {at} to {d.get('repo_id')}@{d.get('tag')} (commit {str(d.get('commit'))[:12]})"
+        return f"{self.action} {at}"
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,37 @@ def test_adapter_page_aliases_export_and_delete(reg, lora_files):
     assert at.header[0].value == "striped@1"  # the page stays on the adapter, at its remaining version
 
 
+def test_a_protected_alias_asks_for_its_name_and_the_history_shows_who_did_what(reg, lora_files, monkeypatch):
+    from studio.core.settings import reload_settings
+
+    monkeypatch.setenv("LORA_STUDIO_USER", "ada")
+    reload_settings()
+    register(reg, "striped", lora_files[0])
+    register(reg, "striped", lora_files[1])
+    reg.set_alias("striped@1", "prod", protect=True)
+    at = _page()
+    _button(at, "Open").click().run()
+    assert at.header[0].value == "striped@2"
+    assert any("@prod -> v1 🔒 protected" in m.value for m in at.markdown)
+    # Moving it to v2: the button waits for the alias's name to be typed.
+    at.text_input(key="ad_alias").input("prod").run()
+    assert at.button(key="ad_set_alias").disabled
+    at.text_input(key="ad_alias_confirm").input("prod").run()
+    at.button(key="ad_set_alias").click().run()
+    assert not at.exception and not at.error and reg.get("striped@prod").number == 2
+    assert reg.adapter("striped").protected == ("prod",)
+    # Removing it asks the same.
+    assert at.button(key="ad_untag-prod").disabled
+    at.text_input(key="ad_untag_confirm-prod").input("prod").run()
+    at.button(key="ad_untag-prod").click().run()
+    assert not at.exception and "prod" not in reg.adapter("striped").aliases
+    history = at.table[-1].value.to_string()
+    for line in ("registered striped@1", "protected striped@prod (on @1)", "moved striped@prod from @1 to @2 (forced)",
+                 "removed striped@prod (was @2) (forced)"):
+        assert line in history, history
+    assert "ada" in history
+
+
 def test_set_bad_alias_and_publish_report_errors(reg, lora_files):
     register(reg, "outlined", lora_files[0])
     at = _page()

@@ -325,37 +325,14 @@ def cmd_adapters_untag(args) -> int:
     return 0
 
 
-def describe_event(event) -> str:
-    """One audit event in words: what changed (the actor and time are columns of their own)."""
-    d = event.detail
-    at = f"{event.adapter}@{event.version}" if event.version is not None else event.adapter
-    forced = " (forced)" if d.get("forced") else ""
-    if event.action == "register":
-        parents = f" from {', '.join(d['parents'])}" if d.get("parents") else ""
-        return f"registered {at} ({d.get('origin', '?')}{parents})"
-    if event.action == "tag":
-        moved = f"from @{d['from']} " if d.get("from") is not None else ""
-        return f"moved {event.adapter}@{d['alias']} {moved}to @{d['to']}{forced}"
-    if event.action in ("protect", "unprotect"):
-        return f"{event.action}ed {event.adapter}@{d['alias']} (on @{d['to']}){forced}"
-    if event.action == "untag":
-        return f"removed {event.adapter}@{d['alias']} (was @{d['was']}){forced}"
-    if event.action == "delete":
-        removed = f", removing {', '.join('@' + a for a in d['aliases_removed'])}" if d.get("aliases_removed") else ""
-        return f"deleted {', '.join(f'{event.adapter}@{n}' for n in d.get('versions', []))}{removed}{forced}"
-    if event.action == "publish":
-        return f"published {at} to {d.get('repo_id')}@{d.get('tag')} (commit {str(d.get('commit'))[:12]})"
-    return f"{event.action} {at}"
-
-
 def cmd_adapters_history(args) -> int:
     with _open_registry() as reg:
         events = reg.history(args.name, limit=args.limit)
     if args.json:
-        print_json([{**e.to_dict(), "summary": describe_event(e)} for e in events])
+        print_json([e.to_dict() for e in events])
         return 0
     print_table(["when (UTC)", "who", "what"],
-                [(f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, describe_event(e)) for e in events])
+                [(f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.summary) for e in events])
     return 0
 
 

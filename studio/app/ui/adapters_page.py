@@ -28,6 +28,8 @@ ANY = "any"
 
 reg = get_registry()
 st.title("Adapters")
+HISTORY_ROWS = 200  # the newest events; `adapters history` prints them all
+
 if st.session_state.get("ad_deleted"):  # set by a delete just before its rerun
     st.success(st.session_state.pop("ad_deleted"))
 
@@ -143,7 +145,8 @@ st.header(v.ref)
 if v.description:
     st.write(v.description)
 
-tab_info, tab_lineage, tab_samples, tab_actions = st.tabs(["Details", "Lineage", "Samples", "Aliases and actions"])
+tab_info, tab_lineage, tab_samples, tab_actions, tab_history = st.tabs(
+    ["Details", "Lineage", "Samples", "Aliases and actions", "History"])
 with tab_info:
     rows = {
         "type": v.adapter_type, "rank": v.rank, "alpha": v.alpha, "family": v.family, "base model": v.base_model,
@@ -188,21 +191,33 @@ with tab_samples:
 
 with tab_actions:
     st.subheader("Aliases")
-    c1, c2 = st.columns([2, 1])
-    alias = c1.text_input("Alias to point at this version (e.g. prod)", key="ad_alias")
-    if c2.button("Set alias", key="ad_set_alias"):
+    st.caption("A protected alias (what production reads, e.g. prod) moves or goes only after you type its name; "
+               "every change is recorded in the History tab.")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    alias = c1.text_input("Alias to point at this version (e.g. prod)", key="ad_alias").strip()
+    protect = c2.checkbox("Protect it", key="ad_alias_protect")
+    guarded = alias in info.protected and info.aliases.get(alias) != number
+    typed = ""
+    if guarded:
+        typed = st.text_input(f"@{alias} is protected and points at v{info.aliases[alias]}: type {alias} to move it "
+                              f"to v{number}", key="ad_alias_confirm").strip()
+    if c3.button("Set alias", key="ad_set_alias", disabled=guarded and typed != alias):
         with reported("Setting the alias"):
-            reg.set_alias(v.ref, alias.strip())
-            st.success(f"{opened}@{alias.strip()} -> v{number}")
+            reg.set_alias(v.ref, alias, protect=True if protect else None, force=guarded and typed == alias)
+            st.success(f"{opened}@{alias} -> v{number}")
             st.rerun()
     for a, n in sorted(info.aliases.items()):
         if a == "latest":
             continue
-        c1, c2 = st.columns([2, 1])
-        c1.write(f"@{a} -> v{n}")
-        if c2.button(f"Remove @{a}", key=f"ad_untag-{a}"):
+        locked = a in info.protected
+        c1, c2, c3 = st.columns([2, 1, 1])
+        c1.write(f"@{a} -> v{n}" + (" 🔒 protected" if locked else ""))
+        confirm_remove = c2.text_input(f"Type {a} to remove it", key=f"ad_untag_confirm-{a}",
+                                       label_visibility="collapsed", placeholder=f"type {a} to remove it"
+                                       ).strip() if locked else ""
+        if c3.button(f"Remove @{a}", key=f"ad_untag-{a}", disabled=locked and confirm_remove != a):
             with reported("Removing the alias"):
-                reg.remove_alias(opened, a)
+                reg.remove_alias(opened, a, force=locked and confirm_remove == a)
                 st.rerun()
 
     st.subheader("Export")
@@ -249,3 +264,13 @@ with tab_actions:
             else:
                 st.session_state["ad_version"] = None
             st.rerun()
+
+with tab_history:
+    st.caption(f"Who registered, aliased, deleted or published {opened}, and when (newest last). "
+               f"`lora-studio adapters history {opened}` prints the same.")
+    with reported("Reading the history"):
+        events = reg.history(opened, limit=HISTORY_ROWS)
+        if events:
+            st.table([{"when (UTC)": f"{e.at:%Y-%m-%d %H:%M:%S}", "who": e.actor, "what": e.summary} for e in events])
+        else:
+            st.info("Nothing recorded yet (changes made before the studio kept a history are not listed).")
