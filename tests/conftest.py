@@ -47,12 +47,53 @@ def tiny_pipe():
 
 
 @pytest.fixture
-def reg(studio_home):
-    """An empty registry in the test's studio home."""
+def reg(studio_home, request):
+    """An empty registry in the test's studio home (on the test's ``registry_backend`` when it has one)."""
     from adapters.registry import Registry
 
+    if "registry_backend" in request.fixturenames:
+        request.getfixturevalue("registry_backend")
     with Registry() as registry:
         yield registry
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throw-away PostgreSQL server for the session (tests/pg_server.py), or a skip saying why not."""
+    from pg_server import PostgresServer, find_bin
+
+    bin_dir = find_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (scripts/test installs Debian's postgresql as root)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (the test extra)")
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001 - a server that cannot start is a skip with its reason
+        server.stop()
+        pytest.skip(f"could not start PostgreSQL from {bin_dir}: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_backend(request, studio_home, monkeypatch):
+    """Run a registry test on SQLite (the studio's default) and on a fresh PostgreSQL database: the
+    test's ``Registry()`` (and any child process it starts) reads ``LORA_STUDIO_REGISTRY_URL``. Tests
+    marked ``sqlite_only`` check what only SQLite has (its file, WAL, its own error texts)."""
+    from studio.core.settings import reload_settings
+
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    if request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("checks SQLite's own behaviour")
+    server = request.getfixturevalue("postgres_server")
+    url = server.new_database()
+    monkeypatch.setenv("LORA_STUDIO_REGISTRY_URL", url)
+    reload_settings()
+    yield "postgresql"
+    server.drop_database(url)  # WITH (FORCE): a client the test left open does not keep it
 
 
 @pytest.fixture(scope="session")

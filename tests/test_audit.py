@@ -14,6 +14,9 @@ from adapters.registry import Registry, audit_events
 from studio.core.errors import AdapterNotFoundError, AliasInUseError, ProtectedAliasError
 from studio.core.settings import reload_settings
 
+# On SQLite and on a real PostgreSQL server (conftest's registry_backend).
+pytestmark = pytest.mark.usefixtures("registry_backend")
+
 
 def _events(reg, name):
     return [(e.actor, e.action, e.version, e.detail) for e in reg.history(name)]
@@ -90,6 +93,7 @@ def test_a_failed_change_records_nothing(reg, tmp_path, monkeypatch):
     assert "prod" not in reg.adapter("style").aliases and [e.action for e in reg.history("style")] == ["register"]
 
 
+@pytest.mark.sqlite_only
 def test_a_version_2_registry_gains_the_audit_trail_and_protection(studio_home, tmp_path):
     with Registry() as reg:
         register_file(reg, "style", 1, tmp_path)

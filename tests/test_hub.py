@@ -159,6 +159,7 @@ def _no_token_anywhere(*roots: Path, texts=()) -> None:
                 assert TOKEN.encode() not in data and BOB.encode() not in data, p
 
 
+@pytest.mark.usefixtures("registry_backend")  # on SQLite and on PostgreSQL
 def test_publish_then_pull_round_trips_a_version(reg, versions, hub, tmp_path, studio_home):
     v1, v2 = versions
     dry = studio_hub.publish_version(reg, "stripes@2", REPO, kohya=True, dry_run_dir=tmp_path / "dry")
@@ -360,6 +361,7 @@ def test_connection_dropped_mid_upload(reg, versions, hub):
     assert reg.publications("stripes@2")[0].commit == result.commit
 
 
+@pytest.mark.usefixtures("registry_backend")  # on SQLite and on PostgreSQL
 def test_pull_failures(reg, versions, hub):
     with pytest.raises(HubNotFoundError, match="not found"):
         studio_hub.pull_adapter(reg, "alice/nothing-here", token=TOKEN)
@@ -714,6 +716,7 @@ def _downloads(hub) -> list[str]:
     return [r.path for r in hub.requests if "/resolve/" in r.path]
 
 
+@pytest.mark.usefixtures("registry_backend")  # on SQLite and on PostgreSQL
 def test_pull_checks_sizes_from_the_file_list_before_downloading(reg, versions, hub, monkeypatch):
     studio_hub.publish_version(reg, "stripes@2", REPO, token=TOKEN)
     hub.put_files(REPO, {"lora_studio.json": b" " * (studio_hub.MAX_RECORD_BYTES + 1)})
@@ -739,6 +742,7 @@ def test_pull_checks_sizes_from_the_file_list_before_downloading(reg, versions, 
     assert not _downloads(types.SimpleNamespace(requests=hub.requests[before:]))
 
 
+@pytest.mark.usefixtures("registry_backend")  # on SQLite and on PostgreSQL
 def test_pull_refuses_a_decompression_bomb_sample_and_keeps_the_rest(reg, versions, hub, studio_home, capsys,
                                                                    monkeypatch):
     from studio.app.cli import main
@@ -793,6 +797,7 @@ def test_adapters_page_lists_adapters_whose_stored_sample_is_bad(reg, versions):
     assert any("sample" in c.value and "100000x100000" in c.value for c in at.caption)
 
 
+@pytest.mark.usefixtures("registry_backend")  # on SQLite and on PostgreSQL
 def test_pull_validates_against_the_users_base_never_the_records(reg, lora_files, hub, monkeypatch, tmp_path):
     # Published from a local single-file base: the record names only the file, which no other machine has.
     info = formats.detect(lora_files[0])

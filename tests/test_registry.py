@@ -46,6 +46,9 @@ from studio.core.errors import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every test here runs on SQLite and on a real PostgreSQL server (conftest's registry_backend).
+pytestmark = pytest.mark.usefixtures("registry_backend")
+
 
 
 
@@ -474,6 +477,7 @@ def test_sort_and_pages(catalog):
 # ---- database settings ----------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_file_uses_wal_and_a_busy_timeout(reg, studio_home):
     db = studio_home / "registry.db"
     assert db.exists()
@@ -483,6 +487,7 @@ def test_sqlite_file_uses_wal_and_a_busy_timeout(reg, studio_home):
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
 
 
+@pytest.mark.sqlite_only
 def test_registry_url_comes_from_the_environment(tmp_path, monkeypatch, studio_home):
     from studio.core.settings import reload_settings
 
