@@ -1,0 +1,317 @@
+"""Training jobs shared by a team's machines: a queue in the registry's PostgreSQL database, taken by
+``lora-studio worker`` processes on any machine.
+
+The on-disk queue (``studio.app.jobs``) stays the default for one machine; this one is for a team
+whose registry is PostgreSQL (``LORA_STUDIO_REGISTRY_URL``) and whose datasets and run folders lie on
+a path every machine sees (NFS, a shared volume). Holds :class:`TeamQueue` (submit, claim, heartbeat,
+finish, cancel, list) and :func:`run_worker` (the worker's loop).
+
+- Claiming is one transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` takes the oldest claimable job,
+  so two workers never take the same one and neither waits on the other's row.
+- A running job has a worker (``host:pid``) and a heartbeat the worker refreshes every few seconds.
+  A heartbeat older than ``stale_after_s`` means the worker died (killed, machine lost): the job is
+  claimable again, and the next worker resumes it from the newest checkpoint in its run folder (the
+  trainer's resume is bit-exact, so the adapter equals an uninterrupted run's). The trainer dies with
+  its worker (``PR_SET_PDEATHSIG`` on Linux), as it would with the machine, so two never write one run.
+- Cancel sets a flag on the row; the worker holding the job reads it with its next heartbeat and
+  sends the trainer SIGTERM (it saves a checkpoint and stops), wherever that worker runs.
+- Every attempt is kept in the row's ``attempts`` list: the machine, the worker, when and how it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from studio.app.jobs import trainer_argv
+from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
+from studio.core.settings import get_settings
+from trainer.config import TrainConfig
+from trainer.events import run_state
+from trainer.loop import list_checkpoints
+
+STATES = ("queued", "running", "done", "stopped", "failed", "cancelled")
+FINISHED = ("done", "stopped", "failed", "cancelled")
+HEARTBEAT_S = 5.0
+# A worker that missed six heartbeats is gone: its job goes to the next worker that asks.
+STALE_AFTER_S = 30.0
+
+METADATA = sa.MetaData()
+team_jobs = sa.Table(
+    "team_jobs", METADATA,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("config_toml", sa.Text, nullable=False),  # the config snapshot, paths absolute
+    sa.Column("run_dir", sa.String(1024), nullable=False),  # on the shared path
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("submitted_by", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("machine", sa.String(256)),  # the machine running it now, or that ran it last
+    sa.Column("worker", sa.String(256)),  # host:pid of that worker
+    sa.Column("heartbeat_at", sa.DateTime),
+    sa.Column("ended_at", sa.DateTime),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("message", sa.Text),
+    sa.Column("attempts", postgresql.JSONB, nullable=False),
+    sa.Index("ix_team_jobs_state_created", "state", "created_at"),
+)
+
+
+class TeamJobNotFoundError(StudioError, KeyError):
+    """No team job has this id."""
+
+    __str__ = Exception.__str__
+
+
+@dataclass(frozen=True)
+class TeamJob:
+    id: str
+    name: str
+    run_dir: str
+    state: str
+    submitted_by: str
+    created_at: datetime
+    machine: str | None
+    worker: str | None
+    heartbeat_at: datetime | None
+    ended_at: datetime | None
+    cancel_requested: bool
+    message: str | None
+    attempts: list
+    config_toml: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "run_dir": self.run_dir, "state": self.state,
+                "submitted_by": self.submitted_by, "created_at": _iso(self.created_at), "machine": self.machine,
+                "worker": self.worker, "heartbeat_at": _iso(self.heartbeat_at), "ended_at": _iso(self.ended_at),
+                "cancel_requested": self.cancel_requested, "message": self.message, "attempts": self.attempts}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.replace(tzinfo=UTC).isoformat()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)  # stored naive UTC, as the registry stores times
+
+
+def _job(row) -> TeamJob:
+    return TeamJob(**{c: getattr(row, c) for c in (
+        "id", "name", "run_dir", "state", "submitted_by", "created_at", "machine", "worker", "heartbeat_at",
+        "ended_at", "cancel_requested", "message", "attempts", "config_toml")})
+
+
+class TeamQueue:
+    """The team's training queue in the PostgreSQL database at ``url`` (default the registry's)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        settings = get_settings()
+        url = url or settings.registry_url
+        if not url or sa.engine.make_url(url).get_backend_name() != "postgresql":
+            raise InvalidRequestError("a team queue needs the registry on PostgreSQL: set LORA_STUDIO_REGISTRY_URL "
+                                      "to postgresql+psycopg://... (one machine uses lora-studio jobs instead)")
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        METADATA.create_all(self.engine)  # checkfirst: every worker may be the first
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> TeamQueue:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- what users do ------------------------------------------------------------------------
+
+    def submit(self, config: str | Path | TrainConfig, *, overrides=(), run_dir: str | Path | None = None,
+               submitted_by: str | None = None) -> TeamJob:
+        """Queue a training run for any worker. The config is checked now and stored whole; its dataset and
+        ``run_dir`` must lie on a path every worker's machine sees."""
+        if isinstance(config, (str, Path)):
+            config = TrainConfig.from_toml(config)
+        if overrides:
+            config = config.apply_overrides(list(overrides))
+        resolved = config.resolved()
+        if not Path(resolved.dataset.path).exists():
+            raise DatasetNotFoundError(f"dataset.path {resolved.dataset.path} does not exist: choose a dataset folder "
+                                       f"on the team's shared path")
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        run_dir = Path(run_dir or Path(resolved.output.dir) / f"{resolved.output.name}-{job_id}").expanduser()
+        with tempfile.TemporaryDirectory(prefix="lora-studio-team-") as tmp:
+            snapshot = config.save(Path(tmp) / "config.toml").read_text()
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(team_jobs).values(
+                id=job_id, name=resolved.output.name, config_toml=snapshot, run_dir=str(run_dir.resolve()),
+                state="queued", submitted_by=submitted_by or get_settings().user, created_at=_now(), attempts=[]))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> TeamJob:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id)).first()
+        if row is None:
+            raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
+        return _job(row)
+
+    def jobs(self) -> list[TeamJob]:
+        """Every job, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(team_jobs).order_by(team_jobs.c.created_at.desc(), team_jobs.c.id)).all()
+        return [_job(r) for r in rows]
+
+    def cancel(self, job_id: str) -> TeamJob:
+        """A queued job is cancelled at once; a running one is flagged, and the worker holding it (on
+        whichever machine) stops its trainer at its next heartbeat, keeping a checkpoint."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
+            if row is None:
+                raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
+            if row.state in FINISHED:
+                raise InvalidRequestError(f"team job {job_id} already ended ({row.state}): nothing to cancel")
+            if row.state == "queued":
+                conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
+                    state="cancelled", ended_at=_now(), message="cancelled before a worker took it"))
+            else:
+                conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(cancel_requested=True))
+        return self.get(job_id)
+
+    # ---- what workers do ----------------------------------------------------------------------
+
+    def claim(self, worker: str, machine: str, *, stale_after_s: float = STALE_AFTER_S) -> tuple[TeamJob, bool] | None:
+        """Take the oldest queued job, or a running one whose worker stopped beating; (job, resume) where
+        ``resume`` says a previous attempt left checkpoints to continue from. None when nothing is claimable."""
+        now = _now()
+        stale = now - timedelta(seconds=stale_after_s)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(team_jobs)
+                .where(sa.or_(team_jobs.c.state == "queued",
+                              sa.and_(team_jobs.c.state == "running", team_jobs.c.heartbeat_at < stale)))
+                .order_by(team_jobs.c.created_at, team_jobs.c.id)
+                .limit(1).with_for_update(skip_locked=True)).first()
+            if row is None:
+                return None
+            attempts = list(row.attempts)
+            if row.state == "running" and attempts:
+                attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": "lost (no heartbeat)"}
+            attempts.append({"machine": machine, "worker": worker, "started_at": _iso(now), "ended_at": None,
+                             "how": None})
+            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == row.id).values(
+                state="running", machine=machine, worker=worker, heartbeat_at=now, attempts=attempts))
+        job = self.get(row.id)
+        return job, bool(list_checkpoints(job.run_dir))
+
+    def heartbeat(self, job_id: str, worker: str) -> str:
+        """Refresh the job's heartbeat: 'ok', 'cancel' (stop the trainer) or 'lost' (another worker took
+        the job: this one must stop writing its run)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(team_jobs.c.worker, team_jobs.c.state, team_jobs.c.cancel_requested)
+                               .where(team_jobs.c.id == job_id).with_for_update()).first()
+            if row is None or row.worker != worker or row.state != "running":
+                return "lost"
+            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(heartbeat_at=_now()))
+            return "cancel" if row.cancel_requested else "ok"
+
+    def finish(self, job_id: str, worker: str, state: str, message: str | None) -> None:
+        """Record how this worker's attempt ended (ignored when the job is no longer this worker's)."""
+        now = _now()
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
+            if row is None or row.worker != worker or row.state != "running":
+                return
+            attempts = list(row.attempts)
+            if attempts:
+                attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": state}
+            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
+                state=state, ended_at=now, message=message, attempts=attempts))
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _die_with_parent() -> None:
+    """In the trainer's process, before exec: the kernel kills it when the worker dies (Linux), as a lost
+    machine would; another worker then resumes the run alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, heartbeat_s: float = HEARTBEAT_S,
+               stale_after_s: float = STALE_AFTER_S, log=print) -> int:
+    """Take jobs and train them until stopped (or, with ``once``, until the queue has nothing claimable).
+    Returns the number of attempts run."""
+    me, machine = worker_name(), socket.gethostname()
+    count = 0
+    while True:
+        claimed = queue.claim(me, machine, stale_after_s=stale_after_s)
+        if claimed is None:
+            if once:
+                return count
+            time.sleep(poll_s)
+            continue
+        job, resume = claimed
+        count += 1
+        log(f"{me}: {'resuming' if resume else 'starting'} team job {job.id} ({job.name}) in {job.run_dir}")
+        state, message = _train(queue, job, me, resume, heartbeat_s)
+        queue.finish(job.id, me, state, message)
+        log(f"{me}: team job {job.id} {state}{f': {message}' if message else ''}")
+
+
+def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: float) -> tuple[str, str | None]:
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lora-studio-worker-") as tmp:
+        config = Path(tmp) / "config.toml"
+        config.write_text(job.config_toml)
+        with open(run_dir / "worker-log.txt", "ab") as log:
+            proc = subprocess.Popen(trainer_argv(config, run_dir, resume=resume), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                    start_new_session=True, close_fds=True, cwd=tmp)
+        lost = threading.Event()
+
+        def beat() -> None:
+            signalled = False
+            while proc.poll() is None:
+                status = queue.heartbeat(job.id, me)
+                if status in ("cancel", "lost") and not signalled:
+                    if status == "lost":
+                        lost.set()
+                    try:
+                        os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint and stops
+                    except ProcessLookupError:
+                        pass
+                    signalled = True
+                time.sleep(heartbeat_s)
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        returncode = proc.wait()
+        beater.join(timeout=heartbeat_s + 5)
+    if lost.is_set():
+        return "failed", "another worker took the job over (this worker missed its heartbeats)"
+    state = run_state(run_dir)
+    if state.result is not None and state.state in ("done", "stopped", "failed"):
+        return state.state, state.message
+    return "failed", f"the trainer ended with exit status {returncode} without writing result.json; see " \
+                     f"{run_dir / 'worker-log.txt'}"

@@ -1,0 +1,169 @@
+"""The team's training queue on PostgreSQL (studio.app.workers): workers in several processes take each
+job once, a worker that stops beating loses its job to another that resumes it, cancel reaches the
+worker holding a job, and ``lora-studio team`` / ``worker``. Runs on the session's real PostgreSQL
+server (conftest's postgres_server)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from studio.core.errors import InvalidRequestError
+from studio.core.settings import reload_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+STRIPED = ROOT / "datasets" / "striped" / "train.toml"
+
+
+@pytest.fixture
+def team(studio_home, monkeypatch, postgres_server):
+    """A TeamQueue on a fresh PostgreSQL database, which is the registry's too."""
+    from studio.app.workers import TeamQueue
+
+    url = postgres_server.new_database()
+    monkeypatch.setenv("LORA_STUDIO_REGISTRY_URL", url)
+    reload_settings()
+    with TeamQueue() as queue:
+        yield queue
+    postgres_server.drop_database(url)
+
+
+def _claim_all(url: str, home: str, name: str, barrier, results) -> None:
+    """In a spawned process: claim jobs until none is left, finishing each at once."""
+    os.environ.update(LORA_STUDIO_REGISTRY_URL=url, LORA_STUDIO_HOME=home)
+    from studio.app.workers import TeamQueue
+
+    taken = []
+    with TeamQueue() as queue:
+        barrier.wait()
+        while (claimed := queue.claim(name, f"machine-{name}")) is not None:
+            job, _ = claimed
+            taken.append(job.id)
+            queue.finish(job.id, name, "done", None)
+    results.put((name, taken))
+
+
+def test_workers_in_several_processes_take_each_job_once(team, studio_home):
+    ids = [team.submit(STRIPED, overrides=[f"output.name=job{i}"], run_dir=studio_home / f"run{i}").id
+           for i in range(12)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    url = os.environ["LORA_STUDIO_REGISTRY_URL"]
+    procs = [ctx.Process(target=_claim_all, args=(url, str(studio_home), f"w{i}", barrier, results)) for i in range(3)]
+    for p in procs:
+        p.start()
+    taken = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    claimed = [job_id for ids_ in taken.values() for job_id in ids_]
+    assert sorted(claimed) == sorted(ids)  # every job once: none twice, none left
+    for job in team.jobs():
+        owner = next(name for name, got in taken.items() if job.id in got)
+        assert job.state == "done" and job.machine == f"machine-{owner}" and len(job.attempts) == 1
+        assert job.attempts[0]["how"] == "done" and job.attempts[0]["worker"] == owner
+
+
+def test_a_worker_that_stops_beating_loses_its_job(team, studio_home):
+    job = team.submit(STRIPED, run_dir=studio_home / "run")
+    first, resume = team.claim("a:1", "machine-a")
+    assert first.id == job.id and not resume and first.state == "running"
+    assert team.heartbeat(job.id, "a:1") == "ok"
+    assert team.claim("b:2", "machine-b", stale_after_s=60) is None  # a beats: nothing to take
+    time.sleep(1.2)
+    taken, _ = team.claim("b:2", "machine-b", stale_after_s=1.0)
+    assert taken.id == job.id and taken.worker == "b:2" and taken.machine == "machine-b"
+    assert [(a["machine"], a["how"]) for a in taken.attempts] == [("machine-a", "lost (no heartbeat)"),
+                                                                  ("machine-b", None)]
+    assert team.heartbeat(job.id, "a:1") == "lost"  # the old worker learns it must stop
+    team.finish(job.id, "a:1", "failed", "too late")  # and its word no longer counts
+    assert team.get(job.id).state == "running"
+    team.finish(job.id, "b:2", "done", None)
+    assert team.get(job.id).state == "done" and team.get(job.id).attempts[-1]["how"] == "done"
+
+
+def test_cancel_a_queued_job_and_one_a_worker_holds(team, studio_home):
+    queued = team.submit(STRIPED, overrides=["output.name=q"], run_dir=studio_home / "q")
+    held = team.submit(STRIPED, overrides=["output.name=h"], run_dir=studio_home / "h")
+    assert team.cancel(queued.id).state == "cancelled"
+    job, _ = team.claim("a:1", "machine-a")
+    assert job.id == held.id  # the cancelled one is never taken
+    assert team.cancel(held.id).cancel_requested
+    assert team.heartbeat(held.id, "a:1") == "cancel"  # what the worker holding it reads
+    team.finish(held.id, "a:1", "stopped", "stopped by SIGTERM")
+    with pytest.raises(InvalidRequestError, match="already ended"):
+        team.cancel(held.id)
+
+
+def test_a_team_queue_needs_postgresql(studio_home):
+    from studio.app.workers import TeamQueue
+
+    with pytest.raises(InvalidRequestError, match="LORA_STUDIO_REGISTRY_URL"):
+        TeamQueue()
+
+
+def test_team_cli(team, studio_home, capsys):
+    from studio.app.cli import main
+
+    assert main(["team", "submit", str(STRIPED), "--set", "output.name=cli", "--run-dir", str(studio_home / "r"),
+                 "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["state"] == "queued" and job["run_dir"] == str((studio_home / "r").resolve())
+    assert main(["team", "list"]) == 0
+    assert f"{job['id']}  queued     cli" in capsys.readouterr().out
+    assert main(["team", "cancel", job["id"]]) == 0
+    assert "cancelled queued team job" in capsys.readouterr().out
+    assert main(["team", "cancel", "nope"]) == 2
+    assert "no team job 'nope'" in capsys.readouterr().err
+
+
+def _wait(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_killed_workers_job_finishes_on_another_with_the_uninterrupted_adapter(team, studio_home, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.events import run_state
+    from trainer.loop import list_checkpoints
+
+    settings = ["training.max_train_steps=24", "training.lr_warmup_steps=0", "validation.every_n_steps=0",
+                "output.checkpointing_steps=4", "training.train_batch_size=1"]
+    killed = team.submit(STRIPED, overrides=[*settings, "output.name=killed"], run_dir=tmp_path / "killed")
+    straight = team.submit(STRIPED, overrides=[*settings, "output.name=straight"], run_dir=tmp_path / "straight")
+    command = [sys.executable, "-m", "studio.app.cli", "worker", "--heartbeat", "0.5", "--stale-after", "4"]
+    first = subprocess.Popen([*command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        _wait(lambda: list_checkpoints(killed.run_dir), 300, "the first worker's first checkpoint")
+        os.kill(first.pid, signal.SIGKILL)  # the machine is lost: its trainer dies with it
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    time.sleep(1)
+    assert run_state(killed.run_dir).state == "running"  # no result: the run was cut, not finished
+    second = subprocess.run([*command, "--once"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming team job {killed.id}" in second.stdout
+    done, other = team.get(killed.id), team.get(straight.id)
+    assert (done.state, other.state) == ("done", "done"), (done.message, other.message)
+    assert [a["how"] for a in done.attempts] == ["lost (no heartbeat)", "done"]
+    assert len({a["worker"] for a in done.attempts}) == 2
+    a = load_file(run_state(done.run_dir).result["adapter"])
+    b = load_file(run_state(other.run_dir).result["adapter"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
