@@ -710,7 +710,7 @@ class Registry:
         url: a SQLAlchemy database URL; default ``LORA_STUDIO_REGISTRY_URL``, else SQLite at
             ``<home>/registry.db``.
         home: the studio home holding ``registry.db`` and ``blobs/``; default ``$LORA_STUDIO_HOME``.
-        store: the blob store; default ``<home>/blobs``.
+        store: the blob store; default ``LORA_STUDIO_STORE`` (for the settings' home), else ``<home>/blobs``.
         busy_timeout_s: how long a writer waits for another writer's lock before retrying.
         retries: attempts for a transaction that hits a lock timeout or a uniqueness race.
         echo: log every SQL statement (debugging).
@@ -734,7 +734,10 @@ class Registry:
             url = settings.registry_url if home == settings.home and settings.registry_url else \
                 f"sqlite:///{home / 'registry.db'}"
         self.url = sa.engine.make_url(url)
-        self.store = store if store is not None else BlobStore(home / "blobs")
+        if store is None:
+            # The settings' store (LORA_STUDIO_STORE, a team's shared folder) belongs to the settings' home.
+            store = BlobStore(settings.blobs_dir if home == settings.home else home / "blobs")
+        self.store = store
         self._retries = max(1, retries)
         self._engine = self._make_engine(busy_timeout_s, echo)
         self._ensure_schema()
@@ -934,9 +937,12 @@ class Registry:
     # ---- reading ----------------------------------------------------------------------------
 
     def get(self, ref: str) -> AdapterVersion:
-        """The version a reference names (``name``, ``name@3``, ``name@prod``, ``sha256:0123abcd``)."""
+        """The version a reference names (``name``, ``name@3``, ``name@prod``, ``sha256:0123abcd``), its
+        weights checked against their hash (once per process and file state: :meth:`BlobStore.verified`)."""
         with self._read() as conn:
-            return self._load(conn, [self._resolve(conn, ref).id])[0]
+            version = self._load(conn, [self._resolve(conn, ref).id])[0]
+        self.store.verified(version.weights_sha256)
+        return version
 
     def find_network(self, text: str, short_hash: str | None = None) -> AdapterVersion:
         """The version an A1111 or Civitai prompt means by ``<lora:TEXT:...>``.

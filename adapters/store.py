@@ -33,6 +33,8 @@ CHUNK = 1 << 20
 BLOB_MODE = 0o644  # readable by everyone like any shared model file; safetensors writes 0600 sources
 TEMP_SUFFIX = ".tmp"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# (path, size, mtime_ns) of blobs whose bytes this process checked against their names (BlobStore.verified).
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 # A rename or unlink is durable only once the folder holding the entry is flushed.
@@ -86,6 +88,25 @@ class BlobStore:
         except FileNotFoundError:
             raise BlobNotFoundError(f"blob {sha256} is not in the store {self.root}") from None
         return actual == sha256
+
+    def verified(self, sha256: str) -> Path:
+        """The blob's path once its bytes were checked against its name in this process (again whenever
+        its size or modification time changes): a store on a shared disk can be damaged by another
+        machine or the network, and a damaged adapter must not be applied as if it were the recorded one.
+        Raises :class:`HashMismatchError` naming the blob and the store."""
+        path = self.path(sha256)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"blob {sha256} is not in the store {self.root}") from None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            if file_sha256(path) != sha256:
+                raise HashMismatchError(f"blob {sha256[:12]}... in the store {self.root} no longer hashes to its "
+                                        f"name: the stored copy is damaged; restore it from a backup or register "
+                                        f"the original file again")
+            _VERIFIED.add(key)
+        return path
 
     def __iter__(self) -> Iterator[str]:
         """Every stored sha256 (a folder walk: for garbage collection, never for lookups)."""

@@ -167,3 +167,46 @@ def test_a_killed_workers_job_finishes_on_another_with_the_uninterrupted_adapter
     a = load_file(run_state(done.run_dir).result["adapter"])
     b = load_file(run_state(other.run_dir).result["adapter"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _register_from(home: str, store: str, url: str, name: str, weights: str, barrier, results) -> None:
+    """In a spawned process, as another machine: its own home, the team's store and registry."""
+    os.environ.update(LORA_STUDIO_HOME=home, LORA_STUDIO_STORE=store, LORA_STUDIO_REGISTRY_URL=url)
+    from adapters.registry import Registry, VersionInfo
+
+    with Registry() as reg:
+        barrier.wait()
+        results.put(reg.register(name, weights, VersionInfo(family="sd1")).weights_sha256)
+
+
+def test_two_machines_registering_the_same_bytes_at_once_store_one_blob(team, tmp_path, monkeypatch):
+    from test_registry import make_weights
+
+    from adapters.registry import Registry
+    from studio.core.errors import HashMismatchError
+
+    store, url = tmp_path / "shared-store", os.environ["LORA_STUDIO_REGISTRY_URL"]
+    weights = make_weights(tmp_path / "w.safetensors", 7, size=64)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_register_from, args=(str(tmp_path / f"machine{i}"), str(store), url, f"style{i}",
+                                                      str(weights), barrier, results)) for i in range(2)]
+    for p in procs:
+        p.start()
+    shas = {results.get(timeout=120) for _ in procs}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(shas) == 1
+    (sha,) = shas
+    assert [p.name for p in store.rglob("*") if p.is_file()] == [sha]  # one blob, no temp file left
+    monkeypatch.setenv("LORA_STUDIO_STORE", str(store))
+    reload_settings()
+    with Registry() as reg:
+        assert reg.store.root == store and reg.get("style0").path == reg.get("style1").path == store / sha[:2] / sha
+        assert reg.check() == []
+        # Bytes damaged on the shared disk are refused on read, by name, not applied.
+        blob = store / sha[:2] / sha
+        blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+        with pytest.raises(HashMismatchError, match=f"blob {sha[:12]}.*damaged"):
+            reg.get("style0")

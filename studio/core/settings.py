@@ -3,7 +3,9 @@
 ``LORA_STUDIO_HOME`` (default ``~/.lora-studio``) holds everything the studio writes: outputs,
 the registry, runs, datasets. ``LORA_STUDIO_REGISTRY_URL`` (any SQLAlchemy URL, e.g.
 ``postgresql+psycopg://host/db``) moves the adapter registry's database elsewhere; by default it is
-the SQLite file ``$LORA_STUDIO_HOME/registry.db`` (the blobs stay in ``$LORA_STUDIO_HOME/blobs``).
+the SQLite file ``$LORA_STUDIO_HOME/registry.db``. The blobs stay in ``$LORA_STUDIO_HOME/blobs`` unless
+``LORA_STUDIO_STORE`` names a folder (a team's shared disk). ``LORA_STUDIO_USER`` is who registry
+changes are recorded as (default the OS user).
 ``HF_HUB_OFFLINE=1`` makes every Hub access fail fast. ``LORA_STUDIO_DATA_ROOTS`` lists more
 folders (separated by ``os.pathsep``, ``:`` on Linux and macOS) whose files the UI may read and
 write, beside ``$LORA_STUDIO_HOME`` and the sample datasets: a path typed into a page must lie under
@@ -42,6 +44,7 @@ class Settings:
     data_roots: tuple[Path, ...] = ()
     offload: str = "auto"
     user: str = "unknown"  # who registry changes are recorded as: LORA_STUDIO_USER, else the OS user
+    store: Path | None = None  # LORA_STUDIO_STORE: the blob store on a shared path (a team's NFS), else in home
 
     @property
     def outputs_dir(self) -> Path:
@@ -49,8 +52,9 @@ class Settings:
 
     @property
     def blobs_dir(self) -> Path:
-        """The content-addressed blob store (adapter weights, sample images)."""
-        return self.home / "blobs"
+        """The content-addressed blob store (adapter weights, sample images): ``LORA_STUDIO_STORE`` when
+        set (one folder a team's machines share, beside a PostgreSQL registry), else ``home/blobs``."""
+        return self.store or self.home / "blobs"
 
     @property
     def registry_database_url(self) -> str:
@@ -76,6 +80,8 @@ def get_settings() -> Settings:
                          if p.strip()),
         offload=_offload_mode(os.environ.get("LORA_STUDIO_OFFLOAD", "auto")),
         user=os.environ.get("LORA_STUDIO_USER", "").strip() or _os_user(),
+        store=Path(os.environ["LORA_STUDIO_STORE"].strip()).expanduser() if os.environ.get("LORA_STUDIO_STORE",
+                                                                                            "").strip() else None,
     )
 
 

@@ -81,7 +81,7 @@ def _registry_for(home: str):
 def get_registry():
     """The registry of the current ``$LORA_STUDIO_HOME`` (re-created when the home changes, as in tests)."""
     reg = registry()
-    if reg.store.root != get_settings().home / "blobs":
+    if reg.store.root != get_settings().blobs_dir:
         registry.clear()
         reg = registry()
     return reg
