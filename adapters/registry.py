@@ -95,7 +95,7 @@ MAX_NAME = 64
 MAX_TAG = 100
 MAX_TRIGGER = 256
 MAX_ACTOR = 256
-AUDIT_ACTIONS = ("register", "tag", "untag", "protect", "unprotect", "delete", "publish")
+AUDIT_ACTIONS = ("register", "tag", "untag", "protect", "unprotect", "label", "delete", "publish")
 # Letters, digits, '-', '_', '.'. The first character is not a dot (no hidden files, no '..') and not a
 # dash (``lora-studio adapters show -x`` would read it as an option).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -359,7 +359,7 @@ def _check_json(value, what: str, *, optional: bool) -> None:
 
 @dataclass(frozen=True)
 class AdapterVersion:
-    """One registered version: immutable except for the aliases pointing at it."""
+    """One registered version: immutable except for the aliases pointing at it and its labels (``tags``)."""
 
     name: str
     number: int
@@ -492,6 +492,9 @@ class AuditEvent:
             return f"moved {name}@{d['alias']} {moved}to @{d['to']}{forced}"
         if self.action in ("protect", "unprotect"):
             return f"{self.action}ed {name}@{d['alias']} (on @{d['to']}){forced}"
+        if self.action == "label":
+            changes = [*(f"+{t}" for t in d.get("added", [])), *(f"-{t}" for t in d.get("removed", []))]
+            return f"relabelled {at}: {' '.join(changes)}"
         if self.action == "untag":
             return f"removed {name}@{d['alias']} (was @{d['was']}){forced}"
         if self.action == "delete":
@@ -620,7 +623,7 @@ aliases = sa.Table(
     sa.Index("ix_aliases_version", "version_id", "alias"),
 )
 
-# Who changed what and when: one row per register, alias move, delete and publish, written in the same
+# Who changed what and when: one row per register, alias move, label change, delete and publish, in the same
 # transaction as the change. Keyed by the adapter's name, not its row: the history outlives a delete.
 audit_events = sa.Table(
     "audit_events", METADATA,
@@ -1340,6 +1343,47 @@ class Registry:
             return row.number
 
         return self._transact(work)
+
+    # ---- labels -------------------------------------------------------------------------------
+
+    def set_labels(self, ref: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> AdapterVersion:
+        """Add and remove labels (the tags ``adapters list --tag`` filters by) of a version. Labels describe
+        a version for finding it and may change; its weights and recorded facts do not. Matching is
+        case-insensitive, as the filter's; the change is recorded in the audit trail."""
+        for label in (*add, *remove):
+            if not isinstance(label, str) or not label.strip() or len(label.strip()) > MAX_TAG:
+                raise InvalidRequestError(f"a label must be text of 1 to {MAX_TAG} characters, got {label!r}")
+        add = [label.strip() for label in add]
+        remove_keys = {label.strip().lower() for label in remove}
+        now = _utcnow()
+
+        def work(conn: sa.Connection) -> int:
+            target = self._resolve(conn, ref)
+            current = conn.execute(sa.select(version_tags.c.tag).where(version_tags.c.version_id == target.id)
+                                   .order_by(version_tags.c.position)).scalars().all()
+            missing = sorted(remove_keys - {t.lower() for t in current})
+            if missing:
+                raise InvalidRequestError(f"{target.name}@{target.number} has no label {', '.join(missing)}; it has: "
+                                          f"{', '.join(current) or 'none'}")
+            labels = [t for t in current if t.lower() not in remove_keys]
+            for label in add:
+                if label.lower() not in {t.lower() for t in labels}:
+                    labels.append(label)
+            if labels == list(current):
+                return target.id
+            conn.execute(sa.delete(version_tags).where(version_tags.c.version_id == target.id))
+            if labels:
+                conn.execute(sa.insert(version_tags), [
+                    {"version_id": target.id, "position": i, "tag": t, "tag_key": t.lower()}
+                    for i, t in enumerate(labels)])
+            self._audit(conn, "label", target.name, target.number, {
+                "added": [t for t in labels if t not in current],
+                "removed": [t for t in current if t not in labels], "labels": labels}, now)
+            return target.id
+
+        version_id = self._transact(work)
+        with self._read() as conn:
+            return self._load(conn, [version_id])[0]
 
     # ---- the audit trail --------------------------------------------------------------------
 

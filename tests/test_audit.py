@@ -136,3 +136,24 @@ def test_cli_tag_protect_untag_force_and_history(reg, tmp_path, capsys, monkeypa
     assert main(["adapters", "history", "cli-style", "--json", "--limit", "1"]) == 0
     (last,) = json.loads(capsys.readouterr().out)
     assert last["actor"] == "ada" and last["action"] == "untag" and last["detail"]["forced"] is True
+
+
+def test_labels_change_and_each_change_is_recorded(reg, tmp_path, capsys):
+    from studio.app.cli import main
+    from studio.core.errors import InvalidRequestError
+
+    register_file(reg, "style", 1, tmp_path, tags=["anime"])
+    v = reg.set_labels("style@1", add=["Portrait", "ANIME"], remove=["anime"])
+    assert list(v.tags) == ["Portrait", "ANIME"]
+    assert [x.ref for x in reg.list_versions(tag="portrait").items] == ["style@1"]
+    with pytest.raises(InvalidRequestError, match="has no label watercolour; it has: Portrait, ANIME"):
+        reg.set_labels("style@1", remove=["watercolour"])
+    reg.set_labels("style@1", add=["portrait"])  # already there (case-insensitive): nothing recorded
+    assert [e.action for e in reg.history("style")] == ["register", "label"]
+    assert reg.history("style")[-1].detail == {"added": ["Portrait", "ANIME"], "removed": ["anime"],
+                                               "labels": ["Portrait", "ANIME"]}
+    capsys.readouterr()
+    assert main(["adapters", "label", "style@1", "--remove", "Portrait"]) == 0
+    assert "style@1 labels: ANIME" in capsys.readouterr().out
+    assert main(["adapters", "history", "style"]) == 0
+    assert "relabelled style@1: -Portrait" in capsys.readouterr().out

@@ -117,9 +117,12 @@ def test_a_protected_alias_asks_for_its_name_and_the_history_shows_who_did_what(
     at.text_input(key="ad_untag_confirm-prod").input("prod").run()
     at.button(key="ad_untag-prod").click().run()
     assert not at.exception and "prod" not in reg.adapter("striped").aliases
+    at.text_input(key="ad_labels-striped@2").input("portrait, Night").run()
+    at.button(key="ad_labels_save").click().run()
+    assert not at.exception and list(reg.get("striped@2").tags) == ["portrait", "Night"]
     history = at.table[-1].value.to_string()
     for line in ("registered striped@1", "protected striped@prod (on @1)", "moved striped@prod from @1 to @2 (forced)",
-                 "removed striped@prod (was @2) (forced)"):
+                 "removed striped@prod (was @2) (forced)", "relabelled striped@2: +portrait +Night"):
         assert line in history, history
     assert "ada" in history
 

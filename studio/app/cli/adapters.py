@@ -59,6 +59,11 @@ def register(sub) -> None:
     untag.add_argument("alias", help="alias to remove")
     untag.add_argument("--force", action="store_true", help="remove a protected alias (recorded)")
     untag.set_defaults(func=cmd_adapters_untag)
+    label = asub.add_parser("label", help="add or remove labels (what adapters list --tag filters by) of a version")
+    label.add_argument("ref", help="adapter reference, e.g. mystyle@3")
+    label.add_argument("--add", action="extend", nargs="+", default=[], metavar="LABEL")
+    label.add_argument("--remove", action="extend", nargs="+", default=[], metavar="LABEL")
+    label.set_defaults(func=cmd_adapters_label)
     hist = asub.add_parser("history", help="who registered, aliased, deleted or published what, and when")
     hist.add_argument("name", help="adapter name (a deleted adapter's history stays readable)")
     hist.add_argument("--limit", type=whole_number, default=None, help="only the newest N events")
@@ -322,6 +327,15 @@ def cmd_adapters_untag(args) -> int:
     with _open_registry() as reg:
         was = reg.remove_alias(args.name, args.alias, force=args.force)
     print_line(f"removed {args.name}@{args.alias} (was {args.name}@{was})")
+    return 0
+
+
+def cmd_adapters_label(args) -> int:
+    if not args.add and not args.remove:
+        raise InvalidRequestError("say what to change: --add LABEL and/or --remove LABEL")
+    with _open_registry() as reg:
+        v = reg.set_labels(args.ref, add=args.add, remove=args.remove)
+    print_line(f"{v.ref} labels: {', '.join(v.tags) or 'none'}")
     return 0
 
 

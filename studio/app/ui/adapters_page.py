@@ -220,6 +220,17 @@ with tab_actions:
                 reg.remove_alias(opened, a, force=locked and confirm_remove == a)
                 st.rerun()
 
+    st.subheader("Labels")
+    c1, c2 = st.columns([3, 1])
+    typed_labels = c1.text_input("Labels, separated by commas (what the catalog's tag filter finds)",
+                                 value=", ".join(v.tags), key=f"ad_labels-{v.ref}")
+    if c2.button("Save labels", key="ad_labels_save"):
+        wanted = [t.strip() for t in typed_labels.split(",") if t.strip()]
+        keys = {t.lower() for t in wanted}
+        with reported("Saving the labels"):
+            reg.set_labels(v.ref, add=wanted, remove=[t for t in v.tags if t.lower() not in keys])
+            st.rerun()
+
     st.subheader("Export")
     c1, c2 = st.columns([1, 2])
     fmt = c1.selectbox("Format", ["diffusers", "kohya"], key="ad_export_format",
