@@ -210,3 +210,27 @@ def test_two_machines_registering_the_same_bytes_at_once_store_one_blob(team, tm
         blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
         with pytest.raises(HashMismatchError, match=f"blob {sha[:12]}.*damaged"):
             reg.get("style0")
+
+
+@pytest.mark.slow
+def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
+    from trainer.events import run_state
+    from trainer.loop import list_checkpoints
+
+    job = team.submit(STRIPED, overrides=["training.max_train_steps=400", "training.lr_warmup_steps=0",
+                                          "validation.every_n_steps=0", "output.checkpointing_steps=0",
+                                          "training.train_batch_size=1", "output.name=long"],
+                      run_dir=tmp_path / "long")
+    worker = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "worker", "--once", "--heartbeat", "0.5"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(lambda: run_state(job.run_dir).step >= 2, 300, "the job's second step")
+        assert team.cancel(job.id).cancel_requested  # from another process, as from another machine
+        out, _ = worker.communicate(timeout=300)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, out[-3000:]
+    stopped = team.get(job.id)
+    assert stopped.state == "stopped", (stopped.message, out[-3000:])
+    assert 2 <= run_state(job.run_dir).step < 400 and list_checkpoints(job.run_dir)  # it kept a checkpoint
+    assert stopped.attempts[-1]["how"] == "stopped"
