@@ -48,7 +48,10 @@ METHODS = ("lora", "dora", "loha", "lokr")
 # Every family's target presets (UNets: attention, attention+conv; Flux: attention, attention+mlp,
 # all-linear); whether the base model's family has the one chosen is checked when the run starts.
 TARGET_PRESETS = tuple(dict.fromkeys(preset for family in FAMILIES.values() for preset in family.target_modules))
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adamw_schedulefree")
+# Below this, a Prodigy "learning rate" is an AdamW rate typed by habit: Prodigy estimates the step size
+# itself and learning_rate only scales it (its authors use 1.0; 0.5 to 1 is the range people report).
+PRODIGY_MIN_LR = 0.1
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
@@ -239,8 +242,11 @@ class NetworkConfig(_Section):
 class TrainingConfig(_Section):
     SECTION: ClassVar[str] = "training"
 
-    optimizer: str = _opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes: about a quarter of the "
-                                   "optimizer memory)")
+    optimizer: str = _opt("adamw", "adamw (torch); adamw8bit (bitsandbytes: about a quarter of the optimizer "
+                                   "memory); prodigy (estimates its own step size: learning_rate = 1.0 scales it); "
+                                   "lion (sign updates: a learning_rate 3-10x below AdamW's and a weight decay "
+                                   "3-10x above); adamw_schedulefree (no schedule: lr_scheduler = constant, "
+                                   "lr_warmup_steps is its warmup)")
     learning_rate: float = _opt(1e-4, "peak learning rate of the UNet adapters")
     lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup: constant, cosine or linear (to 0)")
     lr_warmup_steps: int = _opt(0, "optimizer steps of linear warmup from 0 to learning_rate")
@@ -276,6 +282,12 @@ class TrainingConfig(_Section):
         self._one_of("optimizer", OPTIMIZERS)
         self._positive_finite("learning_rate")
         self._one_of("lr_scheduler", LR_SCHEDULERS)
+        if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LR:
+            self._fail("learning_rate", f"is {self.learning_rate:g}, an AdamW-sized rate: Prodigy estimates the step "
+                                        f"size itself and learning_rate scales it; use 1.0")
+        if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
+            self._fail("lr_scheduler", f"is {self.lr_scheduler!r}: schedule-free AdamW replaces the schedule; use "
+                                       f"constant (lr_warmup_steps becomes its own warmup)")
         self._at_least("lr_warmup_steps", 0)
         self._at_least("max_train_steps", 0)
         self._at_least("num_train_epochs", 0)

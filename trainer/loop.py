@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -318,10 +319,30 @@ def _select_dtype(mixed_precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+# training.optimizer -> the class kohya's metadata names (ss_optimizer), as A1111 and Civitai show it.
+OPTIMIZER_CLASSES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                     "prodigy": "prodigyopt.Prodigy", "lion": "lion_pytorch.Lion",
+                     "adamw_schedulefree": "schedulefree.AdamWScheduleFree"}
+
+
 def _make_optimizer(config: TrainConfig, groups: list[dict]):
     t = config.training
     options = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay,
                "eps": t.adam_epsilon}
+    if t.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Decoupled weight decay and bias correction as kohya's Prodigy presets; d is estimated per group.
+        return Prodigy(groups, use_bias_correction=True, safeguard_warmup=t.lr_warmup_steps > 0, decouple=True,
+                       **options)
+    if t.optimizer == "lion":
+        from lion_pytorch import Lion
+
+        return Lion(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay)
+    if t.optimizer == "adamw_schedulefree":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(groups, warmup_steps=t.lr_warmup_steps, **options)
     if t.optimizer == "adamw8bit":
         try:
             bnb = allow_bitsandbytes()  # heavy, optional and noisy at import: only when asked for
@@ -513,7 +534,9 @@ class Trainer:
         self.total_steps = t.max_train_steps or t.num_train_epochs * self.updates_per_epoch
         # Not passed through accelerator.prepare: it steps once per optimizer step, whatever the
         # process count (prepare would step it once per process).
-        self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
+        # Schedule-free AdamW warms up inside the optimizer: the outer schedule stays flat.
+        warmup = 0 if t.optimizer == "adamw_schedulefree" else t.lr_warmup_steps
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.total_steps)
         *prepared, self.optimizer = acc.prepare(*(self.models[name] for name in trained), optimizer)
         self.models.update(zip(trained, prepared, strict=True))
@@ -873,6 +896,22 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return int(state["step"])
 
+    @contextmanager
+    def _evaluation_weights(self):
+        """The adapter as it should be evaluated and saved. Schedule-free AdamW trains on one sequence of
+        weights (y) and averages another (x), the one to use: ``eval()`` swaps x in, ``train()`` back.
+        Every process swaps (not only the main one, which samples), so the processes stay identical;
+        a resumed run swaps at the same steps as an uninterrupted one, so it stays on its trajectory.
+        Other optimizers train and evaluate the same weights: nothing happens."""
+        swap = self.config.training.optimizer == "adamw_schedulefree"
+        if swap:
+            self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if swap:
+                self.optimizer.train()
+
     def _match_state_layout(self) -> None:
         """Give restored optimizer moments their parameter's memory layout (strides).
 
@@ -901,6 +940,8 @@ class Trainer:
         step = 0
         if self.resume_from is not None:
             step = self._restore(self.resume_from)
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()  # schedule-free AdamW steps only in train mode (a no-op for the others)
         total = self.total_steps
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -985,7 +1026,8 @@ class Trainer:
                     acc.log({"loss": loss_sum, "lr": lr}, step=step)
                     v = c.validation
                     if v.every_n_steps and step % v.every_n_steps == 0 and step < total:
-                        val_loss, samples = self._run_on_main(lambda s=step: self._validate(s), (None, []))
+                        with self._evaluation_weights():
+                            val_loss, samples = self._run_on_main(lambda s=step: self._validate(s), (None, []))
                     if c.output.checkpointing_steps and step % c.output.checkpointing_steps == 0 and step < total:
                         last_checkpoint = self._checkpoint(step, epoch, last_loss) or last_checkpoint
                     if self._stop_requested(step):
@@ -994,8 +1036,9 @@ class Trainer:
                     epoch += 1
                     continue
                 break
-            val_loss, samples = self._run_on_main(lambda: self._validate(step), (None, []))
-            adapter_path, ref = self._finish(step, last_loss, val_loss, samples)
+            with self._evaluation_weights():
+                val_loss, samples = self._run_on_main(lambda: self._validate(step), (None, []))
+                adapter_path, ref = self._finish(step, last_loss, val_loss, samples)
         except torch.OutOfMemoryError:
             # Freed before the message is built: the traceback holds the step's tensors.
             raise self._out_of_memory(step) from None
@@ -1080,7 +1123,7 @@ class Trainer:
             "ss_text_encoder_lr": str(n.text_encoder_lr if n.train_text_encoder else 0.0),
             "ss_lr_scheduler": t.lr_scheduler,
             "ss_lr_warmup_steps": str(t.lr_warmup_steps),
-            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if t.optimizer == "adamw8bit" else "torch.optim.AdamW",
+            "ss_optimizer": OPTIMIZER_CLASSES[t.optimizer],
             "ss_max_grad_norm": str(t.max_grad_norm),
             "ss_mixed_precision": t.mixed_precision,
             "ss_seed": str(t.seed),

@@ -27,7 +27,10 @@ from studio.core.quantize import BYTES_PER_WEIGHT, quantizable
 
 GIB = 1024**3
 ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34  # per layer, 16-bit, memory-efficient attention (Korthikanti et al.)
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # two moments a trainable weight
+# Optimizer state per trainable weight, bytes: AdamW's two float32 moments (8-bit: one byte each); Prodigy's
+# two moments, its initial copy p0 and its s accumulator; Lion's one moment; schedule-free AdamW's z and
+# second moment.
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "lion": 4, "adamw_schedulefree": 8}
 
 
 @dataclass(frozen=True)
