@@ -56,6 +56,13 @@ def test_run_writes_adapter_metadata_samples_and_registers(tmp_path, reg):
     state = run_state(run)
     assert state.state == "done" and state.step == 6 and len(state.losses) == 6 and len(state.val_losses) == 2
     assert all(Path(p).is_file() for _, paths in state.samples for p in paths)
+    # TensorBoard: loss, learning rate, validation loss and the sample images, at their steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "lora_studio"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in board.Scalars("loss")] == [1, 2, 3, 4, 5, 6] and board.Scalars("lr")
+    assert [e.step for e in board.Scalars("val_loss")] == [3, 6]
+    assert [(e.step, e.width, e.height) for e in board.Images("samples/0")] == [(3, 32, 32), (6, 32, 32)]
 
     with safe_open(result.adapter, "pt") as f:
         md = f.metadata()

@@ -422,8 +422,10 @@ class Trainer:
 
         log_with = None
         try:
-            import tensorboard  # noqa: F401  (optional: loss curves in TensorBoard when installed)
+            import tensorboard  # noqa: F401  (a dependency; still optional for an install that dropped it)
 
+            # Loss, learning rate, validation loss and sample images under <run>/lora_studio:
+            # tensorboard --logdir $LORA_STUDIO_HOME/runs shows every run.
             log_with = "tensorboard"
         except ImportError:
             pass
@@ -841,7 +843,22 @@ class Trainer:
             self.log.append("validation", step=step, val_loss=val_loss, samples=samples)
         if val_loss is not None:
             self.accelerator.log({"val_loss": val_loss}, step=step)
+        self._log_sample_images(samples, step)
         return val_loss, samples
+
+    def _log_sample_images(self, samples: list[str], step: int) -> None:
+        """The validation samples beside the loss curves in TensorBoard (one image per prompt and seed, in
+        the order the prompts are listed), so a run's progress can be seen as well as read."""
+        tracker = next((t for t in self.accelerator.trackers if t.name == "tensorboard"), None)
+        if tracker is None or not samples:
+            return
+        import numpy as np
+        from PIL import Image
+
+        for i, path in enumerate(samples):
+            with Image.open(self.run_dir / path) as im:
+                pixels = np.asarray(im.convert("RGB"))
+            tracker.log_images({f"samples/{i}": pixels[None]}, step=step, dataformats="NHWC")
 
     # ---- checkpoints -----------------------------------------------------------------------
 
