@@ -171,3 +171,12 @@ def test_hostile_recipes_are_one_line_exit_2(tmp_path):
         assert proc.returncode == 2, (recipe, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_ui_turns_off_the_full_collection_after_every_script_run(monkeypatch):
+    # Streamlit's default gc.collect(2) after each run holds the GIL ~0.45 s with torch loaded; the
+    # Generate page's progress fragment reruns twice a second, which starved the generation queue's
+    # worker thread (the end-to-end browser test timed out at 25 s a denoising step).
+    status, argv = _ui_argv(monkeypatch)
+    assert status == 0
+    assert _option(argv, "--runner.postScriptGC") == "false"
