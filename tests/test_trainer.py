@@ -52,17 +52,19 @@ def test_run_writes_adapter_metadata_samples_and_registers(tmp_path, reg):
     events = read_events(run)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 6
-    assert kinds.count("validation") == 2  # step 3 and the end
+    # step 3 (every_n_steps), the checkpoint steps 2 and 4 (each checkpoint is a validated candidate), the end
+    assert [e["step"] for e in events if e["event"] == "validation"] == [2, 3, 4, 6]
+    assert [e["step"] for e in events if e["event"] == "snapshot"] == [2, 4]
     state = run_state(run)
-    assert state.state == "done" and state.step == 6 and len(state.losses) == 6 and len(state.val_losses) == 2
+    assert state.state == "done" and state.step == 6 and len(state.losses) == 6 and len(state.val_losses) == 4
     assert all(Path(p).is_file() for _, paths in state.samples for p in paths)
     # TensorBoard: loss, learning rate, validation loss and the sample images, at their steps
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(run / "lora_studio"), size_guidance={"images": 0, "scalars": 0}).Reload()
     assert [e.step for e in board.Scalars("loss")] == [1, 2, 3, 4, 5, 6] and board.Scalars("lr")
-    assert [e.step for e in board.Scalars("val_loss")] == [3, 6]
-    assert [(e.step, e.width, e.height) for e in board.Images("samples/0")] == [(3, 32, 32), (6, 32, 32)]
+    assert [e.step for e in board.Scalars("val_loss")] == [2, 3, 4, 6]
+    assert [(e.step, e.width, e.height) for e in board.Images("samples/0")] == [(s, 32, 32) for s in (2, 3, 4, 6)]
 
     with safe_open(result.adapter, "pt") as f:
         md = f.metadata()

@@ -3,9 +3,11 @@
 A config is six small dataclasses, one per TOML table: ``[model]``, ``[dataset]``, ``[network]``,
 ``[training]``, ``[validation]``, ``[output]``. Every field carries its help text in
 ``metadata["help"]``; that one text serves the TOML comments :meth:`TrainConfig.to_toml` writes,
-the CLI and the UI's tooltips. Each section checks itself in ``__post_init__`` and raises
-:class:`~studio.core.errors.ConfigError` naming the option (``network.rank must be >= 1, got 0``);
-nothing is silently corrected.
+the CLI and the UI's tooltips. For the Train page's form a field also carries its name in plain words
+(``metadata["label"]``), its topic (one of :data:`TOPICS`) and, where a form can offer them, a range
+(``"min"``, ``"max"``) or a closed list of values (``"choices"``). Each section checks itself in
+``__post_init__`` and raises :class:`~studio.core.errors.ConfigError` naming the option
+(``network.rank must be >= 1, got 0``); nothing is silently corrected.
 
 Option names are the ones users already know: diffusers' training scripts (``learning_rate``,
 ``lr_scheduler``, ``train_batch_size``, ``checkpointing_steps``, ``random_flip``), peft
@@ -64,11 +66,27 @@ _UNION_TYPES = (typing.Union, types.UnionType)
 MIN_BUCKET_STEP = 4
 
 
-def _opt(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with help text; list defaults go through a factory (dataclasses need it)."""
+# The topics the UI groups options under, in the order it shows them (``metadata["topic"]``).
+TOPICS = ("base model", "dataset and captions", "buckets and crops", "adapter", "optimizer and schedule",
+          "noise and loss", "flow-matching models", "validation and samples", "saving", "memory and precision")
+
+
+def _opt(default: Any, help: str, *, label: str, topic: str, low: float | None = None, high: float | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its help text and what a form needs to draw it.
+
+    ``label`` is the option in plain words (with its unit), ``topic`` one of :data:`TOPICS`, ``low`` /
+    ``high`` the range a form offers (the section's ``__post_init__`` still judges every value, so a
+    config from TOML or ``--set`` is held to the same rules), ``choices`` the values of a closed list.
+    List defaults go through a factory (dataclasses need it).
+    """
+    if topic not in TOPICS:
+        raise ValueError(f"topic {topic!r} is not one of {TOPICS}")  # a programming error in this module
+    metadata = {"help": help, "label": label, "topic": topic}
+    metadata.update({k: v for k, v in (("min", low), ("max", high), ("choices", choices)) if v is not None})
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: list(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class _Section:
@@ -111,14 +129,19 @@ class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
 
     base_model: str = _opt("tiny", "base model: tiny (the embedded model), a diffusers folder, a single "
-                                   ".safetensors checkpoint, or a Hub id owner/name[@revision]")
+                                   ".safetensors checkpoint, or a Hub id owner/name[@revision]",
+                           label="Base model", topic="base model")
     quantize: str = _opt("no", "no, nf4 or int8: hold the frozen denoiser's block layers in 4-bit NF4 or 8-bit "
                                "(bitsandbytes, QLoRA) while the LoRA trains in full precision; FLUX.1's 23.8 GB "
-                               "transformer takes ~6.7 GB in NF4")
+                               "transformer takes ~6.7 GB in NF4",
+                         label="Hold the frozen model in 4 or 8 bits",
+                         topic="memory and precision", choices=QUANTIZATIONS)
     max_sequence_length: int = _opt(0, "T5 prompt length in tokens (FLUX.1, SD3): captions are padded or cut to "
                                        "it; 0 = the model's own (FLUX.1: 512, SD3: 256, the tiny models: 77). "
                                        "Shorter trains faster with less memory; generation reads prompts at "
-                                       "the model's own length")
+                                       "the model's own length",
+                                    label="T5 prompt length (tokens; 0 = the model's own)",
+                                    topic="flow-matching models", low=0, high=512)
 
     def __post_init__(self) -> None:
         if not self.base_model.strip():
@@ -135,32 +158,55 @@ class DatasetConfig(_Section):
 
     path: str = _opt("", "the dataset folder: images with .txt captions, an imagefolder with metadata.jsonl, "
                          "kohya repeat folders N_name, or a datasets.save_to_disk folder (relative paths in a "
-                         "TOML file are relative to that file)")
+                         "TOML file are relative to that file)",
+                     label="Dataset folder", topic="dataset and captions")
     trigger_word: str = _opt("", "trigger word / instance prompt added to every caption that lacks it "
-                                 "(a rare token such as 'zkstripes'); '' = none")
+                                 "(a rare token such as 'zkstripes'); '' = none",
+                             label="Trigger word", topic="dataset and captions")
     caption_template: str = _opt("{trigger}, {caption}", "how a caption is built from {trigger} and {caption} "
-                                                          "when the caption lacks the trigger word")
-    caption_extension: str = _opt(".txt", "extension of the caption file beside each image (kohya)")
+                                                          "when the caption lacks the trigger word",
+                                 label="Caption template", topic="dataset and captions")
+    caption_extension: str = _opt(".txt", "extension of the caption file beside each image (kohya)",
+                                  label="Caption file extension", topic="dataset and captions")
     caption_column: str = _opt("", "imagefolder / saved datasets: the caption column ('' = the first of "
-                                   "text, caption, prompt)")
-    image_column: str = _opt("", "saved datasets: the image column ('' = the first image column)")
+                                   "text, caption, prompt)",
+                               label="Caption column (imagefolder and saved datasets)", topic="dataset and captions")
+    image_column: str = _opt("", "saved datasets: the image column ('' = the first image column)",
+                             label="Image column (saved datasets)", topic="dataset and captions")
     caption_dropout_rate: float = _opt(0.0, "probability of training a sample with an empty caption "
-                                            "(helps classifier-free guidance)")
-    shuffle_caption: bool = _opt(False, "shuffle the comma-separated tags of each caption every time it is seen")
+                                            "(helps classifier-free guidance)",
+                                       label="Share of steps with an empty caption (0 to 1)",
+                                       topic="dataset and captions", low=0.0, high=1.0)
+    shuffle_caption: bool = _opt(False, "shuffle the comma-separated tags of each caption every time it is seen",
+                                 label="Shuffle the tags of each caption", topic="dataset and captions")
     keep_tokens: int = _opt(0, "with shuffle_caption: how many leading tags of each caption stay in place (a "
-                               "trigger word added by caption_template always stays where the template puts it)")
-    repeats: int = _opt(1, "times each image is seen per epoch; kohya folders N_name multiply it by N")
+                               "trigger word added by caption_template always stays where the template puts it)",
+                            label="Leading tags kept in place when shuffling", topic="dataset and captions", low=0)
+    repeats: int = _opt(1, "times each image is seen per epoch; kohya folders N_name multiply it by N",
+                        label="Times each image is seen per epoch", topic="dataset and captions", low=1)
     resolution: int = _opt(0, "training side in pixels; buckets hold about resolution^2 pixels "
-                              "(0 = the base model's native resolution: tiny 32, SD-1 512)")
-    enable_bucket: bool = _opt(True, "aspect-ratio buckets; off = square resolution x resolution crops")
+                              "(0 = the base model's native resolution: tiny 32, SD-1 512)",
+                           label="Training resolution (px; 0 = the model's own)", topic="buckets and crops", low=0)
+    enable_bucket: bool = _opt(True, "aspect-ratio buckets; off = square resolution x resolution crops",
+                               label="Aspect-ratio buckets", topic="buckets and crops")
     bucket_reso_steps: int = _opt(0, "bucket sides are multiples of this (0 = the base model's latent "
-                                     "granularity: 8 for SD-1 and the tiny model; multiples of 4 allowed)")
-    min_bucket_reso: int = _opt(0, "smallest bucket side; smaller images are skipped (0 = resolution / 2)")
-    max_bucket_reso: int = _opt(0, "largest bucket side (0 = resolution * 2)")
+                                     "granularity: 8 for SD-1 and the tiny model; multiples of 4 allowed)",
+                                  label="Bucket sides in steps of (px; 0 = the model's own)",
+                                  topic="buckets and crops", low=0)
+    min_bucket_reso: int = _opt(0, "smallest bucket side; smaller images are skipped (0 = resolution / 2)",
+                                label="Smallest bucket side (px; 0 = half the resolution)",
+                                topic="buckets and crops", low=0)
+    max_bucket_reso: int = _opt(0, "largest bucket side (0 = resolution * 2)",
+                                label="Largest bucket side (px; 0 = twice the resolution)",
+                                topic="buckets and crops", low=0)
     max_upscale: float = _opt(1.0, "most an image may be enlarged to fill its bucket; a smaller image goes to "
-                                   "a smaller bucket instead (1.0 = never upscale, kohya's bucket_no_upscale)")
-    random_crop: bool = _opt(False, "crop a random window of the resized image instead of the centre")
-    random_flip: bool = _opt(False, "mirror half of the samples horizontally (not for asymmetric subjects or text)")
+                                   "a smaller bucket instead (1.0 = never upscale, kohya's bucket_no_upscale)",
+                              label="Most an image may be enlarged (times; 1 = never)",
+                              topic="buckets and crops", low=1.0)
+    random_crop: bool = _opt(False, "crop a random window of the resized image instead of the centre",
+                             label="Random crops instead of the centre", topic="buckets and crops")
+    random_flip: bool = _opt(False, "mirror half of the samples horizontally (not for asymmetric subjects or text)",
+                             label="Mirror half of the images", topic="buckets and crops")
 
     def __post_init__(self) -> None:
         self._check_template()
@@ -210,16 +256,24 @@ class NetworkConfig(_Section):
     SECTION: ClassVar[str] = "network"
 
     adapter_type: str = _opt("lora", "adapter method: lora, dora (weight-decomposed LoRA), loha (Hadamard "
-                                     "product) or lokr (Kronecker product)")
-    rank: int = _opt(4, "adapter rank (kohya network_dim): capacity and file size grow with it")
+                                     "product) or lokr (Kronecker product)",
+                             label="Adapter method", topic="adapter", choices=METHODS)
+    rank: int = _opt(4, "adapter rank (kohya network_dim): capacity and file size grow with it",
+                     label="Rank (adapter size)", topic="adapter", low=1, high=1024)
     lora_alpha: float = _opt(4.0, "scale numerator: the update is multiplied by lora_alpha / rank "
-                                  "(kohya network_alpha)")
-    dropout: float = _opt(0.0, "dropout on the adapter's input during training (peft lora_dropout / module_dropout)")
+                                  "(kohya network_alpha)",
+                             label="Alpha (the update is scaled by alpha / rank)", topic="adapter")
+    dropout: float = _opt(0.0, "dropout on the adapter's input during training (peft lora_dropout / module_dropout)",
+                          label="Adapter dropout (0 to 1)", topic="adapter", low=0.0, high=1.0)
     target_modules: str | list[str] = _opt("attention", "which layers get adapters: a preset ('attention'; UNets: "
                                                         "'attention+conv' = LoCon; Flux: 'attention+mlp', "
-                                                        "'all-linear') or a list of module names")
-    train_text_encoder: bool = _opt(False, "also train adapters on the text encoder (disables text-embedding caching)")
-    text_encoder_lr: float = _opt(0.0, "learning rate of the text-encoder adapters (0 = training.learning_rate)")
+                                                        "'all-linear') or a list of module names",
+                                           label="Layers that get adapters", topic="adapter")
+    train_text_encoder: bool = _opt(False, "also train adapters on the text encoder (disables text-embedding caching)",
+                                    label="Also train the text encoder", topic="adapter")
+    text_encoder_lr: float = _opt(0.0, "learning rate of the text-encoder adapters (0 = training.learning_rate)",
+                                  label="Text-encoder learning rate (0 = the same as the model's)",
+                                  topic="adapter", low=0.0)
 
     def __post_init__(self) -> None:
         self._one_of("adapter_type", METHODS)
@@ -246,37 +300,66 @@ class TrainingConfig(_Section):
                                    "memory); prodigy (estimates its own step size: learning_rate = 1.0 scales it); "
                                    "lion (sign updates: a learning_rate 3-10x below AdamW's and a weight decay "
                                    "3-10x above); adamw_schedulefree (no schedule: lr_scheduler = constant, "
-                                   "lr_warmup_steps is its warmup)")
-    learning_rate: float = _opt(1e-4, "peak learning rate of the UNet adapters")
-    lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup: constant, cosine or linear (to 0)")
-    lr_warmup_steps: int = _opt(0, "optimizer steps of linear warmup from 0 to learning_rate")
-    max_train_steps: int = _opt(500, "optimizer steps to train (0 = set by num_train_epochs)")
-    num_train_epochs: int = _opt(0, "passes over the dataset, repeats included (0 = set by max_train_steps)")
-    train_batch_size: int = _opt(4, "images per forward pass (all from one bucket)")
+                                   "lr_warmup_steps is its warmup)",
+                          label="Optimizer", topic="optimizer and schedule", choices=OPTIMIZERS)
+    learning_rate: float = _opt(1e-4, "peak learning rate of the UNet adapters",
+                                label="Learning rate", topic="optimizer and schedule", high=10.0)
+    lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup: constant, cosine or linear (to 0)",
+                             label="Learning-rate schedule", topic="optimizer and schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "optimizer steps of linear warmup from 0 to learning_rate",
+                                label="Warmup (steps)", topic="optimizer and schedule", low=0)
+    max_train_steps: int = _opt(500, "optimizer steps to train (0 = set by num_train_epochs)",
+                                label="Training steps", topic="optimizer and schedule", low=0, high=1_000_000)
+    num_train_epochs: int = _opt(0, "passes over the dataset, repeats included (0 = set by max_train_steps)",
+                                 label="Epochs", topic="optimizer and schedule", low=0, high=10_000)
+    train_batch_size: int = _opt(4, "images per forward pass (all from one bucket)",
+                                 label="Batch size (images per step)", topic="optimizer and schedule", low=1, high=1024)
     gradient_accumulation_steps: int = _opt(1, "forward passes per optimizer step: the effective batch is "
-                                               "train_batch_size x this")
-    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 = no clipping)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, ~30% slower")
-    mixed_precision: str = _opt("no", "no, fp16 or bf16 (where the hardware has it)")
-    min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (5 is the paper's value; 0 = off)")
-    noise_offset: float = _opt(0.0, "offset noise strength (e.g. 0.05) for very dark or bright images; 0 = off")
+                                               "train_batch_size x this",
+                                            label="Gradient accumulation (passes per step)",
+                                            topic="optimizer and schedule", low=1)
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 = no clipping)",
+                                label="Gradient clipping norm (0 = off)", topic="optimizer and schedule", low=0.0)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, ~30% slower",
+                                        label="Gradient checkpointing (less memory, slower)",
+                                        topic="memory and precision")
+    mixed_precision: str = _opt("no", "no, fp16 or bf16 (where the hardware has it)",
+                                label="Mixed precision", topic="memory and precision", choices=MIXED_PRECISION)
+    min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (5 is the paper's value; 0 = off)",
+                                label="Min-SNR loss weighting (gamma; 0 = off)", topic="noise and loss", low=0.0)
+    noise_offset: float = _opt(0.0, "offset noise strength (e.g. 0.05) for very dark or bright images; 0 = off",
+                               label="Noise offset (0 = off)", topic="noise and loss", low=0.0, high=1.0)
     prediction_type: str = _opt("", "epsilon or v_prediction ('' = the base model's scheduler setting); "
-                                    "flow-matching models (Flux, SD3) predict the flow: leave it ''")
+                                    "flow-matching models (Flux, SD3) predict the flow: leave it ''",
+                                label="What the model predicts (empty = the model's own)",
+                                topic="noise and loss", choices=("", *PREDICTION_TYPES))
     timestep_sampling: str = _opt("logit_normal", "flow-matching models: how noise levels are drawn: logit_normal "
-                                                  "(SD3's default), mode, or uniform")
+                                                  "(SD3's default), mode, or uniform",
+                                  label="How noise levels are drawn",
+                                  topic="flow-matching models", choices=TIMESTEP_SAMPLING)
     flow_shift: float = _opt(0.0, "flow-matching models: shift drawn noise levels up, s' = k s / (1 + (k - 1) s); "
                                   "0 = by image size (Flux's rule from the token count), 1 = none, e.g. 3.1582 "
-                                  "(kohya's Flux value)")
+                                  "(kohya's Flux value)",
+                             label="Noise-level shift (0 = by image size, 1 = none)",
+                             topic="flow-matching models", low=0.0)
     loss_weighting: str = _opt("none", "flow-matching models: per-sample loss weight: none, sigma_sqrt or cosmap "
-                                       "(as diffusers' SD3 and Flux scripts name them)")
+                                       "(as diffusers' SD3 and Flux scripts name them)",
+                               label="Per-sample loss weight", topic="flow-matching models", choices=LOSS_WEIGHTING)
     precondition_outputs: bool = _opt(False, "flow-matching models: diffusers' SD3 script's preconditioning: the "
                                              "loss is taken on x = noisy - s * prediction against the clean latents, "
-                                             "which is the flow loss weighted by s^2")
-    seed: int = _opt(0, "seed of every random choice: data order, augmentation, noise, timesteps")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.999, "AdamW beta2")
-    adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+                                             "which is the flow loss weighted by s^2",
+                                      label="Precondition the outputs (diffusers' SD3 script)",
+                                      topic="flow-matching models")
+    seed: int = _opt(0, "seed of every random choice: data order, augmentation, noise, timesteps",
+                     label="Seed", topic="noise and loss", low=0, high=2**32 - 1)
+    adam_beta1: float = _opt(0.9, "AdamW beta1",
+                             label="AdamW beta1", topic="optimizer and schedule", low=0.0, high=1.0)
+    adam_beta2: float = _opt(0.999, "AdamW beta2",
+                             label="AdamW beta2", topic="optimizer and schedule", low=0.0, high=1.0)
+    adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay",
+                                    label="Weight decay", topic="optimizer and schedule", low=0.0)
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon",
+                               label="AdamW epsilon", topic="optimizer and schedule")
 
     def __post_init__(self) -> None:
         self._one_of("optimizer", OPTIMIZERS)
@@ -328,12 +411,19 @@ class ValidationConfig(_Section):
     SECTION: ClassVar[str] = "validation"
 
     prompts: list[str] = _opt([], "prompts sampled during training, through the same code the studio "
-                                  "generates with; use the trigger word")
-    seeds: list[int] = _opt([0, 1], "one sample image per prompt and seed, the same seeds at every validation")
+                                  "generates with; use the trigger word",
+                              label="Sample prompts (one per line)", topic="validation and samples")
+    seeds: list[int] = _opt([0, 1], "one sample image per prompt and seed, the same seeds at every validation",
+                            label="Sample seeds (comma-separated)", topic="validation and samples")
     every_n_steps: int = _opt(100, "sample images and validation loss every N optimizer steps, and at the end "
-                                   "(0 = only at the end)")
-    held_out_count: int = _opt(0, "images kept out of training to measure a validation loss")
-    held_out_fraction: float = _opt(0.0, "the same as a fraction of the images (use one of the two)")
+                                   "(0 = only at the end)",
+                              label="Samples every N steps (0 = only at the end)",
+                              topic="validation and samples", low=0)
+    held_out_count: int = _opt(0, "images kept out of training to measure a validation loss",
+                               label="Images held out for a validation loss", topic="validation and samples", low=0)
+    held_out_fraction: float = _opt(0.0, "the same as a fraction of the images (use one of the two)",
+                                    label="... or the share held out (0 to 1)",
+                                    topic="validation and samples", low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.prompts if not isinstance(p, str) or not p.strip()]
@@ -356,11 +446,17 @@ class ValidationConfig(_Section):
 class OutputConfig(_Section):
     SECTION: ClassVar[str] = "output"
 
-    name: str = _opt("", "adapter name in the registry and file names ('' = the dataset folder's name)")
+    name: str = _opt("", "adapter name in the registry and file names ('' = the dataset folder's name)",
+                     label="Adapter name", topic="saving")
     dir: str = _opt("", "folder that receives the run directory ('' = $LORA_STUDIO_HOME/runs; relative paths "
-                        "in a TOML file are relative to that file)")
-    checkpointing_steps: int = _opt(100, "save a resumable checkpoint every N optimizer steps (0 = only at the end)")
-    checkpoints_total_limit: int = _opt(3, "keep the newest K checkpoints (0 = keep all)")
+                        "in a TOML file are relative to that file)",
+                    label="Runs folder (empty = $LORA_STUDIO_HOME/runs)", topic="saving")
+    checkpointing_steps: int = _opt(100, "save a resumable checkpoint every N optimizer steps (0 = only at the end); "
+                                         "each is validated and keeps its adapter file, a candidate to compare "
+                                         "and register (lora-studio runs)",
+                                    label="Checkpoint every N steps (0 = only at the end)", topic="saving", low=0)
+    checkpoints_total_limit: int = _opt(3, "keep the newest K checkpoints (0 = keep all)",
+                                        label="Checkpoints kept (0 = all)", topic="saving", low=0)
 
     def __post_init__(self) -> None:
         if self.name:
@@ -814,6 +910,7 @@ __all__ = [
     "NetworkConfig",
     "OutputConfig",
     "SECTIONS",
+    "TOPICS",
     "TrainConfig",
     "TrainingConfig",
     "ValidationConfig",

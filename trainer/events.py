@@ -4,17 +4,20 @@ A run directory holds (the trainer writes, everything else only reads):
 
 - ``config.toml``: the exact effective config (resolved; re-running it trains the same way);
 - ``events.jsonl``: one JSON object per line, appended and flushed as the run goes
-  (``start``, ``step``, ``validation``, ``checkpoint``, ``done``, ``stopped``, ``error``);
+  (``start``, ``step``, ``validation``, ``snapshot``, ``checkpoint``, ``done``, ``stopped``, ``error``);
 - ``dataset_report.json``: the dataset scan (skipped files with reasons, buckets, tags);
 - ``samples/step-NNNNNN/*.png``: validation images, made by ``studio.generation.run`` with their recipes;
 - ``checkpoints/checkpoint-NNNNNN/``: resumable states (rotated);
+- ``snapshots/<name>-step-NNNNNN.safetensors``: each checkpoint step's adapter (kept: the candidates
+  ``lora-studio runs`` lists and registers);
 - ``adapter/<name>.safetensors``: the finished adapter;
 - ``result.json``: written atomically when the run ends, whatever the way; its presence is the
   completion marker (a gloo teardown can abort a finished process, so an exit code alone is not).
 
 Every event has ``event`` and ``time`` (Unix seconds). ``step`` events carry ``step``,
 ``total_steps``, ``epoch``, ``loss``, ``lr``, ``sec_per_step`` and ``eta_s``; ``validation``
-events carry ``step``, ``val_loss`` (or None) and ``samples`` (paths relative to the run directory).
+events carry ``step``, ``val_loss`` (or None) and ``samples`` (paths relative to the run directory);
+``snapshot`` events carry ``step``, ``path``, ``loss``, ``val_loss`` and ``samples``.
 
 Not here: the training loop (``trainer/loop.py``) and background jobs (``studio/app/jobs.py``).
 """

@@ -84,6 +84,8 @@ from trainer.events import CONFIG_FILE, REPORT_FILE, RESULT_FILE, EventLog, writ
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+# Adapter files of the checkpoint steps, kept when the full states rotate: the candidates a user compares.
+SNAPSHOTS = "snapshots"
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -166,6 +168,11 @@ def new_run_dir(config: TrainConfig) -> Path:
         if not candidate.exists():
             return candidate
     raise StudioError(f"cannot find a free run directory name under {root}")
+
+
+def snapshot_path(run_dir: str | Path, name: str, step: int) -> Path:
+    """Where the adapter file of checkpoint ``step`` goes: ``snapshots/<name>-step-NNNNNN.safetensors``."""
+    return Path(run_dir) / SNAPSHOTS / f"{name}-step-{step:06d}.safetensors"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -1042,10 +1049,16 @@ class Trainer:
                             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
                     acc.log({"loss": loss_sum, "lr": lr}, step=step)
                     v = c.validation
-                    if v.every_n_steps and step % v.every_n_steps == 0 and step < total:
+                    # A checkpoint step is a candidate the user may keep instead of the final adapter: it is
+                    # validated too (whatever every_n_steps says) and its adapter file is kept.
+                    checkpoint_due = bool(c.output.checkpointing_steps) and step % c.output.checkpointing_steps == 0
+                    if step < total and (checkpoint_due or (v.every_n_steps and step % v.every_n_steps == 0)):
                         with self._evaluation_weights():
                             val_loss, samples = self._run_on_main(lambda s=step: self._validate(s), (None, []))
-                    if c.output.checkpointing_steps and step % c.output.checkpointing_steps == 0 and step < total:
+                            if checkpoint_due:
+                                self._run_on_main(lambda s=step, lo=last_loss, vl=val_loss, sa=samples:
+                                                  self._snapshot(s, lo, vl, sa), None)
+                    if checkpoint_due and step < total:
                         last_checkpoint = self._checkpoint(step, epoch, last_loss) or last_checkpoint
                     if self._stop_requested(step):
                         raise _Stopped(self.stop.requested or "stop")
@@ -1199,17 +1212,32 @@ class Trainer:
         return (f"{n.adapter_type} rank {n.rank} trained on {Path(c.dataset.path).name} "
                 f"({len(self.train_set.records)} images, {step} steps)")
 
+    def _canonical(self, step: int, last_loss, val_loss):
+        """(canonical adapter weights, their file metadata) as of ``step``."""
+        weights = methods.canonical_weights(self._adapter_states(), self.peft_configs,
+                                            self.config.network.adapter_type)
+        last = None if last_loss is None or not math.isfinite(last_loss) else last_loss
+        return weights, self._metadata(step, last, val_loss)
+
+    def _snapshot(self, step: int, last_loss, val_loss, samples: list[str]) -> Path:
+        """Keep checkpoint ``step``'s adapter as a file beside the run (main process): a candidate that
+        ``lora-studio runs register --step`` can make a version of after the full states rotated away.
+        A ``snapshot`` event records its losses and validation samples for ``runs show``."""
+        weights, metadata = self._canonical(step, last_loss, val_loss)
+        path = to_diffusers(weights, snapshot_path(self.run_dir, self.config.output.name, step), metadata=metadata)
+        self.log.append("snapshot", step=step, path=str(path.relative_to(self.run_dir)), loss=last_loss,
+                        val_loss=val_loss, samples=samples)
+        return path
+
     def _finish(self, step: int, last_loss, val_loss, samples: list[str]) -> tuple[Path | None, str | None]:
         """Write the adapter file (main process) and register it; returns (path, registry ref)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if not self.main:
             return None, None
-        weights = methods.canonical_weights(self._adapter_states(), self.peft_configs,
-                                            self.config.network.adapter_type)
+        weights, metadata = self._canonical(step, last_loss, val_loss)
         last = None if last_loss is None or not math.isfinite(last_loss) else last_loss
         out = self.run_dir / "adapter" / f"{self.config.output.name}.safetensors"
-        metadata = self._metadata(step, last, val_loss)
         if not self.register_result:
             return to_diffusers(weights, out, metadata=metadata), None
         return out, self._register(weights, out, metadata, step, last, val_loss, samples)
@@ -1220,16 +1248,10 @@ class Trainer:
         the run's adapter file at ``out`` and registers that same file."""
         # lazy: the registry and generation import SQLAlchemy and PIL
         from adapters.ingest import ingest
-        from adapters.registry import Registry, SampleImage
-        from studio.generation.recipes import read_recipe
+        from adapters.registry import Registry
 
         c = self.config
-        recipes = []
-        for rel in samples:
-            request = read_recipe(self.run_dir / rel)
-            recipe = {**request.to_dict(), "adapters": [{"ref": c.output.name, "weight": 1.0}],
-                      "training_step": step}
-            recipes.append(SampleImage(image=self.run_dir / rel, recipe=recipe))
+        recipes = sample_records(self.run_dir, samples, c.output.name, step)
         with Registry() as reg:
             # validate=False: the weights were taken from this base's own modules, and loading the base
             # pipeline a second time in the training process would only cost memory.
@@ -1243,6 +1265,20 @@ class Trainer:
                 metrics={"steps": step, "final_loss": last_loss, "val_loss": val_loss}, metadata=metadata,
                 target_modules=sorted(set(methods_targets(self))), out=out)
         return result.version.ref
+
+
+def sample_records(run_dir: str | Path, samples: list[str], name: str, step: int) -> list:
+    """The validation images of ``step`` (paths relative to ``run_dir``) as registry samples: each recipe
+    names the adapter being registered (``name``) instead of the run's in-training weights."""
+    from adapters.registry import SampleImage  # lazy: the registry imports SQLAlchemy
+    from studio.generation.recipes import read_recipe  # lazy: PIL
+
+    records = []
+    for rel in samples:
+        request = read_recipe(Path(run_dir) / rel)
+        recipe = {**request.to_dict(), "adapters": [{"ref": name, "weight": 1.0}], "training_step": step}
+        records.append(SampleImage(image=Path(run_dir) / rel, recipe=recipe))
+    return records
 
 
 def methods_targets(trainer: Trainer) -> list[str]:
@@ -1311,6 +1347,8 @@ __all__ = [
     "new_run_dir",
     "record_failure",
     "rotate_checkpoints",
+    "sample_records",
     "save_checkpoint",
+    "snapshot_path",
     "train",
 ]

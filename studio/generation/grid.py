@@ -29,7 +29,8 @@ from studio.generation.prompt_tags import expand_prompt_tags
 from studio.generation.requests import MAX_SEED, GenerationRequest
 from studio.generation.run import generate
 
-AXIS_KINDS = ("strength", "seed", "version", "prompt")
+AXIS_KINDS = ("strength", "seed", "version", "checkpoint", "prompt")
+STACK_KINDS = ("strength", "version", "checkpoint")  # axes that vary one entry of the adapter stack
 MAX_VALUES = 16  # per axis: a 16 x 16 grid is 256 generations, already minutes on a GPU
 MIN_CELL = 96  # grid cells are shown at least this many pixels wide (nearest-neighbour upscale of tiny images)
 GRID_KEY = "lora_studio_grid"  # PNG text chunk of the grid image: axes, base request, cell files
@@ -41,12 +42,17 @@ class GridAxis:
 
     ``strength`` values are adapter weights (floats in [-4, 4]) and ``version`` values are registry
     versions (``3`` or ``"mystyle@3"``/``"mystyle@prod"``) of the stack entry ``entry`` (0-based);
-    ``seed`` values are whole numbers; ``prompt`` values are prompts.
+    ``checkpoint`` values are adapter files put in that entry's place (a training run's checkpoints:
+    ``studio.app.runs.checkpoint_axis`` gives them with their labels); ``seed`` values are whole
+    numbers; ``prompt`` values are prompts.
     """
 
     kind: str = field(metadata={"help": f"what varies: {', '.join(AXIS_KINDS)}"})
     values: tuple = field(metadata={"help": "the values, in the order they are drawn"})
-    entry: int = field(default=0, metadata={"help": "strength/version axes: which adapter of the stack (0-based)"})
+    entry: int = field(default=0, metadata={"help": "strength/version/checkpoint axes: which adapter of the stack "
+                                                    "(0-based)"})
+    labels: tuple | None = field(default=None, metadata={"help": "what each value is called in the grid (default: "
+                                                                 "the value itself)"})
 
     def __post_init__(self) -> None:
         if self.kind not in AXIS_KINDS:
@@ -69,17 +75,26 @@ class GridAxis:
                 raise InvalidRequestError(f"version {v!r} must be a number >= 1 or a reference like name@3")
             if self.kind == "prompt" and not isinstance(v, str):
                 raise InvalidRequestError(f"prompt {v!r} must be text")
+            if self.kind == "checkpoint" and not (isinstance(v, str) and v.endswith(".safetensors")):
+                raise InvalidRequestError(f"checkpoint {v!r} must be an adapter file (.safetensors)")
         if len(set(values)) != len(values):
             raise InvalidRequestError(f"the {self.kind} axis repeats a value: {list(values)}")
         object.__setattr__(self, "values", values)
+        if self.labels is not None:
+            labels = tuple(str(label) for label in self.labels)
+            if len(labels) != len(values):
+                raise InvalidRequestError(f"the {self.kind} axis has {len(values)} values and {len(labels)} labels")
+            object.__setattr__(self, "labels", labels)
 
     @property
     def title(self) -> str:
-        if self.kind in ("strength", "version"):
+        if self.kind in STACK_KINDS:
             return f"{self.kind} of adapter {self.entry + 1}"
         return self.kind
 
     def label(self, value) -> str:
+        if self.labels is not None:
+            return self.labels[self.values.index(value)]
         if self.kind == "strength":
             return f"{value:g}"
         if self.kind == "version" and isinstance(value, int):
@@ -87,13 +102,17 @@ class GridAxis:
         return str(value)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "values": list(self.values), "entry": self.entry}
+        out = {"kind": self.kind, "values": list(self.values), "entry": self.entry}
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        return out
 
     @classmethod
-    def parse(cls, text: str) -> GridAxis:
+    def parse(cls, text: str, checkpoints=None) -> GridAxis:
         """The CLI form ``KIND[@N]=V1,V2,...``: ``strength=0,0.5,1``, ``strength@2=0,1`` (the 2nd
         ``--adapter``), ``seed=1,2,3``, ``version=1,2,prod``, ``prompt=a red circle|a blue square``
-        (prompts are separated by ``|``, since they contain commas)."""
+        (prompts are separated by ``|``, since they contain commas), ``checkpoint=a.safetensors,b.safetensors``.
+        ``checkpoints(text) -> (files, labels)`` reads other checkpoint values (the CLI's ``RUN[:STEPS]``)."""
         head, sep, tail = text.partition("=")
         if not sep:
             raise InvalidRequestError(f"grid axis {text!r} must look like KIND=V1,V2 (e.g. strength=0,0.5,1)")
@@ -103,6 +122,9 @@ class GridAxis:
             if not number.isdigit() or int(number) < 1:
                 raise InvalidRequestError(f"in {text!r}, @N names the N-th --adapter (N >= 1)")
             entry = int(number) - 1
+        if kind.strip() == "checkpoint" and checkpoints is not None and not tail.strip().endswith(".safetensors"):
+            files, labels = checkpoints(tail.strip())
+            return cls(kind="checkpoint", values=tuple(files), entry=entry, labels=tuple(labels))
         raw = [v.strip() for v in tail.split("|" if kind == "prompt" else ",")]
         if any(not v for v in raw):
             raise InvalidRequestError(f"grid axis {text!r} has an empty value")
@@ -150,7 +172,7 @@ def _cell_request(request: GenerationRequest, axes: list[tuple[GridAxis, object]
         elif axis.kind == "strength":
             # the axis is the adapter's strength: per-role overrides would hide it
             stack[axis.entry] = replace(stack[axis.entry], weight=float(value), denoiser=None, text_encoders=None)
-        else:
+        else:  # version, checkpoint: another adapter in the entry's place
             # the pins described the previous version
             stack[axis.entry] = replace(stack[axis.entry], ref=value, name=None, version=None, tensor_sha256=None)
     return replace(request, adapters=stack, **changes)
@@ -189,11 +211,11 @@ def render_grid(request: GenerationRequest, x: GridAxis, y: GridAxis | None = No
         raise InvalidRequestError("render_grid needs a GenerationRequest")
     request = expand_prompt_tags(request)  # the prompt's <lora:...> tags join the stack an axis can pick
     axes = [a for a in (x, y) if a is not None]
-    if y is not None and (x.kind, x.entry if x.kind in ("strength", "version") else 0) == (
-            y.kind, y.entry if y.kind in ("strength", "version") else 0):
+    if y is not None and (x.kind, x.entry if x.kind in STACK_KINDS else 0) == (
+            y.kind, y.entry if y.kind in STACK_KINDS else 0):
         raise InvalidRequestError(f"both axes vary the {x.title}: pick two different things")
     for axis in axes:
-        if axis.kind in ("strength", "version") and axis.entry >= len(request.adapters):
+        if axis.kind in STACK_KINDS and axis.entry >= len(request.adapters):
             raise InvalidRequestError(
                 f"the {axis.title} axis needs a stack with at least {axis.entry + 1} adapter(s); the request has "
                 f"{len(request.adapters)}: add --adapter REF")

@@ -12,6 +12,7 @@ never a traceback.
     datasets.py     datasets check
     train.py        train (trainer.cli's flags)
     jobs.py         jobs list|start|cancel|resume
+    runs.py         runs list|show|register (checkpoints as candidates)
     team.py         team submit|list|cancel, worker (the team's queue on PostgreSQL)
     base_models.py  base-models list|export
     gc.py           gc
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from studio.app.cli import adapters, base_models, datasets, gc, generate, jobs, team, train, ui
+from studio.app.cli import adapters, base_models, datasets, gc, generate, jobs, runs, team, train, ui
 from studio.app.cli.common import EXIT_USAGE, Parser
 from studio.app.cli.output import print_error, print_line
 from studio.core.errors import StudioError
@@ -41,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the libraries' own log lines and warnings on stderr (default: "
                              "$LORA_STUDIO_HOME/logs/libraries.log; also LORA_STUDIO_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    # The order of `lora-studio --help`: ui, generate, grid, base-models, adapters, datasets, train, jobs, team,
+    # The order of `lora-studio --help`: ui, generate, grid, base-models, adapters, datasets, train, jobs, runs, team,
     # worker, gc.
-    for group in (ui, generate, base_models, adapters, datasets, train, jobs, team, gc):
+    for group in (ui, generate, base_models, adapters, datasets, train, jobs, runs, team, gc):
         group.register(sub)
     return parser
 

@@ -11,18 +11,10 @@ from pathlib import Path
 
 from adapters.formats import DIFFUSERS_WEIGHT_NAME, METHOD_NAMES, check_against_reference, detect
 from adapters.merge import METHODS, merge_adapters, parse_merge_arg
-from studio.app.cli.common import Parser, number, quiet_libraries, whole_number
+from studio.app.cli.common import Parser, number, open_registry, quiet_libraries, whole_number
 from studio.app.cli.output import print_fields, print_json, print_line, print_result, print_table, print_warning
 from studio.core.errors import InvalidRequestError
 from studio.core.families import FAMILIES, get_family
-
-
-def _open_registry():
-    """The adapter registry, opened for one command (use it as a context manager)."""
-    # Local: adapters.registry loads SQLAlchemy (~0.3 s), which --help and the other groups never need.
-    from adapters.registry import Registry
-
-    return Registry()
 
 
 def register(sub) -> None:
@@ -142,7 +134,7 @@ def register(sub) -> None:
 
 
 def cmd_adapters_list(args) -> int:
-    with _open_registry() as reg:
+    with open_registry() as reg:
         page = reg.list_versions(search=args.search, tag=args.tag, family=args.family, trigger=args.trigger,
                                  adapter_type=args.adapter_type, sort=args.sort, limit=args.limit, offset=args.offset)
     if args.json:
@@ -159,7 +151,7 @@ def cmd_adapters_list(args) -> int:
 
 
 def cmd_adapters_show(args) -> int:
-    with _open_registry() as reg:
+    with open_registry() as reg:
         v = reg.get(args.ref)
         publications = reg.publications(v.ref)
     if args.json:
@@ -195,14 +187,14 @@ def _is_catalog(path: Path) -> bool:
 
 def cmd_adapters_import(args) -> int:
     quiet_libraries()
-    # Local: adapters.ingest opens the registry (SQLAlchemy), kept off the fast path like _open_registry.
+    # Local: adapters.ingest opens the registry (SQLAlchemy), kept off the fast path like open_registry.
     from adapters.ingest import import_adapter, import_folder
 
     if _is_catalog(args.path):
         if args.name or args.triggers or args.tags or args.description:
             raise InvalidRequestError("--name, --trigger, --tag and --description describe one adapter: import a "
                                       "folder without them (each file keeps its own metadata)")
-        with _open_registry() as reg:
+        with open_registry() as reg:
             rows = import_folder(reg, args.path, base=args.base)
         counts = {s: sum(r.status == s for r in rows) for s in ("imported", "existing", "duplicate", "refused")}
         if args.json:
@@ -218,7 +210,7 @@ def cmd_adapters_import(args) -> int:
 
     info = detect(args.path)  # header only: its warnings and suggestions are shown with the result
     started = datetime.now(UTC)
-    with _open_registry() as reg:
+    with open_registry() as reg:
         v = import_adapter(reg, args.path, name=args.name, base=args.base, trigger_words=args.triggers,
                            tags=args.tags, description=args.description)
     existed = v.created_at < started
@@ -260,10 +252,10 @@ def cmd_adapters_check(args) -> int:
 
 def cmd_adapters_export(args) -> int:
     quiet_libraries()
-    # Local: adapters.ingest opens the registry (SQLAlchemy), kept off the fast path like _open_registry.
+    # Local: adapters.ingest opens the registry (SQLAlchemy), kept off the fast path like open_registry.
     from adapters.ingest import export_adapter
 
-    with _open_registry() as reg:
+    with open_registry() as reg:
         path = export_adapter(reg, args.ref, format=args.fmt, out=args.out, force=args.force)
     print_result(args.json, {"path": str(path), "format": args.fmt, "size_bytes": path.stat().st_size}, path)
     return 0
@@ -274,7 +266,7 @@ def cmd_adapters_publish(args) -> int:
     # Local: studio.app.hub loads huggingface_hub and the registry (~0.3 s), needed by publish and pull only.
     from studio.app.hub import publish_version
 
-    with _open_registry() as reg:
+    with open_registry() as reg:
         result = publish_version(reg, args.ref, args.repo, private=args.private, kohya=args.kohya,
                                  dry_run_dir=args.dry_run, base_model=args.base_model, license=args.license)
     if args.json:
@@ -299,7 +291,7 @@ def cmd_adapters_pull(args) -> int:
     from studio.app.hub import pull_adapter
 
     started = datetime.now(UTC)
-    with _open_registry() as reg:
+    with open_registry() as reg:
         v = pull_adapter(reg, args.repo, name=args.name, base=args.base)
     for refused in (v.source or {}).get("refused_samples") or ():
         print_warning(f"sample {refused.get('file')} was not stored: {refused.get('reason')}")
@@ -316,7 +308,7 @@ def cmd_adapters_pull(args) -> int:
 
 
 def cmd_adapters_tag(args) -> int:
-    with _open_registry() as reg:
+    with open_registry() as reg:
         v = reg.set_alias(args.ref, args.alias, protect=args.protect, force=args.force)
         protected = args.alias in reg.adapter(v.name).protected
     print_line(f"{v.name}@{args.alias} -> {v.ref}{' (protected)' if protected else ''}")
@@ -324,7 +316,7 @@ def cmd_adapters_tag(args) -> int:
 
 
 def cmd_adapters_untag(args) -> int:
-    with _open_registry() as reg:
+    with open_registry() as reg:
         was = reg.remove_alias(args.name, args.alias, force=args.force)
     print_line(f"removed {args.name}@{args.alias} (was {args.name}@{was})")
     return 0
@@ -333,14 +325,14 @@ def cmd_adapters_untag(args) -> int:
 def cmd_adapters_label(args) -> int:
     if not args.add and not args.remove:
         raise InvalidRequestError("say what to change: --add LABEL and/or --remove LABEL")
-    with _open_registry() as reg:
+    with open_registry() as reg:
         v = reg.set_labels(args.ref, add=args.add, remove=args.remove)
     print_line(f"{v.ref} labels: {', '.join(v.tags) or 'none'}")
     return 0
 
 
 def cmd_adapters_history(args) -> int:
-    with _open_registry() as reg:
+    with open_registry() as reg:
         events = reg.history(args.name, limit=args.limit)
     if args.json:
         print_json([e.to_dict() for e in events])
@@ -353,7 +345,7 @@ def cmd_adapters_history(args) -> int:
 def cmd_adapters_merge(args) -> int:
     quiet_libraries()
     parents = [parse_merge_arg(text) for text in args.parents]
-    with _open_registry() as reg:
+    with open_registry() as reg:
         v = merge_adapters(reg, parents, method=args.method, name=args.name, density=args.density, rank=args.rank,
                            description=args.description)
     if args.json:
@@ -364,7 +356,7 @@ def cmd_adapters_merge(args) -> int:
 
 
 def cmd_adapters_delete(args) -> int:
-    with _open_registry() as reg:
+    with open_registry() as reg:
         report = reg.delete(args.ref, force=args.force)
     print_line(f"deleted {', '.join(report.deleted)}")
     if report.aliases_removed:

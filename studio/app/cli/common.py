@@ -42,3 +42,11 @@ def quiet_libraries() -> None:
         tlog.disable_progress_bar()
     except ImportError:
         pass
+
+
+def open_registry():
+    """The adapter registry, opened for one command (use it as a context manager)."""
+    # Local: adapters.registry loads SQLAlchemy (~0.3 s), which --help and the other groups never need.
+    from adapters.registry import Registry
+
+    return Registry()

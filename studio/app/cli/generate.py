@@ -170,11 +170,14 @@ def cmd_generate(args) -> int:
 
 
 def _add_grid(sub) -> None:
-    p = sub.add_parser("grid", help="an X/Y grid (strengths, seeds, adapter versions, prompts) as one labelled PNG")
+    p = sub.add_parser("grid", help="an X/Y grid (strengths, seeds, adapter versions, checkpoints, prompts) as one "
+                                    "labelled PNG")
     p.add_argument("prompt", help="the prompt (a prompt axis replaces it per cell)")
     p.add_argument("--x", required=True, metavar="KIND[@N]=V1,V2",
                    help="the x axis: strength=0,0.5,1 | seed=1,2,3 | version=1,2,prod | prompt=a|b (prompts split "
-                        "on '|'); @N picks the N-th --adapter for strength and version (default 1)")
+                        "on '|') | checkpoint=RUN or RUN:100,200,final (a training run's checkpoints; with no "
+                        "--adapter they are the stack); @N picks the N-th --adapter for strength, version and "
+                        "checkpoint (default 1)")
     p.add_argument("--y", default=None, metavar="KIND[@N]=V1,V2", help="the y axis (same forms); omit for one row")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--base", default=None, help="base model: tiny (default), a folder, a .safetensors file, a Hub id")
@@ -194,13 +197,20 @@ def _add_grid(sub) -> None:
 
 
 def cmd_grid(args) -> int:
-    x = GridAxis.parse(args.x)
-    y = GridAxis.parse(args.y) if args.y else None
+    from studio.app.runs import parse_checkpoint_axis  # local: reads run folders only when asked
+
+    x = GridAxis.parse(args.x, checkpoints=parse_checkpoint_axis)
+    y = GridAxis.parse(args.y, checkpoints=parse_checkpoint_axis) if args.y else None
+    stack = _stack_from_args(args.stack)
+    checkpoint = next((a for a in (x, y) if a is not None and a.kind == "checkpoint"), None)
+    if checkpoint is not None and not stack and checkpoint.entry == 0:
+        # `--x checkpoint=RUN` alone: the run's adapter is the stack; the axis puts each checkpoint in its place
+        stack = [AdapterSpec(checkpoint.values[0], 1.0)]
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
         guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
         scheduler=args.scheduler or DEFAULT_SCHEDULER, base_model=args.base or "tiny",
-        adapters=_stack_from_args(args.stack), precision=args.precision)
+        adapters=stack, precision=args.precision)
     quiet_libraries()
     result = render_grid(request, x, y, args.out)
     print_result(args.json, result.to_dict(), result.grid_path)

@@ -1,0 +1,120 @@
+"""A run's checkpoints as candidates: snapshots and losses (`runs list|show`), registering one (`runs register`),
+and the checkpoint x strength grid (`grid --x checkpoint=RUN`), on the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.app.cli import main
+from trainer.config import TrainConfig
+from trainer.events import read_events
+from trainer.loop import list_checkpoints, train
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTLINED_TXT = ROOT / "datasets" / "outlined_txt" / "train.toml"  # 20 images, 2 held out for a validation loss
+PROMPT = "a red circle on a blue background, zkoutline"
+
+
+@pytest.fixture
+def run(studio_home, reg):
+    """A 6-step run checkpointing every 2 steps and keeping 1 full state; validation only where it checkpoints
+    (every_n_steps = 0) and at the end. Registers outlined-run@1 (the final adapter)."""
+    config = TrainConfig.from_toml(OUTLINED_TXT).apply_overrides([
+        f"output.dir={studio_home / 'runs'}", "output.name=outlined-run", "training.max_train_steps=6",
+        "training.lr_warmup_steps=0", "output.checkpointing_steps=2", "output.checkpoints_total_limit=1",
+        "validation.every_n_steps=0", f"validation.prompts=[\"{PROMPT}\"]", "validation.seeds=[0]"])
+    result = train(config, console=False)
+    assert result.status == "done" and result.ref == "outlined-run@1"
+    return Path(result.run_dir)
+
+
+def _json(capsys, argv) -> object:
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_every_checkpoint_is_listed_with_its_losses_and_any_one_registers(run, reg, capsys, tmp_path):
+    # The full states rotate (1 kept) but every checkpoint step keeps its adapter and is validated.
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000004"]
+    validated = [e["step"] for e in read_events(run) if e["event"] == "validation"]
+    assert validated == [2, 4, 6]
+
+    shown = _json(capsys, ["runs", "show", run.name])
+    steps = [c["step"] for c in shown["checkpoints"]]
+    assert steps == [2, 4, 6] and shown["name"] == "outlined-run" and shown["state"] == "done"
+    assert all(isinstance(c["val_loss"], float) for c in shown["checkpoints"])
+    assert all(c["samples"] and Path(c["samples"][0]).is_file() for c in shown["checkpoints"])
+    final = shown["checkpoints"][-1]
+    assert final["final"] and final["ref"] == "outlined-run@1"
+    best = min(shown["checkpoints"], key=lambda c: c["val_loss"])
+    assert shown["best_step"] == best["step"] and [c["best"] for c in shown["checkpoints"]].count(True) == 1
+    # the losses are the run's own: the training loss of that step, the validation loss of that step
+    events = read_events(run)
+    step_loss = {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+    val_loss = {e["step"]: e["val_loss"] for e in events if e["event"] == "validation"}
+    for c in shown["checkpoints"]:
+        assert c["loss"] == pytest.approx(step_loss[c["step"]]) and c["val_loss"] == pytest.approx(val_loss[c["step"]])
+
+    listed = _json(capsys, ["runs", "list"])
+    assert [r["run"] for r in listed] == [run.name] and listed[0]["best_step"] == shown["best_step"]
+    assert main(["runs", "show", run.name]) == 0
+    table = capsys.readouterr().out
+    assert "best" in table and "outlined-run@1" in table
+
+    # register step 2: a version whose images differ from the final version's, recorded with its step
+    made = _json(capsys, ["runs", "register", run.name, "--step", "2"])
+    assert made == {"ref": "outlined-run@2", "created": True, "step": 2}
+    version = reg.get("outlined-run@2")
+    assert version.source["step"] == 2 and version.source["run"] == run.name
+    assert version.metrics["val_loss"] == pytest.approx(shown["checkpoints"][0]["val_loss"])
+    assert version.trigger_words == ("zkoutline",) and len(version.samples) == 1
+    assert version.training_config["output"]["name"] == "outlined-run"
+    images = {}
+    for ref in ("outlined-run@1", "outlined-run@2", shown["checkpoints"][0]["path"]):
+        out = tmp_path / ref.replace("/", "_").replace("@", "-")
+        assert main(["generate", PROMPT, "--adapter", ref, "--seed", "3", "--steps", "6", "--out", str(out)]) == 0
+        images[ref] = _pixels(next(out.glob("*.png")))
+    assert np.abs(images["outlined-run@2"] - images["outlined-run@1"]).max() > 0
+    # the version is that checkpoint's adapter at its own strength: the same image as the snapshot file
+    assert np.array_equal(images["outlined-run@2"], images[shown["checkpoints"][0]["path"]])
+    # again: the same tensors are that version already; under another name they start a new adapter
+    assert _json(capsys, ["runs", "register", run.name, "--step", "2"])["created"] is False
+    assert _json(capsys, ["runs", "register", run.name, "--step", "4", "--name", "outlined-s4"])["ref"] == \
+        "outlined-s4@1"
+
+
+def test_checkpoint_by_strength_grid(run, capsys, tmp_path):
+    out = tmp_path / "grid"
+    drawn = _json(capsys, ["grid", PROMPT, "--x", f"checkpoint={run.name}:2,final", "--y", "strength=0.5,1",
+                           "--seed", "1", "--steps", "4", "--out", str(out)])
+    assert drawn["x_labels"][0] == "step 2" and drawn["x_labels"][1].startswith("step 6 (final)")
+    assert drawn["y_title"] == "strength of adapter 1" and drawn["y_labels"] == ["0.5", "1"]
+    cells = [[_pixels(p) for p in row] for row in drawn["image_paths"]]
+    assert np.abs(cells[1][0] - cells[1][1]).max() > 0  # checkpoints differ at strength 1
+    assert np.abs(cells[0][1] - cells[1][1]).max() > 0  # strengths differ for one checkpoint
+    assert Path(drawn["grid_path"]).is_file()
+    # every candidate when no steps are named
+    every = _json(capsys, ["grid", PROMPT, "--x", f"checkpoint={run.name}", "--seed", "1", "--steps", "2",
+                           "--out", str(tmp_path / "all")])
+    assert len(every["x_labels"]) == 3 and sum("best" in label for label in every["x_labels"]) == 1
+
+
+def test_bad_run_and_step_are_messages(run, capsys):
+    capsys.readouterr()
+    assert main(["runs", "register", run.name, "--step", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at step 3" in err and "2, 4, 6 (final)" in err
+    assert main(["runs", "show", "no-such-run"]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+    assert main(["grid", PROMPT, "--x", f"checkpoint={run.name}:2,soon", "--out", "x"]) == 2
+    assert "'soon' must be a whole number or 'final'" in capsys.readouterr().err
