@@ -118,3 +118,44 @@ def test_bad_run_and_step_are_messages(run, capsys):
     assert "no run 'no-such-run'" in capsys.readouterr().err
     assert main(["grid", PROMPT, "--x", f"checkpoint={run.name}:2,soon", "--out", "x"]) == 2
     assert "'soon' must be a whole number or 'final'" in capsys.readouterr().err
+
+
+def _run_view(run_dir: str) -> None:
+    from studio.app.ui.run_view import checkpoints_section
+
+    checkpoints_section(run_dir)
+
+
+def test_the_run_view_marks_the_best_registers_one_and_draws_the_grid(run, reg):
+    from streamlit.testing.v1 import AppTest
+
+    from studio.generation.grid import GRID_KEY
+
+    at = AppTest.from_function(_run_view, args=(str(run),), default_timeout=180).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["step"]) == [2, 4, 6] and list(table["kind"])[-1] == "final"
+    assert list(table["registered"])[-1] == "outlined-run@1"
+    best_step = int(table["step"][table["validation loss"].idxmin()])
+    assert list(table["best"]).count("★ lowest validation loss") == 1
+    assert table["best"][table["validation loss"].idxmin()] == "★ lowest validation loss"
+    assert at.selectbox(key=f"ck-step-{run.name}").value == best_step  # the best is the one offered first
+    assert "tensorboard --logdir" in at.caption[0].value
+
+    at.selectbox(key=f"ck-step-{run.name}").set_value(2)
+    at.text_input(key=f"ck-name-{run.name}").set_value("outlined-pick")
+    at.button(key=f"ck-register-{run.name}").click().run()
+    assert not at.exception and at.success[0].value == "registered outlined-pick@1 from step 2"
+    assert reg.get("outlined-pick@1").source["step"] == 2
+
+    at.text_input(key=f"ck-strengths-{run.name}").set_value("0.5, one").run()
+    at.button(key=f"ck-grid-{run.name}").click().run()
+    assert "must be numbers separated by commas" in at.error[0].value
+    at.text_input(key=f"ck-strengths-{run.name}").set_value("0.5, 1").run()
+    at.button(key=f"ck-grid-{run.name}").click().run()
+    assert not at.exception and not at.error
+    grid = Path(at.session_state[f"ck-grid-path-{run.name}"])
+    assert grid.name == f"{run.name}-checkpoints-grid.png" and at.get("image")  # drawn on the page
+    info = json.loads(Image.open(grid).text[GRID_KEY])
+    assert info["x"]["kind"] == "checkpoint" and len(info["cells"]) == 2 and len(info["cells"][0]) == 3
+    assert info["x"]["labels"][0] == "step 2" and info["y"]["values"] == [0.5, 1.0]

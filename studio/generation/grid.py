@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from adapters.compose import resolve_adapter
+from adapters.compose import AdapterSpec, resolve_adapter
 from studio.core.atomic import write_atomic
 from studio.core.errors import InvalidRequestError
 from studio.generation.prompt_tags import expand_prompt_tags
@@ -214,6 +214,10 @@ def render_grid(request: GenerationRequest, x: GridAxis, y: GridAxis | None = No
     if y is not None and (x.kind, x.entry if x.kind in STACK_KINDS else 0) == (
             y.kind, y.entry if y.kind in STACK_KINDS else 0):
         raise InvalidRequestError(f"both axes vary the {x.title}: pick two different things")
+    checkpoint = next((a for a in axes if a.kind == "checkpoint"), None)
+    if checkpoint is not None and checkpoint.entry == 0 and not request.adapters:
+        # A run's checkpoints with nothing else: they are the stack, each put in its place at strength 1
+        request = replace(request, adapters=[AdapterSpec(checkpoint.values[0], 1.0)])
     for axis in axes:
         if axis.kind in STACK_KINDS and axis.entry >= len(request.adapters):
             raise InvalidRequestError(

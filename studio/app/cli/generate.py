@@ -201,16 +201,11 @@ def cmd_grid(args) -> int:
 
     x = GridAxis.parse(args.x, checkpoints=parse_checkpoint_axis)
     y = GridAxis.parse(args.y, checkpoints=parse_checkpoint_axis) if args.y else None
-    stack = _stack_from_args(args.stack)
-    checkpoint = next((a for a in (x, y) if a is not None and a.kind == "checkpoint"), None)
-    if checkpoint is not None and not stack and checkpoint.entry == 0:
-        # `--x checkpoint=RUN` alone: the run's adapter is the stack; the axis puts each checkpoint in its place
-        stack = [AdapterSpec(checkpoint.values[0], 1.0)]
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
         guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
         scheduler=args.scheduler or DEFAULT_SCHEDULER, base_model=args.base or "tiny",
-        adapters=stack, precision=args.precision)
+        adapters=_stack_from_args(args.stack), precision=args.precision)
     quiet_libraries()
     result = render_grid(request, x, y, args.out)
     print_result(args.json, result.to_dict(), result.grid_path)

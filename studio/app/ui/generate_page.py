@@ -27,12 +27,13 @@ import streamlit as st
 
 from adapters.compose import AdapterSpec
 from adapters.merge import METHODS, merge_adapters
+from studio.app.runs import parse_checkpoint_axis
 from studio.app.ui import recipes
 from studio.app.ui.common import enlarged, generation_queue, get_registry, png_bytes, queue_session, reported
 from studio.core.base_models import check_base_model, resolve
 from studio.core.errors import RecipeError, RecipeTooCostlyError, StudioError
 from studio.core.families import get_family
-from studio.core.settings import get_settings
+from studio.core.settings import check_data_path, get_settings
 from studio.generation.grid import AXIS_KINDS, GridAxis, render_grid
 from studio.generation.inputs import store_input_image
 from studio.generation.queue import DONE, FAILED, QUEUED
@@ -154,7 +155,12 @@ def _input_image(upload_key: str, recipe_key: str) -> str | None:
 
 def _parse_axis(kind: str, text: str):
     # The CLI's --x/--y form, so the page and `lora-studio grid` read values the same way.
-    return GridAxis.parse(f"{kind}={text}")
+    if kind == "checkpoint":  # a run's name, or paths: a typed path must lie under the data roots
+        run = text.partition(":")[0].strip()
+        for path in [run] if not run.endswith(".safetensors") else text.split(","):
+            if "/" in path:
+                check_data_path(path.strip(), what="checkpoint axis' run or file")
+    return GridAxis.parse(f"{kind}={text}", checkpoints=parse_checkpoint_axis)
 
 
 def _stack_specs() -> list[AdapterSpec]:
@@ -407,8 +413,9 @@ with tab_make:
                             for a in out.request.adapters))
 
 with tab_grid:
-    st.caption("Uses the prompt, settings and adapter stack of the Generate tab; strength and version axes "
-               "vary the first adapter of the stack. Prompts are separated by |, other values by commas.")
+    st.caption("Uses the prompt, settings and adapter stack of the Generate tab; strength, version and checkpoint "
+               "axes vary the first adapter of the stack (checkpoints: a training run's name, or RUN:100,200,final). "
+               "Prompts are separated by |, other values by commas.")
     g1, g2, g3, g4 = st.columns([1, 2, 1, 2])
     x_kind = g1.selectbox("X axis", AXIS_KINDS, key="grid_x_kind")
     x_text = g2.text_input("X values", key="grid_x_values", placeholder="0, 0.5, 1")
