@@ -207,6 +207,14 @@ class DatasetConfig(_Section):
                              label="Random crops instead of the centre", topic="buckets and crops")
     random_flip: bool = _opt(False, "mirror half of the samples horizontally (not for asymmetric subjects or text)",
                              label="Mirror half of the images", topic="buckets and crops")
+    masked_loss: bool = _opt(False, "learn only where each image's mask is white: a mask image <name>-masklabel.png "
+                                    "beside the image (OneTrainer's name; grey = partly), else the image's alpha "
+                                    "channel; images with neither learn everywhere. The loss is averaged over "
+                                    "the learned area, so a small subject is not learned more slowly",
+                             label="Masked loss (learn only the mask's white area)", topic="noise and loss")
+    unmasked_weight: float = _opt(0.0, "with masked_loss: how much the area outside the mask still counts (0 = not "
+                                       "at all, 1 = as much as inside)",
+                                  label="Weight outside the mask", topic="noise and loss", low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
         self._check_template()
@@ -238,6 +246,7 @@ class DatasetConfig(_Section):
             self._fail("max_bucket_reso", f"({high}) must be >= dataset.resolution ({self.resolution})")
         if not math.isfinite(self.max_upscale) or self.max_upscale < 1.0:
             self._fail("max_upscale", f"must be >= 1.0 (1.0 = never upscale), got {self.max_upscale}")
+        self._in_range("unmasked_weight", 0.0, 1.0)
 
     def _check_template(self) -> None:
         try:
@@ -489,6 +498,7 @@ FOREIGN_NAMES: dict[str, str] = {
     "caption_dropout": "dataset.caption_dropout_rate",
     "num_repeats": "dataset.repeats",
     "flip_aug": "dataset.random_flip",
+    "alpha_mask": "dataset.masked_loss",
     "center_crop": "dataset.random_crop (false = centre crop)",
     "bucket_no_upscale": "dataset.max_upscale (1.0 = never upscale)",
     "network_dim": "network.rank",

@@ -61,6 +61,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # 8192 x 8192 = 67 Mpx: above any camera a LoRA dataset comes from, and below PIL's own guard
 # (89 Mpx warns, 179 Mpx refuses). A 67 Mpx RGB image already takes 200 MB once decoded.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+MASK_SUFFIX = "-masklabel"  # OneTrainer's name for a loss mask beside an image
 # Files that belong in a dataset folder without being images: never reported as ignored.
 _QUIET_SUFFIXES = frozenset({".txt", ".caption", ".toml", ".md", ".json", ".jsonl", ".csv", ".parquet",
                              ".arrow", ".npz", ".safetensors"})
@@ -241,8 +242,10 @@ def _standard_buckets(resolution: int, step: int, low: int, high: int, enabled: 
 # --------------------------------------------------------------------------------------------
 
 
-def open_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image to RGB: EXIF orientation applied, transparency composited onto white.
+def open_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               keep_alpha: bool = False) -> Image.Image:
+    """Decode an image to RGB: EXIF orientation applied, transparency composited onto white
+    (``keep_alpha``: an image with transparency is returned as RGBA instead, for its mask).
 
     Palette, greyscale, 16-bit, CMYK and LAB images are converted; 16-bit values map 65535 to 255
     (divide by 257). Raises :class:`~studio.core.errors.UnusableImageError` with a reason for an empty
@@ -282,6 +285,8 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, struct.error, KeyError, TypeError) as e:
         raise UnusableImageError(f"corrupt EXIF orientation: {e}") from None
+    if keep_alpha and (img.mode in ("RGBA", "RGBa", "LA", "La", "PA", "P") or "transparency" in img.info):
+        return img.convert("RGBA")
     return _to_rgb(img)
 
 
@@ -509,12 +514,32 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_name(path)
+
+
+def is_mask_name(path: str | Path) -> bool:
+    """A mask image beside a training image (``<name>-masklabel.png``), not a training image itself."""
+    return Path(path).stem.endswith(MASK_SUFFIX) and Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def mask_path(image: str | Path) -> Path:
+    """Where the mask of ``image`` lies: ``<name>-masklabel.png`` beside it (OneTrainer's convention)."""
+    image = Path(image)
+    return image.with_name(f"{image.stem}{MASK_SUFFIX}.png")
+
+
+def open_mask(data: bytes, *, from_alpha: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
+    """A greyscale mask (white = learn), EXIF orientation applied as for the image: a mask file's
+    luminance, or (``from_alpha``) an image's alpha channel; None when an image has no alpha."""
+    img = open_image(data, max_pixels=max_pixels, keep_alpha=True)
+    if not from_alpha:
+        return img.convert("L")
+    return img.getchannel("A") if "A" in img.getbands() else None
 
 
 def _other_file(path: Path, root: Path, caption_extension: str) -> SkippedFile | None:
     suffix = path.suffix.lower()
-    if suffix in _QUIET_SUFFIXES or suffix == caption_extension.lower():
+    if suffix in _QUIET_SUFFIXES or suffix == caption_extension.lower() or is_mask_name(path):
         return None
     return SkippedFile(_rel(path, root), f"not an image file type ({suffix or 'no extension'})")
 
@@ -917,12 +942,35 @@ class TrainDataset:
         return prepare_image(img, record.bucket, random_crop=self.augment and self.config.random_crop,
                              random_flip=self.augment and self.config.random_flip, rng=self._rng(i, 1, epoch))
 
+    def mask(self, i: int, epoch: int | None = None):
+        """Sample ``i``'s loss mask as a float32 1xHxW tensor in [0, 1], cut exactly as its image (the same
+        bucket, crop and flip, from the same draws); all ones for an image with no mask file and no alpha."""
+        import torch
+
+        record = self.records[self.index[i]]
+        mask = None
+        if record.file is not None and mask_path(record.file).is_file():
+            mask = open_mask(_read_file(mask_path(record.file)), from_alpha=False, max_pixels=self._max_pixels)
+        else:
+            data = _read_file(Path(record.file)) if record.file is not None else _row_bytes(self._saved, record.row)
+            mask = open_mask(data, from_alpha=True, max_pixels=self._max_pixels)
+        w, h = record.bucket
+        if mask is None:
+            return torch.ones((1, h, w), dtype=torch.float32)
+        if mask.size != record.size:  # a mask drawn at another size still covers the same picture
+            mask = mask.resize(record.size, Image.Resampling.BILINEAR)
+        mask, _ = prepare_image(mask, record.bucket, random_crop=self.augment and self.config.random_crop,
+                                random_flip=self.augment and self.config.random_flip, rng=self._rng(i, 1, epoch))
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32)[None] / 255.0)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self.index):
             raise IndexError(f"sample {i} out of range (dataset of {len(self.index)})")
         img, crop = self.image(i)
         record = self.records[self.index[i]]
+        extra = {"mask": self.mask(i)} if self.config.masked_loss else {}
         return {
+            **extra,
             "pixel_values": to_tensor(img),
             "caption": self.caption(i),
             "key": record.key,
@@ -996,8 +1044,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a batch from :meth:`TrainDataset.__getitem__` (one bucket, so one tensor shape)."""
     import torch
 
-    batch = {key: [s[key] for s in samples] for key in samples[0] if key != "pixel_values"}
+    batch = {key: [s[key] for s in samples] for key in samples[0] if key not in ("pixel_values", "mask")}
     batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+    if "mask" in samples[0]:
+        batch["mask"] = torch.stack([s["mask"] for s in samples])
     return batch
 
 

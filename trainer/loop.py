@@ -713,10 +713,26 @@ class Trainer:
         k = c.flow_shift or _resolution_shift(self.noise_scheduler.config, latent_size)
         return k * u / (1 + (k - 1) * u)
 
+    def _per_sample_mse(self, pred, target, samples: list[dict]):
+        """Each sample's mean squared error; with ``dataset.masked_loss``, weighted by its mask brought to the
+        latent grid (area average: a latent cell half covered counts half) and averaged over the weight, so
+        a pixel outside the mask (weight ``unmasked_weight``, 0 by default) gives the adapter no gradient."""
+        import torch
+        import torch.nn.functional as F
+
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        d = self.config.dataset
+        if not d.masked_loss:
+            return error.mean(dim=(1, 2, 3))
+        masks = torch.stack([s["mask"] for s in samples]).to(error.device, dtype=torch.float32)
+        coverage = F.interpolate(masks, size=error.shape[-2:], mode="area")
+        weight = d.unmasked_weight + (1.0 - d.unmasked_weight) * coverage  # b x 1 x h x w
+        # sum over channels and cells / (channels x the weight's sum): a plain mean where the weight is all ones
+        return (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(1e-12)
+
     def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, denoiser=None, reduce=True):
         # lazy: keeps torch off `python -m trainer --help`
         import torch
-        import torch.nn.functional as F
 
         c = self.config.training
         sched = self.noise_scheduler
@@ -742,7 +758,7 @@ class Trainer:
                 pred, target = (1 - s) * latents + s * noise - s * pred, latents
             else:
                 target = noise - latents
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            per_sample = self._per_sample_mse(pred, target, samples)
             per_sample = per_sample * _flow_loss_weight(c.loss_weighting, sigmas).to(per_sample.device)
             return per_sample.mean() if reduce else per_sample
         if timesteps is None:
@@ -754,7 +770,7 @@ class Trainer:
         else:
             target = noise
         pred = self.family.predict(denoiser or self.denoiser, noisy, timesteps, conditioning)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_sample = self._per_sample_mse(pred, target, samples)
         if c.min_snr_gamma:
             snr = _compute_snr(sched.alphas_cumprod, timesteps)
             clipped = torch.clamp(snr, max=c.min_snr_gamma)
