@@ -369,6 +369,14 @@ class TrainingConfig(_Section):
                                     label="Weight decay", topic="optimizer and schedule", low=0.0)
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon",
                                label="AdamW epsilon", topic="optimizer and schedule")
+    ema_decay: float = _opt(0.0, "keep an exponential moving average (EMA) of the adapter weights and sample, "
+                                 "validate and save it instead of the last step's weights (OneTrainer, "
+                                 "SimpleTuner): smoother results, less dependent on where a run stops; training "
+                                 "itself goes on with the raw weights. 0 = off; 0.999 is usual for thousands of "
+                                 "steps, 0.99 for hundreds. The n-th update uses min(ema_decay, n / (n + 9)), as "
+                                 "diffusers' EMAModel does, so early averages are not held at the start",
+                            label="EMA of the adapter weights (decay; 0 = off)", topic="optimizer and schedule",
+                            low=0.0, high=0.9999)
 
     def __post_init__(self) -> None:
         self._one_of("optimizer", OPTIMIZERS)
@@ -413,6 +421,10 @@ class TrainingConfig(_Section):
         if not math.isfinite(self.adam_weight_decay) or self.adam_weight_decay < 0:
             self._fail("adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
         self._positive_finite("adam_epsilon")
+        self._in_range("ema_decay", 0.0, 1.0, high_open=True)
+        if self.ema_decay and self.optimizer == "adamw_schedulefree":
+            self._fail("ema_decay", "is set with adamw_schedulefree, which averages the weights itself: use one of "
+                                    "the two")
 
 
 @dataclass
@@ -510,6 +522,7 @@ FOREIGN_NAMES: dict[str, str] = {
     "unet_lr": "training.learning_rate",
     "batch_size": "training.train_batch_size",
     "use_8bit_adam": "training.optimizer = \"adamw8bit\"",
+    "use_ema": "training.ema_decay",
     "optimizer_type": "training.optimizer",
     "snr_gamma": "training.min_snr_gamma",
     "v_parameterization": "training.prediction_type = \"v_prediction\"",

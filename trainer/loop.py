@@ -86,6 +86,7 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 # Adapter files of the checkpoint steps, kept when the full states rotate: the candidates a user compares.
 SNAPSHOTS = "snapshots"
+EMA_PREFIX = "ema."  # a checkpoint's EMA tensors, beside the adapter's <component>.<key> tensors
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -550,6 +551,8 @@ class Trainer:
         *prepared, self.optimizer = acc.prepare(*(self.models[name] for name in trained), optimizer)
         self.models.update(zip(trained, prepared, strict=True))
         self.trainable = denoiser_params + te_params
+        # The EMA's copies live beside the parameters, in float32 whatever the training precision.
+        self.ema = [p.detach().float().clone() for p in self.trainable] if t.ema_decay else None
 
         # 4. caches
         self.cache_latents = not c.dataset.random_crop
@@ -902,7 +905,7 @@ class Trainer:
                      "lr_scheduler": self.lr_scheduler.state_dict(), "config": self.config.to_dict(),
                      "dataset_fingerprint": self.train_set.fingerprint, "last_loss": last_loss,
                      "num_processes": self.world, "saved_at": _now()}
-            path = save_checkpoint(self.run_dir, step, adapter=self._adapter_state(),
+            path = save_checkpoint(self.run_dir, step, adapter={**self._adapter_state(), **self._ema_state()},
                                    optimizer_state=self.optimizer.state_dict(), state=state)
             rotate_checkpoints(self.run_dir, self.config.output.checkpoints_total_limit)
             self.log.append("checkpoint", step=step, path=str(path.relative_to(self.run_dir)))
@@ -927,6 +930,12 @@ class Trainer:
             prefix = f"{name}."
             state_dict = {k.removeprefix(prefix): v for k, v in adapter.items() if k.startswith(prefix)}
             methods.load_adapter_state_dict(self._unwrap(self.models[name]), state_dict)
+        if self.ema is not None:
+            saved_ema = [adapter.get(key) for key in self._ema_state()]
+            if any(t is None or t.shape != e.shape for t, e in zip(saved_ema, self.ema)):
+                raise CheckpointError(f"checkpoint {folder.name} holds no EMA of these weights: resume with the run's "
+                                      f"own config")
+            self.ema = [t.float().clone() for t in saved_ema]
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as e:
@@ -935,6 +944,22 @@ class Trainer:
         self._match_state_layout()
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return int(state["step"])
+
+    def _ema_update(self, n: int) -> None:
+        """Move the EMA towards the weights after the ``n``-th optimizer step: ema = d ema + (1 - d) w with
+        d = min(ema_decay, n / (n + 9)) (diffusers' EMAModel warm-up: 0.1 at the first step, 0.5 at the 9th)."""
+        if self.ema is None:
+            return
+        import torch
+
+        decay = min(self.config.training.ema_decay, n / (n + 9))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.trainable], 1.0 - decay)
+
+    def _ema_state(self) -> dict[str, Any]:
+        """The EMA for a checkpoint, by position among the trainable parameters (the config, which a resume
+        must match, fixes their order)."""
+        return {f"{EMA_PREFIX}{i:06d}": t for i, t in enumerate(self.ema or ())}
 
     @contextmanager
     def _evaluation_weights(self):
@@ -946,11 +971,34 @@ class Trainer:
         swap = self.config.training.optimizer == "adamw_schedulefree"
         if swap:
             self.optimizer.eval()
+        raw = self._swap_in_ema()
         try:
             yield
         finally:
+            self._swap_back(raw)
             if swap:
                 self.optimizer.train()
+
+    def _swap_in_ema(self) -> list | None:
+        """Put the EMA into the parameters (every process, as the schedule-free swap); returns the raw weights."""
+        if self.ema is None:
+            return None
+        import torch
+
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.trainable]
+            for p, e in zip(self.trainable, self.ema):
+                p.copy_(e)
+        return raw
+
+    def _swap_back(self, raw: list | None) -> None:
+        if raw is None:
+            return
+        import torch
+
+        with torch.no_grad():
+            for p, r in zip(self.trainable, raw):
+                p.copy_(r)
 
     def _match_state_layout(self) -> None:
         """Give restored optimizer moments their parameter's memory layout (strides).
@@ -1050,6 +1098,7 @@ class Trainer:
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    self._ema_update(step)
                     if self.world > 1:
                         loss_sum = float(acc.reduce(torch.tensor(loss_sum), reduction="mean"))
                     last_loss = loss_sum

@@ -96,7 +96,8 @@ def estimate(config, sizes: ModelSizes, *, on_gpu: bool = True) -> MemoryEstimat
             weights += (n - sizes.quantizable) * weight_bytes
         else:
             weights += n * weight_bytes
-    adapter = sizes.adapter_params * (4 + 4 + OPTIMIZER_BYTES[t.optimizer])
+    # float32 weights + gradients + the optimizer's state, and the EMA's float32 copy when there is one
+    adapter = sizes.adapter_params * (4 + 4 + OPTIMIZER_BYTES[t.optimizer] + (4 if t.ema_decay else 0))
     activations = None
     if sizes.width:
         side = config.dataset.resolution // sizes.pixels_per_token
