@@ -212,6 +212,16 @@ class DatasetConfig(_Section):
                                     "channel; images with neither learn everywhere. The loss is averaged over "
                                     "the learned area, so a small subject is not learned more slowly",
                              label="Masked loss (learn only the mask's white area)", topic="noise and loss")
+    reg_data_dir: str = _opt("", "regularisation images (kohya's reg_data_dir; DreamBooth's class images): a folder "
+                                 "of images of the subject's class with their captions (any layout but a saved "
+                                 "dataset), trained beside the dataset without the trigger word so the class keeps "
+                                 "its look (prior preservation); each epoch takes as many of them as it has "
+                                 "training samples. '' = none (relative paths in a TOML file are relative to it)",
+                             label="Regularisation images folder ('' = none)", topic="dataset and captions")
+    prior_loss_weight: float = _opt(1.0, "with reg_data_dir: the weight of a regularisation image's loss against a "
+                                         "training image's (kohya's and diffusers' prior_loss_weight)",
+                                    label="Weight of the regularisation images", topic="dataset and captions",
+                                    low=0.0, high=10.0)
     unmasked_weight: float = _opt(0.0, "with masked_loss: how much the area outside the mask still counts (0 = not "
                                        "at all, 1 = as much as inside)",
                                   label="Weight outside the mask", topic="noise and loss", low=0.0, high=1.0)
@@ -247,6 +257,8 @@ class DatasetConfig(_Section):
         if not math.isfinite(self.max_upscale) or self.max_upscale < 1.0:
             self._fail("max_upscale", f"must be >= 1.0 (1.0 = never upscale), got {self.max_upscale}")
         self._in_range("unmasked_weight", 0.0, 1.0)
+        if not math.isfinite(self.prior_loss_weight) or self.prior_loss_weight < 0:
+            self._fail("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
 
     def _check_template(self) -> None:
         try:
@@ -504,6 +516,8 @@ SECTIONS: dict[str, type[_Section]] = {
 FOREIGN_NAMES: dict[str, str] = {
     "pretrained_model_name_or_path": "model.base_model",
     "train_data_dir": "dataset.path",
+    "class_data_dir": "dataset.reg_data_dir",
+    "with_prior_preservation": "dataset.reg_data_dir (a folder of class images)",
     "instance_data_dir": "dataset.path",
     "instance_prompt": "dataset.trigger_word",
     "class_tokens": "dataset.trigger_word",
@@ -537,7 +551,7 @@ FOREIGN_NAMES: dict[str, str] = {
 
 # Options holding paths: relative values in a TOML file are taken relative to that file, so a
 # dataset's train.toml works from any working directory.
-_PATH_OPTIONS = (("dataset", "path"), ("output", "dir"))
+_PATH_OPTIONS = (("dataset", "path"), ("dataset", "reg_data_dir"), ("output", "dir"))
 
 
 def _help_of(cls: type, name: str) -> str:

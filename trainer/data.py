@@ -101,6 +101,7 @@ class ImageRecord:
     bucket: tuple[int, int]
     file: str | None = None
     row: int | None = None
+    reg: bool = False  # a regularisation (class) image: no trigger word, weighted by prior_loss_weight
 
 
 @dataclass
@@ -907,7 +908,11 @@ class TrainDataset:
         self.epoch = 0
         self._saved = saved
         self._max_pixels = max_pixels
-        self.index = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
+        train = [i for i, r in enumerate(self.records) if not r.reg for _ in range(r.repeats)]
+        # kohya's balance: an epoch holds as many regularisation samples as training samples, the
+        # regularisation images (with their repeats) taken in turn, from the first, as often as that needs.
+        pool = [i for i, r in enumerate(self.records) if r.reg for _ in range(r.repeats)]
+        self.index = train + ([pool[k % len(pool)] for k in range(len(train))] if pool else [])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -928,9 +933,10 @@ class TrainDataset:
         """The caption sample ``i`` trains with in ``epoch`` (default: the current one)."""
         c = self.config
         record = self.records[self.index[i]]
+        trigger = "" if record.reg else c.trigger_word  # the class keeps its own look: no trigger word
         if not self.augment:
-            return apply_trigger(record.caption, c.trigger_word, c.caption_template)
-        return build_caption(record.caption, trigger_word=c.trigger_word, template=c.caption_template,
+            return apply_trigger(record.caption, trigger, c.caption_template)
+        return build_caption(record.caption, trigger_word=trigger, template=c.caption_template,
                              shuffle=c.shuffle_caption, keep_tokens=c.keep_tokens,
                              dropout_rate=c.caption_dropout_rate, rng=self._rng(i, 0, epoch))
 
@@ -973,6 +979,7 @@ class TrainDataset:
             **extra,
             "pixel_values": to_tensor(img),
             "caption": self.caption(i),
+            "reg": record.reg,
             "key": record.key,
             "sha256": record.sha256,
             "index": i,
@@ -1015,13 +1022,14 @@ class TrainDataset:
         depends only on the seed and the image keys. The held-out set has no repeats and no
         augmentation, so its loss is comparable from step to step.
         """
-        unique = len(self.records)
+        unique = sum(not r.reg for r in self.records)  # regularisation images are never held out
         wanted = count or (max(1, round(fraction * unique)) if fraction else 0)
         if not wanted:
             return self, None
         groups: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(self.records):
-            groups[r.sha256].append(i)
+            if not r.reg:
+                groups[r.sha256].append(i)
         order = sorted(groups, key=lambda h: hashlib.sha256(f"{self.seed}:{self.records[groups[h][0]].key}".encode())
                        .digest())
         held: list[int] = []
@@ -1061,12 +1069,27 @@ def open_training_dataset(
     """
     if not config.path:
         raise DatasetError("dataset.path is not set: point it at a folder of images")
-    scan = _scan(config.path, config, BucketSpec.from_config(config), max_pixels)
+    spec = BucketSpec.from_config(config)
+    scan = _scan(config.path, config, spec, max_pixels)
     report = _report(scan, config)
     if not scan.records:
         raise NoUsableImagesError(f"no usable image in {report.summary()}")
-    return TrainDataset(scan.records, config, seed=seed, report=report, saved=scan.discovery.saved,
-                        max_pixels=max_pixels)
+    return TrainDataset(scan.records + _regularisation_records(config, spec, max_pixels), config, seed=seed,
+                        report=report, saved=scan.discovery.saved, max_pixels=max_pixels)
+
+
+def _regularisation_records(config: DatasetConfig, spec: BucketSpec, max_pixels: int) -> list[ImageRecord]:
+    """The images of ``config.reg_data_dir``, bucketed like the dataset's, marked ``reg`` (keys ``reg/...``)."""
+    if not config.reg_data_dir:
+        return []
+    scan = _scan(config.reg_data_dir, config, spec, max_pixels)
+    if scan.discovery.saved is not None:
+        raise DatasetError(f"dataset.reg_data_dir {config.reg_data_dir} is a saved dataset: regularisation images must "
+                           f"be files (a folder of images with captions, kohya folders or an imagefolder)")
+    if not scan.records:
+        raise NoUsableImagesError(f"no usable regularisation image in {_report(scan, config).summary()} "
+                                  f"(dataset.reg_data_dir)")
+    return [replace(r, reg=True, key=f"reg/{r.key}") for r in scan.records]
 
 
 __all__ = [

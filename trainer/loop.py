@@ -719,19 +719,26 @@ class Trainer:
     def _per_sample_mse(self, pred, target, samples: list[dict]):
         """Each sample's mean squared error; with ``dataset.masked_loss``, weighted by its mask brought to the
         latent grid (area average: a latent cell half covered counts half) and averaged over the weight, so
-        a pixel outside the mask (weight ``unmasked_weight``, 0 by default) gives the adapter no gradient."""
+        a pixel outside the mask (weight ``unmasked_weight``, 0 by default) gives the adapter no gradient; a
+        regularisation image's times ``dataset.prior_loss_weight``."""
         import torch
         import torch.nn.functional as F
 
         error = F.mse_loss(pred.float(), target.float(), reduction="none")
         d = self.config.dataset
         if not d.masked_loss:
-            return error.mean(dim=(1, 2, 3))
-        masks = torch.stack([s["mask"] for s in samples]).to(error.device, dtype=torch.float32)
-        coverage = F.interpolate(masks, size=error.shape[-2:], mode="area")
-        weight = d.unmasked_weight + (1.0 - d.unmasked_weight) * coverage  # b x 1 x h x w
-        # sum over channels and cells / (channels x the weight's sum): a plain mean where the weight is all ones
-        return (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(1e-12)
+            per_sample = error.mean(dim=(1, 2, 3))
+        else:
+            masks = torch.stack([s["mask"] for s in samples]).to(error.device, dtype=torch.float32)
+            coverage = F.interpolate(masks, size=error.shape[-2:], mode="area")
+            weight = d.unmasked_weight + (1.0 - d.unmasked_weight) * coverage  # b x 1 x h x w
+            # sum over channels and cells / (channels x the weight's sum): a plain mean where the weight is all ones
+            per_sample = (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3))
+                                                                * error.shape[1]).clamp_min(1e-12)
+        if any(s.get("reg") for s in samples):  # prior preservation: a class image's loss counts prior_loss_weight
+            prior = torch.tensor([d.prior_loss_weight if s.get("reg") else 1.0 for s in samples], device=error.device)
+            per_sample = per_sample * prior
+        return per_sample
 
     def _loss(self, samples: list[dict], generator, *, timesteps=None, noise=None, denoiser=None, reduce=True):
         # lazy: keeps torch off `python -m trainer --help`
@@ -1189,9 +1196,9 @@ class Trainer:
         c = self.config
         d, t, n = c.dataset, c.training, c.network
         report = self.report
-        dirs = {}
+        dirs, reg_dirs = {}, {}  # kohya's ss_dataset_dirs and ss_reg_dataset_dirs
         for r in self.train_set.records:
-            entry = dirs.setdefault(r.folder or ".", {"n_repeats": r.repeats, "img_count": 0})
+            entry = (reg_dirs if r.reg else dirs).setdefault(r.folder or ".", {"n_repeats": r.repeats, "img_count": 0})
             entry["img_count"] += 1
         kohya = {
             "ss_session_id": str(uuid.uuid4().int % 2**31),
@@ -1203,7 +1210,7 @@ class Trainer:
             "ss_v2": "False",
             "ss_resolution": f"({d.resolution}, {d.resolution})",
             "ss_num_train_images": str(len(self.train_set)),
-            "ss_num_reg_images": "0",
+            "ss_num_reg_images": str(sum(r.reg for r in self.train_set.records)),
             "ss_num_batches_per_epoch": str(self.micro_per_epoch),
             "ss_num_epochs": str(math.ceil(step / self.updates_per_epoch)),
             "ss_epoch": str(math.ceil(step / self.updates_per_epoch)),
@@ -1236,6 +1243,7 @@ class Trainer:
             "ss_bucket_no_upscale": str(d.max_upscale <= 1.0),
             "ss_bucket_info": json.dumps({"buckets": report.buckets}),
             "ss_dataset_dirs": json.dumps(dirs),
+            "ss_reg_dataset_dirs": json.dumps(reg_dirs),
             "ss_tag_frequency": json.dumps(report.tag_frequency),
             "ss_v_parameterization": str(self.noise_scheduler.config.get("prediction_type") == "v_prediction"),
             "ss_training_comment": f"trained with LoRA Studio on {c.model.base_model}",
