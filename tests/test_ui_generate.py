@@ -377,3 +377,46 @@ def test_two_sessions_see_their_position_and_progress_and_get_their_own_images(s
     result = bob.session_state["last_result"]
     assert result.seeds == [2, 3] and result.request.prompt.startswith("a green square")
     assert len(bob.get("image")) == 2 and not bob.error
+
+
+def test_a_mask_painted_over_the_init_image_is_sent_with_it(studio_home, monkeypatch, tmp_path):
+    import types
+
+    import numpy as np
+    import streamlit_drawable_canvas
+
+    from studio.generation.inputs import mask_from_drawing
+
+    drawn = {}
+
+    def canvas(**kw):  # the component's part (strokes in a browser) stands in: the left half painted
+        drawn.update(kw)
+        data = np.zeros((kw["height"], kw["width"], 4), np.uint8)
+        data[:, : kw["width"] // 2] = (255, 255, 255, 255)
+        return types.SimpleNamespace(image_data=data)
+
+    monkeypatch.setattr(streamlit_drawable_canvas, "st_canvas", canvas)
+    at = _page()
+    assert not drawn  # no init image: no canvas
+    init = tmp_path / "init.png"
+    Image.new("RGB", (48, 32), (255, 255, 0)).save(init)
+    at.file_uploader(key="init_upload").set_value(("init.png", init.read_bytes(), "image/png")).run()
+    assert (drawn["width"], drawn["height"]) == (320, 213) and drawn["background_image"].size == (48, 32)
+    at.number_input(key="steps").set_value(2)
+    at.number_input(key="num_images").set_value(1)
+    wait_for_jobs(_button(at, "Generate").click().run())
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    request = at.session_state["last_result"].outputs[0].request
+    mask = np.asarray(Image.open(request.mask_image))
+    assert mask.shape == (32, 48) and request.mask_image_sha256
+    assert mask[:, :23].min() == 255 and mask[:, 25:].max() == 0  # painted = repaint, at the init image's size
+    # an uploaded mask replaces the drawing
+    upload = tmp_path / "mask.png"
+    Image.new("L", (48, 32), 255).save(upload)
+    at.file_uploader(key="mask_upload").set_value(("mask.png", upload.read_bytes(), "image/png"))
+    wait_for_jobs(_button(at, "Generate").click().run())
+    assert np.asarray(Image.open(at.session_state["last_result"].outputs[0].request.mask_image)).min() == 255
+    # nothing painted: no mask; a wrong array is a message
+    assert mask_from_drawing(np.zeros((8, 8, 4), np.uint8), (32, 32)) is None
+    with pytest.raises(Exception, match="RGBA"):
+        mask_from_drawing(np.zeros((8, 8)), (32, 32))

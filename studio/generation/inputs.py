@@ -204,3 +204,21 @@ def _decode_input(path_text: str, label: str, mode: str):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InvalidRequestError(f"{label} {path} is not a readable image ({one_line(e)}): pass a PNG, JPEG or "
                                   f"WebP file") from None
+
+
+def mask_from_drawing(rgba, size: tuple[int, int]) -> Image.Image | None:
+    """The inpainting mask a user drew over the init image: every painted pixel (alpha > 0) white, meaning
+    repaint, the rest black; scaled from the drawing's size to ``size`` (the init image's width, height),
+    smoothly, as diffusers reads a grey edge as partly repainted. None when nothing was painted.
+
+    ``rgba`` is the drawing as an H x W x 4 array of 0-255 values (what a canvas component returns)."""
+    import numpy as np
+
+    array = np.asarray(rgba)
+    if array.ndim != 3 or array.shape[2] != 4:
+        raise InvalidRequestError(f"a drawn mask must be an RGBA image, got an array of shape {array.shape}")
+    painted = array[:, :, 3] > 0
+    if not painted.any():
+        return None
+    mask = Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
+    return mask if mask.size == tuple(size) else mask.resize(tuple(size), Image.Resampling.BILINEAR)

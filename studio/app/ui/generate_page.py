@@ -18,6 +18,8 @@ request is made (:func:`_stack_specs`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import random
 import tempfile
@@ -35,12 +37,13 @@ from studio.core.errors import RecipeError, RecipeTooCostlyError, StudioError
 from studio.core.families import get_family
 from studio.core.settings import check_data_path, get_settings
 from studio.generation.grid import AXIS_KINDS, GridAxis, render_grid
-from studio.generation.inputs import store_input_image
+from studio.generation.inputs import MAX_INPUT_PIXELS, bounded_open, mask_from_drawing, store_input_image
 from studio.generation.queue import DONE, FAILED, QUEUED
 from studio.generation.recipes import MAX_RECIPE_COST, check_recipe_cost, read_recipe, recipe_cost
 from studio.generation.requests import DEFAULT_SCHEDULER, MAX_SEED, GenerationRequest, scheduler_names
 
 GALLERY_SIZE = 24
+CANVAS_SIDE = 320  # the mask canvas's longer side in screen pixels: a 32-pixel tiny image is drawn on enlarged
 _ids = itertools.count()
 
 
@@ -142,6 +145,50 @@ def _apply_recipe(confirmed: bool = False) -> None:
 
 def _clear_recipe_inputs() -> None:
     st.session_state["recipe_init"] = st.session_state["recipe_mask"] = None
+
+
+def _init_picture():
+    """The init image the form would send, decoded (an upload, else a recipe's); None when there is none."""
+    upload = st.session_state.get("init_upload")
+    source = upload.getvalue() if upload is not None else st.session_state.get("recipe_init")
+    if not source:
+        return None
+    try:
+        return bounded_open(io.BytesIO(source) if isinstance(source, bytes) else source, MAX_INPUT_PIXELS)
+    except Exception:  # noqa: BLE001 - a broken upload is reported when the form is sent, by the library
+        return None
+
+
+def _mask_canvas() -> None:
+    """A canvas over the init image to paint the inpainting mask on (white = repaint); an uploaded mask
+    takes precedence. The drawing is kept in session state for the form to send."""
+    picture = _init_picture()
+    if picture is None:
+        st.session_state.pop("drawn_mask", None)
+        return
+    from streamlit_drawable_canvas import st_canvas  # registered by the Streamlit runtime: import it on the page
+
+    scale = CANVAS_SIDE / max(picture.size)
+    width, height = max(1, round(picture.width * scale)), max(1, round(picture.height * scale))
+    digest = hashlib.sha256(picture.tobytes()).hexdigest()[:12]  # a new image starts a new drawing
+    b1, b2 = st.columns([1, 3])
+    brush = b1.slider("Brush", 4, 64, 24, key="mask_brush", help="the width of the strokes, in canvas pixels")
+    b2.caption("Or paint the mask here: white strokes are repainted, the rest is kept (an uploaded mask replaces "
+               "the drawing); the toolbar under the canvas undoes and clears.")
+    drawn = st_canvas(stroke_color="#ffffff", stroke_width=brush, background_image=picture.convert("RGB"),
+                      width=width, height=height, drawing_mode="freedraw", return_image_data=True,
+                      key=f"mask_canvas-{digest}")
+    data = drawn.image_data if drawn is not None else None
+    st.session_state["drawn_mask"] = (data, picture.size) if data is not None else None
+
+
+def _mask_image() -> str | None:
+    """The mask the form sends: an upload, else a drawing on the canvas, else a loaded recipe's."""
+    if st.session_state.get("mask_upload") is None and st.session_state.get("drawn_mask"):
+        mask = mask_from_drawing(*st.session_state["drawn_mask"])
+        if mask is not None:
+            return str(store_input_image(mask))
+    return _input_image("mask_upload", "recipe_mask")
 
 
 def _input_image(upload_key: str, recipe_key: str) -> str | None:
@@ -331,6 +378,7 @@ with tab_make:
         i2.file_uploader("Mask (white = repaint)", type=["png", "jpg", "jpeg", "webp"], key="mask_upload")
         i3.slider("Strength (denoising)", *recipes.STRENGTH, step=0.05, key="strength",
                   help="how much of the init image is re-noised; 1 ignores it")
+        _mask_canvas()
         if st.session_state.get("recipe_init"):
             # Restored by "Use its settings"; an upload above replaces the one beside it.
             r1, r2, r3 = st.columns(3)
@@ -380,7 +428,7 @@ with tab_make:
                 width=int(width) or None, height=int(height) or None, seed=seed, num_images=int(num_images),
                 scheduler=scheduler, base_model=check_base_model(base.strip() or "tiny"), adapters=_stack_specs(),
                 init_image=init_image,
-                mask_image=_input_image("mask_upload", "recipe_mask"),
+                mask_image=_mask_image(),
                 strength=float(st.session_state["strength"]) if init_image else None,
             )
             request = recipes.batch_for(request, st.session_state.get("recipe_batch"))
