@@ -251,6 +251,65 @@ def _choose(page, label: str, option: str) -> None:
     _idle(page)
 
 
+# Every kind of Streamlit input widget, by its test id (a checkbox and a toggle are both stCheckbox).
+INPUT_TESTIDS = ("stTextInput", "stNumberInput", "stSelectbox", "stMultiSelect", "stRadio", "stSlider",
+                 "stSelectSlider", "stCheckbox", "stTextArea", "stDateInput", "stTimeInput", "stColorPicker",
+                 "stFileUploader")
+
+
+def _visible_inputs(page) -> int:
+    """How many input widgets a user sees now (a closed expander's are in the page but not shown)."""
+    # Streamlit draws a placeholder (stSkeleton) until a widget's code has loaded: wait for the real ones.
+    page.wait_for_function("""() => ![...document.querySelectorAll('[data-testid="stSkeleton"]')]
+                                     .some(el => el.checkVisibility())""", timeout=30_000)
+    selector = ", ".join(f'[data-testid="{t}"]' for t in INPUT_TESTIDS)
+    return page.evaluate(f"""() => [...document.querySelectorAll('{selector}')]
+                                   .filter(el => el.checkVisibility()).length""")
+
+
+def _train_quick(page, url: str, *, name: str | None = None) -> None:
+    """The newcomer's path on the Train page: the striped sample, the quick preset, (a name,) Start."""
+    page.goto(f"{url}/train", wait_until="domcontentloaded", timeout=30_000)
+    page.wait_for_selector('[data-testid="stApp"]', timeout=30_000)
+    start = page.locator('[data-testid="stFormSubmitButton"] button').filter(has_text="Start training")
+    start.wait_for(timeout=60_000)
+    _idle(page)
+    _choose(page, "Dataset", "sample: striped")
+    page.wait_for_selector('text=images in', timeout=30_000)
+    page.locator('[data-testid="stRadio"]').get_by_text("quick", exact=True).click()
+    _idle(page)
+    if name is not None:
+        page.locator('[data-testid="stTextInput"] input[aria-label="Adapter name"]').fill(name)
+    start.click()
+    page.wait_for_selector('text=queued job', timeout=60_000)
+
+
+def test_train_page_essentials_then_a_newcomers_quick_run(browser, studio_server):
+    """At most 12 inputs before Advanced is opened; then dataset, quick preset, Start: a registered adapter."""
+    url, _port, _pid = studio_server
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    try:
+        page.goto(f"{url}/train", wait_until="domcontentloaded", timeout=30_000)
+        page.locator('[data-testid="stFormSubmitButton"] button').filter(has_text="Start training").wait_for(
+            timeout=60_000)
+        _idle(page)
+        before = _visible_inputs(page)
+        assert 5 <= before <= 12, f"{before} inputs before Advanced"
+        page.locator('[data-testid="stExpander"] summary').filter(has_text="Advanced").click()
+        page.locator('[data-testid="stExpander"]').filter(has_text="Advanced").locator(
+            'text=dataset.caption_dropout_rate').wait_for(timeout=10_000)  # option names shown beside labels
+        assert _visible_inputs(page) > before
+        _shot(page, "train_advanced")
+
+        _train_quick(page, url)
+        page.wait_for_selector('[data-testid="stAlertContentSuccess"]:has-text("registered striped@1")',
+                               timeout=E2E_TRAIN_TIMEOUT_S * 1000)
+        _shot(page, "train_newcomer_done")
+    finally:
+        _shot(page, "train_last")
+        page.close()
+
+
 def test_train_catalog_stack_generate_end_to_end(browser, studio_server, tmp_path):
     """The issue's journey: train a quick LoRA from the Train page, find it in the catalog, stack it with a
     second adapter at chosen strengths on the Generate page, generate, and read both in the recipe."""
@@ -267,14 +326,8 @@ def test_train_catalog_stack_generate_end_to_end(browser, studio_server, tmp_pat
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
     shots = {}
     try:
-        # -- Train: the first preset is a quick run on a sample dataset --
-        page.goto(f"{url}/train", wait_until="domcontentloaded", timeout=30_000)
-        page.wait_for_selector('[data-testid="stApp"]', timeout=30_000)
-        start = page.locator('[data-testid="stFormSubmitButton"] button').filter(has_text="Start training")
-        start.wait_for(timeout=60_000)
-        page.locator('[data-testid="stTextInput"] input[aria-label="name"]').fill("e2e")
-        start.click()
-        page.wait_for_selector('text=queued job', timeout=60_000)
+        # -- Train: the newcomer's quick run on a sample dataset, named e2e --
+        _train_quick(page, url, name="e2e")
         page.wait_for_selector('[data-testid="stProgress"]', timeout=120_000)
         page.wait_for_function("() => /step [1-9]/.test(document.body.innerText)", timeout=120_000)
         shots["train"] = _shot(page, "train_running")

@@ -182,13 +182,20 @@ def test_train_page_refuses_paths_outside_the_roots(studio_home, tmp_path, monke
     reload_settings()
     monkeypatch.setattr(jobs, "ensure_runner", lambda: False)  # a wrongly queued job must not train here
     private = _image_folder(tmp_path / "private", 2)
+    (private / "train.toml").write_text('[output]\nname = "secret-name"\n')  # never read: it is outside
     model = tmp_path / "model"
     model.mkdir()
+    typed = {"dataset.path": "train_dataset", "model.base_model": "train_base"}  # boxes that take a typed path
     for option, value in (("dataset.path", str(private)), ("output.dir", str(tmp_path / "runs")),
-                          ("model.base_model", str(model))):
-        at = AppTest.from_file(str(UI / "train_page.py"), default_timeout=120).run()
-        at.selectbox(key="train_preset").set_value("striped: tiny model, quick (20 steps)").run()
-        at.text_input(key=f"cfg-{option}").input(value)
+                          ("model.base_model", str(model)), ("dataset.reg_data_dir", str(private))):
+        at = AppTest.from_file(str(UI / "train_page.py"), default_timeout=120)
+        if option in typed:  # typed into the box before the first run (AppTest cannot type a new option later)
+            at.session_state[typed[option]] = value
+            at.run()
+        else:
+            at.run()
+            at.text_input(key=f"cfg-{option}").input(value)
+        assert "secret-name" not in at.text_input(key="cfg-output.name").value
         next(b for b in at.button if b.label == "Start training").click().run()
         assert not at.exception
         assert any("LORA_STUDIO_DATA_ROOTS" in e.value and option in e.value for e in at.error), \

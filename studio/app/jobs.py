@@ -50,11 +50,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from studio.app.dataset_files import sample_datasets_root
-from studio.core.base_models import resolve
-from studio.core.embedded import EMBEDDED_MODELS
 from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
-from studio.core.families import get_family
 from studio.core.settings import PROJECT_ROOT, get_settings
 from trainer.config import TrainConfig
 from trainer.events import run_state, write_json_atomic
@@ -327,43 +323,6 @@ def resume(job_id: str, *, start_runner: bool = True) -> Job:
     if start_runner:
         ensure_runner()
     return job
-
-
-# ---- presets -----------------------------------------------------------------------------------
-
-# "quick": a run of seconds on the tiny model, to try a dataset or the studio itself (20 steps at
-# batch 4 is 80 samples: the striped set's 12 images x 10 repeats is 120, so most of one epoch).
-QUICK_OVERRIDES = ("training.max_train_steps=20", "training.lr_warmup_steps=0", "validation.every_n_steps=10",
-                   "output.checkpointing_steps=10")
-
-
-def presets() -> dict[str, tuple[Path, tuple[str, ...]]]:
-    """Ready configs for the Train page: ``label -> (train.toml, overrides)``, from the sample datasets.
-
-    Each sample dataset gives its full config and a "quick" variant (:data:`QUICK_OVERRIDES`) on the
-    embedded tiny SD-1 model its ``train.toml`` names, and the same two on every other embedded model
-    (``tiny-sdxl``): one ``train.toml`` per dataset, the base model and the adapter's name overridden
-    (an adapter's versions keep one family, so the SDXL run registers ``<name>-<model>``).
-    """
-    out: dict[str, tuple[Path, tuple[str, ...]]] = {}
-    for toml in sorted(sample_datasets_root().glob("*/train.toml")):
-        name = toml.parent.name
-        out[f"{name}: tiny model, quick (20 steps)"] = (toml, QUICK_OVERRIDES)
-        out[f"{name}: tiny model, full"] = (toml, ())
-        config = TrainConfig.from_toml(toml)
-        for model in EMBEDDED_MODELS:
-            if model == config.model.base_model:
-                continue
-            family = get_family(resolve(model).family)
-            other = (f"model.base_model={model}", f"output.name={config.output.name}-{model}")
-            targets = config.network.target_modules
-            if isinstance(targets, str) and targets not in family.target_modules:
-                # e.g. LoCon's convolutions on a transformer: the family's widest preset (listed last)
-                other += (f"network.target_modules={list(family.target_modules)[-1]}",)
-            label = f"{name}: {model} ({family.display_name})"
-            out[f"{label}, quick (20 steps)"] = (toml, other + QUICK_OVERRIDES)
-            out[f"{label}, full"] = (toml, other)
-    return out
 
 
 # ---- reading -----------------------------------------------------------------------------------

@@ -1,10 +1,22 @@
-"""The Train page: a form generated from TrainConfig (help texts as tooltips), presets, the job queue,
-and a live view of a run: progress with ETA, loss and validation-loss charts, samples, cancel, resume.
+"""The Train page, essentials first: a dataset, a base model, a trigger word and a preset with its time on
+this machine, then length, rank, learning rate and the adapter's name; every other option under
+"Advanced", by topic. Below: the job queue and a live view of a run (progress with ETA, loss and
+validation-loss charts, samples, cancel, resume) with its checkpoints as candidates (``run_view``).
 
-Widgets only: configs are ``trainer.config.TrainConfig``, jobs are ``studio.app.jobs`` (``lora-studio
-jobs ...``), progress is ``trainer.events.run_state``. Every value shown is read from disk, so the
-page shows the same after a browser reload or a studio restart. The form's paths (dataset, output
-folder, a base model on disk) must lie under the data roots (``studio.core.settings.check_data_path``).
+The form is generated from ``trainer.config.TrainConfig``: a widget's label, topic, range and choices are
+its field's metadata (``_opt(..., label=, topic=, low=, high=, choices=)``), its tooltip the field's help
+text, and its option name (``dataset.caption_dropout_rate``) is shown beside it for people who know
+kohya's or diffusers' names. :data:`ESSENTIALS` says which options stand above Advanced: a tuple on this
+page, not field metadata, since which options a newcomer sees first is this page's decision (the CLI
+and TOML files have no "first"); its reasons are written beside it.
+
+Presets are ``studio.app.train_presets``: choosing a dataset, a base model or a preset fills every
+widget; what the user types afterwards is kept until the next such choice. Start builds the config with
+``TrainConfig.from_dict`` and queues it with ``studio.app.jobs.submit`` (``lora-studio jobs ...``);
+progress is ``trainer.events.run_state``. Every value shown is read from disk, so the page shows the
+same after a browser reload or a studio restart. The paths it reads and sends (dataset and its
+``train.toml``, regularisation images, output folder, a base model on disk) must lie under the data
+roots (``studio.core.settings.check_data_path``).
 """
 
 from __future__ import annotations
@@ -13,48 +25,76 @@ import typing
 from dataclasses import fields
 
 import streamlit as st
+from PIL import Image
 
-from studio.app import jobs
-from studio.app.ui.common import enlarged, reported
-from studio.core.base_models import check_base_model
+from studio.app import dataset_files, jobs, train_presets
+from studio.app.ui.common import dataset_images, enlarged, reported
+from studio.app.ui.run_view import checkpoints_section
+from studio.core.base_models import check_base_model, list_base_models
 from studio.core.errors import ConfigError, StudioError
+from studio.core.families import get_family
 from studio.core.settings import check_data_path
-from trainer.config import SECTIONS, TrainConfig
+from trainer.config import SECTIONS, TOPICS, TrainConfig
 
-OPEN_SECTIONS = ("dataset", "network", "training", "output")
+# The options a first run needs decided, drawn above Advanced in the order a newcomer thinks of them:
+# what to learn from (the dataset folder), what to adapt (the base model), the word that calls the
+# result up (trigger word), how long (steps or epochs: exactly one is non-zero), how much the adapter
+# can hold and how fast it learns (rank, learning rate), and what the result is called. A preset sets
+# them and everything else; the rest waits under Advanced for those who want it.
+ESSENTIALS = ("dataset.path", "model.base_model", "dataset.trigger_word", "training.max_train_steps",
+              "training.num_train_epochs", "network.rank", "training.learning_rate", "output.name")
+LENGTH_UNITS = {"steps": "training.max_train_steps", "epochs": "training.num_train_epochs"}
+THUMBNAILS = 8
 POLL = "2s"
 
 st.title("Train")
 
 
-def _key(section: str, option: str) -> str:
-    return f"cfg-{section}.{option}"
+def _key(option: str) -> str:
+    return f"cfg-{option}"
+
+
+def _options() -> list[tuple[str, typing.Any, typing.Any]]:
+    """``(section.option, dataclass field, type)`` for every option of TrainConfig, in config order."""
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out += [(f"{section}.{f.name}", f, hints[f.name]) for f in fields(cls)]
+    return out
+
+
+OPTIONS = _options()
+FIELDS = {option: f for option, f, _ in OPTIONS}
+# Drawn as widgets keyed by _key(option); the dataset, the base model and the length have their own.
+FORM_OPTIONS = [o for o in OPTIONS if o[0] not in ("dataset.path", "model.base_model", *LENGTH_UNITS.values())]
 
 
 def _show(option: str, value) -> object:
-    # Lists are edited as text: validation prompts one per line (they contain commas), others comma-separated.
+    # Lists are edited as text: sample prompts one per line (they contain commas), others comma-separated.
     if isinstance(value, list):
-        return "\n".join(map(str, value)) if option == "prompts" else ", ".join(map(str, value))
+        return "\n".join(map(str, value)) if option == "validation.prompts" else ", ".join(map(str, value))
     return value
 
 
-def _load_preset(label: str) -> None:
-    """Fill every form field from a preset's config (the widgets read their values from session state)."""
-    path, overrides = jobs.presets()[label]
-    config = TrainConfig.from_toml(path).apply_overrides(list(overrides))
-    for section, options in config.to_dict().items():
-        for option, value in options.items():
-            st.session_state[_key(section, option)] = _show(option, value)
-    st.session_state["train_loaded"] = label
+def _fill(config: TrainConfig) -> None:
+    """Put a config's values into the widgets (they read them from session state on this run)."""
+    values = config.to_dict()
+    for option, _, _ in FORM_OPTIONS:
+        section, name = option.split(".")
+        st.session_state[_key(option)] = _show(option, values[section][name])
+    steps, epochs = config.training.max_train_steps, config.training.num_train_epochs
+    st.session_state["train_length_unit"] = "steps" if steps else "epochs"
+    st.session_state["train_length"] = steps or epochs
 
 
-def _parse_list(text: str, item: type, *, lines: bool = False) -> list:
+def _parse_list(text: str, item: type, option: str, *, lines: bool = False) -> list:
     values = [p.strip() for p in (text.splitlines() if lines else text.split(",")) if p.strip()]
     if item is int:
         try:
             return [int(v) for v in values]
         except ValueError:
-            raise ConfigError(f"{text!r} must be whole numbers separated by commas") from None
+            raise ConfigError(f"{option}: {text!r} must be whole numbers separated by commas", option=option) \
+                from None
     return values
 
 
@@ -67,69 +107,212 @@ def _check_paths(config: TrainConfig) -> TrainConfig:
     check_base_model(config.model.base_model, what="model.base_model")
     if config.dataset.path.strip():
         check_data_path(config.dataset.path, what="dataset.path")
+    if config.dataset.reg_data_dir.strip():
+        check_data_path(config.dataset.reg_data_dir, what="dataset.reg_data_dir")
     if config.output.dir.strip():
         check_data_path(config.output.dir, what="output.dir")
     return config
 
 
-def _config_from_form() -> TrainConfig:
-    data: dict[str, dict] = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            value = st.session_state.get(_key(section, f.name))
-            if value is None:
-                continue
-            tp = hints[f.name]
-            if typing.get_origin(tp) is list:
-                value = _parse_list(value, typing.get_args(tp)[0], lines=f.name == "prompts")
-            elif tp is not str and str in typing.get_args(tp):  # str | list[str]: one preset name, or a list
-                items = _parse_list(value, str)
-                value = items[0] if len(items) == 1 else items
-            data.setdefault(section, {})[f.name] = value
+def _config_from_form(dataset_path: str, base_model: str) -> TrainConfig:
+    data: dict[str, dict] = {"model": {"base_model": base_model}, "dataset": {"path": dataset_path}}
+    for option, _, tp in FORM_OPTIONS:
+        value = st.session_state.get(_key(option))
+        if value is None:
+            continue
+        if typing.get_origin(tp) is list:
+            value = _parse_list(value, typing.get_args(tp)[0], option, lines=option == "validation.prompts")
+        elif tp is not str and str in typing.get_args(tp):  # str | list[str]: one preset name, or a list
+            items = _parse_list(value, str, option)
+            value = items[0] if len(items) == 1 else items
+        section, name = option.split(".")
+        data.setdefault(section, {})[name] = value
+    length, unit = st.session_state.get("train_length"), st.session_state.get("train_length_unit", "steps")
+    for each, option in LENGTH_UNITS.items():
+        section, name = option.split(".")
+        data.setdefault(section, {})[name] = int(length or 0) if each == unit else 0
     return TrainConfig.from_dict(data)
 
 
-# ---- the form ----------------------------------------------------------------------------------
-presets = jobs.presets()
-labels = list(presets)
-preset = st.selectbox("Preset", labels, key="train_preset",
-                      help="ready configs of the sample datasets; a 'quick' run takes seconds on the tiny model")
-if st.session_state.get("train_loaded") != preset:
-    _load_preset(preset)
+def _widget(box, option: str, f, tp, *, essential: bool = False) -> None:
+    """One option's widget: its plain label, its help text as the tooltip, its option name beside it."""
+    meta, key = f.metadata, _key(option)
+    # Above Advanced the label stays plain (the name ends the tooltip); under Advanced it is shown.
+    label = meta["label"] if essential else f"{meta['label']} `{option}`"
+    tip = f"{meta['help']}\n\n`{option}`"
+    if "choices" in meta:
+        box.selectbox(label, list(meta["choices"]), key=key, help=tip,
+                      format_func=lambda v: v or "(the base model's own)")
+    elif tp is bool:
+        box.checkbox(label, key=key, help=tip)
+    elif tp is int:
+        box.number_input(label, key=key, help=tip, step=1, min_value=meta.get("min"), max_value=meta.get("max"))
+    elif tp is float:
+        box.number_input(label, key=key, help=tip, format="%g", step=None, min_value=meta.get("min"),
+                         max_value=meta.get("max"))
+    elif option == "validation.prompts":
+        box.text_area(label, key=key, help=tip)
+    else:
+        box.text_input(label, key=key, help=tip)
 
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _thumbnail(path: str, mtime_ns: int) -> Image.Image | None:
+    # mtime_ns is part of the cache key only. Large photos shrink once; the tiny 32 px ones are enlarged.
+    img = enlarged(path, 72)
+    if img is not None:
+        img.thumbnail((144, 144))
+    return img
+
+
+def _dataset_strip(folder: str) -> None:
+    """The chosen dataset's image count and first thumbnails, or why there are none."""
+    try:
+        resolved, images = dataset_images(folder)
+    except StudioError as e:
+        st.error(str(e))
+        return
+    if images:
+        st.caption(f"{len(images)} images in {resolved}")
+        thumbs = [_thumbnail(str(i.path), i.path.stat().st_mtime_ns) for i in images[:THUMBNAILS]]
+        st.image([t for t in thumbs if t is not None], width=72)
+        return
+    from trainer.data import detect_layout  # local: numpy and PIL's plugins, needed only here
+
+    if detect_layout(resolved) == "saved":
+        st.caption(f"a saved (save_to_disk) dataset in {resolved}: its images are counted when the run starts")
+    else:
+        st.warning(f"No images in {resolved} yet: add some on the Datasets page.")
+
+
+def _base_models(current: str | None) -> dict[str, str]:
+    """Base-model choices -> how they are shown: the embedded models and ``$LORA_STUDIO_HOME/models``."""
+    shown = {m.ref: f"{m.ref} ({get_family(m.family).display_name}{', embedded' if m.kind == 'tiny' else ''})"
+             for m in list_base_models() if m.family != "?"}
+    if current and current not in shown:
+        shown[current] = current  # typed by the user: kept as a choice
+    return shown
+
+
+def _caption(config: TrainConfig, estimate: train_presets.TimeEstimate) -> str:
+    t = config.training
+    length = f"{t.max_train_steps} steps" if t.max_train_steps else f"{t.num_train_epochs} epochs"
+    return (f"{length} · rank {config.network.rank} · learning rate {t.learning_rate:g} · batch "
+            f"{t.train_batch_size} — {estimate.text}")
+
+
+all_jobs = jobs.list_jobs()
+
+# ---- essentials --------------------------------------------------------------------------------
+known = {str(folder): label for label, folder in dataset_files.list_datasets()}
+if st.session_state.get("train_dataset") and st.session_state["train_dataset"] not in known:
+    known[st.session_state["train_dataset"]] = st.session_state["train_dataset"]  # a typed folder stays a choice
+c1, c2 = st.columns(2)
+folder = c1.selectbox("Dataset", list(known), key="train_dataset", format_func=lambda v: known.get(v, v),
+                      accept_new_options=True, placeholder="choose a dataset, or type a folder path",
+                      help="your datasets ($LORA_STUDIO_HOME/datasets; add them on the Datasets page) and the "
+                           "project's samples; or type the path of a folder under the data roots\n\n`dataset.path`")
+settings = dataset_error = settings_error = None
+if folder:
+    try:
+        check_data_path(folder, what="dataset.path")  # a typed folder: its train.toml is read only inside the roots
+    except StudioError as e:
+        dataset_error = str(e)
+    else:
+        try:
+            settings = train_presets.dataset_settings(folder)
+        except StudioError as e:
+            settings_error = f"The dataset's train.toml is not used: {e}"
+    if st.session_state.get("train_dataset_seen") != folder:
+        # A new dataset: its own train.toml names the base model it was made for, which is taken unless the
+        # user chose a base model themselves (one other than the last dataset's).
+        st.session_state["train_dataset_seen"] = folder
+        if settings is not None and st.session_state.get("train_base") in (None, st.session_state.get("train_auto")):
+            st.session_state["train_base"] = st.session_state["train_auto"] = settings.model.base_model
+st.session_state.setdefault("train_base", TrainConfig().model.base_model)
+models = _base_models(st.session_state.get("train_base"))
+base = c2.selectbox("Base model", list(models), key="train_base", format_func=lambda v: models.get(v, v),
+                    accept_new_options=True, help=f"{FIELDS['model.base_model'].metadata['help']}\n\n"
+                                                  f"`model.base_model`")
+if dataset_error:
+    st.error(dataset_error)
+elif folder:
+    _dataset_strip(folder)
+if settings_error:
+    st.warning(settings_error)
+
+configs: dict[str, TrainConfig] = {}
+if folder and base and not dataset_error:
+    try:
+        check_base_model(base, what="model.base_model")
+        for preset_key in train_presets.preset_keys(settings):
+            configs[preset_key] = train_presets.preset_config(preset_key, dataset=folder, base_model=base,
+                                                              settings=settings)
+    except StudioError as e:
+        st.error(f"No presets for this choice: {e}")
+        configs = {}
+keys = list(configs) or list(train_presets.preset_keys(None))
+if st.session_state.get("train_preset") not in keys:
+    st.session_state.pop("train_preset", None)  # "the dataset's own" of a dataset no longer chosen
+speeds = train_presets.run_speeds(j.run_dir for j in all_jobs)
+estimates = {k: train_presets.estimate(c, speeds) for k, c in configs.items()}
+preset = st.radio("Preset", keys, key="train_preset", format_func=lambda k: train_presets.LABELS[k],
+                  captions=[_caption(configs[k], estimates[k]) if k in configs else "" for k in keys],
+                  disabled=not configs,
+                  help="what the run starts from: quick tries the dataset, balanced is the model family's usual "
+                       "run, high quality trains longer at a higher rank. Choosing one fills in every setting "
+                       "below; the times come from this machine's earlier runs of the same base model")
+wanted = (folder, base, preset)
+# Refill when the choice changed, or when the widgets' values were dropped (Streamlit forgets a page's
+# widgets while another page is shown).
+if configs and (st.session_state.get("train_filled") != wanted
+                or any(_key(o) not in st.session_state for o, _, _ in FORM_OPTIONS)):
+    _fill(configs[preset])
+    st.session_state["train_filled"] = wanted
+elif not configs and any(_key(o) not in st.session_state for o, _, _ in FORM_OPTIONS):
+    _fill(TrainConfig())  # no preset to start from: the config's defaults, so no widget shows a blank
+
+essential = {o: (f, tp) for o, f, tp in FORM_OPTIONS if o in ESSENTIALS}
+advanced = [(o, f, tp) for o, f, tp in FORM_OPTIONS if o not in ESSENTIALS]
 with st.form("train"):
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        with st.expander(f"[{section}]", expanded=section in OPEN_SECTIONS):
-            cols = st.columns(3)
-            for i, f in enumerate(fields(cls)):
-                key, tip, tp = _key(section, f.name), f.metadata.get("help", ""), hints[f.name]
-                col = cols[i % 3]
-                if tp is bool:
-                    col.checkbox(f.name, key=key, help=tip)
-                elif tp is int:
-                    col.number_input(f.name, key=key, help=tip, step=1)
-                elif tp is float:
-                    col.number_input(f.name, key=key, help=tip, format="%g", step=None)
-                elif section == "validation" and f.name == "prompts":
-                    col.text_area(f.name, key=key, help=tip + " (one per line)")
-                else:
-                    col.text_input(f.name, key=key, help=tip)
-    start = st.form_submit_button("Start training", type="primary")
+    c1, c2 = st.columns(2)
+    _widget(c1, "dataset.trigger_word", *essential["dataset.trigger_word"], essential=True)
+    _widget(c2, "output.name", *essential["output.name"], essential=True)
+    c1, c2, c3, c4 = st.columns([2, 1, 2, 2])
+    length_help = "\n\n".join(f"{unit}: {FIELDS[o].metadata['help']} `{o}`" for unit, o in LENGTH_UNITS.items())
+    c1.number_input("Length", key="train_length", min_value=1, max_value=1_000_000, step=1, help=length_help)
+    c2.selectbox("in", list(LENGTH_UNITS), key="train_length_unit", help="train for a number of optimizer steps, "
+                 "or of passes over the dataset (each image seen its repeats times per pass)")
+    _widget(c3, "network.rank", *essential["network.rank"], essential=True)
+    _widget(c4, "training.learning_rate", *essential["training.learning_rate"], essential=True)
+    if st.session_state.get(_key("training.optimizer")) == "prodigy":
+        st.caption("Prodigy sizes its own steps: keep the learning rate at 1.0 (it scales Prodigy's estimate).")
+    if not st.session_state.get(_key("validation.prompts"), "").strip():
+        st.caption("No sample prompts: add some under Advanced, 'validation and samples', to see images as it "
+                   "trains.")
+    with st.expander("Advanced: every other option, by topic"):
+        topics = [t for t in TOPICS if any(f.metadata["topic"] == t for _, f, _ in advanced)]
+        for tab, topic in zip(st.tabs([t.capitalize() for t in topics]), topics, strict=True):
+            cols = tab.columns(3)
+            for i, (option, f, tp) in enumerate(o for o in advanced if o[1].metadata["topic"] == topic):
+                _widget(cols[i % 3], option, f, tp)
+    start = st.form_submit_button("Start training", type="primary", disabled=not folder or not base)
 
-if start:
+if start and folder and base:
     with reported("Starting the job"):
-        job = jobs.submit(_check_paths(_config_from_form()))
+        dataset_path = settings.dataset.path if settings is not None else folder
+        config = _check_paths(_config_from_form(dataset_path, base))
+        job = jobs.submit(config)
         st.session_state["train_job"] = job.id
+        took = train_presets.estimate(config, speeds)
         st.success(f"queued job {job.id} ({job.name}); it runs in the background and keeps running if you "
-                   f"close this page")
+                   f"close this page" + (f"; {took.text}" if took.seconds is not None else ""))
+        all_jobs = jobs.list_jobs()
 
 # ---- the queue -----------------------------------------------------------------------------------
 st.header("Jobs")
-all_jobs = jobs.list_jobs()
 if not all_jobs:
-    st.info("No jobs yet: pick a preset and press Start training.")
+    st.info("No jobs yet: choose a dataset and a preset, then press Start training.")
     st.stop()
 st.dataframe([{"id": j.id, "adapter": j.name, "state": j.state, "resumes": j.resume_of or ""} for j in all_jobs],
              hide_index=True)
@@ -177,6 +360,7 @@ def _job_view(job_id: str) -> None:
                 img = enlarged(path, 128)
                 if img is not None:
                     cols[i % 6].image(img, caption=f"step {step}")
+        checkpoints_section(job.run_dir)
     c1, c2, _ = st.columns([1, 1, 4])
     if not job.finished and c1.button("Cancel", key=f"cancel-{job.id}"):
         with reported("Cancel"):

@@ -18,6 +18,32 @@ from typing import Any
 from studio.core.families.architectures import Architecture
 
 OBJECTIVES = ("epsilon", "v_prediction", "flow_matching")
+# The effort levels of the Train page's presets, in the order it offers them.
+PRESET_LEVELS = ("quick", "balanced", "high quality")
+
+
+@dataclass(frozen=True)
+class TrainingPreset:
+    """One effort level of a LoRA run on a family's full-size models: the numbers a first run starts from.
+
+    Option names are the training config's (``training.max_train_steps``, ``network.rank``, ...).
+    ``quick`` tries a dataset and shows whether the style takes; ``balanced`` is the family's usual run;
+    ``high quality`` trains longer at a higher rank. The embedded tiny models learn in far fewer steps
+    and use their own counts (``studio.core.embedded.EMBEDDED_PRESET_OVERRIDES``).
+    """
+
+    max_train_steps: int
+    rank: int
+    learning_rate: float
+    train_batch_size: int
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_train_steps < 1 or self.rank < 1 or self.train_batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"training preset {self}: steps, rank, batch size and learning rate must be positive")
+        if not 0 <= self.lr_warmup_steps < self.max_train_steps:
+            raise ValueError(f"training preset {self}: warmup must be shorter than the run")
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,8 @@ class Family:
     base_model_licenses: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # Settings a first run should start from (keys as in the training config's sections).
     recommended: Mapping[str, Any] = field(default_factory=dict)
+    # The Train page's presets on the family's full-size models: one per PRESET_LEVELS entry.
+    training_presets: Mapping[str, TrainingPreset] = field(default_factory=dict)
     # The original (A1111/ComfyUI) single-file layout; None when the studio has none for the family.
     single_file: SingleFileLayout | None = None
     # The full-size reference model's component configs (``configs/<name>/``: model_index.json and one
@@ -298,3 +326,6 @@ class Family:
             raise ValueError(f"family {self.name}: its architecture is {self.architecture.name!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"family {self.name}: objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.training_presets and tuple(self.training_presets) != PRESET_LEVELS:
+            raise ValueError(f"family {self.name}: training presets must be {PRESET_LEVELS} in that order, "
+                             f"got {tuple(self.training_presets)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.families import architectures
-from studio.core.families.base import Family, OriginalModule, TextEncoder, in_block
+from studio.core.families.base import Family, OriginalModule, TextEncoder, TrainingPreset, in_block
 
 # diffusers' Flux LoRA scripts target the attention projections of both streams.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -192,4 +192,12 @@ FLUX = Family(
     # diffusers' and kohya's Flux LoRA guidance: transformer only, rank 16, lr 1e-4 at 1024 px.
     recommended={"network.rank": 16, "training.learning_rate": 1e-4, "dataset.resolution": 1024,
                  "network.train_text_encoder": False},
+    # The usual FLUX.1 LoRA run (ai-toolkit's example config): 2,000 steps of batch 1 at 1e-4, rank 16,
+    # constant rate; batch 1 throughout, as a 12 B transformer's activations at 1024 px fill a 24 GB card.
+    training_presets={
+        "quick": TrainingPreset(max_train_steps=500, rank=8, learning_rate=1e-4, train_batch_size=1),
+        "balanced": TrainingPreset(max_train_steps=2000, rank=16, learning_rate=1e-4, train_batch_size=1),
+        "high quality": TrainingPreset(max_train_steps=4000, rank=32, learning_rate=1e-4, train_batch_size=1,
+                                       lr_scheduler="cosine", lr_warmup_steps=200),
+    },
 )

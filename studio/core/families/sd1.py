@@ -14,7 +14,7 @@ from typing import Any
 
 from studio.core.embedded import TINY_MODEL_DIR
 from studio.core.families import architectures
-from studio.core.families.base import Family, SingleFileComponent, SingleFileLayout, TextEncoder
+from studio.core.families.base import Family, SingleFileComponent, SingleFileLayout, TextEncoder, TrainingPreset
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # LoCon-style: attention plus the ResNet convolutions, the projections around the transformer
@@ -82,6 +82,15 @@ SD1 = Family(
     training_scheduler="DDPMScheduler",
     hub_tags=("stable-diffusion", "stable-diffusion-diffusers"),
     recommended={"network.rank": 8, "training.learning_rate": 1e-4, "dataset.resolution": 512},
+    # kohya-style SD-1.5 runs: 1,500 to 3,000 steps of batch 2 at 1e-4; "balanced" is the recommendation
+    # above. Batch 2 at 512 px fits an 8 GB card.
+    training_presets={
+        "quick": TrainingPreset(max_train_steps=500, rank=8, learning_rate=1e-4, train_batch_size=2),
+        "balanced": TrainingPreset(max_train_steps=1500, rank=8, learning_rate=1e-4, train_batch_size=2,
+                                   lr_scheduler="cosine", lr_warmup_steps=100),
+        "high quality": TrainingPreset(max_train_steps=3000, rank=16, learning_rate=1e-4, train_batch_size=4,
+                                       lr_scheduler="cosine", lr_warmup_steps=150),
+    },
     # The studio shows images as the user asked for them; SD-1's NSFW checker is off (as in A1111).
     pipeline_options={"safety_checker": None, "requires_safety_checker": False},
 )

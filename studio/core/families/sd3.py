@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.families import architectures
-from studio.core.families.base import Family, OriginalModule, TextEncoder, in_block
+from studio.core.families.base import Family, OriginalModule, TextEncoder, TrainingPreset, in_block
 
 # diffusers' SD3 LoRA script targets the attention projections of both streams (and attn2 of SD3.5 M).
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -146,4 +146,12 @@ SD3 = Family(
     # diffusers' SD3 LoRA README: rank 4-16, lr 1e-4 at 1024 px, transformer only.
     recommended={"network.rank": 16, "training.learning_rate": 1e-4, "dataset.resolution": 1024,
                  "network.train_text_encoder": False},
+    # Within the README's rank 4-16 at 1e-4; batch 1 at 1024 px (2 for the long run, where memory allows).
+    training_presets={
+        "quick": TrainingPreset(max_train_steps=500, rank=8, learning_rate=1e-4, train_batch_size=1),
+        "balanced": TrainingPreset(max_train_steps=1500, rank=16, learning_rate=1e-4, train_batch_size=1,
+                                   lr_scheduler="cosine", lr_warmup_steps=100),
+        "high quality": TrainingPreset(max_train_steps=3000, rank=16, learning_rate=1e-4, train_batch_size=2,
+                                       lr_scheduler="cosine", lr_warmup_steps=150),
+    },
 )

@@ -17,7 +17,7 @@ from typing import Any
 
 from studio.core.embedded import TINY_MODEL_DIR
 from studio.core.families import architectures
-from studio.core.families.base import Family, SingleFileComponent, SingleFileLayout, TextEncoder
+from studio.core.families.base import Family, SingleFileComponent, SingleFileLayout, TextEncoder, TrainingPreset
 from studio.core.families.sd1 import ATTENTION, ATTENTION_CONV, TEXT_ENCODER
 
 # CLIP's hidden_states[-2]: SDXL conditions on the penultimate layer of both encoders.
@@ -114,4 +114,12 @@ SDXL = Family(
     # kohya's SDXL guidance: UNet only, text-encoder outputs cached (docs/train_SDXL-en.md).
     recommended={"network.rank": 8, "training.learning_rate": 1e-4, "dataset.resolution": 1024,
                  "network.train_text_encoder": False},
+    # The same step counts as SD-1 at batch 1: a 1024 px SDXL step takes several times the memory.
+    training_presets={
+        "quick": TrainingPreset(max_train_steps=500, rank=8, learning_rate=1e-4, train_batch_size=1),
+        "balanced": TrainingPreset(max_train_steps=1500, rank=8, learning_rate=1e-4, train_batch_size=1,
+                                   lr_scheduler="cosine", lr_warmup_steps=100),
+        "high quality": TrainingPreset(max_train_steps=3000, rank=16, learning_rate=1e-4, train_batch_size=2,
+                                       lr_scheduler="cosine", lr_warmup_steps=150),
+    },
 )
