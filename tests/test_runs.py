@@ -20,17 +20,50 @@ OUTLINED_TXT = ROOT / "datasets" / "outlined_txt" / "train.toml"  # 20 images, 2
 PROMPT = "a red circle on a blue background, zkoutline"
 
 
+def _use_home(home: Path, env) -> None:
+    from studio.core.settings import reload_settings
+
+    env.setenv("LORA_STUDIO_HOME", str(home))
+    env.delenv("LORA_STUDIO_REGISTRY_URL", raising=False)
+    env.setenv("HF_HUB_OFFLINE", "1")
+    reload_settings()
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory):
+    """One studio home for this module's tests: they read and register from one training run."""
+    home = tmp_path_factory.mktemp("runs-home")
+    with pytest.MonkeyPatch.context() as env:
+        _use_home(home, env)
+        yield home
+    from studio.core.settings import reload_settings
+
+    reload_settings()
+
+
 @pytest.fixture
-def run(studio_home, reg):
+def studio_home(module_home, monkeypatch):
+    """Replaces the suite's empty home per test (conftest.py): here every test shares the module's."""
+    _use_home(module_home, monkeypatch)
+    yield module_home
+
+
+@pytest.fixture(scope="module")
+def trained(module_home) -> Path:
     """A 6-step run checkpointing every 2 steps and keeping 1 full state; validation only where it checkpoints
     (every_n_steps = 0) and at the end. Registers outlined-run@1 (the final adapter)."""
     config = TrainConfig.from_toml(OUTLINED_TXT).apply_overrides([
-        f"output.dir={studio_home / 'runs'}", "output.name=outlined-run", "training.max_train_steps=6",
+        f"output.dir={module_home / 'runs'}", "output.name=outlined-run", "training.max_train_steps=6",
         "training.lr_warmup_steps=0", "output.checkpointing_steps=2", "output.checkpoints_total_limit=1",
         "validation.every_n_steps=0", f"validation.prompts=[\"{PROMPT}\"]", "validation.seeds=[0]"])
     result = train(config, console=False)
     assert result.status == "done" and result.ref == "outlined-run@1"
     return Path(result.run_dir)
+
+
+@pytest.fixture
+def run(trained, studio_home) -> Path:
+    return trained
 
 
 def _json(capsys, argv) -> object:
