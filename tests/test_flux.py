@@ -290,6 +290,7 @@ def test_img2img_runs_on_a_flux_model(smoke):
     assert isinstance(Image.open(stored), Image.Image)
 
 
+@pytest.mark.slow
 def test_prompts_control_the_flux_images():
     """36 images (12 prompts x 3 seeds, 20 flow-Euler steps, true CFG 3 from its lora_studio.json): colour,
     background and shape at the SD-1 tiny model's bars (measured 100/100/86%)."""

@@ -48,7 +48,8 @@ def test_queued_jobs_run_one_after_another_and_register(studio_home):
 
 def test_cancel_running_then_resume_continues_from_the_checkpoint(studio_home):
     job = jobs.submit(STRIPED, overrides=["training.max_train_steps=400", "training.lr_warmup_steps=0",
-                                          "validation.every_n_steps=0", "output.checkpointing_steps=5",
+                                          "validation.every_n_steps=0", "validation.prompts=[]",
+                                          "output.checkpointing_steps=5",
                                           "training.train_batch_size=1"])
     queued = jobs.submit(STRIPED, overrides=QUICK)  # waits behind the first
     _wait(lambda: jobs.get_job(job.id).progress().step >= 6, what="the first job's 6th step")

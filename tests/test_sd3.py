@@ -284,6 +284,7 @@ def test_cli_generates_on_tiny_sd3_and_the_recipe_replays(tmp_path):
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(next(again.glob("*.png")))))
 
 
+@pytest.mark.slow
 def test_prompts_control_the_sd3_images():
     """36 images (12 prompts x 3 seeds, 20 flow-Euler steps, CFG 3 from its lora_studio.json) at the SD-1
     tiny model's bars: measured colour 100%, background 100%, shape 86% (each miss a square drawn with

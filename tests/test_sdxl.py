@@ -99,6 +99,7 @@ def test_size_conditioning_is_the_pipelines_time_ids(xl):
     assert torch.equal(ours, theirs[0])
 
 
+@pytest.mark.slow
 def test_prompts_control_the_sdxl_image():
     """36 images (12 prompts x 3 seeds, 20 Euler steps, the model's own CFG): the SD-1 tiny model's rates."""
     rates = measure_quality("tiny-sdxl", seeds=(1, 2, 3), steps=20)

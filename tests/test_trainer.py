@@ -302,16 +302,17 @@ def test_two_processes_with_accelerate_launch(tmp_path):
         assert [v.number for v in registry.versions("ddp")] == [1]
 
 
-def _style_scores(tmp_path, reg, base: str, *extra: str, base_limit: float = 0.02) -> dict[str, dict]:
-    """Train the shipped striped and outlined configs on ``base`` (``extra`` overrides) and score both
-    styles with each adapter; the base model alone must score under ``base_limit`` in both."""
+def _style_scores(tmp_path, reg, base: str, *extra: str, base_limit: float = 0.02,
+                  names=("striped", "outlined")) -> dict[str, dict]:
+    """Train the shipped configs of ``names`` (default both styles) on ``base`` (``extra`` overrides) and
+    score the styles of ``names`` with each adapter; the base model alone must score under ``base_limit``."""
     from adapters.compose import engine_for
     from studio.app.tiny.style import measure_style
     from studio.core.base_models import load_pipeline
 
     scores: dict[str, dict] = {}
     base_scores: dict[str, float] = {}
-    for name in ("striped", "outlined"):
+    for name in names:
         toml = ROOT / "datasets" / name / "train.toml"
         cfg = TrainConfig.from_toml(toml).apply_overrides(
             [f"output.dir={tmp_path / 'runs'}", "validation.prompts=[]", "output.checkpointing_steps=0",
@@ -321,7 +322,7 @@ def _style_scores(tmp_path, reg, base: str, *extra: str, base_limit: float = 0.0
         trigger = reg.get(result.ref).trigger_words[0]
         try:
             scores[name] = {}
-            for style in ("striped", "outlined"):
+            for style in names:
                 # the base side is the same prompts with the same trigger text for both adapters
                 key = f"{style}:{trigger}"
                 scores[name][style] = measure_style(style, stack, trigger=trigger, base=base,
@@ -335,6 +336,15 @@ def _style_scores(tmp_path, reg, base: str, *extra: str, base_limit: float = 0.0
     return scores
 
 
+def test_a_short_outlined_run_already_draws_outlines(tmp_path, reg):
+    """The faster sibling of the test below (which trains both shipped configs, 500 steps each: ~7 minutes
+    here): the outlined config for 60 of its steps already moves the outline score well off the base's."""
+    scores = _style_scores(tmp_path, reg, "tiny", "training.max_train_steps=60", names=("outlined",))
+    # seen: 0.00 -> 0.136 (margin 0.134) at 60 steps, 0.19 at 150, 0.47 at 500
+    assert scores["outlined"]["outlined"]["margin"] > 0.06, scores
+
+
+@pytest.mark.slow
 def test_sample_dataset_loras_show_their_styles(tmp_path, reg):
     """The shipped train.toml of each sample style trains an adapter that draws that style.
 

@@ -209,7 +209,8 @@ def test_bad_input_is_a_message_and_nothing_is_queued(studio_home):
 def test_cancel_and_resume_buttons(studio_home):
     job = jobs.submit(ROOT / "datasets" / "striped" / "train.toml",
                       overrides=["training.max_train_steps=400", "training.lr_warmup_steps=0",
-                                 "validation.every_n_steps=0", "output.checkpointing_steps=3",
+                                 "validation.every_n_steps=0", "validation.prompts=[]",
+                                 "output.checkpointing_steps=3",
                                  "training.train_batch_size=1"])
     at = AppTest.from_file(PAGE, default_timeout=120).run()
     at = _until(at, lambda a: jobs.get_job(job.id).progress().step >= 4)

@@ -70,6 +70,7 @@ from studio.core.errors import (
     TrainingOutOfMemoryError,
 )
 from studio.core.families import get_family
+from studio.core.jsonutil import jsonable
 from studio.core.quantize import quantize_blocks
 from studio.core.thirdparty import allow_bitsandbytes
 from trainer import memory, methods
@@ -1261,7 +1262,9 @@ class Trainer:
         md = build_metadata(adapter_type=n.adapter_type, rank=n.rank, alpha=n.lora_alpha, family=self.family.name,
                             name=c.output.name, trigger_words=trigger, description=self._description(step),
                             base=kohya)
-        md[METADATA_NAMESPACE] = json.dumps(ours, sort_keys=True, allow_nan=False, default=str)
+        # jsonable: a diverged run's non-finite losses are written as null (a checkpoint's snapshot of a
+        # run about to diverge can carry them)
+        md[METADATA_NAMESPACE] = json.dumps(jsonable(ours), sort_keys=True, allow_nan=False, default=str)
         return md
 
     def trigger_words(self) -> list[str]:
