@@ -1,6 +1,7 @@
 """The Train page through AppTest: essentials first (at most 12 inputs before Advanced), presets fill the
 form generated from TrainConfig, every option is reachable with its name shown, a newcomer's quick run
-trains and registers, bad input is a message and queues nothing; cancel and resume."""
+trains and registers, bad input is a message and queues nothing; cancel and resume; with the registry on
+PostgreSQL, the team's queue beside this machine's."""
 
 from __future__ import annotations
 
@@ -230,3 +231,44 @@ def test_cancel_and_resume_buttons(studio_home):
         except jobs.JobNotFoundError:  # it was still queued: cancelling a queued job removes it
             break
         time.sleep(0.5)
+
+
+def test_the_team_queue_beside_this_machines(studio_home, monkeypatch, postgres_server):
+    import socket
+
+    from studio.app.workers import TeamQueue, run_worker
+    from studio.core.settings import get_settings, reload_settings
+
+    url = postgres_server.new_database()
+    monkeypatch.setenv("LORA_STUDIO_REGISTRY_URL", url)
+    reload_settings()
+    try:
+        at = _page(preset="quick")
+        at.number_input(key="train_length").set_value(4)
+        at.text_area(key="cfg-validation.prompts").input("")  # no samples: the test is about where it runs
+        at.radio(key="train_where").set_value("the team's workers")
+        _start(at)
+        assert not at.error, [e.value for e in at.error]
+        assert "queued team job" in at.success[0].value
+        assert jobs.list_jobs() == []  # nothing went to this machine's own queue
+        with TeamQueue() as queue:
+            (job,) = queue.jobs()
+            assert job.state == "queued" and job.submitted_by == get_settings().user
+            row = at.dataframe[0].value.iloc[-1]
+            assert (row["id"], row["runs on"], row["state"]) == (job.id, "(a worker)", "queued")
+            assert any("Waiting for a worker" in i.value for i in at.info)
+            # A worker (here, in this process) takes it and trains it; the page shows where and the result.
+            assert run_worker(queue, once=True, heartbeat_s=0.5, log=lambda _: None) == 1
+            at = _until(at, lambda a: any("done: registered striped@1" in s.value for s in a.success), 60)
+            assert any(f"ran on {socket.gethostname()}" in c.value for c in at.caption)
+            assert "step 4/4" in at.get("progress")[0].proto.text
+            # Cancel a queued team job from the page, then queue it again with Resume.
+            second = queue.submit(ROOT / "datasets" / "striped" / "train.toml", overrides=["output.name=second"])
+            at.run()
+            at.selectbox(key="train_job_pick").set_value(f"team:{second.id}").run()
+            at.button(key=f"cancel-{second.id}").click().run()
+            assert queue.get(second.id).state == "cancelled"
+            at.button(key=f"resume-{second.id}").click().run()
+            assert not at.exception and queue.get(second.id).state == "queued"
+    finally:
+        postgres_server.drop_database(url)

@@ -1,7 +1,7 @@
 """The team's training queue on PostgreSQL (studio.app.workers): workers in several processes take each
 job once, a worker that stops beating loses its job to another that resumes it, cancel reaches the
-worker holding a job, and ``lora-studio team`` / ``worker``. Runs on the session's real PostgreSQL
-server (conftest's postgres_server)."""
+worker holding a job, a stopped job queued again resumes, and ``lora-studio team`` / ``worker``. Runs on
+the session's real PostgreSQL server (conftest's postgres_server)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.core.errors import InvalidRequestError
+from studio.core.errors import InvalidRequestError, StudioError
 from studio.core.settings import reload_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +101,12 @@ def test_cancel_a_queued_job_and_one_a_worker_holds(team, studio_home):
     team.finish(held.id, "a:1", "stopped", "stopped by SIGTERM")
     with pytest.raises(InvalidRequestError, match="already ended"):
         team.cancel(held.id)
+    # A stopped or cancelled job can be queued again; a running or finished one cannot.
+    assert team.resume(queued.id).state == "queued"
+    claimed, resume = team.claim("b:2", "machine-b")
+    assert claimed.id == queued.id and not resume  # it never ran: no checkpoint, a fresh start
+    with pytest.raises(InvalidRequestError, match="is running: only a stopped, failed or cancelled"):
+        team.resume(queued.id)
 
 
 def test_a_team_queue_needs_postgresql(studio_home):
@@ -108,6 +114,11 @@ def test_a_team_queue_needs_postgresql(studio_home):
 
     with pytest.raises(InvalidRequestError, match="LORA_STUDIO_REGISTRY_URL"):
         TeamQueue()
+    # A server that cannot be reached is named, without the password, with what to check.
+    with pytest.raises(StudioError, match=r"(?s)cannot open the team's queue in postgresql\+psycopg://ops:\*\*\*@/"
+                                          r"catalog.*check LORA_STUDIO_REGISTRY_URL") as caught:
+        TeamQueue(f"postgresql+psycopg://ops:secret@/catalog?host={studio_home / 'no-server'}")
+    assert "secret" not in str(caught.value)
 
 
 def test_team_cli(team, studio_home, capsys):
@@ -123,6 +134,10 @@ def test_team_cli(team, studio_home, capsys):
     assert "cancelled queued team job" in capsys.readouterr().out
     assert main(["team", "cancel", "nope"]) == 2
     assert "no team job 'nope'" in capsys.readouterr().err
+    assert main(["team", "resume", job["id"]]) == 0
+    assert f"queued team job {job['id']} (cli) again" in capsys.readouterr().out
+    assert main(["team", "resume", job["id"]]) == 2
+    assert "is queued: only a stopped" in capsys.readouterr().err
 
 
 def _wait(predicate, timeout_s, what):
@@ -134,7 +149,6 @@ def _wait(predicate, timeout_s, what):
     pytest.fail(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
 def test_a_killed_workers_job_finishes_on_another_with_the_uninterrupted_adapter(team, studio_home, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -143,7 +157,7 @@ def test_a_killed_workers_job_finishes_on_another_with_the_uninterrupted_adapter
     from trainer.loop import list_checkpoints
 
     # no samples: each checkpoint is validated, and 3 prompts x 2 seeds at each would only slow the test
-    settings = ["training.max_train_steps=24", "training.lr_warmup_steps=0", "validation.every_n_steps=0",
+    settings = ["training.max_train_steps=12", "training.lr_warmup_steps=0", "validation.every_n_steps=0",
                 "validation.prompts=[]", "output.checkpointing_steps=4", "training.train_batch_size=1"]
     killed = team.submit(STRIPED, overrides=[*settings, "output.name=killed"], run_dir=tmp_path / "killed")
     straight = team.submit(STRIPED, overrides=[*settings, "output.name=straight"], run_dir=tmp_path / "straight")
@@ -213,7 +227,6 @@ def test_two_machines_registering_the_same_bytes_at_once_store_one_blob(team, tm
             reg.get("style0")
 
 
-@pytest.mark.slow
 def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
     from trainer.events import run_state
     from trainer.loop import list_checkpoints
@@ -235,3 +248,7 @@ def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
     assert stopped.state == "stopped", (stopped.message, out[-3000:])
     assert 2 <= run_state(job.run_dir).step < 400 and list_checkpoints(job.run_dir)  # it kept a checkpoint
     assert stopped.attempts[-1]["how"] == "stopped"
+    # Resume queues the same job again; the next worker continues the run from its checkpoint.
+    again = team.resume(job.id)
+    assert (again.state, again.message, again.cancel_requested) == ("queued", None, False)
+    assert team.claim("b:2", "machine-b")[1] is True  # resume: the checkpoint is there

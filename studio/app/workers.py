@@ -3,7 +3,7 @@
 
 The on-disk queue (``studio.app.jobs``) stays the default for one machine; this one is for a team
 whose registry is PostgreSQL (``LORA_STUDIO_REGISTRY_URL``) and whose datasets and run folders lie on
-a path every machine sees (NFS, a shared volume). Holds :class:`TeamQueue` (submit, claim, heartbeat,
+a path every machine sees (NFS, a shared volume). Holds :class:`TeamQueue` (submit, resume, claim, heartbeat,
 finish, cancel, list) and :func:`run_worker` (the worker's loop).
 
 - Claiming is one transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` takes the oldest claimable job,
@@ -47,6 +47,7 @@ FINISHED = ("done", "stopped", "failed", "cancelled")
 HEARTBEAT_S = 5.0
 # A worker that missed six heartbeats is gone: its job goes to the next worker that asks.
 STALE_AFTER_S = 30.0
+WORKER_LOG = "worker-log.txt"  # in the run folder: every attempt's trainer output, appended
 
 METADATA = sa.MetaData()
 team_jobs = sa.Table(
@@ -96,6 +97,21 @@ class TeamJob:
     def finished(self) -> bool:
         return self.state in FINISHED
 
+    def progress(self):
+        """The run's :class:`trainer.events.RunState`, read from its folder on the shared path (as a local
+        job's ``progress``)."""
+        return run_state(self.run_dir)
+
+    def log_tail(self, max_chars: int = 4000) -> str:
+        """The end of the trainer's output, which the worker running it appends to ``worker-log.txt``."""
+        try:
+            with open(Path(self.run_dir) / WORKER_LOG, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - max_chars))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "run_dir": self.run_dir, "state": self.state,
                 "submitted_by": self.submitted_by, "created_at": _iso(self.created_at), "machine": self.machine,
@@ -117,17 +133,30 @@ def _job(row) -> TeamJob:
         "ended_at", "cancel_requested", "message", "attempts", "config_toml")})
 
 
+def is_team_registry(url: str | None) -> bool:
+    """Whether a registry at ``url`` can hold the team's queue: only PostgreSQL has the row locks
+    (``SKIP LOCKED``) that let workers on several machines claim jobs without a coordinator."""
+    return bool(url) and sa.engine.make_url(url).get_backend_name() == "postgresql"
+
+
 class TeamQueue:
     """The team's training queue in the PostgreSQL database at ``url`` (default the registry's)."""
 
     def __init__(self, url: str | None = None) -> None:
-        settings = get_settings()
-        url = url or settings.registry_url
-        if not url or sa.engine.make_url(url).get_backend_name() != "postgresql":
+        url = url or get_settings().registry_url
+        if not is_team_registry(url):
             raise InvalidRequestError("a team queue needs the registry on PostgreSQL: set LORA_STUDIO_REGISTRY_URL "
                                       "to postgresql+psycopg://... (one machine uses lora-studio jobs instead)")
         self.engine = sa.create_engine(url, pool_pre_ping=True)
-        METADATA.create_all(self.engine)  # checkfirst: every worker may be the first
+        try:
+            try:
+                METADATA.create_all(self.engine)  # checkfirst: every worker may be the first
+            except (sa.exc.ProgrammingError, sa.exc.IntegrityError):
+                METADATA.create_all(self.engine)  # another worker created the table between check and CREATE
+        except sa.exc.OperationalError as e:
+            self.engine.dispose()
+            raise StudioError(f"cannot open the team's queue in {self.engine.url.render_as_string(hide_password=True)}"
+                              f": {e.orig}; check LORA_STUDIO_REGISTRY_URL and that the server is up") from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -189,6 +218,20 @@ class TeamQueue:
                     state="cancelled", ended_at=_now(), message="cancelled before a worker took it"))
             else:
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(cancel_requested=True))
+        return self.get(job_id)
+
+    def resume(self, job_id: str) -> TeamJob:
+        """Queue a stopped, failed or cancelled job again: the next worker to take it resumes its run from
+        the newest checkpoint in its run folder (or starts it, if none was kept). Its attempts stay."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
+            if row is None:
+                raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
+            if row.state not in ("stopped", "failed", "cancelled"):
+                raise InvalidRequestError(f"team job {job_id} is {row.state}: only a stopped, failed or cancelled "
+                                          f"job can be resumed")
+            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
+                state="queued", ended_at=None, message=None, cancel_requested=False, heartbeat_at=None))
         return self.get(job_id)
 
     # ---- what workers do ----------------------------------------------------------------------
@@ -284,7 +327,7 @@ def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: f
     with tempfile.TemporaryDirectory(prefix="lora-studio-worker-") as tmp:
         config = Path(tmp) / "config.toml"
         config.write_text(job.config_toml)
-        with open(run_dir / "worker-log.txt", "ab") as log:
+        with open(run_dir / WORKER_LOG, "ab") as log:
             proc = subprocess.Popen(trainer_argv(config, run_dir, resume=resume), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                     start_new_session=True, close_fds=True, cwd=tmp)
@@ -314,4 +357,4 @@ def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: f
     if state.result is not None and state.state in ("done", "stopped", "failed"):
         return state.state, state.message
     return "failed", f"the trainer ended with exit status {returncode} without writing result.json; see " \
-                     f"{run_dir / 'worker-log.txt'}"
+                     f"{run_dir / WORKER_LOG}"

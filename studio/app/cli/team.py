@@ -1,4 +1,4 @@
-"""``lora-studio team submit|list|cancel`` and ``lora-studio worker``: the training queue a team's
+"""``lora-studio team submit|list|cancel|resume`` and ``lora-studio worker``: the training queue a team's
 machines share through the registry's PostgreSQL database (studio.app.workers)."""
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def register(sub) -> None:
     cancel.add_argument("job_id")
     cancel.add_argument("--json", action="store_true")
     cancel.set_defaults(func=cmd_team_cancel)
+    resume = tsub.add_parser("resume", help="queue a stopped, failed or cancelled job again; the worker that "
+                                            "takes it resumes from the run's newest checkpoint")
+    resume.add_argument("job_id")
+    resume.add_argument("--json", action="store_true")
+    resume.set_defaults(func=cmd_team_resume)
 
     w = sub.add_parser("worker", help="take training jobs from the team's queue and run them, until stopped")
     w.add_argument("--once", action="store_true", help="stop when nothing is left to take")
@@ -76,6 +81,14 @@ def cmd_team_cancel(args) -> int:
     text = (f"cancelled queued team job {job.id}" if job.state == "cancelled" else
             f"asked {job.worker} to stop team job {job.id}; it saves a checkpoint first")
     print_result(args.json, job.to_dict(), text)
+    return 0
+
+
+def cmd_team_resume(args) -> int:
+    with _queue() as queue:
+        job = queue.resume(args.job_id)
+    print_result(args.json, job.to_dict(), f"queued team job {job.id} ({job.name}) again; the worker that takes "
+                                           f"it resumes from its newest checkpoint")
     return 0
 
 

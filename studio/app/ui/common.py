@@ -69,6 +69,23 @@ def queue_session() -> str:
 
 
 @st.cache_resource(show_spinner=False)
+def _team_queue_for(url: str):
+    from studio.app.workers import TeamQueue
+
+    return TeamQueue(url)
+
+
+def team_queue():
+    """The team's training queue (``studio.app.workers.TeamQueue``) when the registry is PostgreSQL, one
+    per URL for every session (it holds a connection pool); None for a studio on one machine. Imported
+    here, not at the top: the worker module brings the trainer's loop, which only the Train page needs."""
+    from studio.app.workers import is_team_registry
+
+    url = get_settings().registry_url
+    return _team_queue_for(url) if is_team_registry(url) else None
+
+
+@st.cache_resource(show_spinner=False)
 def registry():
     """One registry client per studio home, shared by every session (it holds a connection pool)."""
     return _registry_for(str(get_settings().home))

@@ -13,8 +13,11 @@ and TOML files have no "first"); its reasons are written beside it.
 Presets are ``studio.app.train_presets``: choosing a dataset, a base model or a preset fills every
 widget; what the user types afterwards is kept until the next such choice. Start builds the config with
 ``TrainConfig.from_dict`` and queues it with ``studio.app.jobs.submit`` (``lora-studio jobs ...``);
-progress is ``trainer.events.run_state``. Every value shown is read from disk, so the page shows the
-same after a browser reload or a studio restart. The paths it reads and sends (dataset and its
+progress is ``trainer.events.run_state``. When the registry is PostgreSQL, "Run on" also offers the team's
+queue (``studio.app.workers``): Start queues the run there for ``lora-studio worker`` on any machine, and
+the team's jobs are listed, watched, cancelled and resumed beside this machine's. Every value shown is
+read from disk (or the database), so the page shows the same after a browser reload or a studio restart.
+The paths it reads and sends (dataset and its
 ``train.toml``, regularisation images, output folder, a base model on disk) must lie under the data
 roots (``studio.core.settings.check_data_path``).
 """
@@ -28,7 +31,7 @@ import streamlit as st
 from PIL import Image
 
 from studio.app import dataset_files, jobs, train_presets
-from studio.app.ui.common import dataset_images, enlarged, reported
+from studio.app.ui.common import dataset_images, enlarged, reported, team_queue
 from studio.app.ui.run_view import checkpoints_section
 from studio.core.base_models import check_base_model, list_base_models
 from studio.core.errors import ConfigError, StudioError
@@ -46,6 +49,10 @@ ESSENTIALS = ("dataset.path", "model.base_model", "dataset.trigger_word", "train
 LENGTH_UNITS = {"steps": "training.max_train_steps", "epochs": "training.num_train_epochs"}
 THUMBNAILS = 8
 POLL = "2s"
+# Where Start sends a run when the registry is PostgreSQL: this machine's on-disk queue, or the team's queue
+# in the database, which ``lora-studio worker`` on any machine takes from (studio.app.workers).
+HERE, TEAM = "this machine", "the team's workers"
+TEAM_KEY = "team:"  # a team job's key in the job picker (its ids are shaped like local ones)
 
 st.title("Train")
 
@@ -202,6 +209,10 @@ def _caption(config: TrainConfig, estimate: train_presets.TimeEstimate) -> str:
 
 
 all_jobs = jobs.list_jobs()
+team, team_jobs = None, []
+with reported("Reading the team's queue"):  # a database that cannot be reached still leaves this machine's queue
+    if (found := team_queue()) is not None:
+        team_jobs, team = found.jobs(), found
 
 # ---- essentials --------------------------------------------------------------------------------
 known = {str(folder): label for label, folder in dataset_files.list_datasets()}
@@ -296,43 +307,69 @@ with st.form("train"):
             cols = tab.columns(3)
             for i, (option, f, tp) in enumerate(o for o in advanced if o[1].metadata["topic"] == topic):
                 _widget(cols[i % 3], option, f, tp)
+    if team is not None:
+        st.radio("Run on", (HERE, TEAM), key="train_where", horizontal=True,
+                 help="this machine's own queue, or the team's queue in the registry's PostgreSQL database, "
+                      "which `lora-studio worker` takes from on any machine. For the team, the dataset and the "
+                      "output folder (Advanced, Output) must lie on a path every worker's machine sees")
     start = st.form_submit_button("Start training", type="primary", disabled=not folder or not base)
 
 if start and folder and base:
     with reported("Starting the job"):
         dataset_path = settings.dataset.path if settings is not None else folder
         config = _check_paths(_config_from_form(dataset_path, base))
-        job = jobs.submit(config)
-        st.session_state["train_job"] = job.id
-        took = train_presets.estimate(config, speeds)
-        st.success(f"queued job {job.id} ({job.name}); it runs in the background and keeps running if you "
-                   f"close this page" + (f"; {took.text}" if took.seconds is not None else ""))
-        all_jobs = jobs.list_jobs()
+        if team is not None and st.session_state.get("train_where") == TEAM:
+            job = team.submit(config)
+            st.session_state["train_job"] = TEAM_KEY + job.id
+            st.success(f"queued team job {job.id} ({job.name}) for the team's workers; its run folder is "
+                       f"{job.run_dir}")
+            team_jobs = team.jobs()
+        else:
+            job = jobs.submit(config)
+            st.session_state["train_job"] = job.id
+            took = train_presets.estimate(config, speeds)
+            st.success(f"queued job {job.id} ({job.name}); it runs in the background and keeps running if you "
+                       f"close this page" + (f"; {took.text}" if took.seconds is not None else ""))
+            all_jobs = jobs.list_jobs()
 
 # ---- the queue -----------------------------------------------------------------------------------
 st.header("Jobs")
-if not all_jobs:
+listed = {j.id: j for j in all_jobs} | {TEAM_KEY + j.id: j for j in team_jobs}
+if not listed:
     st.info("No jobs yet: choose a dataset and a preset, then press Start training.")
     st.stop()
-st.dataframe([{"id": j.id, "adapter": j.name, "state": j.state, "resumes": j.resume_of or ""} for j in all_jobs],
-             hide_index=True)
-ids = [j.id for j in all_jobs]
+rows = [{"id": j.id, "adapter": j.name, "state": j.state, "resumes": j.resume_of or ""} for j in all_jobs]
+if team is not None:
+    # A team's jobs beside this machine's: where each runs (or ran last), who queued it, how many tries.
+    rows = [{**r, "runs on": HERE} for r in rows] + [
+        {"id": j.id, "adapter": j.name, "state": j.state, "resumes": "", "runs on": j.machine or "(a worker)",
+         "by": j.submitted_by, "attempts": len(j.attempts)} for j in team_jobs]
+st.dataframe(rows, hide_index=True)
+keys = list(listed)
 chosen = st.session_state.get("train_job")
-job_id = st.selectbox("Job", ids, index=ids.index(chosen) if chosen in ids else 0, key="train_job_pick",
-                      format_func=lambda i: f"{i} · {next(j for j in all_jobs if j.id == i).name}")
+job_key = st.selectbox("Job", keys, index=keys.index(chosen) if chosen in keys else 0, key="train_job_pick",
+                       format_func=lambda k: f"{listed[k].id} · {listed[k].name}"
+                                             + (" (team)" if k.startswith(TEAM_KEY) else ""))
 
 
-def _job_view(job_id: str) -> None:
+def _job_view(job_key: str) -> None:
+    on_team = job_key.startswith(TEAM_KEY)
     try:
-        job = jobs.get_job(job_id)
+        job = team.get(job_key.removeprefix(TEAM_KEY)) if on_team else jobs.get_job(job_key)
     except StudioError as e:
         st.error(str(e))
         return
     state = job.progress() if job.state != "queued" else None
     label = job.state if state is None or job.state in ("queued", "cancelled") else state.state
     st.subheader(f"{job.name}: {label}")
+    if on_team:
+        tries = f", attempt {len(job.attempts)}" if len(job.attempts) > 1 else ""
+        st.caption(f"team job, queued by {job.submitted_by}"
+                   + (f"; {'runs' if job.state == 'running' else 'ran'} on {job.machine}{tries}" if job.machine else "")
+                   + f"; run folder {job.run_dir}")
     if job.state == "queued":
-        st.info("Waiting for the jobs before it to finish.")
+        st.info("Waiting for a worker to take it: `lora-studio worker` on a machine that sees the team's "
+                "shared path." if on_team else "Waiting for the jobs before it to finish.")
     elif state is not None:
         eta = f", about {state.eta_s:.0f} s left" if state.eta_s is not None and not job.finished else ""
         speed = f" ({state.sec_per_step:.2f} s/step)" if state.sec_per_step else ""
@@ -364,12 +401,15 @@ def _job_view(job_id: str) -> None:
     c1, c2, _ = st.columns([1, 1, 4])
     if not job.finished and c1.button("Cancel", key=f"cancel-{job.id}"):
         with reported("Cancel"):
-            jobs.cancel(job.id)
+            (team.cancel if on_team else jobs.cancel)(job.id)  # a team job: its worker stops, wherever it runs
             st.rerun(scope="app")
-    if job.state in ("stopped", "failed") and c2.button("Resume", key=f"resume-{job.id}"):
+    resumable = ("stopped", "failed", "cancelled") if on_team else ("stopped", "failed")
+    if job.state in resumable and c2.button("Resume", key=f"resume-{job.id}"):
         with reported("Resume"):
-            new = jobs.resume(job.id)
-            st.session_state["train_job"] = new.id
+            if on_team:
+                team.resume(job.id)  # the same job, queued again: a worker resumes it from its checkpoint
+            else:
+                st.session_state["train_job"] = jobs.resume(job.id).id
             st.rerun(scope="app")
     with st.expander("Log"):
         st.code(job.log_tail() or "(empty)", language=None)
@@ -380,6 +420,5 @@ def _job_view(job_id: str) -> None:
         st.session_state[f"seen-end-{job.id}"] = False
 
 
-picked = next(j for j in all_jobs if j.id == job_id)
 # Poll only while something can change; a finished job's view is drawn once.
-st.fragment(run_every=None if picked.finished else POLL)(_job_view)(job_id)
+st.fragment(run_every=None if listed[job_key].finished else POLL)(_job_view)(job_key)
