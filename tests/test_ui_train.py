@@ -236,11 +236,13 @@ def test_cancel_and_resume_buttons(studio_home):
 def test_the_team_queue_beside_this_machines(studio_home, monkeypatch, postgres_server):
     import socket
 
+    from adapters.registry import Registry
     from studio.app.workers import TeamQueue, run_worker
     from studio.core.settings import get_settings, reload_settings
 
     url = postgres_server.new_database()
     monkeypatch.setenv("LORA_STUDIO_REGISTRY_URL", url)
+    monkeypatch.setenv("LORA_STUDIO_USER", "ada")  # who queues the run
     reload_settings()
     try:
         at = _page(preset="quick")
@@ -253,14 +255,19 @@ def test_the_team_queue_beside_this_machines(studio_home, monkeypatch, postgres_
         assert jobs.list_jobs() == []  # nothing went to this machine's own queue
         with TeamQueue() as queue:
             (job,) = queue.jobs()
-            assert job.state == "queued" and job.submitted_by == get_settings().user
+            assert job.state == "queued" and job.submitted_by == get_settings().user == "ada"
             row = at.dataframe[0].value.iloc[-1]
             assert (row["id"], row["runs on"], row["state"]) == (job.id, "(a worker)", "queued")
             assert any("Waiting for a worker" in i.value for i in at.info)
-            # A worker (here, in this process) takes it and trains it; the page shows where and the result.
+            # A worker (here, in this process, run by another user) takes it and trains it; the page shows
+            # where and the result, and the audit trail names who queued it as the version's author.
+            monkeypatch.setenv("LORA_STUDIO_USER", "gpu-box")
+            reload_settings()
             assert run_worker(queue, once=True, heartbeat_s=0.5, log=lambda _: None) == 1
             at = _until(at, lambda a: any("done: registered striped@1" in s.value for s in a.success), 60)
             assert any(f"ran on {socket.gethostname()}" in c.value for c in at.caption)
+            with Registry() as reg:
+                assert [(e.actor, e.action) for e in reg.history("striped")] == [("ada", "register")]
             assert "step 4/4" in at.get("progress")[0].proto.text
             # Cancel a queued team job from the page, then queue it again with Resume.
             second = queue.submit(ROOT / "datasets" / "striped" / "train.toml", overrides=["output.name=second"])

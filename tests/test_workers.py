@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -252,3 +253,73 @@ def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
     again = team.resume(job.id)
     assert (again.state, again.message, again.cancel_requested) == ("queued", None, False)
     assert team.claim("b:2", "machine-b")[1] is True  # resume: the checkpoint is there
+
+
+def _database_down():
+    import sqlalchemy as sa
+
+    return sa.exc.OperationalError("UPDATE team_jobs ...", {}, Exception("server closed the connection unexpectedly"))
+
+
+class _Flaky:
+    """The team queue, with heartbeats that fail ``failures`` times (None: always) after the first."""
+
+    def __init__(self, queue, failures):
+        self.queue, self.failures, self.calls = queue, failures, 0
+
+    def heartbeat(self, job_id, worker):
+        self.calls += 1
+        if self.calls > 1 and (self.failures is None or self.calls <= 1 + self.failures):
+            raise _database_down()
+        return self.queue.heartbeat(job_id, worker)
+
+
+def test_a_worker_cut_from_the_database_stops_its_trainer_before_others_take_the_job(team, studio_home):
+    from studio.app.workers import UNREACHABLE, keep_beating
+
+    job = team.submit(STRIPED, run_dir=studio_home / "run")
+    team.claim("a:1", "machine-a")
+    # A blip (two failed heartbeats, well inside half of stale_after_s) leaves the trainer running.
+    trainer = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    beats = threading.Thread(target=keep_beating, args=(_Flaky(team, 2), job.id, "a:1", trainer),
+                             kwargs={"heartbeat_s": 0.1, "stale_after_s": 10.0})
+    beats.start()
+    time.sleep(1.0)
+    assert trainer.poll() is None
+    trainer.kill()
+    beats.join(timeout=10)
+    # A cut longer than half of stale_after_s: the trainer gets SIGTERM (it saves a checkpoint and stops),
+    # before any other worker may count this one as gone.
+    trainer = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    started = time.monotonic()
+    why = keep_beating(_Flaky(team, None), job.id, "a:1", trainer, heartbeat_s=0.1, stale_after_s=1.0)
+    assert why == "unreachable" and trainer.wait(timeout=10) == -signal.SIGTERM
+    assert 0.5 <= time.monotonic() - started < 1.0 + 2  # half of stale_after_s, plus a heartbeat or two
+    # When the database answers again the job goes back to the queue, and the next worker resumes it.
+    team.finish(job.id, "a:1", "queued", UNREACHABLE)
+    back = team.get(job.id)
+    assert (back.state, back.heartbeat_at, back.attempts[-1]["how"]) == ("queued", None, UNREACHABLE)
+    assert team.claim("b:2", "machine-b")[0].id == job.id
+    # One cancelled meanwhile is not queued again.
+    team.cancel(job.id)
+    team.finish(job.id, "b:2", "queued", UNREACHABLE)
+    assert team.get(job.id).state == "stopped" and "cancelled meanwhile" in team.get(job.id).message
+
+
+def test_a_worker_waits_for_the_database_instead_of_dying(team, studio_home):
+    from studio.app.workers import run_worker
+
+    class Down:
+        def __init__(self):
+            self.calls = 0
+
+        def claim(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls <= 2:
+                raise _database_down()
+            return None
+
+    said = []
+    assert run_worker(Down(), once=True, poll_s=0.01, log=said.append) == 0
+    assert len(said) == 2 and all("cannot reach the team's database (server closed the connection unexpectedly)"
+                                  in line for line in said)

@@ -272,7 +272,8 @@ class TeamQueue:
             return "cancel" if row.cancel_requested else "ok"
 
     def finish(self, job_id: str, worker: str, state: str, message: str | None) -> None:
-        """Record how this worker's attempt ended (ignored when the job is no longer this worker's)."""
+        """Record how this worker's attempt ended (ignored when the job is no longer this worker's).
+        ``state`` "queued" ends the attempt but not the job: any worker resumes it from its checkpoint."""
         now = _now()
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
@@ -280,9 +281,12 @@ class TeamQueue:
                 return
             attempts = list(row.attempts)
             if attempts:
-                attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": state}
+                attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": message if state == "queued" else state}
+            if state == "queued" and row.cancel_requested:  # cancelled meanwhile: stays stopped at its checkpoint
+                state, message = "stopped", f"{message}; cancelled meanwhile"
+            ended = {"heartbeat_at": None} if state == "queued" else {"ended_at": now}
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
-                state=state, ended_at=now, message=message, attempts=attempts))
+                state=state, message=message, attempts=attempts, **ended))
 
 
 def worker_name() -> str:
@@ -300,14 +304,22 @@ def _die_with_parent() -> None:
         pass
 
 
+# What a worker does when the database does not answer (a restart, a network cut): it waits and asks
+# again, from every call, instead of dying with the job's row half-told.
+DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError)
+UNREACHABLE = "stopped: the worker could not reach the team's database"
+
+
 def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, heartbeat_s: float = HEARTBEAT_S,
                stale_after_s: float = STALE_AFTER_S, log=print) -> int:
     """Take jobs and train them until stopped (or, with ``once``, until the queue has nothing claimable).
-    Returns the number of attempts run."""
+    Returns the number of attempts run. While the database cannot be reached the worker says so and keeps
+    asking; a job whose heartbeats fail for half of ``stale_after_s`` is stopped at a checkpoint and queued
+    again (when the database answers), so it never runs here while another worker resumes it."""
     me, machine = worker_name(), socket.gethostname()
     count = 0
     while True:
-        claimed = queue.claim(me, machine, stale_after_s=stale_after_s)
+        claimed = _patiently(lambda: queue.claim(me, machine, stale_after_s=stale_after_s), poll_s, log)
         if claimed is None:
             if once:
                 return count
@@ -316,44 +328,71 @@ def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, hea
         job, resume = claimed
         count += 1
         log(f"{me}: {'resuming' if resume else 'starting'} team job {job.id} ({job.name}) in {job.run_dir}")
-        state, message = _train(queue, job, me, resume, heartbeat_s)
-        queue.finish(job.id, me, state, message)
+        state, message = _train(queue, job, me, resume, heartbeat_s, stale_after_s)
+        _patiently(lambda: queue.finish(job.id, me, state, message), poll_s, log)  # noqa: B023 - called at once
         log(f"{me}: team job {job.id} {state}{f': {message}' if message else ''}")
 
 
-def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: float) -> tuple[str, str | None]:
+def _patiently(call, poll_s: float, log):
+    """``call()``, asked again every ``poll_s`` (up to 30 s apart) while the database is unreachable."""
+    wait = poll_s
+    while True:
+        try:
+            return call()
+        except DATABASE_DOWN as e:
+            log(f"cannot reach the team's database ({str(getattr(e, 'orig', e)).splitlines()[0]}); asking again in "
+                f"{wait:.0f} s")
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)
+
+
+def keep_beating(queue: TeamQueue, job_id: str, me: str, proc: subprocess.Popen, *, heartbeat_s: float,
+                 stale_after_s: float) -> str | None:
+    """Refresh the job's heartbeat every ``heartbeat_s`` while ``proc`` (the trainer) runs; stop the trainer
+    with SIGTERM (it saves a checkpoint) when the job is cancelled ("cancel"), taken by another worker
+    ("lost"), or when no heartbeat got through for half of ``stale_after_s`` ("unreachable"): by the time
+    other workers count this one as gone, its trainer has stopped writing the run. Returns which, or None."""
+    last_ok, why = time.monotonic(), None
+    while proc.poll() is None:
+        try:
+            status = queue.heartbeat(job_id, me)
+            last_ok = time.monotonic()
+        except DATABASE_DOWN:
+            status = "unreachable" if time.monotonic() - last_ok > stale_after_s / 2 else "ok"
+        if status != "ok" and why is None:
+            why = status
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint and stops
+            except ProcessLookupError:
+                pass
+        time.sleep(heartbeat_s)
+    return why
+
+
+def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: float,
+           stale_after_s: float) -> tuple[str, str | None]:
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The version it registers is recorded in the audit trail as the work of whoever queued the job.
+    env = {**os.environ, "LORA_STUDIO_USER": job.submitted_by}
     with tempfile.TemporaryDirectory(prefix="lora-studio-worker-") as tmp:
         config = Path(tmp) / "config.toml"
         config.write_text(job.config_toml)
         with open(run_dir / WORKER_LOG, "ab") as log:
             proc = subprocess.Popen(trainer_argv(config, run_dir, resume=resume), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                    start_new_session=True, close_fds=True, cwd=tmp)
-        lost = threading.Event()
-
-        def beat() -> None:
-            signalled = False
-            while proc.poll() is None:
-                status = queue.heartbeat(job.id, me)
-                if status in ("cancel", "lost") and not signalled:
-                    if status == "lost":
-                        lost.set()
-                    try:
-                        os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint and stops
-                    except ProcessLookupError:
-                        pass
-                    signalled = True
-                time.sleep(heartbeat_s)
-
-        beater = threading.Thread(target=beat, daemon=True)
+                                    start_new_session=True, close_fds=True, cwd=tmp, env=env)
+        why: list[str | None] = [None]
+        beater = threading.Thread(daemon=True, target=lambda: why.__setitem__(0, keep_beating(
+            queue, job.id, me, proc, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)))
         beater.start()
         returncode = proc.wait()
         beater.join(timeout=heartbeat_s + 5)
-    if lost.is_set():
+    if why[0] == "lost":
         return "failed", "another worker took the job over (this worker missed its heartbeats)"
     state = run_state(run_dir)
+    if why[0] == "unreachable" and state.state != "done":
+        return "queued", UNREACHABLE  # back to the queue: the next worker resumes it from the checkpoint
     if state.result is not None and state.state in ("done", "stopped", "failed"):
         return state.state, state.message
     return "failed", f"the trainer ended with exit status {returncode} without writing result.json; see " \
