@@ -1393,17 +1393,28 @@ class Registry:
         conn.execute(sa.insert(audit_events).values(at=now, actor=self.actor, action=action, adapter_name=name,
                                                     version_number=number, detail=jsonable(detail)))
 
-    def history(self, name: str, *, limit: int | None = None) -> list[AuditEvent]:
-        """The recorded changes to adapter ``name``, oldest first (the newest ``limit`` when given). It
+    def history(self, name: str | None = None, *, limit: int | None = None, actor: str | None = None,
+                action: str | None = None) -> list[AuditEvent]:
+        """The recorded changes to adapter ``name`` (None: to every adapter of the catalog), oldest first;
+        only the newest ``limit`` when given, only those by ``actor`` or of kind ``action`` when given. It
         outlives the adapter: a deleted adapter's history stays readable."""
-        check_name(name)
+        if action is not None and action not in AUDIT_ACTIONS:
+            raise InvalidRequestError(f"no kind of change {action!r}: choose one of {', '.join(AUDIT_ACTIONS)}")
+        query = sa.select(audit_events).order_by(audit_events.c.id.desc())
+        if name is not None:
+            check_name(name)
+            query = query.where(audit_events.c.adapter_name == name)
+        if actor is not None:
+            query = query.where(audit_events.c.actor == actor)
+        if action is not None:
+            query = query.where(audit_events.c.action == action)
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as conn:
-            query = (sa.select(audit_events).where(audit_events.c.adapter_name == name)
-                     .order_by(audit_events.c.id.desc()))
-            if limit is not None:
-                query = query.limit(limit)
             rows = conn.execute(query).all()
-            if not rows and conn.execute(sa.select(adapters.c.id).where(adapters.c.name == name)).first() is None:
+            if name is not None and not rows and conn.execute(
+                    sa.select(audit_events.c.id).where(audit_events.c.adapter_name == name).limit(1)).first() is None \
+                    and conn.execute(sa.select(adapters.c.id).where(adapters.c.name == name)).first() is None:
                 raise self._unknown_name(conn, name)
         return [AuditEvent(id=r.id, at=_aware(r.at), actor=r.actor, action=r.action, adapter=r.adapter_name,
                            version=r.version_number, detail=dict(r.detail)) for r in reversed(rows)]

@@ -157,3 +157,29 @@ def test_labels_change_and_each_change_is_recorded(reg, tmp_path, capsys):
     assert "style@1 labels: ANIME" in capsys.readouterr().out
     assert main(["adapters", "history", "style"]) == 0
     assert "relabelled style@1: -Portrait" in capsys.readouterr().out
+
+
+def test_the_whole_catalogs_history_by_person_and_kind(reg, tmp_path, capsys):
+    from studio.app.cli import main
+    from studio.core.errors import InvalidRequestError
+
+    with Registry(actor="ada") as ada, Registry(actor="grace") as grace:
+        register_file(ada, "style", 1, tmp_path)
+        register_file(grace, "other", 2, tmp_path)
+        grace.set_alias("other@1", "prod")
+        ada.delete("style")
+        events = [(e.actor, e.action, e.adapter) for e in reg.history()]
+        assert events == [("ada", "register", "style"), ("grace", "register", "other"), ("grace", "tag", "other"),
+                          ("ada", "delete", "style")]  # a deleted adapter's changes stay in the catalog's
+        assert [e.action for e in reg.history(actor="grace")] == ["register", "tag"]
+        assert [e.adapter for e in reg.history(action="register", limit=1)] == ["other"]
+        assert reg.history("style", action="tag") == []  # known, nothing of that kind
+        with pytest.raises(InvalidRequestError, match="no kind of change 'rename': choose one of register, tag"):
+            reg.history(action="rename")
+    capsys.readouterr()
+    assert main(["adapters", "history", "--by", "ada"]) == 0
+    out = capsys.readouterr().out
+    assert "registered style@1" in out and "deleted style@1" in out and "other" not in out
+    assert main(["adapters", "history", "--action", "tag", "--json"]) == 0
+    (tag,) = json.loads(capsys.readouterr().out)
+    assert (tag["actor"], tag["adapter"], tag["summary"]) == ("grace", "other", "moved other@prod to @1")

@@ -125,6 +125,20 @@ def test_a_protected_alias_asks_for_its_name_and_the_history_shows_who_did_what(
                  "removed striped@prod (was @2) (forced)", "relabelled striped@2: +portrait +Night"):
         assert line in history, history
     assert "ada" in history
+    # Back at the catalog, the newest changes of every adapter, deleted ones too, and whose they were.
+    from adapters.registry import Registry
+
+    with Registry(actor="grace") as grace:
+        register(grace, "outlined", lora_files[0])
+        grace.delete("outlined@1")
+    _button(at, "Back to the catalog").click().run()
+    activity = at.table[-1].value
+    assert list(activity["who"])[-3:] == ["ada", "grace", "grace"]
+    assert list(activity["what"])[-2:] == ["registered outlined@1 (trained)", "deleted outlined@1"]
+    at.text_input(key="ad_activity_by").input("grace").run()
+    assert set(at.table[-1].value["who"]) == {"grace"}
+    at.text_input(key="ad_activity_by").input("nobody").run()
+    assert any("Nothing recorded by nobody yet." in i.value for i in at.info)
 
 
 def test_set_bad_alias_and_publish_report_errors(reg, lora_files):

@@ -11,10 +11,13 @@ from pathlib import Path
 
 from adapters.formats import DIFFUSERS_WEIGHT_NAME, METHOD_NAMES, check_against_reference, detect
 from adapters.merge import METHODS, merge_adapters, parse_merge_arg
+from adapters.registry import AUDIT_ACTIONS
 from studio.app.cli.common import Parser, number, open_registry, quiet_libraries, whole_number
 from studio.app.cli.output import print_fields, print_json, print_line, print_result, print_table, print_warning
 from studio.core.errors import InvalidRequestError
 from studio.core.families import FAMILIES, get_family
+
+CATALOG_EVENTS = 50  # `adapters history` without a name: the catalog's newest changes, a screenful
 
 
 def register(sub) -> None:
@@ -56,9 +59,14 @@ def register(sub) -> None:
     label.add_argument("--add", action="extend", nargs="+", default=[], metavar="LABEL")
     label.add_argument("--remove", action="extend", nargs="+", default=[], metavar="LABEL")
     label.set_defaults(func=cmd_adapters_label)
-    hist = asub.add_parser("history", help="who registered, aliased, deleted or published what, and when")
-    hist.add_argument("name", help="adapter name (a deleted adapter's history stays readable)")
-    hist.add_argument("--limit", type=whole_number, default=None, help="only the newest N events")
+    hist = asub.add_parser("history", help="who registered, aliased, relabelled, deleted or published what, and when")
+    hist.add_argument("name", nargs="?", default=None,
+                      help="adapter name (a deleted adapter's history stays readable); none: the whole catalog's")
+    hist.add_argument("--by", dest="actor", default=None, metavar="USER", help="only the changes USER made")
+    hist.add_argument("--action", default=None, choices=AUDIT_ACTIONS, help="only this kind of change")
+    hist.add_argument("--limit", type=whole_number, default=None,
+                      help=f"only the newest N events (default: all of one adapter's, the newest {CATALOG_EVENTS} "
+                           f"of the catalog's)")
     hist.add_argument("--json", action="store_true", help="print a JSON list of {at, actor, action, version, detail}")
     hist.set_defaults(func=cmd_adapters_history)
     imp = asub.add_parser("import", help="import a LoRA file (diffusers/peft or kohya .safetensors) as a new version, "
@@ -333,7 +341,8 @@ def cmd_adapters_label(args) -> int:
 
 def cmd_adapters_history(args) -> int:
     with open_registry() as reg:
-        events = reg.history(args.name, limit=args.limit)
+        limit = args.limit if args.limit is not None or args.name else CATALOG_EVENTS
+        events = reg.history(args.name, limit=limit, actor=args.actor, action=args.action)
     if args.json:
         print_json([e.to_dict() for e in events])
         return 0

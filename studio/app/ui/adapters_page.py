@@ -1,5 +1,6 @@
-"""The Adapters page: the catalog (search, filters, paged cards) and one adapter's page (versions,
-metadata, lineage, samples, hashes, aliases, export, delete, publish), plus importing a file.
+"""The Adapters page: the catalog (search, filters, paged cards, the newest changes and who made them) and
+one adapter's page (versions, metadata, lineage, samples, hashes, aliases, export, delete, publish, its
+history), plus importing a file.
 
 Widgets only: every action is one ``adapters.registry.Registry`` or ``adapters.ingest`` call (the
 ``lora-studio adapters ...`` commands). Listings are paged queries (``list_versions(limit=,
@@ -29,6 +30,7 @@ ANY = "any"
 reg = get_registry()
 st.title("Adapters")
 HISTORY_ROWS = 200  # the newest events; `adapters history` prints them all
+ACTIVITY_ROWS = 50  # the catalog's newest changes, under the cards
 
 if st.session_state.get("ad_deleted"):  # set by a delete just before its rerun
     st.success(st.session_state.pop("ad_deleted"))
@@ -42,6 +44,14 @@ def _thumbnail(sample, min_side: int, what: str):
     except StudioError as e:
         st.caption(f"sample not shown: {e}")
         return None
+
+
+def _history_table(events, empty: str) -> None:
+    """Audit events as a table, oldest first (``AuditEvent.summary`` is their one wording, as in the CLI)."""
+    if events:
+        st.table([{"when (UTC)": f"{e.at:%Y-%m-%d %H:%M:%S}", "who": e.actor, "what": e.summary} for e in events])
+    else:
+        st.info(empty)
 
 
 def _open(name: str, number: int | None = None) -> None:
@@ -125,6 +135,13 @@ if not opened:
         if p2.button("Next", disabled=not page.has_more, key="ad_next"):
             st.session_state["ad_page"] = page_no + 1
             st.rerun()
+    with st.expander("Recent changes across the catalog: who did what"):
+        by = st.text_input("Only the changes of (a user name; empty: everyone's)", key="ad_activity_by")
+        with reported("Reading the history"):
+            _history_table(reg.history(limit=ACTIVITY_ROWS, actor=by.strip() or None),
+                           f"Nothing recorded{' by ' + by.strip() if by.strip() else ''} yet.")
+        st.caption(f"The newest {ACTIVITY_ROWS}; deleted adapters' changes included. `lora-studio adapters history "
+                   f"[NAME] [--by USER] [--action KIND]` prints the same.")
     st.stop()
 
 # ---- one adapter -------------------------------------------------------------------------------
@@ -280,8 +297,5 @@ with tab_history:
     st.caption(f"Who registered, aliased, deleted or published {opened}, and when (newest last). "
                f"`lora-studio adapters history {opened}` prints the same.")
     with reported("Reading the history"):
-        events = reg.history(opened, limit=HISTORY_ROWS)
-        if events:
-            st.table([{"when (UTC)": f"{e.at:%Y-%m-%d %H:%M:%S}", "who": e.actor, "what": e.summary} for e in events])
-        else:
-            st.info("Nothing recorded yet (changes made before the studio kept a history are not listed).")
+        _history_table(reg.history(opened, limit=HISTORY_ROWS),
+                       "Nothing recorded yet (changes made before the studio kept a history are not listed).")
