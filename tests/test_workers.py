@@ -323,3 +323,28 @@ def test_a_worker_waits_for_the_database_instead_of_dying(team, studio_home):
     assert run_worker(Down(), once=True, poll_s=0.01, log=said.append) == 0
     assert len(said) == 2 and all("cannot reach the team's database (server closed the connection unexpectedly)"
                                   in line for line in said)
+
+
+def test_stopping_a_worker_queues_its_job_again_at_a_checkpoint(team, tmp_path):
+    from studio.app.workers import DRAINED
+    from trainer.events import run_state
+    from trainer.loop import list_checkpoints
+
+    job = team.submit(STRIPED, overrides=["training.max_train_steps=400", "training.lr_warmup_steps=0",
+                                          "validation.every_n_steps=0", "output.checkpointing_steps=0",
+                                          "training.train_batch_size=1", "output.name=long"],
+                      run_dir=tmp_path / "long")
+    worker = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "worker", "--heartbeat", "0.5"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(lambda: run_state(job.run_dir).step >= 2, 300, "the job's second step")
+        worker.send_signal(signal.SIGTERM)  # a service manager stopping the worker, or the machine shutting down
+        out, _ = worker.communicate(timeout=300)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0 and "stopped" in out.splitlines()[-1], out[-3000:]
+    back = team.get(job.id)
+    assert (back.state, back.attempts[-1]["how"]) == ("queued", DRAINED), out[-3000:]
+    step = run_state(job.run_dir).step
+    assert 2 <= step < 400 and list_checkpoints(job.run_dir)  # the trainer kept a checkpoint
+    assert team.claim("b:2", "machine-b")[1] is True  # another worker resumes it at once, without waiting

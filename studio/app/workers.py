@@ -310,31 +310,72 @@ DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError)
 UNREACHABLE = "stopped: the worker could not reach the team's database"
 
 
+DRAINED = "stopped: its worker was stopped (SIGTERM or Ctrl-C)"
+
+
 def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, heartbeat_s: float = HEARTBEAT_S,
                stale_after_s: float = STALE_AFTER_S, log=print) -> int:
     """Take jobs and train them until stopped (or, with ``once``, until the queue has nothing claimable).
-    Returns the number of attempts run. While the database cannot be reached the worker says so and keeps
+    Returns the number of attempts run.
+
+    Stopping the worker (SIGTERM, as a service manager or a machine's shutdown sends it, or Ctrl-C) drains
+    it: its trainer saves a checkpoint and stops, the job goes back to the queue at once for any worker
+    to resume, and the worker exits. While the database cannot be reached the worker says so and keeps
     asking; a job whose heartbeats fail for half of ``stale_after_s`` is stopped at a checkpoint and queued
     again (when the database answers), so it never runs here while another worker resumes it."""
     me, machine = worker_name(), socket.gethostname()
+    stopping, current = threading.Event(), {}
+
+    def drain(_signum, _frame) -> None:  # no printing here: the main thread may be inside a print
+        stopping.set()
+        _stop_trainer(current.get("proc"))
+
+    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, drain) for sig in handled}
     count = 0
-    while True:
-        claimed = _patiently(lambda: queue.claim(me, machine, stale_after_s=stale_after_s), poll_s, log)
-        if claimed is None:
-            if once:
-                return count
-            time.sleep(poll_s)
-            continue
-        job, resume = claimed
-        count += 1
-        log(f"{me}: {'resuming' if resume else 'starting'} team job {job.id} ({job.name}) in {job.run_dir}")
-        state, message = _train(queue, job, me, resume, heartbeat_s, stale_after_s)
-        _patiently(lambda: queue.finish(job.id, me, state, message), poll_s, log)  # noqa: B023 - called at once
-        log(f"{me}: team job {job.id} {state}{f': {message}' if message else ''}")
+    try:
+        while not stopping.is_set():
+            claimed = _patiently(lambda: queue.claim(me, machine, stale_after_s=stale_after_s), poll_s, log,
+                                 stopping)
+            if claimed is None:
+                if once:
+                    break
+                stopping.wait(poll_s)
+                continue
+            job, resume = claimed
+            count += 1
+            log(f"{me}: {'resuming' if resume else 'starting'} team job {job.id} ({job.name}) in {job.run_dir}")
+
+            def started(proc: subprocess.Popen) -> None:
+                current["proc"] = proc
+                if stopping.is_set():  # the signal came between the claim and the trainer's start
+                    _stop_trainer(proc)
+
+            state, message = _train(queue, job, me, resume, heartbeat_s, stale_after_s, started)
+            current.pop("proc", None)
+            if stopping.is_set() and state == "stopped":
+                state, message = "queued", DRAINED
+            _patiently(lambda: queue.finish(job.id, me, state, message), poll_s, log)  # noqa: B023 - called at once
+            log(f"{me}: team job {job.id} {state}{f': {message}' if message else ''}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping.is_set():
+        log(f"{me}: stopped")
+    return count
 
 
-def _patiently(call, poll_s: float, log):
-    """``call()``, asked again every ``poll_s`` (up to 30 s apart) while the database is unreachable."""
+def _stop_trainer(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint and stops
+        except ProcessLookupError:
+            pass
+
+
+def _patiently(call, poll_s: float, log, give_up: threading.Event | None = None):
+    """``call()``, asked again every ``poll_s`` (up to 30 s apart) while the database is unreachable;
+    None once ``give_up`` is set."""
     wait = poll_s
     while True:
         try:
@@ -342,7 +383,10 @@ def _patiently(call, poll_s: float, log):
         except DATABASE_DOWN as e:
             log(f"cannot reach the team's database ({str(getattr(e, 'orig', e)).splitlines()[0]}); asking again in "
                 f"{wait:.0f} s")
-            time.sleep(wait)
+            if give_up is not None and give_up.wait(wait):
+                return None
+            if give_up is None:
+                time.sleep(wait)
             wait = min(wait * 2, 30.0)
 
 
@@ -361,16 +405,13 @@ def keep_beating(queue: TeamQueue, job_id: str, me: str, proc: subprocess.Popen,
             status = "unreachable" if time.monotonic() - last_ok > stale_after_s / 2 else "ok"
         if status != "ok" and why is None:
             why = status
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint and stops
-            except ProcessLookupError:
-                pass
+            _stop_trainer(proc)
         time.sleep(heartbeat_s)
     return why
 
 
-def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: float,
-           stale_after_s: float) -> tuple[str, str | None]:
+def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: float, stale_after_s: float,
+           started=lambda proc: None) -> tuple[str, str | None]:
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # The version it registers is recorded in the audit trail as the work of whoever queued the job.
@@ -382,6 +423,7 @@ def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: f
             proc = subprocess.Popen(trainer_argv(config, run_dir, resume=resume), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                     start_new_session=True, close_fds=True, cwd=tmp, env=env)
+        started(proc)
         why: list[str | None] = [None]
         beater = threading.Thread(daemon=True, target=lambda: why.__setitem__(0, keep_beating(
             queue, job.id, me, proc, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)))

@@ -36,7 +36,9 @@ def register(sub) -> None:
     resume.add_argument("--json", action="store_true")
     resume.set_defaults(func=cmd_team_resume)
 
-    w = sub.add_parser("worker", help="take training jobs from the team's queue and run them, until stopped")
+    w = sub.add_parser("worker", help="take training jobs from the team's queue and run them, until stopped "
+                                      "(SIGTERM or Ctrl-C: the running job stops at a checkpoint and goes back to "
+                                      "the queue)")
     w.add_argument("--once", action="store_true", help="stop when nothing is left to take")
     w.add_argument("--poll", type=number, default=2.0, help="seconds between looks at an empty queue")
     w.add_argument("--heartbeat", type=number, default=None, help="seconds between heartbeats (default 5)")
