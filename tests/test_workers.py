@@ -348,3 +348,18 @@ def test_stopping_a_worker_queues_its_job_again_at_a_checkpoint(team, tmp_path):
     step = run_state(job.run_dir).step
     assert 2 <= step < 400 and list_checkpoints(job.run_dir)  # the trainer kept a checkpoint
     assert team.claim("b:2", "machine-b")[1] is True  # another worker resumes it at once, without waiting
+
+
+def test_a_run_that_finished_before_its_worker_died_is_not_trained_again(team, studio_home):
+    from studio.app.workers import run_worker
+    from trainer.events import RESULT_FILE, write_json_atomic
+
+    job = team.submit(STRIPED, run_dir=studio_home / "run")
+    team.claim("a:1", "machine-a")  # a worker took it, its trainer finished and registered, then the worker died
+    write_json_atomic(Path(job.run_dir) / RESULT_FILE, {"status": "done", "message": "", "ref": "striped@1"})
+    time.sleep(1.2)
+    said = []
+    assert run_worker(team, once=True, stale_after_s=1.0, log=said.append) == 1
+    done = team.get(job.id)
+    assert done.state == "done" and [a["how"] for a in done.attempts] == ["lost (no heartbeat)", "done"]
+    assert not (Path(job.run_dir) / "worker-log.txt").exists()  # no trainer was started

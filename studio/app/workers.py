@@ -414,6 +414,10 @@ def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: f
            started=lambda proc: None) -> tuple[str, str | None]:
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if (before := run_state(run_dir)).state == "done" and before.result is not None:
+        # The last worker's trainer finished (and registered) but the worker died before saying so: the
+        # run is complete; training it again from a checkpoint would only repeat the work.
+        return "done", before.message or None
     # The version it registers is recorded in the audit trail as the work of whoever queued the job.
     env = {**os.environ, "LORA_STUDIO_USER": job.submitted_by}
     with tempfile.TemporaryDirectory(prefix="lora-studio-worker-") as tmp:
