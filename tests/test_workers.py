@@ -363,3 +363,19 @@ def test_a_run_that_finished_before_its_worker_died_is_not_trained_again(team, s
     done = team.get(job.id)
     assert done.state == "done" and [a["how"] for a in done.attempts] == ["lost (no heartbeat)", "done"]
     assert not (Path(job.run_dir) / "worker-log.txt").exists()  # no trainer was started
+
+
+def test_heartbeats_are_judged_by_the_database_clock_not_a_machines(team, studio_home, monkeypatch):
+    import datetime as dt
+
+    job = team.submit(STRIPED, run_dir=studio_home / "run")
+    team.claim("a:1", "machine-a")
+
+    class AnHourAhead(dt.datetime):  # machine b's clock, wrong by an hour
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + dt.timedelta(hours=1)
+
+    monkeypatch.setattr("studio.app.workers.datetime", AnHourAhead)
+    assert team.claim("b:2", "machine-b", stale_after_s=60) is None  # a's fresh heartbeat is not stale
+    assert team.heartbeat(job.id, "a:1") == "ok"

@@ -123,8 +123,11 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.replace(tzinfo=UTC).isoformat()
 
 
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)  # stored naive UTC, as the registry stores times
+def _now(conn: sa.Connection) -> datetime:
+    """The database server's time, naive UTC (as the registry stores times). Every machine's heartbeat and
+    every staleness test read this one clock: with each machine's own, a worker whose clock ran 40 s
+    ahead would find every other worker's heartbeat stale and take their jobs."""
+    return conn.execute(sa.select(sa.func.timezone("UTC", sa.func.now()))).scalar_one()
 
 
 def _job(row) -> TeamJob:
@@ -188,7 +191,8 @@ class TeamQueue:
         with self.engine.begin() as conn:
             conn.execute(sa.insert(team_jobs).values(
                 id=job_id, name=resolved.output.name, config_toml=snapshot, run_dir=str(run_dir.resolve()),
-                state="queued", submitted_by=submitted_by or get_settings().user, created_at=_now(), attempts=[]))
+                state="queued", submitted_by=submitted_by or get_settings().user, created_at=_now(conn),
+                attempts=[]))
         return self.get(job_id)
 
     def get(self, job_id: str) -> TeamJob:
@@ -215,7 +219,7 @@ class TeamQueue:
                 raise InvalidRequestError(f"team job {job_id} already ended ({row.state}): nothing to cancel")
             if row.state == "queued":
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
-                    state="cancelled", ended_at=_now(), message="cancelled before a worker took it"))
+                    state="cancelled", ended_at=_now(conn), message="cancelled before a worker took it"))
             else:
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(cancel_requested=True))
         return self.get(job_id)
@@ -239,9 +243,9 @@ class TeamQueue:
     def claim(self, worker: str, machine: str, *, stale_after_s: float = STALE_AFTER_S) -> tuple[TeamJob, bool] | None:
         """Take the oldest queued job, or a running one whose worker stopped beating; (job, resume) where
         ``resume`` says a previous attempt left checkpoints to continue from. None when nothing is claimable."""
-        now = _now()
-        stale = now - timedelta(seconds=stale_after_s)
         with self.engine.begin() as conn:
+            now = _now(conn)
+            stale = now - timedelta(seconds=stale_after_s)
             row = conn.execute(
                 sa.select(team_jobs)
                 .where(sa.or_(team_jobs.c.state == "queued",
@@ -268,17 +272,17 @@ class TeamQueue:
                                .where(team_jobs.c.id == job_id).with_for_update()).first()
             if row is None or row.worker != worker or row.state != "running":
                 return "lost"
-            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(heartbeat_at=_now()))
+            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(heartbeat_at=_now(conn)))
             return "cancel" if row.cancel_requested else "ok"
 
     def finish(self, job_id: str, worker: str, state: str, message: str | None) -> None:
         """Record how this worker's attempt ended (ignored when the job is no longer this worker's).
         ``state`` "queued" ends the attempt but not the job: any worker resumes it from its checkpoint."""
-        now = _now()
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
             if row is None or row.worker != worker or row.state != "running":
                 return
+            now = _now(conn)
             attempts = list(row.attempts)
             if attempts:
                 attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": message if state == "queued" else state}
