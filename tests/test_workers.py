@@ -75,12 +75,14 @@ def test_workers_in_several_processes_take_each_job_once(team, studio_home):
 
 def test_a_worker_that_stops_beating_loses_its_job(team, studio_home):
     job = team.submit(STRIPED, run_dir=studio_home / "run")
-    first, resume = team.claim("a:1", "machine-a")
+    patient = team.submit(STRIPED, overrides=["output.name=patient"], run_dir=studio_home / "patient")
+    first, resume = team.claim("a:1", "machine-a", stale_after_s=1.0)  # a's lease: 1 s after each heartbeat
     assert first.id == job.id and not resume and first.state == "running"
-    assert team.heartbeat(job.id, "a:1") == "ok"
-    assert team.claim("b:2", "machine-b", stale_after_s=60) is None  # a beats: nothing to take
+    assert team.claim("c:3", "machine-c", stale_after_s=60)[0].id == patient.id  # c's lease: 60 s
+    assert team.heartbeat(job.id, "a:1", stale_after_s=1.0) == "ok"
+    assert team.claim("b:2", "machine-b") is None  # a beats: nothing to take
     time.sleep(1.2)
-    taken, _ = team.claim("b:2", "machine-b", stale_after_s=1.0)
+    taken, _ = team.claim("b:2", "machine-b", stale_after_s=1.0)  # a's lease ran out; c's did not
     assert taken.id == job.id and taken.worker == "b:2" and taken.machine == "machine-b"
     assert [(a["machine"], a["how"]) for a in taken.attempts] == [("machine-a", "lost (no heartbeat)"),
                                                                   ("machine-b", None)]
@@ -89,6 +91,34 @@ def test_a_worker_that_stops_beating_loses_its_job(team, studio_home):
     assert team.get(job.id).state == "running"
     team.finish(job.id, "b:2", "done", None)
     assert team.get(job.id).state == "done" and team.get(job.id).attempts[-1]["how"] == "done"
+    assert team.get(patient.id).worker == "c:3"
+
+
+def test_cancel_reaches_a_job_whose_worker_is_gone(team, studio_home):
+    from studio.app.workers import GONE_CANCELLED
+
+    gone = team.submit(STRIPED, overrides=["output.name=gone"], run_dir=studio_home / "gone")
+    flagged = team.submit(STRIPED, overrides=["output.name=flagged"], run_dir=studio_home / "flagged")
+    team.claim("a:1", "machine-a", stale_after_s=1.0)
+    team.claim("b:2", "machine-b", stale_after_s=1.0)
+    assert team.cancel(flagged.id).cancel_requested  # b still holds it: flagged for b's next heartbeat
+    time.sleep(1.2)  # then both workers die
+    stopped = team.cancel(gone.id)  # nobody would read a flag: stopped at once, resumable
+    assert (stopped.state, stopped.message, stopped.attempts[-1]["how"]) == ("stopped", GONE_CANCELLED,
+                                                                           "lost (no heartbeat)")
+    assert team.claim("c:3", "machine-c") is None  # the flagged one is settled, not started
+    assert (team.get(flagged.id).state, team.get(flagged.id).message) == ("stopped", GONE_CANCELLED)
+    assert team.resume(gone.id).state == "queued"
+
+
+def test_each_team_job_trains_in_a_folder_of_its_own(team, studio_home):
+    first = team.submit(STRIPED, run_dir=studio_home / "run")
+    with pytest.raises(InvalidRequestError, match=f"belongs to team job {first.id}"):
+        team.submit(STRIPED, run_dir=studio_home / "run")
+    (studio_home / "old-run").mkdir(parents=True)
+    (studio_home / "old-run" / "events.jsonl").write_text("{}\n")
+    with pytest.raises(InvalidRequestError, match="old-run is not empty: each team job trains in a folder"):
+        team.submit(STRIPED, run_dir=studio_home / "old-run")
 
 
 def test_cancel_a_queued_job_and_one_a_worker_holds(team, studio_home):
@@ -267,11 +297,23 @@ class _Flaky:
     def __init__(self, queue, failures):
         self.queue, self.failures, self.calls = queue, failures, 0
 
-    def heartbeat(self, job_id, worker):
+    def heartbeat(self, job_id, worker, **kwargs):
         self.calls += 1
         if self.calls > 1 and (self.failures is None or self.calls <= 1 + self.failures):
             raise _database_down()
-        return self.queue.heartbeat(job_id, worker)
+        return self.queue.heartbeat(job_id, worker, **kwargs)
+
+
+class _Hung:
+    """Heartbeats that hang, as on a network that drops packets silently."""
+
+    def heartbeat(self, job_id, worker, **kwargs):
+        time.sleep(3600)
+
+
+class _Lost:
+    def heartbeat(self, job_id, worker, **kwargs):
+        return "lost"
 
 
 def test_a_worker_cut_from_the_database_stops_its_trainer_before_others_take_the_job(team, studio_home):
@@ -295,6 +337,14 @@ def test_a_worker_cut_from_the_database_stops_its_trainer_before_others_take_the
     why = keep_beating(_Flaky(team, None), job.id, "a:1", trainer, heartbeat_s=0.1, stale_after_s=1.0)
     assert why == "unreachable" and trainer.wait(timeout=10) == -signal.SIGTERM
     assert 0.5 <= time.monotonic() - started < 1.0 + 2  # half of stale_after_s, plus a heartbeat or two
+    # A heartbeat that hangs instead of failing counts the same.
+    trainer = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    assert keep_beating(_Hung(), job.id, "a:1", trainer, heartbeat_s=0.1, stale_after_s=1.0) == "unreachable"
+    assert trainer.wait(timeout=10) == -signal.SIGTERM
+    # Taken over by another worker: the trainer is killed at once, the run is the other's now.
+    trainer = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    assert keep_beating(_Lost(), job.id, "a:1", trainer, heartbeat_s=0.1, stale_after_s=10.0) == "lost"
+    assert trainer.wait(timeout=10) == -signal.SIGKILL
     # When the database answers again the job goes back to the queue, and the next worker resumes it.
     team.finish(job.id, "a:1", "queued", UNREACHABLE)
     back = team.get(job.id)
@@ -355,7 +405,8 @@ def test_a_run_that_finished_before_its_worker_died_is_not_trained_again(team, s
     from trainer.events import RESULT_FILE, write_json_atomic
 
     job = team.submit(STRIPED, run_dir=studio_home / "run")
-    team.claim("a:1", "machine-a")  # a worker took it, its trainer finished and registered, then the worker died
+    # a worker took it, its trainer finished and registered, then the worker died
+    team.claim("a:1", "machine-a", stale_after_s=1.0)
     write_json_atomic(Path(job.run_dir) / RESULT_FILE, {"status": "done", "message": "", "ref": "striped@1"})
     time.sleep(1.2)
     said = []
@@ -379,3 +430,41 @@ def test_heartbeats_are_judged_by_the_database_clock_not_a_machines(team, studio
     monkeypatch.setattr("studio.app.workers.datetime", AnHourAhead)
     assert team.claim("b:2", "machine-b", stale_after_s=60) is None  # a's fresh heartbeat is not stale
     assert team.heartbeat(job.id, "a:1") == "ok"
+
+
+def test_a_job_a_machine_cannot_run_fails_and_the_worker_goes_on(team, studio_home):
+    from studio.app.workers import run_worker
+
+    (studio_home / "a-file").parent.mkdir(parents=True, exist_ok=True)
+    (studio_home / "a-file").write_text("not a folder")
+    bad = team.submit(STRIPED, overrides=["output.name=bad"], run_dir=studio_home / "a-file" / "run")
+    nxt = team.submit(STRIPED, overrides=["output.name=next"], run_dir=studio_home / "a-file" / "next")
+    said = []
+    assert run_worker(team, once=True, heartbeat_s=0.5, log=said.append) == 2  # still there for the next job
+    for job in (bad, nxt):
+        failed = team.get(job.id)
+        assert failed.state == "failed" and "could not run it: NotADirectoryError" in failed.message
+
+
+def test_stopping_a_worker_while_its_trainer_loads_queues_the_job_again(team, tmp_path):
+    from studio.app.workers import DRAINED
+
+    job = team.submit(STRIPED, overrides=["output.name=early"], run_dir=tmp_path / "early")
+    worker = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "worker", "--heartbeat", "0.5"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(lambda: team.get(job.id).state == "running", 120, "a worker to take the job")
+        worker.send_signal(signal.SIGTERM)  # the trainer is still importing torch: no handler of its own yet
+        out, _ = worker.communicate(timeout=120)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, out[-3000:]
+    back = team.get(job.id)
+    assert (back.state, back.attempts[-1]["how"]) == ("queued", DRAINED), (back.message, out[-3000:])
+
+
+def test_the_heartbeat_must_fit_the_stale_after(team, capsys):
+    from studio.app.cli import main
+
+    assert main(["worker", "--heartbeat", "20", "--once"]) == 2
+    assert "--heartbeat 20 must be above 0 and at most a third of --stale-after 30" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from studio.app.jobs import trainer_argv
 from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
 from studio.core.settings import get_settings
 from trainer.config import TrainConfig
-from trainer.events import run_state
+from trainer.events import RESULT_FILE, run_state
 from trainer.loop import list_checkpoints
 
 STATES = ("queued", "running", "done", "stopped", "failed", "cancelled")
@@ -48,6 +48,7 @@ HEARTBEAT_S = 5.0
 # A worker that missed six heartbeats is gone: its job goes to the next worker that asks.
 STALE_AFTER_S = 30.0
 WORKER_LOG = "worker-log.txt"  # in the run folder: every attempt's trainer output, appended
+PREVIOUS_RESULT = "result.previous.json"  # the last attempt's result.json, set aside when the next starts
 
 METADATA = sa.MetaData()
 team_jobs = sa.Table(
@@ -62,6 +63,9 @@ team_jobs = sa.Table(
     sa.Column("machine", sa.String(256)),  # the machine running it now, or that ran it last
     sa.Column("worker", sa.String(256)),  # host:pid of that worker
     sa.Column("heartbeat_at", sa.DateTime),
+    # Until when the worker holding it counts as alive: the last heartbeat plus that worker's own
+    # --stale-after, so a worker started with a longer patience is not robbed by one with a shorter.
+    sa.Column("lease_until", sa.DateTime),
     sa.Column("ended_at", sa.DateTime),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("message", sa.Text),
@@ -130,6 +134,30 @@ def _now(conn: sa.Connection) -> datetime:
     return conn.execute(sa.select(sa.func.timezone("UTC", sa.func.now()))).scalar_one()
 
 
+GONE_CANCELLED = "cancelled after its worker had stopped beating; its checkpoints stay (lora-studio team resume)"
+
+
+def _lease_over_sql(now: datetime):
+    """Running rows whose holder's lease ran out (rows from before leases: their heartbeat is too old)."""
+    return sa.or_(team_jobs.c.lease_until < now,
+                  sa.and_(team_jobs.c.lease_until.is_(None),
+                          team_jobs.c.heartbeat_at < now - timedelta(seconds=STALE_AFTER_S)))
+
+
+def _lease_over(row, now: datetime) -> bool:
+    if row.lease_until is not None:
+        return row.lease_until < now
+    return row.heartbeat_at is None or row.heartbeat_at < now - timedelta(seconds=STALE_AFTER_S)
+
+
+def _end_attempt(attempts: list, now: datetime, how: str) -> list:
+    """The attempts with the last one ended ``how`` at ``now``."""
+    attempts = list(attempts)
+    if attempts:
+        attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": how}
+    return attempts
+
+
 def _job(row) -> TeamJob:
     return TeamJob(**{c: getattr(row, c) for c in (
         "id", "name", "run_dir", "state", "submitted_by", "created_at", "machine", "worker", "heartbeat_at",
@@ -150,12 +178,21 @@ class TeamQueue:
         if not is_team_registry(url):
             raise InvalidRequestError("a team queue needs the registry on PostgreSQL: set LORA_STUDIO_REGISTRY_URL "
                                       "to postgresql+psycopg://... (one machine uses lora-studio jobs instead)")
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        # A worker must learn within seconds that the database is gone, not after TCP's minutes: a bounded
+        # connect, keepalives and (libpq's) TCP user timeout on the socket, and statement and lock timeouts
+        # on the server. Ignored on a Unix socket, which fails at once.
+        self.engine = sa.create_engine(url, pool_pre_ping=True, connect_args={
+            "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+            "keepalives_count": 3, "tcp_user_timeout": 10_000,
+            "options": "-c statement_timeout=20000 -c lock_timeout=10000"})
         try:
             try:
                 METADATA.create_all(self.engine)  # checkfirst: every worker may be the first
             except (sa.exc.ProgrammingError, sa.exc.IntegrityError):
                 METADATA.create_all(self.engine)  # another worker created the table between check and CREATE
+            if "lease_until" not in {c["name"] for c in sa.inspect(self.engine).get_columns("team_jobs")}:
+                with self.engine.begin() as conn:  # a queue made before leases: the column, added in place
+                    conn.execute(sa.text("ALTER TABLE team_jobs ADD COLUMN IF NOT EXISTS lease_until TIMESTAMP"))
         except sa.exc.OperationalError as e:
             self.engine.dispose()
             raise StudioError(f"cannot open the team's queue in {self.engine.url.render_as_string(hide_password=True)}"
@@ -185,12 +222,20 @@ class TeamQueue:
             raise DatasetNotFoundError(f"dataset.path {resolved.dataset.path} does not exist: choose a dataset folder "
                                        f"on the team's shared path")
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        run_dir = Path(run_dir or Path(resolved.output.dir) / f"{resolved.output.name}-{job_id}").expanduser()
+        run_dir = Path(run_dir or Path(resolved.output.dir) / f"{resolved.output.name}-{job_id}").expanduser().resolve()
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise InvalidRequestError(f"run folder {run_dir} is not empty: each team job trains in a folder of its "
+                                      f"own (leave --run-dir out for a new one); resume a stopped job with "
+                                      f"lora-studio team resume")
         with tempfile.TemporaryDirectory(prefix="lora-studio-team-") as tmp:
             snapshot = config.save(Path(tmp) / "config.toml").read_text()
         with self.engine.begin() as conn:
+            other = conn.execute(sa.select(team_jobs.c.id).where(team_jobs.c.run_dir == str(run_dir))).scalar()
+            if other is not None:
+                raise InvalidRequestError(f"run folder {run_dir} belongs to team job {other}: each job trains in a "
+                                          f"folder of its own")
             conn.execute(sa.insert(team_jobs).values(
-                id=job_id, name=resolved.output.name, config_toml=snapshot, run_dir=str(run_dir.resolve()),
+                id=job_id, name=resolved.output.name, config_toml=snapshot, run_dir=str(run_dir),
                 state="queued", submitted_by=submitted_by or get_settings().user, created_at=_now(conn),
                 attempts=[]))
         return self.get(job_id)
@@ -217,9 +262,14 @@ class TeamQueue:
                 raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
             if row.state in FINISHED:
                 raise InvalidRequestError(f"team job {job_id} already ended ({row.state}): nothing to cancel")
+            now = _now(conn)
             if row.state == "queued":
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
-                    state="cancelled", ended_at=_now(conn), message="cancelled before a worker took it"))
+                    state="cancelled", ended_at=now, message="cancelled before a worker took it"))
+            elif _lease_over(row, now):  # no worker holds it any more: nobody would read the flag
+                conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
+                    state="stopped", ended_at=now, attempts=_end_attempt(row.attempts, now, "lost (no heartbeat)"),
+                    message=GONE_CANCELLED))
             else:
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(cancel_requested=True))
         return self.get(job_id)
@@ -235,44 +285,60 @@ class TeamQueue:
                 raise InvalidRequestError(f"team job {job_id} is {row.state}: only a stopped, failed or cancelled "
                                           f"job can be resumed")
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
-                state="queued", ended_at=None, message=None, cancel_requested=False, heartbeat_at=None))
+                state="queued", ended_at=None, message=None, cancel_requested=False, heartbeat_at=None,
+                lease_until=None))
         return self.get(job_id)
 
     # ---- what workers do ----------------------------------------------------------------------
 
     def claim(self, worker: str, machine: str, *, stale_after_s: float = STALE_AFTER_S) -> tuple[TeamJob, bool] | None:
-        """Take the oldest queued job, or a running one whose worker stopped beating; (job, resume) where
-        ``resume`` says a previous attempt left checkpoints to continue from. None when nothing is claimable."""
+        """Take the oldest queued job, or a running one whose worker's lease ran out; (job, resume) where
+        ``resume`` says a previous attempt left checkpoints to continue from. None when nothing is claimable.
+        ``stale_after_s`` is this worker's lease: how long others wait after its last heartbeat. A job
+        cancelled while its worker was gone is settled as stopped, not started."""
         with self.engine.begin() as conn:
             now = _now(conn)
-            stale = now - timedelta(seconds=stale_after_s)
-            row = conn.execute(
-                sa.select(team_jobs)
-                .where(sa.or_(team_jobs.c.state == "queued",
-                              sa.and_(team_jobs.c.state == "running", team_jobs.c.heartbeat_at < stale)))
-                .order_by(team_jobs.c.created_at, team_jobs.c.id)
-                .limit(1).with_for_update(skip_locked=True)).first()
-            if row is None:
-                return None
+            while True:
+                row = conn.execute(
+                    sa.select(team_jobs)
+                    .where(sa.or_(team_jobs.c.state == "queued", sa.and_(team_jobs.c.state == "running",
+                                                                          _lease_over_sql(now))))
+                    .order_by(team_jobs.c.created_at, team_jobs.c.id)
+                    .limit(1).with_for_update(skip_locked=True)).first()
+                if row is None:
+                    return None
+                if row.state == "running" and row.cancel_requested:
+                    conn.execute(sa.update(team_jobs).where(team_jobs.c.id == row.id).values(
+                        state="stopped", ended_at=now, message=GONE_CANCELLED,
+                        attempts=_end_attempt(row.attempts, now, "lost (no heartbeat)")))
+                    continue
+                break
             attempts = list(row.attempts)
-            if row.state == "running" and attempts:
-                attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": "lost (no heartbeat)"}
+            if row.state == "running":
+                attempts = _end_attempt(attempts, now, "lost (no heartbeat)")
             attempts.append({"machine": machine, "worker": worker, "started_at": _iso(now), "ended_at": None,
                              "how": None})
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == row.id).values(
-                state="running", machine=machine, worker=worker, heartbeat_at=now, attempts=attempts))
+                state="running", machine=machine, worker=worker, heartbeat_at=now,
+                lease_until=now + timedelta(seconds=stale_after_s), attempts=attempts))
         job = self.get(row.id)
-        return job, bool(list_checkpoints(job.run_dir))
+        try:
+            resume = bool(list_checkpoints(job.run_dir))
+        except OSError:
+            resume = False  # an unreadable run folder: the attempt fails with the trainer's own words
+        return job, resume
 
-    def heartbeat(self, job_id: str, worker: str) -> str:
-        """Refresh the job's heartbeat: 'ok', 'cancel' (stop the trainer) or 'lost' (another worker took
-        the job: this one must stop writing its run)."""
+    def heartbeat(self, job_id: str, worker: str, *, stale_after_s: float = STALE_AFTER_S) -> str:
+        """Refresh the job's heartbeat and this worker's lease on it: 'ok', 'cancel' (stop the trainer) or
+        'lost' (another worker took the job: this one must stop writing its run at once)."""
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(team_jobs.c.worker, team_jobs.c.state, team_jobs.c.cancel_requested)
                                .where(team_jobs.c.id == job_id).with_for_update()).first()
             if row is None or row.worker != worker or row.state != "running":
                 return "lost"
-            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(heartbeat_at=_now(conn)))
+            now = _now(conn)
+            conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
+                heartbeat_at=now, lease_until=now + timedelta(seconds=stale_after_s)))
             return "cancel" if row.cancel_requested else "ok"
 
     def finish(self, job_id: str, worker: str, state: str, message: str | None) -> None:
@@ -283,18 +349,18 @@ class TeamQueue:
             if row is None or row.worker != worker or row.state != "running":
                 return
             now = _now(conn)
-            attempts = list(row.attempts)
-            if attempts:
-                attempts[-1] = {**attempts[-1], "ended_at": _iso(now), "how": message if state == "queued" else state}
+            attempts = _end_attempt(row.attempts, now, message if state == "queued" else state)
             if state == "queued" and row.cancel_requested:  # cancelled meanwhile: stays stopped at its checkpoint
                 state, message = "stopped", f"{message}; cancelled meanwhile"
-            ended = {"heartbeat_at": None} if state == "queued" else {"ended_at": now}
+            ended = {"heartbeat_at": None, "lease_until": None} if state == "queued" else {"ended_at": now}
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
                 state=state, message=message, attempts=attempts, **ended))
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:token; the token tells apart two workers that share a host name and a pid (containers on
+    the host's network, each with its worker as pid 1)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def _die_with_parent() -> None:
@@ -355,7 +421,10 @@ def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, hea
                 if stopping.is_set():  # the signal came between the claim and the trainer's start
                     _stop_trainer(proc)
 
-            state, message = _train(queue, job, me, resume, heartbeat_s, stale_after_s, started)
+            try:
+                state, message = _train(queue, job, me, resume, heartbeat_s, stale_after_s, started)
+            except Exception as e:  # noqa: BLE001 - a job this machine cannot run fails; the worker goes on
+                state, message = "failed", f"{machine} could not run it: {type(e).__name__}: {e}"
             current.pop("proc", None)
             if stopping.is_set() and state == "stopped":
                 state, message = "queued", DRAINED
@@ -369,10 +438,11 @@ def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, hea
     return count
 
 
-def _stop_trainer(proc: subprocess.Popen | None) -> None:
+def _stop_trainer(proc: subprocess.Popen | None, how: signal.Signals = signal.SIGTERM) -> None:
+    """SIGTERM: the trainer saves a checkpoint and stops. SIGKILL: it stops now (another owns the run)."""
     if proc is not None and proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint and stops
+            os.killpg(proc.pid, how)
         except ProcessLookupError:
             pass
 
@@ -396,21 +466,34 @@ def _patiently(call, poll_s: float, log, give_up: threading.Event | None = None)
 
 def keep_beating(queue: TeamQueue, job_id: str, me: str, proc: subprocess.Popen, *, heartbeat_s: float,
                  stale_after_s: float) -> str | None:
-    """Refresh the job's heartbeat every ``heartbeat_s`` while ``proc`` (the trainer) runs; stop the trainer
-    with SIGTERM (it saves a checkpoint) when the job is cancelled ("cancel"), taken by another worker
-    ("lost"), or when no heartbeat got through for half of ``stale_after_s`` ("unreachable"): by the time
-    other workers count this one as gone, its trainer has stopped writing the run. Returns which, or None."""
-    last_ok, why = time.monotonic(), None
+    """Refresh the job's heartbeat (and this worker's lease) every ``heartbeat_s`` while ``proc`` (the
+    trainer) runs. Stops the trainer when the job is cancelled ("cancel": SIGTERM, it saves a checkpoint),
+    taken by another worker ("lost": SIGKILL, the run is the other worker's now), or when no heartbeat got
+    through for half of ``stale_after_s`` ("unreachable": SIGTERM), so its trainer has stopped writing
+    before other workers may count this one as gone. Heartbeats run in a thread of their own, watched
+    from here: a call that hangs on a dead network counts as failed. Returns which, or None."""
+    last_ok, said = [time.monotonic()], [None]
+
+    def beat() -> None:
+        while proc.poll() is None and said[0] is None:
+            try:
+                status = queue.heartbeat(job_id, me, stale_after_s=stale_after_s)
+                last_ok[0] = time.monotonic()
+            except DATABASE_DOWN:
+                status = "ok"  # the watch below decides when silence has lasted too long
+            if status != "ok":
+                said[0] = status
+                return
+            time.sleep(heartbeat_s)
+
+    threading.Thread(target=beat, daemon=True).start()
+    why = None
     while proc.poll() is None:
-        try:
-            status = queue.heartbeat(job_id, me)
-            last_ok = time.monotonic()
-        except DATABASE_DOWN:
-            status = "unreachable" if time.monotonic() - last_ok > stale_after_s / 2 else "ok"
-        if status != "ok" and why is None:
-            why = status
-            _stop_trainer(proc)
-        time.sleep(heartbeat_s)
+        if why is None:
+            why = said[0] or ("unreachable" if time.monotonic() - last_ok[0] > stale_after_s / 2 else None)
+            if why is not None:
+                _stop_trainer(proc, signal.SIGKILL if why == "lost" else signal.SIGTERM)
+        time.sleep(min(heartbeat_s, 0.25))
     return why
 
 
@@ -422,6 +505,9 @@ def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: f
         # The last worker's trainer finished (and registered) but the worker died before saying so: the
         # run is complete; training it again from a checkpoint would only repeat the work.
         return "done", before.message or None
+    if before.result is not None:
+        # An earlier attempt's outcome (stopped, failed): set aside, so this attempt's is the one read.
+        (run_dir / RESULT_FILE).replace(run_dir / PREVIOUS_RESULT)
     # The version it registers is recorded in the audit trail as the work of whoever queued the job.
     env = {**os.environ, "LORA_STUDIO_USER": job.submitted_by}
     with tempfile.TemporaryDirectory(prefix="lora-studio-worker-") as tmp:
@@ -445,5 +531,7 @@ def _train(queue: TeamQueue, job: TeamJob, me: str, resume: bool, heartbeat_s: f
         return "queued", UNREACHABLE  # back to the queue: the next worker resumes it from the checkpoint
     if state.result is not None and state.state in ("done", "stopped", "failed"):
         return state.state, state.message
+    if returncode == -signal.SIGTERM:  # stopped by us (cancel, drain, outage) before its own handler was set
+        return "stopped", "stopped while the trainer was loading, before its first step"
     return "failed", f"the trainer ended with exit status {returncode} without writing result.json; see " \
                      f"{run_dir / WORKER_LOG}"

@@ -96,8 +96,15 @@ def cmd_team_resume(args) -> int:
 
 def cmd_worker(args) -> int:
     from studio.app.workers import HEARTBEAT_S, STALE_AFTER_S, run_worker
+    from studio.core.errors import InvalidRequestError
 
+    heartbeat, stale = args.heartbeat or HEARTBEAT_S, args.stale_after or STALE_AFTER_S
+    # The trainer is stopped after stale / 2 without a heartbeat getting through: a third leaves room for
+    # one slow or lost heartbeat before that.
+    if heartbeat <= 0 or heartbeat * 3 > stale:
+        raise InvalidRequestError(f"--heartbeat {heartbeat:g} must be above 0 and at most a third of --stale-after "
+                                  f"{stale:g}, or other workers would count this one gone between its heartbeats")
     with _queue() as queue:
-        run_worker(queue, once=args.once, poll_s=args.poll, heartbeat_s=args.heartbeat or HEARTBEAT_S,
-                   stale_after_s=args.stale_after or STALE_AFTER_S, log=print_line)
+        run_worker(queue, once=args.once, poll_s=args.poll, heartbeat_s=heartbeat, stale_after_s=stale,
+                   log=print_line)
     return 0
