@@ -930,12 +930,23 @@ class Registry:
         hint = f"; did you mean: {', '.join(close)}?" if close else "; `lora-studio adapters list` shows what exists"
         return AdapterNotFoundError(f"no adapter named {name!r}{hint}", close)
 
-    def _adapter_id(self, conn: sa.Connection, name: str) -> int:
+    def _adapter_id(self, conn: sa.Connection, name: str, *, lock: bool = False) -> int:
         check_name(name)
-        row = conn.execute(sa.select(adapters.c.id).where(adapters.c.name == name)).first()
+        query = sa.select(adapters.c.id).where(adapters.c.name == name)
+        row = conn.execute(query.with_for_update() if lock else query).first()
         if row is None:
             raise self._unknown_name(conn, name)
         return row.id
+
+    def _resolve_locked(self, conn: sa.Connection, ref: str) -> sa.Row:
+        """:meth:`_resolve` for a change: the adapter's row is locked until commit (PostgreSQL FOR UPDATE;
+        SQLite's BEGIN IMMEDIATE already holds the whole database), and the reference is resolved again
+        under the lock, so two changes to one adapter's aliases, labels or versions run one after the
+        other and the second sees the first (else both could read @prod unprotected and the second
+        overwrite the first's protection)."""
+        conn.execute(sa.select(adapters.c.id).where(adapters.c.id == self._resolve(conn, ref).adapter_id)
+                     .with_for_update())
+        return self._resolve(conn, ref)
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -1293,7 +1304,7 @@ class Registry:
         now = _utcnow()
 
         def work(conn: sa.Connection) -> int:
-            target = self._resolve(conn, ref)
+            target = self._resolve_locked(conn, ref)
             where = (aliases.c.adapter_id == target.adapter_id, aliases.c.alias == alias)
             current = conn.execute(sa.select(aliases.c.protected, versions.c.number)
                                    .join(versions, aliases.c.version_id == versions.c.id).where(*where)).first()
@@ -1331,7 +1342,7 @@ class Registry:
         now = _utcnow()
 
         def work(conn: sa.Connection) -> int:
-            row = self._resolve(conn, f"{name}@{alias}")
+            row = self._resolve_locked(conn, f"{name}@{alias}")
             where = (aliases.c.adapter_id == row.adapter_id, aliases.c.alias == alias)
             protected = bool(conn.execute(sa.select(aliases.c.protected).where(*where)).scalar())
             if protected and not force:
@@ -1358,7 +1369,7 @@ class Registry:
         now = _utcnow()
 
         def work(conn: sa.Connection) -> int:
-            target = self._resolve(conn, ref)
+            target = self._resolve_locked(conn, ref)
             current = conn.execute(sa.select(version_tags.c.tag).where(version_tags.c.version_id == target.id)
                                    .order_by(version_tags.c.position)).scalars().all()
             missing = sorted(remove_keys - {t.lower() for t in current})
@@ -1438,7 +1449,7 @@ class Registry:
         now = _utcnow()
 
         def work(conn: sa.Connection) -> int:
-            target = self._resolve(conn, ref)
+            target = self._resolve_locked(conn, ref)
             found = conn.execute(sa.select(version_publications.c.id).where(
                 version_publications.c.version_id == target.id,
                 *(version_publications.c[k] == v for k, v in values.items()))).scalar()
@@ -1481,7 +1492,7 @@ class Registry:
         last version's delete removes the adapter. Blobs no other version uses are removed."""
 
         def work(conn: sa.Connection):
-            target = self._resolve(conn, ref)
+            target = self._resolve_locked(conn, ref)
             held = conn.execute(sa.select(aliases.c.alias).where(aliases.c.version_id == target.id,
                                                                  aliases.c.alias != LATEST)
                                 .order_by(aliases.c.alias)).scalars().all()
@@ -1505,7 +1516,7 @@ class Registry:
         """Delete an adapter and every version of it; refused while it has user aliases unless ``force``."""
 
         def work(conn: sa.Connection):
-            adapter_id = self._adapter_id(conn, name)
+            adapter_id = self._adapter_id(conn, name, lock=True)
             held = conn.execute(sa.select(aliases.c.alias).where(aliases.c.adapter_id == adapter_id,
                                                                  aliases.c.alias != LATEST)
                                 .order_by(aliases.c.alias)).scalars().all()

@@ -183,3 +183,40 @@ def test_the_whole_catalogs_history_by_person_and_kind(reg, tmp_path, capsys):
     assert main(["adapters", "history", "--action", "tag", "--json"]) == 0
     (tag,) = json.loads(capsys.readouterr().out)
     assert (tag["actor"], tag["adapter"], tag["summary"]) == ("grace", "other", "moved other@prod to @1")
+
+
+def test_a_move_racing_a_protection_waits_for_it_and_is_refused(reg, tmp_path):
+    import threading
+
+    for n in (1, 2, 3):
+        register_file(reg, "style", n, tmp_path)
+    reg.set_alias("style@1", "prod")
+    inside, release, errors = threading.Event(), threading.Event(), []
+    with Registry(actor="ada") as ada, Registry(actor="grace") as grace:
+        original = ada._audit
+
+        def slow_audit(*args, **kwargs):  # ada's change is made but not committed yet
+            original(*args, **kwargs)
+            inside.set()
+            release.wait(30)
+
+        ada._audit = slow_audit
+
+        def move():
+            try:
+                grace.set_alias("style@3", "prod")
+            except Exception as e:  # noqa: BLE001 - what grace is told
+                errors.append(e)
+
+        protecting = threading.Thread(target=lambda: ada.set_alias("style@2", "prod", protect=True))
+        protecting.start()
+        assert inside.wait(30)
+        moving = threading.Thread(target=move)
+        moving.start()
+        moving.join(1.0)
+        assert moving.is_alive()  # grace waits for ada's change instead of reading around it
+        release.set()
+        protecting.join(30)
+        moving.join(60)
+    assert [type(e).__name__ for e in errors] == ["ProtectedAliasError"]
+    assert reg.adapter("style").aliases["prod"] == 2 and reg.adapter("style").protected == ("prod",)

@@ -125,6 +125,16 @@ def test_a_protected_alias_asks_for_its_name_and_the_history_shows_who_did_what(
                  "removed striped@prod (was @2) (forced)", "relabelled striped@2: +portrait +Night"):
         assert line in history, history
     assert "ada" in history
+    # Deleting the version a protected alias points at: forced, and only after the alias's name is typed.
+    reg.set_alias("striped@2", "prod", protect=True)
+    at.run()
+    at.text_input(key="ad_delete_confirm").input("striped").run()
+    at.checkbox(key="ad_delete_force").check().run()
+    assert at.button(key="ad_delete").disabled
+    at.text_input(key="ad_delete_protected").input("prod").run()
+    at.button(key="ad_delete").click().run()
+    assert not at.exception and [x.number for x in reg.versions("striped")] == [1]
+    assert reg.history("striped")[-1].detail == {"versions": [2], "aliases_removed": ["prod"], "forced": True}
     # Back at the catalog, the newest changes of every adapter, deleted ones too, and whose they were.
     from adapters.registry import Registry
 

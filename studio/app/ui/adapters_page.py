@@ -281,9 +281,17 @@ with tab_actions:
     scope = st.radio("What", [f"this version ({v.ref})", f"the whole adapter ({opened}, {len(numbers)} version(s))"],
                      key="ad_delete_scope")
     force = st.checkbox("Also if an alias points at it (removes the alias)", key="ad_delete_force")
+    whole = scope.startswith("the whole")
     confirm = st.text_input(f"Type {opened} to confirm", key="ad_delete_confirm")
-    if st.button("Delete", type="primary", key="ad_delete", disabled=confirm.strip() != opened):
-        whole = scope.startswith("the whole")
+    # Protected aliases it would remove go only after their names are typed, as on their own.
+    doomed = [a for a in info.protected if whole or info.aliases.get(a) == number]
+    typed_ok = True
+    if doomed and force:
+        names = ", ".join(doomed)
+        typed = st.text_input(f"It removes the protected alias(es) {', '.join('@' + a for a in doomed)}: type "
+                              f"{names} as well", key="ad_delete_protected")
+        typed_ok = [t.strip() for t in typed.split(",") if t.strip()] == doomed
+    if st.button("Delete", type="primary", key="ad_delete", disabled=confirm.strip() != opened or not typed_ok):
         with reported("Delete"):
             report = reg.delete(opened if whole else v.ref, force=force)
             st.session_state["ad_deleted"] = f"deleted {', '.join(report.deleted)}"
