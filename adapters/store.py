@@ -178,12 +178,23 @@ class BlobStore:
         return True
 
     def _present(self, sha256: str, size: int) -> bool:
-        """True when the blob is already stored. A file of the wrong size is a damaged blob (written by
-        something other than this store) and is replaced; a right-sized one is trusted, not re-hashed."""
+        """True when the blob is already stored, intact. A file of the wrong size, or of the right size whose
+        bytes no longer hash to its name (damaged on a shared disk), is replaced by the put: registering
+        the original file again repairs it. The hash is checked once per process and file state, as
+        :meth:`verified` checks it."""
+        path = self.path(sha256)
         try:
-            return self.path(sha256).stat().st_size == size
+            st = path.stat()
         except FileNotFoundError:
             return False
+        if st.st_size != size:
+            return False
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            if file_sha256(path) != sha256:
+                return False
+            _VERIFIED.add(key)
+        return True
 
     def _write(self, sha256: str, chunks) -> None:
         target = self.path(sha256)

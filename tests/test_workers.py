@@ -228,7 +228,7 @@ def _register_from(home: str, store: str, url: str, name: str, weights: str, bar
 def test_two_machines_registering_the_same_bytes_at_once_store_one_blob(team, tmp_path, monkeypatch):
     from test_registry import make_weights
 
-    from adapters.registry import Registry
+    from adapters.registry import Registry, VersionInfo
     from studio.core.errors import HashMismatchError
 
     store, url = tmp_path / "shared-store", os.environ["LORA_STUDIO_REGISTRY_URL"]
@@ -256,6 +256,9 @@ def test_two_machines_registering_the_same_bytes_at_once_store_one_blob(team, tm
         blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
         with pytest.raises(HashMismatchError, match=f"blob {sha[:12]}.*damaged"):
             reg.get("style0")
+        # Registering the original file again, as the message says, repairs the stored copy.
+        assert reg.register("style0", weights, VersionInfo(family="sd1")).number == 1  # the same version
+        assert reg.get("style0").path.read_bytes() == weights.read_bytes() and reg.check() == []
 
 
 def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
