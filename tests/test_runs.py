@@ -124,6 +124,15 @@ def test_every_checkpoint_is_listed_with_its_losses_and_any_one_registers(run, r
     assert _json(capsys, ["runs", "register", run.name, "--step", "2"])["created"] is False
     assert _json(capsys, ["runs", "register", run.name, "--step", "4", "--name", "outlined-s4"])["ref"] == \
         "outlined-s4@1"
+    # A trainer resumed after it had registered (its machine died before result.json) finds its version
+    # by the run and its final step, not by tensors (which another GPU's resume rounds differently);
+    # versions registered from a checkpoint (outlined-run@2, step 2) are not the run's final one.
+    from trainer.loop import registered_by_run
+
+    assert registered_by_run(reg, "outlined-run", run, 6) == "outlined-run@1"
+    assert registered_by_run(reg, "outlined-run", run, 2) is None
+    assert registered_by_run(reg, "outlined-run", tmp_path, 6) is None
+    assert registered_by_run(reg, "never-trained", run, 6) is None
 
 
 def test_checkpoint_by_strength_grid(run, capsys, tmp_path):

@@ -63,6 +63,7 @@ from studio.core.base_models import (
     resolve,
 )
 from studio.core.errors import (
+    AdapterNotFoundError,
     CheckpointError,
     ConfigError,
     StudioError,
@@ -1329,6 +1330,8 @@ class Trainer:
         c = self.config
         recipes = sample_records(self.run_dir, samples, c.output.name, step)
         with Registry() as reg:
+            if (done := registered_by_run(reg, c.output.name, self.run_dir, step)) is not None:
+                return done
             # validate=False: the weights were taken from this base's own modules, and loading the base
             # pipeline a second time in the training process would only cost memory.
             result = ingest(
@@ -1341,6 +1344,23 @@ class Trainer:
                 metrics={"steps": step, "final_loss": last_loss, "val_loss": val_loss}, metadata=metadata,
                 target_modules=sorted(set(methods_targets(self))), out=out)
         return result.version.ref
+
+
+def registered_by_run(registry, name: str, run_dir: str | Path, step: int) -> str | None:
+    """The reference of the version this run's final ``step`` already registered, or None. A run resumed
+    after its trainer registered but before it wrote ``result.json`` (its worker or machine died in
+    between) trains its tail again and must not register a second version: resumed on other hardware
+    its bytes differ by rounding, so the registry's dedupe by tensor hash would not catch it."""
+    try:
+        versions = registry.versions(name)
+    except AdapterNotFoundError:
+        return None
+    for v in versions:
+        source, metrics = v.source or {}, v.metrics or {}
+        if v.origin == "trained" and source.get("run_dir") == str(run_dir) and "step" not in source \
+                and metrics.get("steps") == step:
+            return v.ref
+    return None
 
 
 def sample_records(run_dir: str | Path, samples: list[str], name: str, step: int) -> list:
