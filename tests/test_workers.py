@@ -67,6 +67,7 @@ def test_workers_in_several_processes_take_each_job_once(team, studio_home):
         assert p.exitcode == 0
     claimed = [job_id for ids_ in taken.values() for job_id in ids_]
     assert sorted(claimed) == sorted(ids)  # every job once: none twice, none left
+    assert [j.id for j in team.jobs(limit=5)] == [j.id for j in team.jobs()][:5] == ids[::-1][:5]  # newest first
     for job in team.jobs():
         owner = next(name for name, got in taken.items() if job.id in got)
         assert job.state == "done" and job.machine == f"machine-{owner}" and len(job.attempts) == 1
@@ -101,13 +102,13 @@ def test_cancel_reaches_a_job_whose_worker_is_gone(team, studio_home):
     flagged = team.submit(STRIPED, overrides=["output.name=flagged"], run_dir=studio_home / "flagged")
     team.claim("a:1", "machine-a", stale_after_s=1.0)
     team.claim("b:2", "machine-b", stale_after_s=1.0)
-    assert team.cancel(flagged.id).cancel_requested  # b still holds it: flagged for b's next heartbeat
+    assert team.cancel(flagged.id, by="grace").cancel_requested  # b still holds it: flagged for its next heartbeat
     time.sleep(1.2)  # then both workers die
-    stopped = team.cancel(gone.id)  # nobody would read a flag: stopped at once, resumable
-    assert (stopped.state, stopped.message, stopped.attempts[-1]["how"]) == ("stopped", GONE_CANCELLED,
-                                                                           "lost (no heartbeat)")
+    stopped = team.cancel(gone.id, by="ada")  # nobody would read a flag: stopped at once, resumable
+    assert (stopped.state, stopped.message, stopped.attempts[-1]["how"], stopped.cancelled_by) == (
+        "stopped", GONE_CANCELLED.format(by="ada"), "lost (no heartbeat)", "ada")
     assert team.claim("c:3", "machine-c") is None  # the flagged one is settled, not started
-    assert (team.get(flagged.id).state, team.get(flagged.id).message) == ("stopped", GONE_CANCELLED)
+    assert (team.get(flagged.id).state, team.get(flagged.id).message) == ("stopped", GONE_CANCELLED.format(by="grace"))
     assert team.resume(gone.id).state == "queued"
 
 
@@ -138,6 +139,16 @@ def test_cancel_a_queued_job_and_one_a_worker_holds(team, studio_home):
     assert claimed.id == queued.id and not resume  # it never ran: no checkpoint, a fresh start
     with pytest.raises(InvalidRequestError, match="is running: only a stopped, failed or cancelled"):
         team.resume(queued.id)
+
+
+def test_a_queue_made_by_an_earlier_version_gains_the_new_columns(team, studio_home):
+    from studio.app.workers import ADDED_COLUMNS, TeamQueue
+
+    job = team.submit(STRIPED, run_dir=studio_home / "run")
+    with team.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE team_jobs " + ", ".join(f"DROP COLUMN {c}" for c in ADDED_COLUMNS))
+    with TeamQueue() as again:  # a worker of this version starting on that database
+        assert again.claim("a:1", "machine-a")[0].id == job.id and again.cancel(job.id, by="ada").cancelled_by == "ada"
 
 
 def test_a_team_queue_needs_postgresql(studio_home):
@@ -280,6 +291,7 @@ def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
     assert worker.returncode == 0, out[-3000:]
     stopped = team.get(job.id)
     assert stopped.state == "stopped", (stopped.message, out[-3000:])
+    assert stopped.message.startswith(f"cancelled by {stopped.cancelled_by}: stopped by SIGTERM")
     assert 2 <= run_state(job.run_dir).step < 400 and list_checkpoints(job.run_dir)  # it kept a checkpoint
     assert stopped.attempts[-1]["how"] == "stopped"
     # Resume queues the same job again; the next worker continues the run from its checkpoint.
@@ -356,7 +368,7 @@ def test_a_worker_cut_from_the_database_stops_its_trainer_before_others_take_the
     # One cancelled meanwhile is not queued again.
     team.cancel(job.id)
     team.finish(job.id, "b:2", "queued", UNREACHABLE)
-    assert team.get(job.id).state == "stopped" and "cancelled meanwhile" in team.get(job.id).message
+    assert team.get(job.id).state == "stopped" and "cancelled by" in team.get(job.id).message
 
 
 def test_a_worker_waits_for_the_database_instead_of_dying(team, studio_home):

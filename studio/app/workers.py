@@ -68,10 +68,15 @@ team_jobs = sa.Table(
     sa.Column("lease_until", sa.DateTime),
     sa.Column("ended_at", sa.DateTime),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cancelled_by", sa.String(256)),  # who asked (LORA_STUDIO_USER, else the OS user)
     sa.Column("message", sa.Text),
     sa.Column("attempts", postgresql.JSONB, nullable=False),
     sa.Index("ix_team_jobs_state_created", "state", "created_at"),
 )
+
+
+# Columns added since the table's first version, with their PostgreSQL types: an existing queue gains them.
+ADDED_COLUMNS = {"lease_until": "TIMESTAMP", "cancelled_by": "VARCHAR(256)"}
 
 
 class TeamJobNotFoundError(StudioError, KeyError):
@@ -96,6 +101,7 @@ class TeamJob:
     message: str | None
     attempts: list
     config_toml: str = ""
+    cancelled_by: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -120,7 +126,8 @@ class TeamJob:
         return {"id": self.id, "name": self.name, "run_dir": self.run_dir, "state": self.state,
                 "submitted_by": self.submitted_by, "created_at": _iso(self.created_at), "machine": self.machine,
                 "worker": self.worker, "heartbeat_at": _iso(self.heartbeat_at), "ended_at": _iso(self.ended_at),
-                "cancel_requested": self.cancel_requested, "message": self.message, "attempts": self.attempts}
+                "cancel_requested": self.cancel_requested, "cancelled_by": self.cancelled_by, "message": self.message,
+                "attempts": self.attempts}
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -134,7 +141,8 @@ def _now(conn: sa.Connection) -> datetime:
     return conn.execute(sa.select(sa.func.timezone("UTC", sa.func.now()))).scalar_one()
 
 
-GONE_CANCELLED = "cancelled after its worker had stopped beating; its checkpoints stay (lora-studio team resume)"
+GONE_CANCELLED = ("cancelled by {by} after its worker had stopped beating; its checkpoints stay (lora-studio team "
+                  "resume)")
 
 
 def _lease_over_sql(now: datetime):
@@ -161,7 +169,7 @@ def _end_attempt(attempts: list, now: datetime, how: str) -> list:
 def _job(row) -> TeamJob:
     return TeamJob(**{c: getattr(row, c) for c in (
         "id", "name", "run_dir", "state", "submitted_by", "created_at", "machine", "worker", "heartbeat_at",
-        "ended_at", "cancel_requested", "message", "attempts", "config_toml")})
+        "ended_at", "cancel_requested", "message", "attempts", "config_toml", "cancelled_by")})
 
 
 def is_team_registry(url: str | None) -> bool:
@@ -190,9 +198,12 @@ class TeamQueue:
                 METADATA.create_all(self.engine)  # checkfirst: every worker may be the first
             except (sa.exc.ProgrammingError, sa.exc.IntegrityError):
                 METADATA.create_all(self.engine)  # another worker created the table between check and CREATE
-            if "lease_until" not in {c["name"] for c in sa.inspect(self.engine).get_columns("team_jobs")}:
-                with self.engine.begin() as conn:  # a queue made before leases: the column, added in place
-                    conn.execute(sa.text("ALTER TABLE team_jobs ADD COLUMN IF NOT EXISTS lease_until TIMESTAMP"))
+            have = {c["name"] for c in sa.inspect(self.engine).get_columns("team_jobs")}
+            if missing := [name for name in ADDED_COLUMNS if name not in have]:
+                with self.engine.begin() as conn:  # a queue made by an earlier version: the columns, added in place
+                    for name in missing:
+                        conn.execute(sa.text(f"ALTER TABLE team_jobs ADD COLUMN IF NOT EXISTS {name} "
+                                             f"{ADDED_COLUMNS[name]}"))
         except sa.exc.OperationalError as e:
             self.engine.dispose()
             raise StudioError(f"cannot open the team's queue in {self.engine.url.render_as_string(hide_password=True)}"
@@ -247,15 +258,18 @@ class TeamQueue:
             raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
         return _job(row)
 
-    def jobs(self) -> list[TeamJob]:
-        """Every job, newest first."""
+    def jobs(self, *, limit: int | None = None) -> list[TeamJob]:
+        """Every job (the newest ``limit`` when given), newest first."""
+        query = sa.select(team_jobs).order_by(team_jobs.c.created_at.desc(), team_jobs.c.id)
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(team_jobs).order_by(team_jobs.c.created_at.desc(), team_jobs.c.id)).all()
+            rows = conn.execute(query if limit is None else query.limit(limit)).all()
         return [_job(r) for r in rows]
 
-    def cancel(self, job_id: str) -> TeamJob:
+    def cancel(self, job_id: str, *, by: str | None = None) -> TeamJob:
         """A queued job is cancelled at once; a running one is flagged, and the worker holding it (on
-        whichever machine) stops its trainer at its next heartbeat, keeping a checkpoint."""
+        whichever machine) stops its trainer at its next heartbeat, keeping a checkpoint. ``by``: who asks
+        (default the configured user), kept with the job and in its message."""
+        by = by or get_settings().user
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
             if row is None:
@@ -265,13 +279,15 @@ class TeamQueue:
             now = _now(conn)
             if row.state == "queued":
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
-                    state="cancelled", ended_at=now, message="cancelled before a worker took it"))
+                    state="cancelled", ended_at=now, cancelled_by=by, message=f"cancelled by {by} before a worker "
+                                                                              f"took it"))
             elif _lease_over(row, now):  # no worker holds it any more: nobody would read the flag
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
                     state="stopped", ended_at=now, attempts=_end_attempt(row.attempts, now, "lost (no heartbeat)"),
-                    message=GONE_CANCELLED))
+                    cancelled_by=by, message=GONE_CANCELLED.format(by=by)))
             else:
-                conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(cancel_requested=True))
+                conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(cancel_requested=True,
+                                                                                         cancelled_by=by))
         return self.get(job_id)
 
     def resume(self, job_id: str) -> TeamJob:
@@ -285,8 +301,8 @@ class TeamQueue:
                 raise InvalidRequestError(f"team job {job_id} is {row.state}: only a stopped, failed or cancelled "
                                           f"job can be resumed")
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
-                state="queued", ended_at=None, message=None, cancel_requested=False, heartbeat_at=None,
-                lease_until=None))
+                state="queued", ended_at=None, message=None, cancel_requested=False, cancelled_by=None,
+                heartbeat_at=None, lease_until=None))
         return self.get(job_id)
 
     # ---- what workers do ----------------------------------------------------------------------
@@ -309,7 +325,7 @@ class TeamQueue:
                     return None
                 if row.state == "running" and row.cancel_requested:
                     conn.execute(sa.update(team_jobs).where(team_jobs.c.id == row.id).values(
-                        state="stopped", ended_at=now, message=GONE_CANCELLED,
+                        state="stopped", ended_at=now, message=GONE_CANCELLED.format(by=row.cancelled_by),
                         attempts=_end_attempt(row.attempts, now, "lost (no heartbeat)")))
                     continue
                 break
@@ -351,7 +367,9 @@ class TeamQueue:
             now = _now(conn)
             attempts = _end_attempt(row.attempts, now, message if state == "queued" else state)
             if state == "queued" and row.cancel_requested:  # cancelled meanwhile: stays stopped at its checkpoint
-                state, message = "stopped", f"{message}; cancelled meanwhile"
+                state, message = "stopped", f"{message}; cancelled by {row.cancelled_by} meanwhile"
+            elif state == "stopped" and row.cancel_requested:
+                message = f"cancelled by {row.cancelled_by}: {message}"
             ended = {"heartbeat_at": None, "lease_until": None} if state == "queued" else {"ended_at": now}
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
                 state=state, message=message, attempts=attempts, **ended))

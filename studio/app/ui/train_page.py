@@ -53,6 +53,7 @@ POLL = "2s"
 # in the database, which ``lora-studio worker`` on any machine takes from (studio.app.workers).
 HERE, TEAM = "this machine", "the team's workers"
 TEAM_KEY = "team:"  # a team job's key in the job picker (its ids are shaped like local ones)
+TEAM_JOBS_SHOWN = 100  # the team's newest jobs; `lora-studio team list` prints them all
 
 st.title("Train")
 
@@ -212,7 +213,7 @@ all_jobs = jobs.list_jobs()
 team, team_jobs = None, []
 with reported("Reading the team's queue"):  # a database that cannot be reached still leaves this machine's queue
     if (found := team_queue()) is not None:
-        team_jobs, team = found.jobs(), found
+        team_jobs, team = found.jobs(limit=TEAM_JOBS_SHOWN), found
 
 # ---- essentials --------------------------------------------------------------------------------
 known = {str(folder): label for label, folder in dataset_files.list_datasets()}
@@ -323,7 +324,7 @@ if start and folder and base:
             st.session_state["train_job"] = TEAM_KEY + job.id
             st.success(f"queued team job {job.id} ({job.name}) for the team's workers; its run folder is "
                        f"{job.run_dir}")
-            team_jobs = team.jobs()
+            team_jobs = team.jobs(limit=TEAM_JOBS_SHOWN)
         else:
             job = jobs.submit(config)
             st.session_state["train_job"] = job.id
