@@ -152,7 +152,8 @@ def test_sigterm_saves_checkpoint_and_resume_matches(tmp_path):
     home = tmp_path / "home"
     run_dir = tmp_path / "run"
     overrides = ["--set", f"output.dir={tmp_path}", "--set", "validation.every_n_steps=0", "--set",
-                 "output.checkpointing_steps=0", "--set", "training.max_train_steps=60", "--set",
+                 "output.checkpointing_steps=0", "--set", "training.max_train_steps=20", "--set",
+                 "training.lr_warmup_steps=5", "--set",
                  "validation.prompts=[]", "--set", "training.train_batch_size=2"]
     cmd = [sys.executable, "-m", "trainer", str(OUTLINED_TXT), *overrides, "--no-register", "--json"]
     proc = subprocess.Popen([*cmd, "--run-dir", str(run_dir)], cwd=tmp_path, env=_env(home),
@@ -164,7 +165,7 @@ def test_sigterm_saves_checkpoint_and_resume_matches(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["status"] == "stopped" and summary["stopped_by"] == "SIGTERM" and 3 <= summary["steps"] < 60
+    assert summary["status"] == "stopped" and summary["stopped_by"] == "SIGTERM" and 3 <= summary["steps"] < 20
     assert list_checkpoints(run_dir)
     done = subprocess.run([sys.executable, "-m", "trainer", "--resume", "latest", "--run-dir", str(run_dir),
                            "--no-register", "--json"], cwd=tmp_path, env=_env(home), capture_output=True,

@@ -272,34 +272,6 @@ def test_two_machines_registering_the_same_bytes_at_once_store_one_blob(team, tm
         assert reg.get("style0").path.read_bytes() == weights.read_bytes() and reg.check() == []
 
 
-def test_cancel_reaches_the_worker_that_holds_the_job(team, tmp_path):
-    from trainer.events import run_state
-    from trainer.loop import list_checkpoints
-
-    job = team.submit(STRIPED, overrides=["training.max_train_steps=400", "training.lr_warmup_steps=0",
-                                          "validation.every_n_steps=0", "output.checkpointing_steps=0",
-                                          "training.train_batch_size=1", "output.name=long"],
-                      run_dir=tmp_path / "long")
-    worker = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "worker", "--once", "--heartbeat", "0.5"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait(lambda: run_state(job.run_dir).step >= 2, 300, "the job's second step")
-        assert team.cancel(job.id).cancel_requested  # from another process, as from another machine
-        out, _ = worker.communicate(timeout=300)
-    finally:
-        worker.kill()
-    assert worker.returncode == 0, out[-3000:]
-    stopped = team.get(job.id)
-    assert stopped.state == "stopped", (stopped.message, out[-3000:])
-    assert stopped.message.startswith(f"cancelled by {stopped.cancelled_by}: stopped by SIGTERM")
-    assert 2 <= run_state(job.run_dir).step < 400 and list_checkpoints(job.run_dir)  # it kept a checkpoint
-    assert stopped.attempts[-1]["how"] == "stopped"
-    # Resume queues the same job again; the next worker continues the run from its checkpoint.
-    again = team.resume(job.id)
-    assert (again.state, again.message, again.cancel_requested) == ("queued", None, False)
-    assert team.claim("b:2", "machine-b")[1] is True  # resume: the checkpoint is there
-
-
 def _database_down():
     import sqlalchemy as sa
 
@@ -390,7 +362,7 @@ def test_a_worker_waits_for_the_database_instead_of_dying(team, studio_home):
                                   in line for line in said)
 
 
-def test_stopping_a_worker_queues_its_job_again_at_a_checkpoint(team, tmp_path):
+def test_cancel_reaches_the_worker_resume_continues_and_stopping_the_worker_queues_the_job(team, tmp_path):
     from studio.app.workers import DRAINED
     from trainer.events import run_state
     from trainer.loop import list_checkpoints
@@ -399,19 +371,32 @@ def test_stopping_a_worker_queues_its_job_again_at_a_checkpoint(team, tmp_path):
                                           "validation.every_n_steps=0", "output.checkpointing_steps=0",
                                           "training.train_batch_size=1", "output.name=long"],
                       run_dir=tmp_path / "long")
-    worker = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "worker", "--heartbeat", "0.5"],
+    worker = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "worker", "--heartbeat", "0.5", "--poll", "0.3"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        # Cancel from another process (as from another machine) reaches the worker holding the job.
         _wait(lambda: run_state(job.run_dir).step >= 2, 300, "the job's second step")
-        worker.send_signal(signal.SIGTERM)  # a service manager stopping the worker, or the machine shutting down
+        assert team.cancel(job.id).cancel_requested
+        stopped = _wait(lambda: (j := team.get(job.id)).finished and j, 300, "the cancelled job to stop")
+        assert stopped.state == "stopped", stopped.message
+        assert stopped.message.startswith(f"cancelled by {stopped.cancelled_by}: stopped by SIGTERM")
+        at_stop = run_state(job.run_dir).step
+        assert 2 <= at_stop < 400 and list_checkpoints(job.run_dir)  # it kept a checkpoint
+        assert stopped.attempts[-1]["how"] == "stopped"
+        # Resume queues the same job again; the waiting worker takes it and continues from the checkpoint.
+        again = team.resume(job.id)
+        assert (again.state, again.message, again.cancel_requested) == ("queued", None, False)
+        _wait(lambda: run_state(job.run_dir).step >= at_stop + 2, 300, "the resumed run's steps")
+        # Stopping the worker (a service manager, a shutdown) drains it: checkpoint, job queued again, exit 0.
+        worker.send_signal(signal.SIGTERM)
         out, _ = worker.communicate(timeout=300)
     finally:
         worker.kill()
     assert worker.returncode == 0 and "stopped" in out.splitlines()[-1], out[-3000:]
+    assert f"resuming team job {job.id}" in out
     back = team.get(job.id)
-    assert (back.state, back.attempts[-1]["how"]) == ("queued", DRAINED), out[-3000:]
-    step = run_state(job.run_dir).step
-    assert 2 <= step < 400 and list_checkpoints(job.run_dir)  # the trainer kept a checkpoint
+    assert (back.state, [a["how"] for a in back.attempts]) == ("queued", ["stopped", DRAINED]), out[-3000:]
+    assert at_stop + 2 <= run_state(job.run_dir).step < 400
     assert team.claim("b:2", "machine-b")[1] is True  # another worker resumes it at once, without waiting
 
 
@@ -483,3 +468,26 @@ def test_the_heartbeat_must_fit_the_stale_after(team, capsys):
 
     assert main(["worker", "--heartbeat", "20", "--once"]) == 2
     assert "--heartbeat 20 must be above 0 and at most a third of --stale-after 30" in capsys.readouterr().err
+
+
+def test_a_worker_stopped_while_the_database_is_down_still_exits(team, studio_home, monkeypatch):
+    import studio.app.workers as workers
+
+    job = team.submit(STRIPED, run_dir=studio_home / "run")
+
+    def train(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # the worker is stopped while its trainer runs
+        return "stopped", "stopped by SIGTERM at step 3/100"
+
+    class DownAtTheEnd:  # the database goes away before the worker can report
+        def claim(self, *args, **kwargs):
+            return team.claim(*args, **kwargs)
+
+        def finish(self, *args):
+            raise _database_down()
+
+    monkeypatch.setattr(workers, "_train", train)
+    said = []
+    assert workers.run_worker(DownAtTheEnd(), poll_s=0.01, log=said.append) == 1
+    assert said[-1].endswith(": stopped")
+    assert team.get(job.id).state == "running"  # unrecorded: its lease runs out and another worker resumes it

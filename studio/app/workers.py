@@ -446,7 +446,10 @@ def run_worker(queue: TeamQueue, *, once: bool = False, poll_s: float = 2.0, hea
             current.pop("proc", None)
             if stopping.is_set() and state == "stopped":
                 state, message = "queued", DRAINED
-            _patiently(lambda: queue.finish(job.id, me, state, message), poll_s, log)  # noqa: B023 - called at once
+            # Stopped while the database is down: the outcome goes unrecorded, and the job's lease runs out
+            # for another worker to resume it, instead of this worker refusing to stop.
+            _patiently(lambda: queue.finish(job.id, me, state, message), poll_s, log,  # noqa: B023 - called at once
+                       stopping)
             log(f"{me}: team job {job.id} {state}{f': {message}' if message else ''}")
     finally:
         for sig, handler in previous.items():
