@@ -151,6 +151,22 @@ def test_a_queue_made_by_an_earlier_version_gains_the_new_columns(team, studio_h
         assert again.claim("a:1", "machine-a")[0].id == job.id and again.cancel(job.id, by="ada").cancelled_by == "ada"
 
 
+def test_a_database_that_went_away_is_one_clear_error_for_users(studio_home, postgres_server):
+    import sqlalchemy as sa
+
+    from studio.app.workers import TeamQueue
+
+    url = postgres_server.new_database()
+    queue = TeamQueue(url)
+    postgres_server.drop_database(url)  # the server restarted without it, or the network is gone
+    for call in (queue.jobs, lambda: queue.get("x"), lambda: queue.cancel("x"), lambda: queue.submit(STRIPED)):
+        with pytest.raises(StudioError, match=r"cannot reach the team's queue in postgresql\+psycopg://.*check that"):
+            call()
+    with pytest.raises(sa.exc.OperationalError):  # workers get the driver's error, and wait and retry
+        queue.claim("a:1", "machine-a")
+    queue.close()
+
+
 def test_a_team_queue_needs_postgresql(studio_home):
     from studio.app.workers import TeamQueue
 

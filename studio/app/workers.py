@@ -20,6 +20,7 @@ finish, cancel, list) and :func:`run_worker` (the worker's loop).
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -178,6 +179,22 @@ def is_team_registry(url: str | None) -> bool:
     return bool(url) and sa.engine.make_url(url).get_backend_name() == "postgresql"
 
 
+def _said_plainly(method):
+    """For what users call (the CLI, the Train page): a database that does not answer becomes one clear
+    error naming it, not a driver's traceback. Workers call the raw queries and retry instead."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+            first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+            raise StudioError(f"cannot reach the team's queue in {self.engine.url.render_as_string(hide_password=True)}"
+                              f" ({first}): check that the database server is up and try again") from None
+
+    return wrapper
+
+
 class TeamQueue:
     """The team's training queue in the PostgreSQL database at ``url`` (default the registry's)."""
 
@@ -220,6 +237,7 @@ class TeamQueue:
 
     # ---- what users do ------------------------------------------------------------------------
 
+    @_said_plainly
     def submit(self, config: str | Path | TrainConfig, *, overrides=(), run_dir: str | Path | None = None,
                submitted_by: str | None = None) -> TeamJob:
         """Queue a training run for any worker. The config is checked now and stored whole; its dataset and
@@ -251,13 +269,18 @@ class TeamQueue:
                 attempts=[]))
         return self.get(job_id)
 
+    @_said_plainly
     def get(self, job_id: str) -> TeamJob:
+        return self._get(job_id)
+
+    def _get(self, job_id: str) -> TeamJob:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id)).first()
         if row is None:
             raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
         return _job(row)
 
+    @_said_plainly
     def jobs(self, *, limit: int | None = None) -> list[TeamJob]:
         """Every job (the newest ``limit`` when given), newest first."""
         query = sa.select(team_jobs).order_by(team_jobs.c.created_at.desc(), team_jobs.c.id)
@@ -265,6 +288,7 @@ class TeamQueue:
             rows = conn.execute(query if limit is None else query.limit(limit)).all()
         return [_job(r) for r in rows]
 
+    @_said_plainly
     def cancel(self, job_id: str, *, by: str | None = None) -> TeamJob:
         """A queued job is cancelled at once; a running one is flagged, and the worker holding it (on
         whichever machine) stops its trainer at its next heartbeat, keeping a checkpoint. ``by``: who asks
@@ -290,6 +314,7 @@ class TeamQueue:
                                                                                          cancelled_by=by))
         return self.get(job_id)
 
+    @_said_plainly
     def resume(self, job_id: str) -> TeamJob:
         """Queue a stopped, failed or cancelled job again: the next worker to take it resumes its run from
         the newest checkpoint in its run folder (or starts it, if none was kept). Its attempts stay."""
@@ -337,7 +362,7 @@ class TeamQueue:
             conn.execute(sa.update(team_jobs).where(team_jobs.c.id == row.id).values(
                 state="running", machine=machine, worker=worker, heartbeat_at=now,
                 lease_until=now + timedelta(seconds=stale_after_s), attempts=attempts))
-        job = self.get(row.id)
+        job = self._get(row.id)
         try:
             resume = bool(list_checkpoints(job.run_dir))
         except OSError:
