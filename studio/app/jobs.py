@@ -110,13 +110,7 @@ class Job:
         return run_state(self.run_dir)
 
     def log_tail(self, max_chars: int = 4000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - max_chars))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return read_tail(self.log_path, max_chars)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +122,17 @@ class Job:
 
 
 # ---- paths and locks ---------------------------------------------------------------------------
+
+
+def read_tail(path: str | Path, max_chars: int = 4000) -> str:
+    """The last ``max_chars`` bytes of a trainer's log, as text ('' while it does not exist yet)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_chars))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def jobs_dir() -> Path:

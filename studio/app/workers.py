@@ -36,7 +36,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from studio.app.jobs import trainer_argv
+from studio.app.jobs import read_tail, trainer_argv
 from studio.core.errors import DatasetNotFoundError, InvalidRequestError, StudioError
 from studio.core.settings import get_settings
 from trainer.config import TrainConfig
@@ -115,13 +115,7 @@ class TeamJob:
 
     def log_tail(self, max_chars: int = 4000) -> str:
         """The end of the trainer's output, which the worker running it appends to ``worker-log.txt``."""
-        try:
-            with open(Path(self.run_dir) / WORKER_LOG, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - max_chars))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return read_tail(Path(self.run_dir) / WORKER_LOG, max_chars)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "run_dir": self.run_dir, "state": self.state,
@@ -146,17 +140,11 @@ GONE_CANCELLED = ("cancelled by {by} after its worker had stopped beating; its c
                   "resume)")
 
 
-def _lease_over_sql(now: datetime):
+def _lease_over(now: datetime):
     """Running rows whose holder's lease ran out (rows from before leases: their heartbeat is too old)."""
     return sa.or_(team_jobs.c.lease_until < now,
                   sa.and_(team_jobs.c.lease_until.is_(None),
                           team_jobs.c.heartbeat_at < now - timedelta(seconds=STALE_AFTER_S)))
-
-
-def _lease_over(row, now: datetime) -> bool:
-    if row.lease_until is not None:
-        return row.lease_until < now
-    return row.heartbeat_at is None or row.heartbeat_at < now - timedelta(seconds=STALE_AFTER_S)
 
 
 def _end_attempt(attempts: list, now: datetime, how: str) -> list:
@@ -295,17 +283,18 @@ class TeamQueue:
         (default the configured user), kept with the job and in its message."""
         by = by or get_settings().user
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(team_jobs).where(team_jobs.c.id == job_id).with_for_update()).first()
+            now = _now(conn)
+            row = conn.execute(sa.select(team_jobs, _lease_over(now).label("lease_over"))
+                               .where(team_jobs.c.id == job_id).with_for_update()).first()
             if row is None:
                 raise TeamJobNotFoundError(f"no team job {job_id!r}: lora-studio team list shows them")
             if row.state in FINISHED:
                 raise InvalidRequestError(f"team job {job_id} already ended ({row.state}): nothing to cancel")
-            now = _now(conn)
             if row.state == "queued":
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
                     state="cancelled", ended_at=now, cancelled_by=by, message=f"cancelled by {by} before a worker "
                                                                               f"took it"))
-            elif _lease_over(row, now):  # no worker holds it any more: nobody would read the flag
+            elif row.lease_over:  # no worker holds it any more: nobody would read the flag
                 conn.execute(sa.update(team_jobs).where(team_jobs.c.id == job_id).values(
                     state="stopped", ended_at=now, attempts=_end_attempt(row.attempts, now, "lost (no heartbeat)"),
                     cancelled_by=by, message=GONE_CANCELLED.format(by=by)))
@@ -343,7 +332,7 @@ class TeamQueue:
                 row = conn.execute(
                     sa.select(team_jobs)
                     .where(sa.or_(team_jobs.c.state == "queued", sa.and_(team_jobs.c.state == "running",
-                                                                          _lease_over_sql(now))))
+                                                                          _lease_over(now))))
                     .order_by(team_jobs.c.created_at, team_jobs.c.id)
                     .limit(1).with_for_update(skip_locked=True)).first()
                 if row is None:
